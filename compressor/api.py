@@ -1,0 +1,175 @@
+"""The Python API: `compress()` runs a recipe end to end, `load()` (re-exported) runs an artifact."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .calibration.data import read_texts, sample_windows
+from .errors import RecipeError
+from .eval.metrics import evaluate_windows, text_windows
+from .models.loading import load_model, max_positions
+from .pipeline import run_passes
+from .plan import Plan
+from .recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from .state import CompressionState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionResult:
+    """What a run produced: the artifact path, the plan, the metrics and the full report."""
+
+    path: Path
+    plan: Plan
+    metrics: dict
+    report: dict
+
+
+def resolve_recipe(
+    recipe: str | Path | dict | Recipe, model: str | None = None, output: str | Path | None = None, **overrides: Any
+) -> Recipe:
+    """Recipe from a path, dict or Recipe, with model/output and dotted (or '__'-separated) overrides applied."""
+    r = load_recipe(recipe) if isinstance(recipe, (str, Path)) else parse_recipe(recipe, "<recipe dict>")
+    changes = {k.replace("__", "."): v for k, v in overrides.items()}
+    if model is not None:
+        changes["model"] = str(model)
+    if output is not None:
+        changes["output"] = str(output)
+    return apply_overrides(r, changes) if changes else r
+
+
+def _eval_windows(r: Recipe, loaded) -> torch.Tensor | None:
+    ev = r.evaluate
+    if ev is None:
+        return None
+    if ev.perplexity_text:
+        path = Path(ev.perplexity_text).expanduser()
+        text = path.read_text(encoding="utf-8", errors="replace")
+    else:  # held-out draw from the calibration source: in-distribution, not a benchmark
+        text = "\n\n".join(read_texts(r.calibration)[::-1])
+    windows = text_windows(loaded.tokenizer, text, ev.seq_len, ev.max_windows)
+    if windows.shape[0] == 0:
+        raise RecipeError(
+            f"the evaluation text has fewer than {ev.seq_len} tokens", where="evaluate", fix="use a longer text"
+        )
+    return windows
+
+
+def _validate_paths(r: Recipe) -> None:
+    if r.evaluate and r.evaluate.perplexity_text and not Path(r.evaluate.perplexity_text).expanduser().is_file():
+        raise RecipeError(
+            f"evaluation text not found: {r.evaluate.perplexity_text}",
+            where="evaluate.perplexity_text",
+            fix="point it at an existing text file",
+        )
+
+
+def _size_report(state: CompressionState, folder: Path | None) -> dict:
+    model, plan = state.model, state.plan
+    total = sum(p.numel() for p in model.parameters())
+    q_params = sum(lp.shape[0] * lp.shape[1] for lp in plan.layers.values())
+    q_bits = sum(lp.storage_bits for lp in plan.layers.values())
+    size = {
+        "total_params": int(total),
+        "quantized_layers": len(plan.layers),
+        "quantized_params": int(q_params),
+        "quantized_bits_per_weight": (q_bits / q_params) if q_params else None,
+    }
+    if folder is not None:
+        size["artifact_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return size
+
+
+def compress(
+    recipe: str | Path | dict | Recipe,
+    model: str | None = None,
+    output: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    **overrides: Any,
+) -> CompressionResult:
+    """Run a recipe: load, calibrate, run passes, evaluate, and write the artifact atomically.
+
+    User errors raise `CompressorError` (the CLI prints the same message and exits with code 2).
+    """
+    from exporters.atomic import atomic_directory, check_output
+    from exporters.report import summary_lines, write_model_card, write_report
+    from exporters.safetensors_export import export_safetensors
+
+    start = time.perf_counter()
+    r = resolve_recipe(recipe, model, output, **overrides)
+    if not r.output:
+        raise RecipeError("no output directory given", where="output", fix="pass --output DIR (or output= in the API)")
+    out = Path(r.output).expanduser()
+    check_output(out, overwrite)
+    _validate_paths(r)
+    torch.manual_seed(r.calibration.seed)
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = load_model(r.model, r.trust_remote_code)
+    timings["load"] = time.perf_counter() - t
+    state = CompressionState(loaded, r, quiet=quiet)
+    windows = _eval_windows(r, loaded)
+    base = copy.deepcopy(loaded.model) if windows is not None and r.evaluate.kl else None
+
+    if r.needs_calibration():
+        t = time.perf_counter()
+        state.calibration_ids = sample_windows(
+            loaded.tokenizer, read_texts(r.calibration), r.calibration, max_positions(loaded.model.config)
+        )
+        timings["calibration_data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pass_timings = run_passes(state)
+    timings["passes"] = time.perf_counter() - t
+
+    metrics: dict = {}
+    if windows is not None:
+        t = time.perf_counter()
+        metrics = evaluate_windows(
+            loaded.model, windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
+        )
+        timings["evaluate"] = time.perf_counter() - t
+        del base
+
+    report = {
+        "report_version": 1,
+        "compressor_version": __version__,
+        "model": {"source": r.model, "family": loaded.adapter.family, "model_type": loaded.model.config.model_type},
+        "passes": pass_timings,
+        "plan": state.plan.to_json(),
+        "group_fallbacks": [
+            {"layer": lp.name, "requested": lp.requested_group_size, "used": lp.group_size}
+            for lp in state.plan.layers.values()
+            if lp.note
+        ],
+        "metrics": metrics,
+    }
+    t = time.perf_counter()
+    with atomic_directory(out, overwrite) as tmp:
+        files = export_safetensors(state, tmp)
+        recipe_yaml = r.to_yaml()
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        report["files"] = files
+        report["size"] = _size_report(state, tmp)
+        timings["export"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        report["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        write_report(report, tmp)
+        write_model_card(report, recipe_yaml, tmp)
+    for line in summary_lines(report):
+        log.info(line)
+    return CompressionResult(out, state.plan, metrics, report)

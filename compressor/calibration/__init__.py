@@ -1,0 +1,1 @@
+"""Calibration data sources and the block-sequential calibration engine."""

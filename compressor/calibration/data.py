@@ -1,0 +1,112 @@
+"""Calibration text sources (builtin set, .txt, .jsonl, HF dataset) and seeded sampling into token windows."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import CalibrationError
+from ..recipe import CalibrationConfig
+
+
+def builtin_dir() -> Path:
+    """The shipped calibration_data/ folder (source tree, or the installed data files)."""
+    candidates = [
+        Path(__file__).resolve().parents[2] / "calibration_data",
+        Path(sys.prefix) / "share" / "compressor" / "calibration_data",
+    ]
+    for c in candidates:
+        if c.is_dir() and any(c.glob("*.txt")):
+            return c
+    raise CalibrationError(
+        "the builtin calibration set (calibration_data/) is missing from this installation",
+        fix="reinstall compressor, or set calibration.source to a text file",
+    )
+
+
+def read_texts(cfg: CalibrationConfig) -> list[str]:
+    """The documents of the configured source, in a stable order."""
+    src = cfg.source
+    if src == "builtin":
+        return [p.read_text(encoding="utf-8") for p in sorted(builtin_dir().glob("*.txt"))]
+    if src.startswith("hf:"):
+        return _read_hf(src[3:], cfg)
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise CalibrationError(
+            f"calibration file not found: {src}",
+            where="calibration.source",
+            fix="use 'builtin', an existing .txt/.jsonl file, or 'hf:<dataset>'",
+        )
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts.append(str(row[cfg.text_field]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CalibrationError(
+                    f"line {n} is not a JSON object with a '{cfg.text_field}' field",
+                    where=str(path),
+                    fix="write one JSON object per line, or set calibration.text_field",
+                ) from None
+        return texts
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def _read_hf(name: str, cfg: CalibrationConfig) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError(
+            "HF dataset sources need the 'datasets' package", fix="pip install datasets"
+        ) from None
+    ds_name, _, ds_config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(ds_name, ds_config or None, split=cfg.split)
+    except Exception as err:  # network, missing dataset, bad split: all user-facing
+        raise CalibrationError(
+            f"cannot load HF dataset '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+            where="calibration.source",
+            fix="check the name and split, or use a local .txt/.jsonl file when offline",
+        ) from None
+    if cfg.text_field not in ds.column_names:
+        raise CalibrationError(
+            f"dataset has no column '{cfg.text_field}' (columns: {ds.column_names})",
+            fix="set calibration.text_field",
+        )
+    return [t for t in ds[cfg.text_field] if t]
+
+
+def sample_windows(tokenizer, texts: list[str], cfg: CalibrationConfig, max_len: int | None) -> torch.Tensor:
+    """Tokenize the documents as one stream and draw `num_samples` windows of `seq_len` tokens, seeded.
+
+    Returns int64 input ids [num_samples, seq_len].
+    """
+    if max_len is not None and cfg.seq_len > max_len:
+        raise CalibrationError(
+            f"seq_len {cfg.seq_len} exceeds the model's maximum of {max_len} positions",
+            where="calibration.seq_len",
+            fix=f"set calibration.seq_len <= {max_len}",
+        )
+    joined = "\n\n".join(t for t in texts if t.strip())
+    if not joined.strip():
+        raise CalibrationError(
+            "the calibration source holds no text", where=f"calibration.source={cfg.source}", fix="use a non-empty file"
+        )
+    ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    stream = torch.tensor(ids, dtype=torch.int64)
+    if stream.numel() < cfg.seq_len:
+        raise CalibrationError(
+            f"the calibration text has {stream.numel()} tokens, fewer than one sequence of {cfg.seq_len}",
+            where=f"calibration.source={cfg.source}",
+            fix="provide more text or lower calibration.seq_len",
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, stream.numel() - cfg.seq_len + 1, (cfg.num_samples,), generator=gen)
+    return torch.stack([stream[s : s + cfg.seq_len] for s in starts.tolist()])

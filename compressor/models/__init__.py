@@ -1,0 +1,1 @@
+"""Model sources (directory, hub id, GGUF) and per-family adapters."""

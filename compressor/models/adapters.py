@@ -1,0 +1,99 @@
+"""One small adapter per model family: where the blocks are and which linears a block holds.
+
+`linear_groups` lists a block's linears in execution order, grouped by shared input (q/k/v read the same
+normed hidden state, gate/up too), which lets a solver treat a group as one matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    model_types: tuple[str, ...]
+    blocks_path: str  # relative to model.base_model
+    linear_groups: tuple[tuple[str, ...], ...]
+    decoder: bool = True
+    conv1d: bool = False  # GPT-2 style Conv1D: weight stored [in, out]
+    extra: dict = field(default_factory=dict)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.base_model.get_submodule(self.blocks_path)
+
+    def block_prefix(self, model: nn.Module, index: int) -> str:
+        """Full module name of block `index` inside `model` (e.g. 'model.layers.3')."""
+        blocks = self.blocks(model)
+        for name, mod in model.named_modules():
+            if mod is blocks:
+                return f"{name}.{index}"
+        raise ModelError("cannot locate decoder blocks in the model")
+
+    def linear_names(self) -> list[str]:
+        return [name for group in self.linear_groups for name in group]
+
+    def get_weight(self, module: nn.Module) -> torch.Tensor:
+        """Weight as [out_features, in_features] float32."""
+        w = module.weight.data
+        return (w.t() if self.conv1d else w).to(torch.float32)
+
+    def set_weight(self, module: nn.Module, w: torch.Tensor) -> None:
+        """Write back a [out, in] weight in the module's own layout and dtype."""
+        target = module.weight.data
+        target.copy_((w.t() if self.conv1d else w).to(target.dtype))
+
+
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma3_text"), "layers", _LLAMA_GROUPS),
+    Adapter(
+        "opt",
+        ("opt",),
+        "decoder.layers",
+        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    ),
+    Adapter(
+        "gpt2",
+        ("gpt2",),
+        "h",
+        (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        conv1d=True,
+    ),
+    Adapter(
+        "bert",
+        ("bert", "roberta", "xlm-roberta"),
+        "encoder.layer",
+        (
+            ("attention.self.query", "attention.self.key", "attention.self.value"),
+            ("attention.output.dense",),
+            ("intermediate.dense",),
+            ("output.dense",),
+        ),
+        decoder=False,
+    ),
+)
+
+SUPPORTED_MODEL_TYPES = sorted({t for a in ADAPTERS for t in a.model_types})
+
+
+def adapter_for(model_type: str) -> Adapter:
+    """The adapter for a config's model_type, or a ModelError listing the supported ones."""
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise ModelError(
+        f"unsupported architecture '{model_type}'",
+        fix=f"use a model of a supported family: {', '.join(SUPPORTED_MODEL_TYPES)}",
+    )

@@ -1,0 +1,6 @@
+"""Compression passes: one class per pass type, registered by its recipe config type."""
+
+from .base import PASSES, run_pass
+from .quantize import QuantizeRunner
+
+__all__ = ["PASSES", "run_pass", "QuantizeRunner"]

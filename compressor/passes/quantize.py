@@ -1,0 +1,159 @@
+"""The `quantize` pass: RTN, GPTQ or FP8 for every linear of every block (and optionally lm_head)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.engine import GramStat, capture_block_inputs, run_block_lockstep
+from ..plan import LayerPlan, QuantizedWeight
+from ..quant.formats import Fp8Format, IntFormat, fallback_group_size
+from ..quant.fp8 import fp8_dequantize, fp8_quantize
+from ..quant.gptq import gptq_quantize
+from ..quant.rtn import dequantize, rtn_quantize
+from ..recipe import QuantizePass
+from ..state import CompressionState
+from .base import register
+
+log = logging.getLogger(__name__)
+
+
+@register(QuantizePass)
+class QuantizeRunner:
+    def __init__(self, config: QuantizePass):
+        self.cfg = config
+        self._ignore = [re.compile(p) for p in config.ignore]
+
+    # ---- format per layer -------------------------------------------------------------------------
+    def layer_format(self, in_features: int) -> tuple[IntFormat | Fp8Format, str | None]:
+        """The format for a layer of this input width, applying the group-size policy."""
+        w = self.cfg.weights
+        if w.format == "fp8":
+            return Fp8Format(w.strategy, tuple(w.block_size)), None
+        if w.strategy == "channel":
+            return IntFormat(w.bits, None, w.symmetric), None
+        if w.strategy == "tensor":
+            raise NotImplementedError("int per-tensor scales")  # rejected by the recipe schema
+        g = w.group_size
+        if in_features % g == 0 or self.cfg.group_policy == "ragged":
+            return IntFormat(w.bits, g, w.symmetric), None
+        fb = fallback_group_size(in_features, g)
+        note = (
+            f"group_size {g} does not divide in_features {in_features}; "
+            + (f"fell back to group_size {fb}" if fb else "fell back to channel-wise scales")
+        )
+        return IntFormat(w.bits, fb, w.symmetric), note
+
+    def _ignored(self, name: str) -> bool:
+        return any(p.search(name) for p in self._ignore)
+
+    # ---- committing a result ----------------------------------------------------------------------
+    def _commit(self, state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, note, method):
+        fmt = qw.fmt
+        if isinstance(fmt, IntFormat):
+            dq = dequantize(qw.codes, qw.scale, qw.zero, fmt.effective_group(qw.codes.shape[1]))
+            bits, group, sym, strategy = fmt.bits, fmt.group_size, fmt.symmetric, (
+                "group" if fmt.group_size else "channel"
+            )
+        else:
+            dq = fp8_dequantize(qw.codes, qw.scale, fmt)
+            bits, group, sym, strategy = 8, None, True, fmt.strategy
+        state.adapter.set_weight(module, dq) if name != "lm_head" else module.weight.data.copy_(dq)
+        out_f, in_f = qw.codes.shape
+        layer = LayerPlan(
+            name=name,
+            shape=(out_f, in_f),
+            format=fmt.label,
+            method=method,
+            bits=bits,
+            group_size=group,
+            requested_group_size=self.cfg.weights.group_size if self.cfg.weights.strategy == "group" else None,
+            symmetric=sym,
+            strategy=strategy,
+            scale_dtype=qw.scale_dtype,
+            storage_bits=fmt.storage_bits(out_f, in_f, qw.scale_dtype),
+            note=note,
+        )
+        state.plan.record(layer, qw)
+
+    def _quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
+        if isinstance(fmt, Fp8Format):
+            codes, scale = fp8_quantize(w, fmt)
+            return QuantizedWeight(fmt, codes, scale, None, "float32")
+        codes, scale, zero = rtn_quantize(w, fmt, self.cfg.scale_dtype, self.cfg.clip_search)
+        return QuantizedWeight(fmt, codes, scale, zero, self.cfg.scale_dtype)
+
+    # ---- the pass ---------------------------------------------------------------------------------
+    def run(self, state: CompressionState) -> None:
+        model, adapter = state.model, state.adapter
+        blocks = adapter.blocks(model)
+        prefixes = [adapter.block_prefix(model, i) for i in range(len(blocks))]
+        if self.cfg.method == "gptq":
+            self._run_gptq(state, blocks, prefixes)
+        else:
+            for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
+                for local in adapter.linear_names():
+                    name = f"{prefixes[i]}.{local}"
+                    if self._ignored(name):
+                        continue
+                    module = block.get_submodule(local)
+                    w = adapter.get_weight(module)
+                    fmt, note = self.layer_format(w.shape[1])
+                    self._commit(state, name, module, self._quantize_data_free(w, fmt), note, "rtn")
+        if self.cfg.lm_head:
+            head = model.get_output_embeddings()
+            if head is None:
+                log.warning("quantize.lm_head is set but the model has no lm_head; skipped")
+            else:
+                if head.weight is model.get_input_embeddings().weight:
+                    head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
+                    model.config.tie_word_embeddings = False
+                w = head.weight.data.to(torch.float32)
+                fmt, note = self.layer_format(w.shape[1])
+                self._commit(state, "lm_head", head, self._quantize_data_free(w, fmt), note, "rtn")
+        state.block_calls = None  # the model changed: cached block inputs are stale
+
+    def _run_gptq(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
+        adapter, cfg = state.adapter, self.cfg
+        calls = capture_block_inputs(state.model, blocks, state.calibration_chunks())
+        hidden = calls.hidden
+        progress = tqdm(total=len(blocks), desc="quantize (gptq)", unit="block", disable=state.quiet)
+        for i, block in enumerate(blocks):
+            groups = [
+                tuple(n for n in g if not self._ignored(f"{prefixes[i]}.{n}")) for g in adapter.linear_groups
+            ]
+            groups = [g for g in groups if g]
+
+            def solve(names: tuple[str, ...], stat: GramStat, block=block, prefix=prefixes[i]) -> None:
+                modules = [block.get_submodule(n) for n in names]
+                weights = [adapter.get_weight(m) for m in modules]
+                fmt, note = self.layer_format(weights[0].shape[1])
+                stacked = torch.cat(weights, dim=0)
+                codes, scale, zero = gptq_quantize(
+                    stacked,
+                    stat.mean(),
+                    fmt,
+                    scale_dtype=cfg.scale_dtype,
+                    block_size=cfg.gptq_block_size,
+                    damp=cfg.damp,
+                    act_order=cfg.act_order,
+                    static_groups=cfg.static_groups,
+                    clip_search=cfg.clip_search,
+                )
+                row = 0
+                for n, m, w in zip(names, modules, weights):
+                    rows = slice(row, row + w.shape[0])
+                    row += w.shape[0]
+                    qw = QuantizedWeight(
+                        fmt, codes[rows].clone(), scale[rows].clone(),
+                        None if zero is None else zero[rows].clone(), cfg.scale_dtype,
+                    )
+                    self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq")
+
+            hidden = run_block_lockstep(block, hidden, calls.args[i], calls.kwargs[i], groups, solve)
+            progress.update(1)
+        progress.close()

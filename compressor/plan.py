@@ -1,0 +1,55 @@
+"""The plan: the single source of truth for what each layer became. Exporters read only this."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .quant.formats import Fp8Format, IntFormat
+
+
+@dataclass
+class QuantizedWeight:
+    """Quantized tensors of one linear, in [out_features, in_features] orientation."""
+
+    fmt: IntFormat | Fp8Format
+    codes: torch.Tensor  # int8 codes (int formats) or float8_e4m3fn weights (fp8)
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    scale_dtype: str = "float32"
+
+
+@dataclass
+class LayerPlan:
+    """What one linear became."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    format: str  # label, e.g. int4-g64-sym, fp8-e4m3-channel
+    method: str  # rtn | gptq
+    bits: int
+    group_size: int | None
+    requested_group_size: int | None
+    symmetric: bool
+    strategy: str
+    scale_dtype: str
+    storage_bits: int
+    note: str | None = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    def record(self, layer: LayerPlan, weight: QuantizedWeight) -> None:
+        self.layers[layer.name] = layer
+        self.weights[layer.name] = weight
+
+    def to_json(self) -> dict:
+        return {name: asdict(lp) for name, lp in sorted(self.layers.items())}

@@ -1,0 +1,1 @@
+"""Pure tensor numerics for weight quantization (no model, no I/O)."""

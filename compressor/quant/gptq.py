@@ -1,0 +1,106 @@
+"""GPTQ (Frantar et al. 2022): column-by-column quantization with second-order error feedback.
+
+Statistics (the input Gram matrix H = sum x x^T) are gathered elsewhere; this module only solves.
+Rows are independent given H, so linears that share an input (q/k/v, gate/up) are solved as one matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import IntFormat
+from .rtn import find_qparams
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising dampening until it is positive definite."""
+    k = h.shape[0]
+    diag_mean = torch.mean(torch.diag(h)).item()
+    eye = torch.eye(k, dtype=h.dtype)
+    for attempt in range(6):
+        lam = damp * (10**attempt) * max(diag_mean, 1e-8)
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(chol)
+            chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0:
+                return chol_inv
+    raise RuntimeError("GPTQ: Hessian is not positive definite even after raising dampening")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    fmt: IntFormat,
+    *,
+    scale_dtype: str = "float32",
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip_search: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize w [N, K] given the input Gram matrix h [K, K].
+
+    Returns (codes int8 [N, K], scale [N, G], zero [N, G] or None) in the original column order, with
+    contiguous groups along K (the last may be ragged). `act_order` processes columns by decreasing
+    diag(H) and therefore uses static groups (scales fixed from the unquantized weight), so no g_idx
+    permutation has to be stored.
+    """
+    w = w.to(torch.float32).clone()
+    h = h.to(torch.float32).clone()
+    n, k = w.shape
+    group = fmt.effective_group(k)
+    grouped = fmt.group_size is not None
+    static = static_groups or act_order or not grouped
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    n_groups = fmt.num_groups(k)
+    scale = torch.empty(n, n_groups)
+    zero = None if fmt.symmetric else torch.empty(n, n_groups)
+    if static:
+        s, z = find_qparams(w, fmt, scale_dtype, clip_search)
+        scale.copy_(s)
+        if zero is not None:
+            zero.copy_(z)
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    group_of = perm // group  # group index (original order) of each processed column
+    hinv = _inverse_hessian_cholesky(h, damp)
+
+    codes = torch.empty(n, k, dtype=torch.int8)
+    qmin, qmax = fmt.qmin, fmt.qmax
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(group_of[col])
+            if not static and col % group == 0:
+                cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                s, z = find_qparams(cols, IntFormat(fmt.bits, None, fmt.symmetric), scale_dtype, clip_search)
+                scale[:, g] = s[:, 0]
+                if zero is not None:
+                    zero[:, g] = z[:, 0]
+            s_col = scale[:, g]
+            wc = w1[:, i]
+            q = torch.round(wc / s_col)
+            if zero is not None:
+                q = q + zero[:, g]
+            q = torch.clamp(q, qmin, qmax)
+            codes[:, col] = q.to(torch.int8)
+            dq = (q - zero[:, g]) * s_col if zero is not None else q * s_col
+            e = (wc - dq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    return codes[:, inv].contiguous(), scale, zero

@@ -1,0 +1,119 @@
+"""Round-to-nearest integer quantization with group / channel scales (ragged last group allowed)."""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import IntFormat
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Repeat per-group columns [N, G] to per-weight [N, K]; the last group may be shorter."""
+    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def _round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    s = scale.to(_DTYPES[scale_dtype]).to(torch.float32)
+    return torch.where(s > 0, s, torch.ones_like(s))  # all-zero groups: any positive scale works
+
+
+def qparams_from_range(
+    wmin: torch.Tensor, wmax: torch.Tensor, fmt: IntFormat, scale_dtype: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and signed zero point for asymmetric) covering [wmin, wmax] per group."""
+    if fmt.symmetric:
+        amax = torch.maximum(wmin.abs(), wmax.abs())
+        scale = _round_scale(2 * amax / (fmt.qmax - fmt.qmin), scale_dtype)
+        return scale, None
+    wmin = torch.clamp(wmin, max=0)
+    wmax = torch.clamp(wmax, min=0)
+    scale = _round_scale((wmax - wmin) / (fmt.qmax - fmt.qmin), scale_dtype)
+    zero = torch.clamp(torch.round(fmt.qmin - wmin / scale), fmt.qmin, fmt.qmax)
+    return scale, zero
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group] padded with NaN so a ragged last group is ignored by nan-aware reductions."""
+    n, k = w.shape
+    pad = (-k) % group
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad), value=float("nan"))
+    return w.reshape(n, -1, group)
+
+
+def _group_minmax(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _grouped(w, group)
+    finite = ~torch.isnan(g)
+    wmin = torch.where(finite, g, torch.full_like(g, float("inf"))).amin(-1)
+    wmax = torch.where(finite, g, torch.full_like(g, float("-inf"))).amax(-1)
+    return wmin, wmax
+
+
+def quantize_with(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: IntFormat
+) -> torch.Tensor:
+    """Integer codes (int8 tensor) of w for the given per-group scale/zero."""
+    k = w.shape[1]
+    g = fmt.effective_group(k)
+    s = expand_groups(scale, k, g)
+    q = torch.round(w / s)
+    if zero is not None:
+        q = q + expand_groups(zero, k, g)
+    return torch.clamp(q, fmt.qmin, fmt.qmax).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """Float weights from integer codes: (q - zp) * scale, groups of `group_size` along the input."""
+    k = q.shape[1]
+    qf = q.to(torch.float32)
+    if zero is not None:
+        qf = qf - expand_groups(zero.to(torch.float32), k, group_size)
+    return qf * expand_groups(scale.to(torch.float32), k, group_size)
+
+
+def find_qparams(
+    w: torch.Tensor,
+    fmt: IntFormat,
+    scale_dtype: str = "float32",
+    clip_search: bool = False,
+    grid: int = 20,
+    max_shrink: float = 0.75,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group scale [N, G] and zero point [N, G] (None if symmetric) for weight w [N, K].
+
+    With `clip_search`, each group's range is shrunk by the factor in [max_shrink, 1] that minimises the
+    squared rounding error of that group (MSE-optimal clipping).
+    """
+    w = w.to(torch.float32)
+    k = w.shape[1]
+    group = fmt.effective_group(k)
+    wmin, wmax = _group_minmax(w, group)
+    scale, zero = qparams_from_range(wmin, wmax, fmt, scale_dtype)
+    if not clip_search:
+        return scale, zero
+    best_err = _group_error(w, scale, zero, fmt, group)
+    for i in range(1, grid + 1):
+        p = 1.0 - (1.0 - max_shrink) * i / grid
+        s, z = qparams_from_range(wmin * p, wmax * p, fmt, scale_dtype)
+        err = _group_error(w, s, z, fmt, group)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, s, scale)
+        if zero is not None:
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def _group_error(w, scale, zero, fmt, group) -> torch.Tensor:
+    dq = dequantize(quantize_with(w, scale, zero, fmt), scale, zero, group)
+    return torch.nan_to_num(_grouped((dq - w) ** 2, group), nan=0.0).sum(-1)
+
+
+def rtn_quantize(
+    w: torch.Tensor, fmt: IntFormat, scale_dtype: str = "float32", clip_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest: returns (codes int8 [N, K], scale [N, G], zero [N, G] or None)."""
+    scale, zero = find_qparams(w, fmt, scale_dtype, clip_search)
+    return quantize_with(w.to(torch.float32), scale, zero, fmt), scale, zero

@@ -1,0 +1,111 @@
+"""`compressor.load(path)`: turn a compressed-tensors artifact into a runnable torch model."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import ModelError
+from ..models.adapters import adapter_for
+from .qlinear import QuantLinear
+
+_QUANT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def scheme_for(name: str, module: nn.Module, qcfg: dict) -> dict | None:
+    """The weight scheme of the config group whose targets match this module, or None."""
+    if any(_matches(t, name, module) for t in qcfg.get("ignore") or []):
+        return None
+    for group in qcfg.get("config_groups", {}).values():
+        if any(_matches(t, name, module) for t in group.get("targets", [])):
+            return group["weights"]
+    return None
+
+
+def _matches(target: str, name: str, module: nn.Module) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == type(module).__name__
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"no .safetensors files in {folder}", fix="point at a directory written by compress")
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise ModelError(f"corrupt safetensors file {f.name}: {err}", fix="re-run compress to rewrite it") from None
+    return tensors
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a compressed artifact: quantized linears become QuantLinear modules (packed weights kept)."""
+    from transformers import AutoConfig
+
+    from ..models.loading import _model_class
+
+    folder = Path(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"'{folder}' holds no config.json", fix="point at a directory written by compress")
+    qcfg = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    adapter = adapter_for(config.model_type)
+    model = _model_class(adapter, config).from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+
+    tensors = read_tensors(folder)
+    per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key in list(tensors):
+        owner, _, leaf = key.rpartition(".")
+        if leaf in _QUANT_LEAVES or (leaf == "weight" and tensors[key].dtype == torch.float8_e4m3fn):
+            per_layer[owner][leaf] = tensors.pop(key)
+    modules = dict(model.named_modules())
+    for name, parts in per_layer.items():
+        module = modules.get(name)
+        scheme = scheme_for(name, module, qcfg) if module is not None else None
+        if scheme is None:
+            raise ModelError(f"compressed tensors for '{name}' match no config group", fix="the artifact is corrupt")
+        bias = tensors.pop(f"{name}.bias", None)
+        if bias is not None:
+            bias = bias.to(dtype)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_tensors(parts, bias, scheme))
+    dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    result = model.load_state_dict(dense, strict=False)
+    expected_missing = {
+        k
+        for k in result.missing_keys
+        if k.endswith("lm_head.weight") or "position_ids" in k or k.rpartition(".")[0] in per_layer
+    }
+    if set(result.missing_keys) - expected_missing or result.unexpected_keys:
+        raise ModelError(
+            f"artifact does not match the model: missing {sorted(set(result.missing_keys) - expected_missing)[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}",
+            fix="re-run compress to rewrite the artifact",
+        )
+    if getattr(config, "tie_word_embeddings", False) and "lm_head" not in per_layer:
+        model.tie_weights()
+    return model
+
+
+def safetensors_keys(folder: Path) -> list[str]:
+    keys = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            keys.extend(fh.keys())
+    return keys

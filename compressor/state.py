@@ -1,0 +1,36 @@
+"""CompressionState: everything passes read and write during one run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .calibration.engine import BlockCalls
+from .models.loading import LoadedModel
+from .plan import Plan
+from .recipe import Recipe
+
+
+@dataclass
+class CompressionState:
+    loaded: LoadedModel
+    recipe: Recipe
+    calibration_ids: torch.Tensor | None = None
+    plan: Plan = field(default_factory=Plan)
+    report: dict = field(default_factory=dict)
+    block_calls: BlockCalls | None = None  # cached block inputs, valid until a pass changes the model
+    quiet: bool = False
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def adapter(self):
+        return self.loaded.adapter
+
+    def calibration_chunks(self) -> list[torch.Tensor]:
+        ids = self.calibration_ids
+        bs = self.recipe.calibration.batch_size
+        return [ids[i : i + bs] for i in range(0, ids.shape[0], bs)]

@@ -1,0 +1,108 @@
+"""The compressed-tensors `quantization_config` and per-layer tensors for a plan.
+
+Layout (what transformers' and vLLM's compressed-tensors loaders expect):
+  int  -> format `pack-quantized`: `<layer>.weight_packed` int32 [N, ceil(K*b/32)], `<layer>.weight_scale`
+          [N, G] (G = 1 for channel-wise), `<layer>.weight_shape` int64 [2], and for asymmetric schemes
+          `<layer>.weight_zero_point` int32 packed along the output dim [ceil(N*b/32), G].
+  fp8  -> format `float-quantized`: `<layer>.weight` float8_e4m3fn [N, K], `<layer>.weight_scale` float32
+          ([N, 1] channel, [1] tensor, [ceil(N/bn), ceil(K/bk)] block).
+Layers whose scheme differs (e.g. a group size that fell back) get their own config group with explicit
+targets; the format is `mixed-precision` when groups use different formats.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+
+from compressor.plan import LayerPlan, Plan, QuantizedWeight
+from compressor.quant.formats import Fp8Format
+from compressor.quant.packing import pack_int32
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The compressed tensors of one layer, keyed by full parameter name."""
+    if isinstance(qw.fmt, Fp8Format):
+        scale = qw.scale.to(torch.float32)
+        return {f"{name}.weight": qw.codes.contiguous(), f"{name}.weight_scale": scale.contiguous()}
+    out_f, in_f = qw.codes.shape
+    bits = qw.fmt.bits
+    tensors = {
+        f"{name}.weight_packed": pack_int32(qw.codes, bits),
+        f"{name}.weight_scale": qw.scale.to(_SCALE_DTYPES[qw.scale_dtype]).contiguous(),
+        f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+    }
+    if qw.zero is not None:
+        z = qw.zero.to(torch.int8)
+        tensors[f"{name}.weight_zero_point"] = pack_int32(z.t().contiguous(), bits).t().contiguous()
+    return tensors
+
+
+def _scheme(layer: LayerPlan) -> dict:
+    if layer.format.startswith("fp8"):
+        weights = {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": layer.strategy,
+            "dynamic": False,
+        }
+        if layer.strategy == "block":
+            m = re.search(r"block(\d+)x(\d+)", layer.format)
+            weights["block_structure"] = [int(m.group(1)), int(m.group(2))]
+        fmt = "float-quantized"
+    else:
+        weights = {
+            "num_bits": layer.bits,
+            "type": "int",
+            "symmetric": layer.symmetric,
+            "strategy": layer.strategy,
+            "group_size": layer.group_size,
+            "dynamic": False,
+        }
+        fmt = "pack-quantized"
+    return {"weights": weights, "input_activations": None, "output_activations": None, "format": fmt}
+
+
+def _targets(names: list[str], all_linear_names: list[str]) -> list[str]:
+    """Compact regex targets: one per layer-name suffix when every layer with that suffix is in `names`."""
+    chosen = set(names)
+    by_suffix = defaultdict(list)
+    for n in all_linear_names:
+        by_suffix[re.sub(r"^.*?\.\d+\.", "", n)].append(n)
+    targets = []
+    covered = set()
+    for suffix, members in sorted(by_suffix.items()):
+        if len(members) > 1 and all(m in chosen for m in members):
+            targets.append(f"re:.*\\.\\d+\\.{re.escape(suffix)}$")
+            covered.update(members)
+    targets += [f"re:^{re.escape(n)}$" for n in sorted(chosen - covered)]
+    return targets
+
+
+def quantization_config(plan: Plan, all_linear_names: list[str], ignore: list[str]) -> dict:
+    """The `quantization_config` entry of config.json for this plan."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    schemes: dict[str, dict] = {}
+    for name, layer in sorted(plan.layers.items()):
+        scheme = _scheme(layer)
+        key = repr(sorted(scheme["weights"].items()))
+        schemes[key] = scheme
+        groups[key].append(name)
+    config_groups = {}
+    for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
+        config_groups[f"group_{i}"] = {"targets": _targets(names, all_linear_names), **schemes[key]}
+    formats = {g["format"] for g in config_groups.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }

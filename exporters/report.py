@@ -1,0 +1,92 @@
+"""The run report: report.json (stable keys), a human summary, a per-layer plot, and the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPORT_VERSION = 1
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A short human-readable summary (printed at the end of a run and placed in the model card)."""
+    size, metrics = report.get("size", {}), report.get("metrics", {})
+    lines = [
+        f"model: {report['model']['source']} ({report['model']['family']}, {size.get('total_params', 0):,} params)",
+        f"quantized layers: {size.get('quantized_layers', 0)} at {size.get('quantized_bits_per_weight', 0):.3f} "
+        f"bits/weight incl. scales; artifact {size.get('artifact_bytes', 0) / 1e6:.1f} MB",
+    ]
+    if report.get("group_fallbacks"):
+        lines.append(f"group-size fallbacks: {len(report['group_fallbacks'])} layers (see report.json)")
+    if "perplexity" in metrics:
+        base = metrics.get("base_perplexity")
+        rel = f" ({(metrics['perplexity'] / base - 1) * 100:+.1f}% vs base {base:.3f})" if base else ""
+        lines.append(f"perplexity: {metrics['perplexity']:.3f}{rel} on {metrics['eval_tokens']} tokens")
+    if "kl_divergence" in metrics:
+        lines.append(f"KL to base: {metrics['kl_divergence']:.5f}; top-1 agreement {metrics['top1_agreement']:.2%}")
+    t = report.get("timings", {})
+    if t:
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return lines
+
+
+def plot_layers(report: dict, path: Path) -> bool:
+    """Bits per weight of every quantized layer over depth, one marker series per layer type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report.get("plan", {})
+    if not layers:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    by_type: dict[str, list[tuple[int, float]]] = {}
+    for i, (name, lp) in enumerate(layers.items()):
+        kind = name.rsplit(".", 1)[-1]
+        bpw = lp["storage_bits"] / (lp["shape"][0] * lp["shape"][1])
+        by_type.setdefault(kind, []).append((i, bpw))
+    for kind, pts in sorted(by_type.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, label=kind)
+    ax.set_xlabel("layer (execution order)")
+    ax.set_ylabel("bits / weight (incl. scales)")
+    ax.set_title("format per layer")
+    ax.legend(fontsize=6, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict, folder: Path) -> None:
+    """report.json, summary.md and layers.png into `folder`."""
+    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    has_plot = plot_layers(report, folder / "layers.png")
+    text = ["# Compression report", "", *[f"- {line}" for line in summary_lines(report)]]
+    if has_plot:
+        text += ["", "![format per layer](layers.png)"]
+    (folder / "summary.md").write_text("\n".join(text) + "\n")
+
+
+def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
+    """README.md model card: what was done, quality vs base, and the recipe that reproduces it."""
+    source = report["model"]["source"]
+    card = [
+        "---",
+        "library_name: transformers",
+        "tags: [compressed-tensors, compressor, quantized]",
+        "---",
+        f"# {Path(source).name} (compressed)",
+        "",
+        f"Compressed from `{source}` with compressor {report['compressor_version']}. "
+        "Loads with `transformers` (with `compressed-tensors` installed) and vLLM, or `compressor.load(path)`.",
+        "",
+        "## Summary",
+        *[f"- {line}" for line in summary_lines(report)],
+        "",
+        "## Recipe",
+        "```yaml",
+        recipe_yaml.rstrip(),
+        "```",
+    ]
+    (folder / "README.md").write_text("\n".join(card) + "\n")

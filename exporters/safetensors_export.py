@@ -1,0 +1,101 @@
+"""Export the compressed model as a compressed-tensors safetensors checkpoint (sharded) with its tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from compressor.state import CompressionState
+
+from .compressed_tensors import layer_tensors, quantization_config
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", text.upper())
+    if not m:
+        raise ValueError(f"cannot parse size {text!r} (use e.g. 500MB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
+
+
+def export_state_dict(state: CompressionState, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Model tensors with every planned layer replaced by its compressed tensors; tied copies dropped."""
+    model, plan = state.model, state.plan
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    quantized = set(plan.layers)
+    for key, tensor in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized:
+            if leaf == "weight":
+                out.update(layer_tensors(owner, plan.weights[owner]))
+                continue
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if ptr is not None and ptr in seen and seen[ptr] != key:
+            continue  # tied weight (e.g. lm_head = embed_tokens): transformers re-ties on load
+        if ptr is not None:
+            seen[ptr] = key
+        t = tensor.detach()
+        if t.is_floating_point():
+            t = t.to(dense_dtype)
+        out[key] = t.contiguous()
+    return out
+
+
+def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+    """Write tensors into safetensors shards (HF naming and index); returns the file names."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
+    """Write weights, config (with quantization_config), generation config and tokenizer into `folder`."""
+    model, adapter = state.model, state.adapter
+    dense_dtype = state.loaded.export_dtype
+    tensors = export_state_dict(state, dense_dtype)
+    files = write_shards(tensors, folder, parse_size(state.recipe.max_shard_size))
+
+    blocks = adapter.blocks(model)
+    all_linears = [
+        f"{adapter.block_prefix(model, i)}.{n}" for i in range(len(blocks)) for n in adapter.linear_names()
+    ] + (["lm_head"] if "lm_head" in state.plan.layers else [])
+    ignore = [] if "lm_head" in state.plan.layers or not adapter.decoder else ["lm_head"]
+    ignore += sorted(set(all_linears) - set(state.plan.layers) - {"lm_head"})
+    config = model.config
+    config.quantization_config = quantization_config(state.plan, all_linears, ignore)
+    config.dtype = dense_dtype
+    try:
+        config.save_pretrained(folder)
+    finally:
+        del config.quantization_config
+    if getattr(model, "generation_config", None) is not None and adapter.decoder:
+        model.generation_config.save_pretrained(folder)
+    state.loaded.tokenizer.save_pretrained(folder)
+    for f in files:
+        (folder / f).chmod(0o644)
+    return files
