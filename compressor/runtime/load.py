@@ -87,20 +87,26 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         setattr(parent, child, QuantLinear.from_tensors(parts, bias, scheme))
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(dense, strict=False)
-    expected_missing = {
-        k
-        for k in result.missing_keys
-        if k.endswith("lm_head.weight") or "position_ids" in k or k.rpartition(".")[0] in per_layer
-    }
-    if set(result.missing_keys) - expected_missing or result.unexpected_keys:
-        raise ModelError(
-            f"artifact does not match the model: missing {sorted(set(result.missing_keys) - expected_missing)[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}",
-            fix="re-run compress to rewrite the artifact",
-        )
     if getattr(config, "tie_word_embeddings", False) and "lm_head" not in per_layer:
         model.tie_weights()
+    _check_complete(model, result, set(per_layer), set(dense))
     return model
+
+
+def _check_complete(model: nn.Module, result, quantized: set[str], loaded: set[str]) -> None:
+    """Every parameter must come from the artifact, be a QuantLinear buffer, or be tied to a loaded one."""
+    state = model.state_dict(keep_vars=True)
+    loaded_ptrs = {state[k].data_ptr() for k in loaded if k in state}
+    missing = [
+        k
+        for k in result.missing_keys
+        if k.rpartition(".")[0] not in quantized and "position_ids" not in k and state[k].data_ptr() not in loaded_ptrs
+    ]
+    if missing or result.unexpected_keys:
+        raise ModelError(
+            f"artifact does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}",
+            fix="re-run compress to rewrite the artifact",
+        )
 
 
 def safetensors_keys(folder: Path) -> list[str]:
