@@ -160,7 +160,7 @@ def compress(
     t = time.perf_counter()
     with atomic_directory(out, overwrite) as tmp:
         files = export_safetensors(state, tmp)
-        recipe_yaml = r.to_yaml()
+        recipe_yaml = r.model_copy(update={"output": None}).to_yaml()  # location-independent copy
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         report["files"] = files
         report["size"] = _size_report(state, tmp)

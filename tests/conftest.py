@@ -1,0 +1,40 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import CORPUS, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: tiny_model_dir('llama') -> a saved random tiny model of that family (cached per session)."""
+    cache: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in cache:
+            cache[family] = make_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+def small_recipe(calib_file: Path, weights: dict | None = None, method: str = "gptq", **extra) -> dict:
+    """A fast recipe for tiny models."""
+    recipe = {
+        "calibration": {"source": str(calib_file), "num_samples": 8, "seq_len": 32, "batch_size": 2},
+        "passes": [{"type": "quantize", "method": method, "weights": weights or {"bits": 4, "group_size": 32}}],
+        "evaluate": {"perplexity_text": str(calib_file), "seq_len": 32, "max_windows": 2},
+    }
+    for key, value in extra.items():
+        recipe[key] = value
+    return recipe

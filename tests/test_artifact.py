@@ -1,0 +1,154 @@
+"""End to end on tiny models: the artifact loads in transformers (compressed-tensors) and in compressor.load."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationScheme
+from conftest import small_recipe
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+import compressor
+from compressor.quant.rtn import dequantize
+
+# Logits of transformers' decompressed model and compressor.load agree to float32 rounding.
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _logits(model, vocab: int) -> torch.Tensor:
+    ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+TRANSFORMERS_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "opt", "bert"]
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS_FAMILIES)
+def test_gptq_artifact_loads_in_transformers(family, tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = compressor.compress(
+        small_recipe(calib_file, {"bits": 4, "group_size": 32}), model=str(tiny_model_dir(family)), output=out, quiet=True
+    )
+    assert result.plan.layers and all(lp.method == "gptq" for lp in result.plan.layers.values())
+    cls = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
+    reference = cls.from_pretrained(out, dtype=torch.float32)
+    ours = compressor.load(out)
+    vocab = reference.config.vocab_size
+    torch.testing.assert_close(_logits(ours, vocab), _logits(reference, vocab), **TOL)
+    # the in-memory quantized model the pipeline evaluated is the artifact
+    assert result.metrics["kl_divergence"] >= 0 and 0 <= result.metrics["top1_agreement"] <= 1
+    for name in ("recipe.yaml", "report.json", "summary.md", "README.md", "layers.png", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize("weights", [{"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 32, "symmetric": False},
+                                     {"bits": 8, "strategy": "channel"}, {"bits": 3, "group_size": 32}])
+def test_compressed_tensors_decompresses_our_weights_bit_exactly(weights, tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = compressor.compress(
+        small_recipe(calib_file, weights), model=str(tiny_model_dir("llama")), output=out, quiet=True
+    )
+    tensors = load_file(str(out / "model.safetensors"))
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    scheme_args = next(iter(qcfg["config_groups"].values()))["weights"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=scheme_args)
+    for name, qw in result.plan.weights.items():
+        local = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        # a float32 model holds its scales in float32 (transformers casts them on load), so decompress that way
+        local["weight_scale"] = local["weight_scale"].to(torch.float32)
+        theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"].to(torch.float32)
+        ours = dequantize(qw.codes, qw.scale, qw.zero, qw.fmt.effective_group(qw.codes.shape[1]))
+        assert torch.equal(theirs, ours), name
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor", "block"])
+def test_fp8_artifact_loads_in_transformers(strategy, tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    weights = {"format": "fp8", "bits": 8, "strategy": strategy, "block_size": [32, 32]}
+    compressor.compress(small_recipe(calib_file, weights, method="rtn"), model=str(tiny_model_dir("qwen2")),
+                        output=out, quiet=True)
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ours = compressor.load(out)
+    torch.testing.assert_close(_logits(ours, 300), _logits(reference, 300), **TOL)
+
+
+def test_gpt2_conv1d_compresses_and_loads_with_compressor(tiny_model_dir, calib_file, tmp_path):
+    """GPT-2 keeps Conv1D weights [in, out]; our artifact stores [out, in] like every Linear."""
+    out = tmp_path / "out"
+    src = tiny_model_dir("gpt2")
+    result = compressor.compress(small_recipe(calib_file), model=str(src), output=out, quiet=True)
+    assert result.plan.layers["transformer.h.0.attn.c_attn"].shape == (288, 96)
+    ours = compressor.load(out)
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    a, b = _logits(ours, 300), _logits(base, 300)
+    assert (a - b).abs().max() < 0.5 * b.abs().max()  # quantized, yet close to the original model
+
+
+def test_group_size_fallback_is_recorded(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = compressor.compress(small_recipe(calib_file, {"bits": 4, "group_size": 128}),
+                                 model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    q = result.plan.layers["model.layers.0.self_attn.q_proj"]  # in_features 96: 128 does not divide it
+    assert (q.requested_group_size, q.group_size) == (128, 32) and "does not divide" in q.note
+    d = result.plan.layers["model.layers.0.mlp.down_proj"]  # in_features 160 -> 32
+    assert d.group_size == 32
+    report = json.loads((out / "report.json").read_text())
+    assert {"layer": q.name, "requested": 128, "used": 32} in report["group_fallbacks"]
+    AutoModelForCausalLM.from_pretrained(out)  # transformers accepts the fallback sizes
+
+
+def test_ragged_groups_run_in_our_runtime(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    recipe = small_recipe(calib_file, {"bits": 4, "group_size": 64})
+    recipe["passes"][0]["group_policy"] = "ragged"
+    result = compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    assert result.plan.layers["model.layers.0.self_attn.q_proj"].group_size == 64  # 96 = 64 + 32
+    model = compressor.load(out)
+    w = model.model.layers[0].self_attn.q_proj.dequantized_weight()
+    qw = result.plan.weights["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(w, dequantize(qw.codes, qw.scale, qw.zero, 64))
+    assert model.model.layers[0].self_attn.q_proj.weight_scale.shape == (96, 2)
+
+
+def test_lm_head_quantization_unties(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    recipe = small_recipe(calib_file, {"bits": 8, "strategy": "channel"}, method="rtn")
+    recipe["passes"][0]["lm_head"] = True
+    result = compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    assert "lm_head" in result.plan.layers
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(_logits(compressor.load(out), 300), _logits(reference, 300), **TOL)
+
+
+def _digest(folder) -> dict:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.suffix in (".safetensors", ".json", ".yaml") and p.name != "report.json"
+    }
+
+
+def test_same_recipe_and_seed_give_identical_artifact(tiny_model_dir, calib_file, tmp_path):
+    recipe = small_recipe(calib_file, {"bits": 4, "group_size": 32, "symmetric": False})
+    src = str(tiny_model_dir("qwen3"))
+    compressor.compress(recipe, model=src, output=tmp_path / "a", quiet=True)
+    compressor.compress(recipe, model=src, output=tmp_path / "b", quiet=True)
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert "model.safetensors" in a and a == b
+
+
+def test_sharded_output(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    recipe = small_recipe(calib_file, max_shard_size="40KB")
+    compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    torch.testing.assert_close(
+        _logits(compressor.load(out), 300), _logits(AutoModelForCausalLM.from_pretrained(out), 300), **TOL
+    )
