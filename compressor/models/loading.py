@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -39,6 +40,20 @@ class LoadedModel:
     adapter: Adapter
     source: ModelSource
     export_dtype: torch.dtype = torch.float32  # dtype of the source checkpoint's float tensors
+
+
+@contextlib.contextmanager
+def hf_progress_bars_off():
+    """Silence transformers' own progress bars while loading (ours report progress); restores the setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_source(spec: str) -> ModelSource:
@@ -121,12 +136,13 @@ def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
         ) from None
     cls = _model_class(adapter, config)
     try:
-        model = cls.from_pretrained(
-            source.location,
-            gguf_file=source.gguf_file,
-            dtype=torch.float32,
-            trust_remote_code=trust_remote_code,
-        )
+        with hf_progress_bars_off():
+            model = cls.from_pretrained(
+                source.location,
+                gguf_file=source.gguf_file,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+            )
     except OSError as err:
         raise ModelError(f"cannot load weights from {source.description}: {err}") from None
     model.eval()
