@@ -31,7 +31,13 @@ def recipe(method: str, group: int) -> dict:
             {
                 "type": "quantize",
                 "method": method,
-                "weights": {"format": "int", "bits": 4, "strategy": "group", "group_size": group, "symmetric": True},
+                "weights": {
+                    "format": "int",
+                    "bits": 4,
+                    "strategy": "group",
+                    "group_size": group,
+                    "symmetric": True,
+                },
                 "scale_dtype": "float16",
             }
         ],
@@ -44,7 +50,17 @@ def run_compress(method: str, group: int, work: Path) -> tuple[Path, dict]:
     rpath = work / f"{method}.yaml"
     rpath.write_text(yaml.safe_dump(recipe(method, group), sort_keys=False))
     out = work / f"smollm2-w4g{group}-{method}"
-    cmd = [sys.executable, "-m", "compressor.cli", "--recipe", str(rpath), "-o", str(out), "--overwrite", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "compressor.cli",
+        "--recipe",
+        str(rpath),
+        "-o",
+        str(out),
+        "--overwrite",
+        "-q",
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
@@ -85,7 +101,9 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct, W4 g{args.group_size} sym, 128 x 512 calibration tokens (calibration_data/)")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid ({windows.numel()} tokens)")
     print(f"base perplexity: {base_ppl:.3f}")
-    print(f"{'method':8} {'ppl':>8} {'vs base':>8} {'KL':>8} {'top1':>7} {'bits/w':>7} {'wall s':>7} {'peak RSS MB':>11}")
+    print(
+        f"{'method':8} {'ppl':>8} {'vs base':>8} {'KL':>8} {'top1':>7} {'bits/w':>7} {'wall s':>7} {'peak RSS MB':>11}"
+    )
     for method, m, run, size in rows:
         print(
             f"{method:8} {m['perplexity']:8.3f} {(m['perplexity'] / base_ppl - 1) * 100:+7.1f}% "

@@ -37,7 +37,10 @@ class CompressionResult:
 
 
 def resolve_recipe(
-    recipe: str | Path | dict | Recipe, model: str | None = None, output: str | Path | None = None, **overrides: Any
+    recipe: str | Path | dict | Recipe,
+    model: str | None = None,
+    output: str | Path | None = None,
+    **overrides: Any,
 ) -> Recipe:
     """Recipe from a path, dict or Recipe, with model/output and dotted (or '__'-separated) overrides applied."""
     r = load_recipe(recipe) if isinstance(recipe, (str, Path)) else parse_recipe(recipe, "<recipe dict>")
@@ -61,7 +64,9 @@ def _eval_windows(r: Recipe, loaded) -> torch.Tensor | None:
     windows = text_windows(loaded.tokenizer, text, ev.seq_len, ev.max_windows)
     if windows.shape[0] == 0:
         raise RecipeError(
-            f"the evaluation text has fewer than {ev.seq_len} tokens", where="evaluate", fix="use a longer text"
+            f"the evaluation text has fewer than {ev.seq_len} tokens",
+            where="evaluate",
+            fix="use a longer text",
         )
     return windows
 
@@ -149,7 +154,11 @@ def compress(
     report = {
         "report_version": 1,
         "compressor_version": __version__,
-        "model": {"source": r.model, "family": loaded.adapter.family, "model_type": loaded.model.config.model_type},
+        "model": {
+            "source": r.model,
+            "family": loaded.adapter.family,
+            "model_type": loaded.model.config.model_type,
+        },
         "passes": pass_timings,
         "plan": state.plan.to_json(),
         "group_fallbacks": [

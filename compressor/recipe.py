@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,7 +22,7 @@ class CalibrationConfig(_Strict):
 
     source: str = Field(
         "builtin",
-        description="'builtin' (calibration_data/), a .txt/.jsonl file path, or an HF dataset name ('hf:name[:config]')",
+        description="'builtin' (calibration_data/), a .txt/.jsonl path, or an HF dataset ('hf:name[:config]')",
     )
     text_field: str = Field("text", description="field holding the text in jsonl / HF dataset rows")
     split: str = Field("train", description="HF dataset split")
@@ -84,8 +84,16 @@ class QuantizePass(_Strict):
     clip_search: bool = Field(False, description="MSE-optimal clipping search for scales")
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ dampening, fraction of mean(diag(H))")
     gptq_block_size: int = Field(128, gt=0, description="GPTQ lazy-batch update width")
+    hessian_token_clip: float | None = Field(
+        10.0,
+        gt=1,
+        description="GPTQ: cap each token's norm at this multiple of the batch median before it enters H "
+        "(tames attention-sink 'massive activation' tokens); null disables",
+    )
     act_order: bool = Field(False, description="GPTQ: quantize columns by decreasing Hessian diagonal")
-    static_groups: bool = Field(False, description="GPTQ: group scales from the unquantized weight (forced by act_order)")
+    static_groups: bool = Field(
+        False, description="GPTQ: group scales from the unquantized weight (forced by act_order)"
+    )
     lm_head: bool = Field(False, description="also quantize lm_head (RTN with the same scheme)")
     ignore: list[str] = Field(default_factory=list, description="module-name regexes to leave in full precision")
 
@@ -96,7 +104,7 @@ class QuantizePass(_Strict):
         return self
 
 
-PassConfig = Annotated[Union[QuantizePass], Field(discriminator="type")]
+PassConfig = Annotated[QuantizePass, Field(discriminator="type")]
 
 
 class EvaluateConfig(_Strict):
@@ -182,10 +190,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
-            if isinstance(node, list):
-                node = node[int(p)]
-            else:
-                node = node.setdefault(p, {})
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
         if isinstance(node, list):
             node[int(parts[-1])] = value
         else:

@@ -45,7 +45,8 @@ def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
-                f"the disk is full while writing '{path}'", fix="free space or choose --output on another disk"
+                f"the disk is full while writing '{path}'",
+                fix="free space or choose --output on another disk",
             ) from None
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise OutputError(f"cannot write '{path}': {err.strerror}", fix="choose a writable --output") from None

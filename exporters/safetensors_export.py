@@ -31,10 +31,9 @@ def export_state_dict(state: CompressionState, dense_dtype: torch.dtype) -> dict
     quantized = set(plan.layers)
     for key, tensor in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if owner in quantized:
-            if leaf == "weight":
-                out.update(layer_tensors(owner, plan.weights[owner]))
-                continue
+        if owner in quantized and leaf == "weight":
+            out.update(layer_tensors(owner, plan.weights[owner]))
+            continue
         ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else None
         if ptr is not None and ptr in seen and seen[ptr] != key:
             continue  # tied weight (e.g. lm_head = embed_tokens): transformers re-ties on load

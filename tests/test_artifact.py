@@ -31,7 +31,10 @@ TRANSFORMERS_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "opt", 
 def test_gptq_artifact_loads_in_transformers(family, tiny_model_dir, calib_file, tmp_path):
     out = tmp_path / "out"
     result = compressor.compress(
-        small_recipe(calib_file, {"bits": 4, "group_size": 32}), model=str(tiny_model_dir(family)), output=out, quiet=True
+        small_recipe(calib_file, {"bits": 4, "group_size": 32}),
+        model=str(tiny_model_dir(family)),
+        output=out,
+        quiet=True,
     )
     assert result.plan.layers and all(lp.method == "gptq" for lp in result.plan.layers.values())
     cls = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
@@ -41,12 +44,26 @@ def test_gptq_artifact_loads_in_transformers(family, tiny_model_dir, calib_file,
     torch.testing.assert_close(_logits(ours, vocab), _logits(reference, vocab), **TOL)
     # the in-memory quantized model the pipeline evaluated is the artifact
     assert result.metrics["kl_divergence"] >= 0 and 0 <= result.metrics["top1_agreement"] <= 1
-    for name in ("recipe.yaml", "report.json", "summary.md", "README.md", "layers.png", "tokenizer_config.json"):
+    for name in (
+        "recipe.yaml",
+        "report.json",
+        "summary.md",
+        "README.md",
+        "layers.png",
+        "tokenizer_config.json",
+    ):
         assert (out / name).is_file(), name
 
 
-@pytest.mark.parametrize("weights", [{"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 32, "symmetric": False},
-                                     {"bits": 8, "strategy": "channel"}, {"bits": 3, "group_size": 32}])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"bits": 4, "group_size": 32},
+        {"bits": 4, "group_size": 32, "symmetric": False},
+        {"bits": 8, "strategy": "channel"},
+        {"bits": 3, "group_size": 32},
+    ],
+)
 def test_compressed_tensors_decompresses_our_weights_bit_exactly(weights, tiny_model_dir, calib_file, tmp_path):
     out = tmp_path / "out"
     result = compressor.compress(
@@ -69,8 +86,12 @@ def test_compressed_tensors_decompresses_our_weights_bit_exactly(weights, tiny_m
 def test_fp8_artifact_loads_in_transformers(strategy, tiny_model_dir, calib_file, tmp_path):
     out = tmp_path / "out"
     weights = {"format": "fp8", "bits": 8, "strategy": strategy, "block_size": [32, 32]}
-    compressor.compress(small_recipe(calib_file, weights, method="rtn"), model=str(tiny_model_dir("qwen2")),
-                        output=out, quiet=True)
+    compressor.compress(
+        small_recipe(calib_file, weights, method="rtn"),
+        model=str(tiny_model_dir("qwen2")),
+        output=out,
+        quiet=True,
+    )
     tensors = load_file(str(out / "model.safetensors"))
     assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
     reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -92,8 +113,12 @@ def test_gpt2_conv1d_compresses_and_loads_with_compressor(tiny_model_dir, calib_
 
 def test_group_size_fallback_is_recorded(tiny_model_dir, calib_file, tmp_path):
     out = tmp_path / "out"
-    result = compressor.compress(small_recipe(calib_file, {"bits": 4, "group_size": 128}),
-                                 model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    result = compressor.compress(
+        small_recipe(calib_file, {"bits": 4, "group_size": 128}),
+        model=str(tiny_model_dir("llama")),
+        output=out,
+        quiet=True,
+    )
     q = result.plan.layers["model.layers.0.self_attn.q_proj"]  # in_features 96: 128 does not divide it
     assert (q.requested_group_size, q.group_size) == (128, 32) and "does not divide" in q.note
     d = result.plan.layers["model.layers.0.mlp.down_proj"]  # in_features 160 -> 32

@@ -73,8 +73,9 @@ def test_unsupported_architecture(tmp_path, calib_file):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     folder = tmp_path / "neox"
-    GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=320)).save_pretrained(folder)
+    GPTNeoXForCausalLM(
+        GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=320)
+    ).save_pretrained(folder)
     path = write_recipe(tmp_path, small_recipe(calib_file))
     code, err, _ = run_cli("--recipe", path, "--model", str(folder), "-o", str(tmp_path / "o"))
     assert_user_error(code, err, "unsupported architecture 'gpt_neox'", "llama", "gemma3_text", "bert")
@@ -142,8 +143,9 @@ def test_output_exists_needs_overwrite(tmp_path, calib_file, tiny_model_dir):
     code, err, _ = run_cli("--recipe", path, "--model", str(tiny_model_dir("llama")), "-o", str(out))
     assert_user_error(code, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    code, err, stdout = run_cli("--recipe", path, "--model", str(tiny_model_dir("llama")), "-o", str(out),
-                                "--overwrite", "-q")
+    code, err, stdout = run_cli(
+        "--recipe", path, "--model", str(tiny_model_dir("llama")), "-o", str(out), "--overwrite", "-q"
+    )
     assert code == 0, err
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
 
@@ -176,8 +178,15 @@ def test_print_recipe_is_fully_defaulted_and_valid(tmp_path):
 
 
 def test_set_override(tmp_path):
-    code, err, out = run_cli("--recipe", "recipes/w4-gptq.yaml", "--print-recipe",
-                             "--set", "calibration.num_samples=7", "--set", "passes.0.weights.group_size=64")
+    code, err, out = run_cli(
+        "--recipe",
+        "recipes/w4-gptq.yaml",
+        "--print-recipe",
+        "--set",
+        "calibration.num_samples=7",
+        "--set",
+        "passes.0.weights.group_size=64",
+    )
     assert code == 0, err
     data = yaml.safe_load(out)
     assert data["calibration"]["num_samples"] == 7 and data["passes"][0]["weights"]["group_size"] == 64
@@ -188,3 +197,26 @@ def test_cli_end_to_end(tmp_path, calib_file, tiny_model_dir):
     code, err, out = run_cli("--recipe", path, "--model", str(tiny_model_dir("mistral")), "-o", str(tmp_path / "o"))
     assert code == 0, err
     assert "wrote" in out and "perplexity" in err
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path, calib_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_recipe(tmp_path, small_recipe(calib_file))
+    code, err, _ = run_cli("--recipe", path, "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "o"))
+    assert_user_error(code, err, "no-such-org/no-such-model", "HF_HUB_OFFLINE")
+
+
+def test_full_disk_during_export(tmp_path, calib_file, tiny_model_dir, monkeypatch):
+    import errno
+
+    import exporters.safetensors_export as st
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", full)
+    out = tmp_path / "o"
+    path = write_recipe(tmp_path, small_recipe(calib_file))
+    code, err, _ = run_cli("--recipe", path, "--model", str(tiny_model_dir("llama")), "-o", str(out), "-q")
+    assert_user_error(code, err, "disk is full", "--output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

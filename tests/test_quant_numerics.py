@@ -32,7 +32,7 @@ def test_rtn_ragged_groups_match_float_reference(sym, bits):
     assert scale.shape == (13, 3)
     assert codes.min() >= fmt.qmin and codes.max() <= fmt.qmax
     # independent reference: quantize each group separately with plain float math
-    for gi, (a, b) in enumerate([(0, 32), (32, 64), (64, 70)]):
+    for a, b in [(0, 32), (32, 64), (64, 70)]:
         seg = w[:, a:b]
         if sym:
             s = 2 * seg.abs().amax(1) / (2**bits - 1)
@@ -101,16 +101,19 @@ def test_gptq_asymmetric_and_stacked_rows_equal_separate():
 
 
 @pytest.mark.parametrize(
-    "fmt", [Fp8Format("tensor"), Fp8Format("channel"), Fp8Format("block", (32, 32)), Fp8Format("block", (128, 128))]
+    "fmt",
+    [Fp8Format("tensor"), Fp8Format("channel"), Fp8Format("block", (32, 32)), Fp8Format("block", (128, 128))],
 )
 def test_fp8_matches_torch_casts(fmt):
     torch.manual_seed(0)
     w = torch.randn(70, 100) * torch.rand(70, 1) * 3
     q, scale = fp8_quantize(w, fmt)
     assert q.dtype == torch.float8_e4m3fn
-    full = scale if fmt.strategy != "block" else scale.repeat_interleave(fmt.block[0], 0).repeat_interleave(
-        fmt.block[1], 1
-    )[:70, :100]
+    full = (
+        scale
+        if fmt.strategy != "block"
+        else scale.repeat_interleave(fmt.block[0], 0).repeat_interleave(fmt.block[1], 1)[:70, :100]
+    )
     ref = (w / full).to(torch.float8_e4m3fn)
     assert torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
     deq = fp8_dequantize(q, scale, fmt)

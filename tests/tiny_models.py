@@ -22,13 +22,20 @@ def make_tokenizer(folder: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<pad>", "[MASK]", "[CLS]", "[SEP]"],
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<pad>", "[MASK]", "[CLS]", "[SEP]"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([CORPUS], trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>",
-        mask_token="[MASK]", cls_token="[CLS]", sep_token="[SEP]", unk_token="<|endoftext|>",
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<pad>",
+        mask_token="[MASK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        unk_token="<|endoftext|>",
     )
     fast.save_pretrained(folder)
     return fast
@@ -39,29 +46,54 @@ def tiny_config(family: str, vocab: int):
 
     common = dict(vocab_size=vocab, max_position_embeddings=256)
     if family in ("llama", "mistral", "qwen2", "qwen3"):
-        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}
+        cls = {
+            "llama": tf.LlamaConfig,
+            "mistral": tf.MistralConfig,
+            "qwen2": tf.Qwen2Config,
+            "qwen3": tf.Qwen3Config,
+        }
         extra = {"head_dim": 24} if family == "qwen3" else {}
         return cls[family](
-            hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=family != "mistral", **extra, **common,
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=family != "mistral",
+            **extra,
+            **common,
         )
     if family == "gemma3":
         return tf.Gemma3TextConfig(
-            hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=24, sliding_window=16,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common,
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **common,
         )
     if family == "opt":
         return tf.OPTConfig(
-            hidden_size=96, ffn_dim=160, num_hidden_layers=3, num_attention_heads=4,
-            word_embed_proj_dim=96, **common,
+            hidden_size=96,
+            ffn_dim=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            word_embed_proj_dim=96,
+            **common,
         )
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=96, n_layer=3, n_head=4, n_positions=256)
     if family == "bert":
         return tf.BertConfig(
-            vocab_size=vocab, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-            num_attention_heads=4, max_position_embeddings=256,
+            vocab_size=vocab,
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
         )
     raise ValueError(family)
 

@@ -63,9 +63,7 @@ def _read_hf(name: str, cfg: CalibrationConfig) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise CalibrationError(
-            "HF dataset sources need the 'datasets' package", fix="pip install datasets"
-        ) from None
+        raise CalibrationError("HF dataset sources need the 'datasets' package", fix="pip install datasets") from None
     ds_name, _, ds_config = name.partition(":")
     try:
         ds = datasets.load_dataset(ds_name, ds_config or None, split=cfg.split)
@@ -97,7 +95,9 @@ def sample_windows(tokenizer, texts: list[str], cfg: CalibrationConfig, max_len:
     joined = "\n\n".join(t for t in texts if t.strip())
     if not joined.strip():
         raise CalibrationError(
-            "the calibration source holds no text", where=f"calibration.source={cfg.source}", fix="use a non-empty file"
+            "the calibration source holds no text",
+            where=f"calibration.source={cfg.source}",
+            fix="use a non-empty file",
         )
     ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     stream = torch.tensor(ids, dtype=torch.int64)

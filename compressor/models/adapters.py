@@ -62,7 +62,12 @@ ADAPTERS: tuple[Adapter, ...] = (
         "opt",
         ("opt",),
         "decoder.layers",
-        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
     ),
     Adapter(
         "gpt2",

@@ -99,11 +99,13 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     except OSError as err:
         if Path(source.location).exists():
             raise ModelError(f"cannot read the model config in {source.description}: {err}") from None
-        hint = (
-            "the hub is unreachable or HF_HUB_OFFLINE is set; download the model first and pass its directory"
-            if _offline() or "connect" in str(err).lower() or "offline" in str(err).lower()
-            else "check the hub id and your HF_TOKEN, or pass a local directory"
-        )
+        text = str(err).lower()
+        if _offline():
+            hint = "HF_HUB_OFFLINE is set, so the hub is not contacted; pass a local directory or unset it"
+        elif "connect" in text or "offline" in text or "resolve" in text:
+            hint = "the hub is unreachable; download the model where there is network and pass its directory"
+        else:
+            hint = "check the hub id and your HF_TOKEN, or pass a local directory"
         raise ModelError(f"cannot load '{source.location}' from the hub", fix=hint) from None
     except ValueError as err:
         raise ModelError(f"cannot read the model config of {source.description}: {err}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -42,9 +43,8 @@ class QuantizeRunner:
         if in_features % g == 0 or self.cfg.group_policy == "ragged":
             return IntFormat(w.bits, g, w.symmetric), None
         fb = fallback_group_size(in_features, g)
-        note = (
-            f"group_size {g} does not divide in_features {in_features}; "
-            + (f"fell back to group_size {fb}" if fb else "fell back to channel-wise scales")
+        note = f"group_size {g} does not divide in_features {in_features}; " + (
+            f"fell back to group_size {fb}" if fb else "fell back to channel-wise scales"
         )
         return IntFormat(w.bits, fb, w.symmetric), note
 
@@ -56,8 +56,11 @@ class QuantizeRunner:
         fmt = qw.fmt
         if isinstance(fmt, IntFormat):
             dq = dequantize(qw.codes, qw.scale, qw.zero, fmt.effective_group(qw.codes.shape[1]))
-            bits, group, sym, strategy = fmt.bits, fmt.group_size, fmt.symmetric, (
-                "group" if fmt.group_size else "channel"
+            bits, group, sym, strategy = (
+                fmt.bits,
+                fmt.group_size,
+                fmt.symmetric,
+                ("group" if fmt.group_size else "channel"),
             )
         else:
             dq = fp8_dequantize(qw.codes, qw.scale, fmt)
@@ -121,11 +124,10 @@ class QuantizeRunner:
         adapter, cfg = state.adapter, self.cfg
         calls = capture_block_inputs(state.model, blocks, state.calibration_chunks())
         hidden = calls.hidden
+        pool = ThreadPoolExecutor(max_workers=len(hidden), thread_name_prefix="calib-chunk")
         progress = tqdm(total=len(blocks), desc="quantize (gptq)", unit="block", disable=state.quiet)
         for i, block in enumerate(blocks):
-            groups = [
-                tuple(n for n in g if not self._ignored(f"{prefixes[i]}.{n}")) for g in adapter.linear_groups
-            ]
+            groups = [tuple(n for n in g if not self._ignored(f"{prefixes[i]}.{n}")) for g in adapter.linear_groups]
             groups = [g for g in groups if g]
 
             def solve(names: tuple[str, ...], stat: GramStat, block=block, prefix=prefixes[i]) -> None:
@@ -149,11 +151,21 @@ class QuantizeRunner:
                     rows = slice(row, row + w.shape[0])
                     row += w.shape[0]
                     qw = QuantizedWeight(
-                        fmt, codes[rows].clone(), scale[rows].clone(),
-                        None if zero is None else zero[rows].clone(), cfg.scale_dtype,
+                        fmt,
+                        codes[rows].clone(),
+                        scale[rows].clone(),
+                        None if zero is None else zero[rows].clone(),
+                        cfg.scale_dtype,
                     )
                     self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq")
 
-            hidden = run_block_lockstep(block, hidden, calls.args[i], calls.kwargs[i], groups, solve)
+            try:
+                hidden = run_block_lockstep(
+                    block, hidden, calls.args[i], calls.kwargs[i], groups, solve, pool, cfg.hessian_token_clip
+                )
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             progress.update(1)
+        pool.shutdown()
         progress.close()

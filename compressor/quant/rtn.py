@@ -51,9 +51,7 @@ def _group_minmax(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return wmin, wmax
 
 
-def quantize_with(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: IntFormat
-) -> torch.Tensor:
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: IntFormat) -> torch.Tensor:
     """Integer codes (int8 tensor) of w for the given per-group scale/zero."""
     k = w.shape[1]
     g = fmt.effective_group(k)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.fp8 import fp8_dequantize
 from ..quant.formats import Fp8Format
+from ..quant.fp8 import fp8_dequantize
 from .ops import dequantize_packed, int_weight_matmul
 
 
