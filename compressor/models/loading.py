@@ -157,7 +157,7 @@ def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
 
 
 def _source_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32

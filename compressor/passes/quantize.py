@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from ..calibration.engine import GramStat, capture_block_inputs, run_block_lockstep
 from ..plan import LayerPlan, QuantizedWeight
 from ..quant.formats import Fp8Format, IntFormat, fallback_group_size
-from ..quant.fp8 import fp8_dequantize, fp8_quantize
+from ..quant.fp8 import fp8_quantize
 from ..quant.gptq import gptq_quantize
-from ..quant.rtn import dequantize, rtn_quantize
+from ..quant.rtn import rtn_quantize
 from ..recipe import QuantizePass
 from ..state import CompressionState
 from .base import register
@@ -53,35 +53,14 @@ class QuantizeRunner:
 
     # ---- committing a result ----------------------------------------------------------------------
     def _commit(self, state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, note, method):
-        fmt = qw.fmt
-        if isinstance(fmt, IntFormat):
-            dq = dequantize(qw.codes, qw.scale, qw.zero, fmt.effective_group(qw.codes.shape[1]))
-            bits, group, sym, strategy = (
-                fmt.bits,
-                fmt.group_size,
-                fmt.symmetric,
-                ("group" if fmt.group_size else "channel"),
-            )
+        """Write the quantized weight back into the model (so later blocks see it) and record it in the plan."""
+        dq = qw.dequantize()
+        if name == "lm_head":
+            module.weight.data.copy_(dq.to(module.weight.dtype))
         else:
-            dq = fp8_dequantize(qw.codes, qw.scale, fmt)
-            bits, group, sym, strategy = 8, None, True, fmt.strategy
-        state.adapter.set_weight(module, dq) if name != "lm_head" else module.weight.data.copy_(dq)
-        out_f, in_f = qw.codes.shape
-        layer = LayerPlan(
-            name=name,
-            shape=(out_f, in_f),
-            format=fmt.label,
-            method=method,
-            bits=bits,
-            group_size=group,
-            requested_group_size=self.cfg.weights.group_size if self.cfg.weights.strategy == "group" else None,
-            symmetric=sym,
-            strategy=strategy,
-            scale_dtype=qw.scale_dtype,
-            storage_bits=fmt.storage_bits(out_f, in_f, qw.scale_dtype),
-            note=note,
-        )
-        state.plan.record(layer, qw)
+            state.adapter.set_weight(module, dq)
+        requested = self.cfg.weights.group_size if self.cfg.weights.strategy == "group" else None
+        state.plan.record(LayerPlan.describe(name, qw, method, requested, note), qw)
 
     def _quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
         if isinstance(fmt, Fp8Format):
