@@ -94,7 +94,8 @@ class QuantizePass(_Strict):
     static_groups: bool = Field(
         False, description="GPTQ: group scales from the unquantized weight (forced by act_order)"
     )
-    lm_head: bool = Field(False, description="also quantize lm_head (RTN with the same scheme)")
+    lm_head: bool = Field(False, description="also quantize the output embeddings / lm_head (RTN, same scheme)")
+    embeddings: bool = Field(False, description="also quantize the input embeddings (RTN, same scheme)")
     ignore: list[str] = Field(default_factory=list, description="module-name regexes to leave in full precision")
 
     @model_validator(mode="after")

@@ -80,13 +80,18 @@ def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
     files = write_shards(tensors, folder, parse_size(state.recipe.max_shard_size))
 
     blocks = adapter.blocks(model)
-    all_linears = [
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings()
+    head_name = names[id(head)] if head is not None else None
+    block_linears = [
         f"{adapter.block_prefix(model, i)}.{n}" for i in range(len(blocks)) for n in adapter.linear_names()
-    ] + (["lm_head"] if "lm_head" in state.plan.layers else [])
-    ignore = [] if "lm_head" in state.plan.layers or not adapter.decoder else ["lm_head"]
-    ignore += sorted(set(all_linears) - set(state.plan.layers) - {"lm_head"})
+    ]
+    outer = sorted(set(state.plan.layers) - set(block_linears))
+    ignore = sorted(set(block_linears) - set(state.plan.layers))
+    if head_name and head_name not in state.plan.layers and isinstance(head, torch.nn.Linear):
+        ignore.append(head_name)
     config = model.config
-    config.quantization_config = quantization_config(state.plan, all_linears, ignore)
+    config.quantization_config = quantization_config(state.plan, block_linears + outer, ignore)
     config.dtype = dense_dtype
     try:
         config.save_pretrained(folder)

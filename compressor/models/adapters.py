@@ -21,7 +21,6 @@ class Adapter:
     blocks_path: str  # relative to model.base_model
     linear_groups: tuple[tuple[str, ...], ...]
     decoder: bool = True
-    conv1d: bool = False  # GPT-2 style Conv1D: weight stored [in, out]
     extra: dict = field(default_factory=dict)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -38,15 +37,22 @@ class Adapter:
     def linear_names(self) -> list[str]:
         return [name for group in self.linear_groups for name in group]
 
-    def get_weight(self, module: nn.Module) -> torch.Tensor:
-        """Weight as [out_features, in_features] float32."""
+    @staticmethod
+    def get_weight(module: nn.Module) -> torch.Tensor:
+        """Weight as [out_features, in_features] float32 (embeddings: [vocab, hidden])."""
         w = module.weight.data
-        return (w.t() if self.conv1d else w).to(torch.float32)
+        return (w.t() if is_conv1d(module) else w).to(torch.float32)
 
-    def set_weight(self, module: nn.Module, w: torch.Tensor) -> None:
+    @staticmethod
+    def set_weight(module: nn.Module, w: torch.Tensor) -> None:
         """Write back a [out, in] weight in the module's own layout and dtype."""
         target = module.weight.data
-        target.copy_((w.t() if self.conv1d else w).to(target.dtype))
+        target.copy_((w.t() if is_conv1d(module) else w).to(target.dtype))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style Conv1D keeps its weight as [in, out]."""
+    return type(module).__name__ == "Conv1D"
 
 
 _LLAMA_GROUPS = (
@@ -74,7 +80,6 @@ ADAPTERS: tuple[Adapter, ...] = (
         ("gpt2",),
         "h",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-        conv1d=True,
     ),
     Adapter(
         "bert",

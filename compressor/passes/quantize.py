@@ -23,6 +23,14 @@ from .base import register
 log = logging.getLogger(__name__)
 
 
+def untie_embeddings(model: nn.Module) -> None:
+    """Give the output embeddings their own copy of a weight shared with the input embeddings."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embed.weight:
+        head.weight = nn.Parameter(embed.weight.data.clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+
+
 @register(QuantizePass)
 class QuantizeRunner:
     def __init__(self, config: QuantizePass):
@@ -54,11 +62,7 @@ class QuantizeRunner:
     # ---- committing a result ----------------------------------------------------------------------
     def _commit(self, state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, note, method):
         """Write the quantized weight back into the model (so later blocks see it) and record it in the plan."""
-        dq = qw.dequantize()
-        if name == "lm_head":
-            module.weight.data.copy_(dq.to(module.weight.dtype))
-        else:
-            state.adapter.set_weight(module, dq)
+        state.adapter.set_weight(module, qw.dequantize())
         requested = self.cfg.weights.group_size if self.cfg.weights.strategy == "group" else None
         state.plan.record(LayerPlan.describe(name, qw, method, requested, note), qw)
 
@@ -86,18 +90,29 @@ class QuantizeRunner:
                     w = adapter.get_weight(module)
                     fmt, note = self.layer_format(w.shape[1])
                     self._commit(state, name, module, self._quantize_data_free(w, fmt), note, "rtn")
+        self._quantize_outer(state)
+        state.block_calls = None  # the model changed: cached block inputs are stale
+
+    def _quantize_outer(self, state: CompressionState) -> None:
+        """RTN for the input embeddings / lm_head when the recipe asks (they sit outside the blocks)."""
+        model = state.model
+        wanted = []
+        if self.cfg.embeddings:
+            wanted.append(model.get_input_embeddings())
         if self.cfg.lm_head:
             head = model.get_output_embeddings()
             if head is None:
-                log.warning("quantize.lm_head is set but the model has no lm_head; skipped")
+                log.warning("quantize.lm_head is set but the model has no output embeddings; skipped")
             else:
-                if head.weight is model.get_input_embeddings().weight:
-                    head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
-                    model.config.tie_word_embeddings = False
-                w = head.weight.data.to(torch.float32)
-                fmt, note = self.layer_format(w.shape[1])
-                self._commit(state, "lm_head", head, self._quantize_data_free(w, fmt), note, "rtn")
-        state.block_calls = None  # the model changed: cached block inputs are stale
+                wanted.append(head)
+        if not wanted:
+            return
+        untie_embeddings(model)  # tied weights would otherwise change together
+        names = {id(m): n for n, m in model.named_modules()}
+        for module in wanted:
+            w = module.weight.data.to(torch.float32)
+            fmt, note = self.layer_format(w.shape[1])
+            self._commit(state, names[id(module)], module, self._quantize_data_free(w, fmt), note, "rtn")
 
     def _run_gptq(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
         adapter, cfg = state.adapter, self.cfg

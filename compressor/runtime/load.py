@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..models.adapters import adapter_for
-from .qlinear import QuantLinear
+from .qlinear import QuantEmbedding, QuantLinear
 
 _QUANT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -84,13 +84,25 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
             bias = bias.to(dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_tensors(parts, bias, scheme))
+        new = QuantLinear.from_tensors(parts, bias, scheme)
+        if isinstance(module, nn.Embedding):
+            new.__class__ = QuantEmbedding
+            new.padding_idx = module.padding_idx
+            scale = getattr(module, "embed_scale", None)
+            new.embed_scale = float(scale) if scale is not None else None
+        setattr(parent, child, new)
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(dense, strict=False)
-    if getattr(config, "tie_word_embeddings", False) and "lm_head" not in per_layer:
+    if getattr(config, "tie_word_embeddings", False) and not per_layer.keys() & _embedding_names(model):
         model.tie_weights()
     _check_complete(model, result, set(per_layer), set(dense))
     return model
+
+
+def _embedding_names(model: nn.Module) -> set[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    mods = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return {names[id(m)] for m in mods if m is not None and id(m) in names}
 
 
 def _check_complete(model: nn.Module, result, quantized: set[str], loaded: set[str]) -> None:

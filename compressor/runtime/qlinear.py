@@ -1,4 +1,4 @@
-"""QuantLinear: a linear layer that keeps its weight compressed (packed INT or FP8) and dequantizes on use."""
+"""QuantLinear / QuantEmbedding: layers that keep their weight compressed (packed INT or FP8), dequantized on use."""
 
 from __future__ import annotations
 
@@ -50,6 +50,21 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int_weight_matmul(x, self.dequantized_weight(), self.bias)
+
+
+class QuantEmbedding(QuantLinear):
+    """An embedding table [vocab, hidden] stored like a quantized linear weight; rows gathered after dequantizing.
+
+    `scale` multiplies the looked-up rows (Gemma's scaled embeddings).
+    """
+
+    def __init__(self, in_features, out_features, bias, scheme, padding_idx=None, scale: float | None = None):
+        super().__init__(in_features, out_features, bias, scheme)
+        self.padding_idx, self.embed_scale = padding_idx, scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.embedding(ids, self.dequantized_weight(), self.padding_idx)
+        return out if self.embed_scale is None else out * self.embed_scale
 
     def extra_repr(self) -> str:
         s = self.scheme
