@@ -70,12 +70,12 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--work", default="/tmp/bench-gptq-smollm2")
     ap.add_argument("--methods", default="rtn,gptq")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    ap.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order (the default uses it)")
     ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping (RTN and GPTQ)")
     ap.add_argument("--token-clip", type=float, default=10.0, help="GPTQ hessian_token_clip; 0 disables")
     args = ap.parse_args()
     options = {
-        "act_order": args.act_order,
+        "act_order": not args.no_act_order,
         "clip_search": args.clip_search,
         "hessian_token_clip": args.token_clip or None,
     }

@@ -87,4 +87,4 @@ class Plan:
         self.weights[layer.name] = weight
 
     def to_json(self) -> dict:
-        return {name: asdict(lp) for name, lp in sorted(self.layers.items())}
+        return {name: asdict(lp) for name, lp in self.layers.items()}  # execution order

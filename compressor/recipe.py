@@ -90,7 +90,10 @@ class QuantizePass(_Strict):
         description="GPTQ: cap each token's norm at this multiple of the batch median before it enters H "
         "(tames attention-sink 'massive activation' tokens); null disables",
     )
-    act_order: bool = Field(False, description="GPTQ: quantize columns by decreasing Hessian diagonal")
+    act_order: bool = Field(
+        True,
+        description="GPTQ: quantize columns by decreasing Hessian diagonal (static groups, so no g_idx is stored)",
+    )
     static_groups: bool = Field(
         False, description="GPTQ: group scales from the unquantized weight (forced by act_order)"
     )
