@@ -43,6 +43,7 @@ def main(ctx, recipe_path, model, output, overwrite, sets, print_recipe, quiet, 
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; failures surface as one error
     try:
         _run(recipe_path, model, output, overwrite, sets, print_recipe, quiet)
     except CompressorError as err:

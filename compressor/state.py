@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibration.engine import BlockCalls
 from .models.loading import LoadedModel
 from .plan import Plan
 from .recipe import Recipe
@@ -19,7 +18,6 @@ class CompressionState:
     calibration_ids: torch.Tensor | None = None
     plan: Plan = field(default_factory=Plan)
     report: dict = field(default_factory=dict)
-    block_calls: BlockCalls | None = None  # cached block inputs, valid until a pass changes the model
     quiet: bool = False
 
     @property

@@ -200,7 +200,10 @@ def test_cli_end_to_end(tmp_path, calib_file, tiny_model_dir):
 
 
 def test_hub_id_offline_gives_clear_error(tmp_path, calib_file, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     path = write_recipe(tmp_path, small_recipe(calib_file))
     code, err, _ = run_cli("--recipe", path, "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "o"))
     assert_user_error(code, err, "no-such-org/no-such-model", "HF_HUB_OFFLINE")

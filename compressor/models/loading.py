@@ -86,7 +86,10 @@ def resolve_source(spec: str) -> ModelSource:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    import huggingface_hub.constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):

@@ -91,7 +91,6 @@ class QuantizeRunner:
                     fmt, note = self.layer_format(w.shape[1])
                     self._commit(state, name, module, self._quantize_data_free(w, fmt), note, "rtn")
         self._quantize_outer(state)
-        state.block_calls = None  # the model changed: cached block inputs are stale
 
     def _quantize_outer(self, state: CompressionState) -> None:
         """RTN for the input embeddings / lm_head when the recipe asks (they sit outside the blocks)."""

@@ -8,7 +8,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -119,11 +118,3 @@ def _check_complete(model: nn.Module, result, quantized: set[str], loaded: set[s
             f"artifact does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}",
             fix="re-run compress to rewrite the artifact",
         )
-
-
-def safetensors_keys(folder: Path) -> list[str]:
-    keys = []
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            keys.extend(fh.keys())
-    return keys
