@@ -12,15 +12,14 @@ def _setup(tiny_model_dir, family="gemma3"):
     adapter = adapter_for(model.config.model_type)
     ids = torch.randint(0, 300, (6, 40), generator=torch.Generator().manual_seed(0))
     chunks = [ids[i : i + 2] for i in range(0, 6, 2)]
-    return model, adapter, chunks, ids
+    blocks = adapter.blocks(model)
+    return model, adapter, chunks, ids, blocks, capture_block_inputs(model, blocks, chunks)
 
 
 def test_capture_then_blocks_reproduce_the_model(tiny_model_dir):
     """Running the captured calls block by block gives the model's own final hidden states (gemma3 mixes
     sliding and full attention layers, so per-block masks must be captured, not copied from block 0)."""
-    model, adapter, chunks, ids = _setup(tiny_model_dir)
-    blocks = adapter.blocks(model)
-    calls = capture_block_inputs(model, blocks, chunks)
+    model, adapter, chunks, ids, blocks, calls = _setup(tiny_model_dir)
     hidden = calls.hidden
     for i, block in enumerate(blocks):
         hidden = run_block_plain(block, hidden, calls.args[i], calls.kwargs[i])
@@ -31,9 +30,7 @@ def test_capture_then_blocks_reproduce_the_model(tiny_model_dir):
 
 
 def test_lockstep_is_one_forward_with_complete_statistics(tiny_model_dir):
-    model, adapter, chunks, _ = _setup(tiny_model_dir, "llama")
-    blocks = adapter.blocks(model)
-    calls = capture_block_inputs(model, blocks, chunks)
+    _, adapter, chunks, _, blocks, calls = _setup(tiny_model_dir, "llama")
     block = blocks[0]
     seen = {}
     calls_per_chunk = []
@@ -53,9 +50,7 @@ def test_lockstep_is_one_forward_with_complete_statistics(tiny_model_dir):
 
 def test_lockstep_solves_see_quantized_upstream(tiny_model_dir):
     """A solve that zeroes q/k/v makes the o_proj statistics see zero attention output."""
-    model, adapter, chunks, _ = _setup(tiny_model_dir, "llama")
-    blocks = adapter.blocks(model)
-    calls = capture_block_inputs(model, blocks, chunks)
+    _, adapter, chunks, _, blocks, calls = _setup(tiny_model_dir, "llama")
     block = blocks[0]
     grams = {}
 

@@ -83,12 +83,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
             bias = bias.to(dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = QuantLinear.from_tensors(parts, bias, scheme)
         if isinstance(module, nn.Embedding):
-            new.__class__ = QuantEmbedding
+            new = QuantEmbedding.from_tensors(parts, None, scheme)
             new.padding_idx = module.padding_idx
-            scale = getattr(module, "embed_scale", None)
+            scale = getattr(module, "embed_scale", None)  # Gemma scales looked-up rows
             new.embed_scale = float(scale) if scale is not None else None
+        else:
+            new = QuantLinear.from_tensors(parts, bias, scheme)
         setattr(parent, child, new)
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(dense, strict=False)
