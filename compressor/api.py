@@ -109,9 +109,9 @@ def compress(
 
     User errors raise `CompressorError` (the CLI prints the same message and exits with code 2).
     """
+    from exporters import EXPORTERS
     from exporters.atomic import atomic_directory, check_output
     from exporters.report import summary_lines, write_model_card, write_report
-    from exporters.safetensors_export import export_safetensors
 
     start = time.perf_counter()
     limit_malloc_fragmentation()
@@ -167,10 +167,17 @@ def compress(
             if lp.note
         ],
         "metrics": metrics,
+        **state.report,
     }
     t = time.perf_counter()
     with atomic_directory(out, overwrite) as tmp:
-        files = export_safetensors(state, tmp)
+        files = []
+        for name in r.export:
+            files += EXPORTERS[name](state, tmp)
+        for rel, data in state.extra_files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+            files.append(rel)
         recipe_yaml = r.model_copy(update={"output": None}).to_yaml()  # location-independent copy
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         report["files"] = files

@@ -78,5 +78,15 @@ def _run(recipe_path, model, output, overwrite, sets, print_recipe, quiet) -> No
     click.echo(f"wrote {result.path}")
 
 
+def _register_subcommands() -> None:
+    from .commands.export_onnx import export_onnx_command
+    from .commands.score import score_command
+
+    main.add_command(score_command)
+    main.add_command(export_onnx_command)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

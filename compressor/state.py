@@ -17,7 +17,8 @@ class CompressionState:
     recipe: Recipe
     calibration_ids: torch.Tensor | None = None
     plan: Plan = field(default_factory=Plan)
-    report: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)  # pass-owned sections merged into report.json (e.g. "scores")
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # artifact-relative path -> bytes (plots)
     quiet: bool = False
 
     @property

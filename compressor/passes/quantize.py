@@ -16,7 +16,7 @@ from ..quant.formats import Fp8Format, IntFormat, fallback_group_size
 from ..quant.fp8 import fp8_quantize
 from ..quant.gptq import gptq_quantize
 from ..quant.rtn import rtn_quantize
-from ..recipe import QuantizePass
+from ..schema import QuantizePass
 from ..state import CompressionState
 from .base import register
 

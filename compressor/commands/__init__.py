@@ -1,0 +1,1 @@
+"""Subcommands of `compress` beyond the main run, one module each; cli.py registers them."""
