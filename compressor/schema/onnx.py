@@ -1,9 +1,29 @@
-"""Recipe schema of the ONNX export options (issue 6)."""
+"""Recipe schema of the ONNX export options (`onnx:` section, used when `export` lists `onnx`)."""
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
 
 from .common import Strict
 
 
 class OnnxExportConfig(Strict):
-    """How quantized linears are written to ONNX (placeholder until issue 6 lands)."""
+    """How quantized layers are written to ONNX (see docs/onnx.md)."""
+
+    format: Literal["matmulnbits", "qdq"] = Field(
+        "matmulnbits",
+        description="int layers as com.microsoft.MatMulNBits, or opset-21 blocked DequantizeLinear + MatMul "
+        "(FP8 layers are always DequantizeLinear + MatMul)",
+    )
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4,
+        description="MatMulNBits accuracy_level: 0 unset (fp32 compute on CPU), 1 fp32, 2 fp16, 3 bf16, "
+        "4 int8 activations (fastest on CPU)",
+    )
+    opset: int = Field(21, ge=21, le=23, description="ONNX opset of the default domain")
+    embeddings: Literal["quantized", "float"] = Field(
+        "quantized",
+        description="quantized input embeddings: GatherBlockQuantized, or a dequantized float table",
+    )

@@ -1,13 +1,138 @@
-"""ONNX export of compressed models (issue 6; placeholder until it lands)."""
+"""ONNX export of compressed models: quantized linears as MatMulNBits / blocked QDQ / FP8 QDQ, decoders with KV cache.
+
+Two entry points read the same weights: `export_onnx(state, folder)` (recipe `export: [..., onnx]`, from the plan)
+and `export_artifact(src, out)` (`compress export-onnx`, from an artifact loaded with `compressor.load`).
+"""
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
+import shutil
 from pathlib import Path
 
-from compressor.errors import RecipeError
+import torch
+from torch import nn
+
+from compressor.errors import ModelError
+from compressor.models.adapters import adapter_for
+from compressor.schema.onnx import OnnxExportConfig
 from compressor.state import CompressionState
+
+from .graph import IR_VERSION, export_decoder, export_encoder, finalize, retype_int4
+from .modules import LayerChoice, OnnxQuantLinear, embedding_module, swapped
+from .weights import LayerWeights, from_buffers, from_plan
+
+log = logging.getLogger(__name__)
+
+SUBDIR = "onnx"  # inside a compress artifact
+MODEL_FILE = "model.onnx"
+LAYERS_FILE = "onnx_export.json"
 
 
 def export_onnx(state: CompressionState, folder: Path) -> list[str]:
-    """Write the ONNX export of the compressed model into `folder`; returns the files written (relative)."""
-    raise RecipeError("ONNX export is not implemented yet", where="export", fix="use export: [safetensors]")
+    """Write `onnx/` (model.onnx, config, tokenizer, layer report) into `folder`; returns the files written."""
+    layers = {name: from_plan(qw) for name, qw in state.plan.weights.items()}
+    out = folder / SUBDIR
+    out.mkdir(parents=True, exist_ok=True)
+    files = export_model(state.model, layers, out, state.recipe.onnx, decoder=state.adapter.decoder)
+    state.loaded.tokenizer.save_pretrained(out)
+    return [f"{SUBDIR}/{f}" for f in files]
+
+
+def export_artifact(src: str | Path, out: Path, config: OnnxExportConfig, overwrite: bool = False) -> list[str]:
+    """Export a compressor artifact directory to ONNX in `out` (written atomically); returns the files."""
+    import compressor
+    from exporters.atomic import atomic_directory
+
+    src = Path(src)
+    model = compressor.load(src)
+    layers = {
+        name: from_buffers(m) for name, m in model.named_modules() if hasattr(m, "scheme") and hasattr(m, "in_features")
+    }
+    decoder = adapter_for(model.config.model_type).decoder
+    with atomic_directory(out, overwrite) as tmp:
+        files = export_model(model, layers, tmp, config, decoder=decoder)
+        for extra in sorted(src.iterdir()):
+            if extra.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and extra.is_file():
+                shutil.copy(extra, tmp / extra.name)
+                files.append(extra.name)
+    return files
+
+
+def export_model(
+    model: nn.Module, layers: dict[str, LayerWeights], out: Path, cfg: OnnxExportConfig, decoder: bool
+) -> list[str]:
+    """Swap quantized layers for ONNX-op modules, trace, finalize; writes model, config and layer report."""
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+    modules = dict(model.named_modules())
+    replacements, choices = _replacements(model, modules, layers, cfg)
+    with swapped(model, replacements):
+        if decoder:
+            proto = export_decoder(model, cfg.opset)
+        else:
+            base = getattr(model, "base_model", model)
+            proto = export_encoder(base, cfg.opset)
+    retype_int4(proto)
+    files = finalize(proto, out / MODEL_FILE)
+    model.config.save_pretrained(out)
+    files.append("config.json")
+    if decoder and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+        files.append("generation_config.json")
+    (out / LAYERS_FILE).write_text(json.dumps(_layer_report(cfg, choices), indent=2) + "\n")
+    files.append(LAYERS_FILE)
+    _warn_fallbacks(choices)
+    return files
+
+
+def _replacements(
+    model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, LayerWeights], cfg: OnnxExportConfig
+) -> tuple[dict[str, nn.Module], list[LayerChoice]]:
+    embed = model.get_input_embeddings()
+    replacements: dict[str, nn.Module] = {}
+    choices: list[LayerChoice] = []
+    for name, lw in layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise ModelError(f"quantized layer '{name}' is not in the model", fix="the artifact or plan is corrupt")
+        if module is embed or isinstance(module, nn.Embedding):
+            scale = getattr(module, "embed_scale", None)
+            scale = None if scale is None else float(scale)
+            new, choice = embedding_module(lw, scale, quantized=cfg.embeddings == "quantized")
+        else:
+            bias = getattr(module, "bias", None)
+            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.accuracy_level)
+            choice = new.choice(name, lw, cfg.format)
+        choice.name = name
+        replacements[name] = new
+        choices.append(choice)
+    return replacements, choices
+
+
+def _layer_report(cfg: OnnxExportConfig, choices: list[LayerChoice]) -> dict:
+    return {
+        "format": cfg.format,
+        "accuracy_level": cfg.accuracy_level,
+        "opset": cfg.opset,
+        "ir_version": IR_VERSION,
+        "layers": {
+            c.name: {"op": c.op, "weight_type": c.weight_type, "block_size": c.block_size, "note": c.note}
+            for c in choices
+        },
+    }
+
+
+def _warn_fallbacks(choices: list[LayerChoice]) -> None:
+    fallbacks = [c for c in choices if c.note and "QDQ" in c.note]
+    if fallbacks:
+        log.warning(
+            "onnx: %d layer(s) could not be MatMulNBits and were written as DequantizeLinear+MatMul (e.g. %s: %s); "
+            "see %s",
+            len(fallbacks),
+            fallbacks[0].name,
+            fallbacks[0].note,
+            LAYERS_FILE,
+        )

@@ -1,0 +1,179 @@
+"""Trace a (swapped) transformers model into ONNX: decoder with KV cache or encoder, then finalize the file.
+
+Decoder I/O follows optimum's `ORTModelForCausalLM`: inputs `input_ids`, `attention_mask`, `position_ids`,
+`past_key_values.{i}.key/value` [batch, kv_heads, past, head_dim]; outputs `logits`, `present.{i}.key/value`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .ops import TRANSLATIONS
+
+log = logging.getLogger(__name__)
+
+IR_VERSION = 10  # opset 21's IR; onnxruntime 1.22..1.32 all read it (onnx 1.23 would write 12 otherwise)
+EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to `model.onnx.data` (protobuf caps files at 2 GB)
+
+
+@dataclass(frozen=True)
+class KvSpec:
+    """Shape of one layer's cache tensors (heads and head dim; the sequence axis is dynamic)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def kv_spec(config) -> KvSpec:
+    """Cache geometry of a decoder config (llama/qwen/mistral/gemma3/opt/gpt2 spellings)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return KvSpec(layers, kv_heads, head_dim)
+
+
+class DecoderWithCache(nn.Module):
+    """Flat tensors in, flat tensors out: rebuilds a DynamicCache from `past` and returns the presents."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(past):
+            cache.update(k, v, i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+class Encoder(nn.Module):
+    """last_hidden_state (and pooler_output where the model has a pooler)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.pooled = getattr(model, "pooler", None) is not None
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return (out.last_hidden_state, out.pooler_output) if self.pooled else (out.last_hidden_state,)
+
+
+def decoder_io(spec: KvSpec) -> tuple[list[str], list[str]]:
+    kv = [f"{i}.{t}" for i in range(spec.layers) for t in ("key", "value")]
+    return (
+        ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+        ["logits"] + [f"present.{n}" for n in kv],
+    )
+
+
+def export_decoder(model: nn.Module, opset: int) -> onnx.ModelProto:
+    """Trace a causal LM with a KV cache; dynamic batch, sequence and past axes (past may be empty)."""
+    from torch.export import Dim
+
+    spec = kv_spec(model.config)
+    b, s, p, t = Dim("batch"), Dim("sequence_length"), Dim("past_sequence_length"), Dim("total_sequence_length")
+    batch, seq, past_len = 2, 3, 4  # sizes >= 2 so no axis is specialized while tracing
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
+    past = [
+        tuple(torch.zeros(batch, spec.kv_heads, past_len, spec.head_dim) for _ in range(2)) for _ in range(spec.layers)
+    ]
+    shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": [({0: b, 2: p}, {0: b, 2: p}) for _ in range(spec.layers)],
+    }
+    inputs, outputs = decoder_io(spec)
+    return _export(DecoderWithCache(model), (ids, mask, pos, past), shapes, inputs, outputs, opset)
+
+
+def export_encoder(model: nn.Module, opset: int) -> onnx.ModelProto:
+    """Trace a bert-style encoder (its base model); dynamic batch and sequence axes."""
+    from torch.export import Dim
+
+    b, s = Dim("batch"), Dim("sequence_length")
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    wrapper = Encoder(model)
+    outputs = ["last_hidden_state"] + (["pooler_output"] if wrapper.pooled else [])
+    shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "token_type_ids": {0: b, 1: s}}
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    return _export(wrapper, args, shapes, list(shapes), outputs, opset)
+
+
+def _export(wrapper, args, shapes, inputs, outputs, opset) -> onnx.ModelProto:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for name in ("torch.onnx", "torch.export", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            wrapper.eval(),
+            args,
+            dynamic_shapes=shapes,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
+            dynamo=True,
+            custom_translation_table=TRANSLATIONS,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def retype_int4(model: onnx.ModelProto) -> None:
+    """Store `*.qdq_int4_*` initializers (int8 codes in [-8, 7]) as packed INT4 tensors."""
+    for i, init in enumerate(model.graph.initializer):
+        if ".qdq_int4_" not in init.name:
+            continue
+        codes = onnx.numpy_helper.to_array(init).astype(np.int8)
+        if codes.size and (codes.min() < -8 or codes.max() > 7):
+            raise ValueError(f"{init.name}: codes outside int4")
+        packed = onnx.helper.make_tensor(init.name, onnx.TensorProto.INT4, codes.shape, codes.flatten().tolist())
+        model.graph.initializer[i].CopyFrom(packed)
+    for vi in list(model.graph.value_info):
+        if ".qdq_int4_" in vi.name:
+            model.graph.value_info.remove(vi)
+
+
+def finalize(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Set IR version, save (external data above ~1.8 GB), run onnx.checker on the file; returns files written."""
+    model.ir_version = IR_VERSION
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = size > EXTERNAL_DATA_BYTES
+    data_name = path.name + ".data"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+    onnx.checker.check_model(str(path), full_check=False)
+    return [path.name, data_name] if external else [path.name]
