@@ -1,19 +1,53 @@
-"""Structural passes `score`, `remove_blocks`, `fuse_blocks` (issue 3; placeholders until it lands)."""
+"""Structural passes `score`, `remove_blocks`, `fuse_blocks`: thin runners over compressor.structure."""
 
 from __future__ import annotations
 
-from ..errors import RecipeError
+import logging
+
 from ..schema import FuseBlocksPass, RemoveBlocksPass, ScorePass
 from ..state import CompressionState
+from ..structure.ops import apply_removal, choose_removal, fuse_blocks, score_model
+from ..structure.report import score_plot_png, score_table_text
 from .base import register
+
+log = logging.getLogger(__name__)
+
+
+def _record(state: CompressionState, entry: dict) -> None:
+    state.report.setdefault("structure", []).append(entry)
 
 
 @register(ScorePass)
-@register(RemoveBlocksPass)
-@register(FuseBlocksPass)
-class NotYetImplemented:
-    def __init__(self, config) -> None:
+class ScoreRunner:
+    def __init__(self, config: ScorePass) -> None:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        raise RecipeError(f"pass '{self.cfg.type}' is not implemented yet", where="passes", fix="remove it")
+        table = score_model(state.model, state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        state.report["scores"] = table.to_json()
+        if self.cfg.plot:
+            state.extra_files["scores.png"] = score_plot_png(table)
+        log.info("block scores:\n%s", score_table_text(table))
+
+
+@register(RemoveBlocksPass)
+class RemoveBlocksRunner:
+    def __init__(self, config: RemoveBlocksPass) -> None:
+        self.cfg = config
+
+    def run(self, state: CompressionState) -> None:
+        units, details = choose_removal(state.model, state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        done = apply_removal(state.model, state.adapter, units)
+        log.info("remove_blocks (%s): %s", self.cfg.method, [list(u) for u in units])
+        _record(state, {"pass": "remove_blocks", "method": self.cfg.method, "kind": self.cfg.kind, **done, **details})
+
+
+@register(FuseBlocksPass)
+class FuseBlocksRunner:
+    def __init__(self, config: FuseBlocksPass) -> None:
+        self.cfg = config
+
+    def run(self, state: CompressionState) -> None:
+        done = fuse_blocks(state.model, state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        log.info("fuse_blocks: merged %s", done["merged_windows"])
+        _record(state, {"pass": "fuse_blocks", "select": self.cfg.select, **done})

@@ -1,0 +1,1 @@
+"""Structural compression: block importance scores, block / branch removal, block fusion, model surgery."""

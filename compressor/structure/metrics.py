@@ -1,0 +1,68 @@
+"""Pure numerics of block importance: cosine statistics, angular distance, ZD. No model code here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity per token of two [..., hidden] tensors, flattened to [tokens] (float64)."""
+    a = a.reshape(-1, a.shape[-1]).double()
+    b = b.reshape(-1, b.shape[-1]).double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
+
+
+class CosineMean:
+    """Mergeable mean over tokens of cos(a, b) and of arccos(cos(a, b)) / pi."""
+
+    def __init__(self) -> None:
+        self.cos_sum = 0.0
+        self.angle_sum = 0.0
+        self.count = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        cos = token_cosine(a, b)
+        self.cos_sum += cos.sum().item()
+        self.angle_sum += (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).sum().item()
+        self.count += cos.numel()
+
+    @property
+    def cosine(self) -> float:
+        return self.cos_sum / max(self.count, 1)
+
+    @property
+    def angular(self) -> float:
+        return self.angle_sum / max(self.count, 1)
+
+
+def block_influence(mean_cos: float) -> float:
+    """BI = 1 - E[cos(h_in, h_out)] (ShortGPT)."""
+    return 1.0 - mean_cos
+
+
+def lim_score(mean_cos: float) -> float:
+    """LIM = -E[cos(h_in, h_out)] (Layer-Wise Quantization); higher means more important."""
+    return -mean_cos
+
+
+def zd_score(weights: list[torch.Tensor]) -> float:
+    """ZD: fraction of the weights whose z-score (over all given weights pooled) exceeds 1 in magnitude."""
+    flat = torch.cat([w.reshape(-1).double() for w in weights])
+    std = flat.std()
+    if std == 0:
+        return 0.0
+    z = (flat - flat.mean()) / std
+    return (z.abs() > 1).double().mean().item()
+
+
+def least_important(scores: list[float], n: int, exclude: set[int] = frozenset()) -> list[int]:
+    """Indices of the n lowest scores (ties: lower index first), skipping `exclude`."""
+    order = sorted((s, i) for i, s in enumerate(scores) if i not in exclude and not math.isnan(s))
+    return sorted(i for _, i in order[:n])
+
+
+def best_window(distances: list[float]) -> int:
+    """Start of the contiguous window with the smallest angular distance d(l, l+n)."""
+    return min(range(len(distances)), key=lambda i: (distances[i], i))

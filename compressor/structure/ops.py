@@ -1,0 +1,238 @@
+"""The structural operations end to end on a model: score, choose and remove units, choose and fuse windows.
+
+Pass runners (compressor/passes/structure.py) and `compress score` call these; they take the model, its
+adapter, the calibration ids and the pass config, and return what they did for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import RecipeError
+from ..models.adapters import Adapter
+from ..schema.structure import FuseBlocksPass, RemoveBlocksPass, ScorePass
+from .family import branch_module, check_block_surgery, structure_info
+from .fuse import fuse_window
+from .greedy import greedy_remove
+from .metrics import best_window, least_important
+from .runner import BlockRunner, Unit, split_rows
+from .scores import ScoreTable, activation_scores, compute_scores, weight_scores
+from .surgery import remove_blocks, validate_removal, zero_branch
+
+log = logging.getLogger(__name__)
+
+
+def sample_chunks(ids: torch.Tensor, samples: int | None, rows: int) -> list[torch.Tensor]:
+    """The first `samples` calibration windows (all when None), in chunks of `rows` windows."""
+    if ids is None or ids.shape[0] == 0:
+        raise RecipeError("structural passes need calibration windows", where="calibration", fix="check the source")
+    picked = ids if samples is None else ids[:samples]
+    return split_rows(picked, rows)
+
+
+def _check_decoder(adapter: Adapter, what: str) -> None:
+    if not adapter.decoder and what in ("loss",):
+        raise RecipeError(
+            "calibration loss is not defined for an encoder (no next-token prediction)",
+            where="passes",
+            fix="use objective: kl or a score metric other than loss",
+        )
+
+
+def score_model(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: ScorePass, quiet: bool) -> ScoreTable:
+    """Every score the config asks for."""
+    stat_chunks = sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4)
+    measure_chunks = sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size) if cfg.measure else None
+    return compute_scores(model, adapter, stat_chunks, measure_chunks, cfg.max_distance, cfg.sublayers, quiet)
+
+
+# ---- remove_blocks ------------------------------------------------------------------------------------
+def _metric_scores(model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quiet: bool) -> list[float]:
+    kind = cfg.kind
+    sublayers = kind != "block"
+    if metric == "zd":
+        table = ScoreTable(depth=len(adapter.blocks(model)))
+        if sublayers:
+            table.sublayers = {"attention": {}, "mlp": {}}
+        weight_scores(adapter, adapter.blocks(model), table, sublayers)
+        return table.metric("zd", kind)
+    if metric in ("loss", "kl"):
+        _check_decoder(adapter, metric)
+        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
+        from .scores import measured_scores
+
+        _, measured = measured_scores(runner, [(i, kind) for i in range(runner.depth)], quiet)
+        pick = 0 if metric == "loss" else 1
+        return [measured[(i, kind)][pick] for i in range(runner.depth)]
+    runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
+    table = ScoreTable(depth=runner.depth)
+    if sublayers:
+        table.sublayers = {"attention": {}, "mlp": {}}
+    activation_scores(runner, table, 1, sublayers, quiet)
+    return table.metric(metric, kind)
+
+
+def choose_removal(
+    model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, cfg: RemoveBlocksPass, quiet: bool
+) -> tuple[list[Unit], dict]:
+    """The units the config removes, and details for the report (scores, greedy steps, window)."""
+    depth = len(adapter.blocks(model))
+    kind = cfg.kind
+    if kind == "block":
+        check_block_surgery(adapter, model)
+    else:
+        branch_module(adapter, model, kind)  # refuses families without isolatable branches
+    if cfg.blocks is not None:
+        chosen = validate_removal(depth, cfg.blocks, "remove_blocks.blocks") if kind == "block" else cfg.blocks
+        return [(i, kind) for i in chosen], {}
+    n = cfg.amount(depth)
+    limit = depth - 1 if kind == "block" else depth
+    if n > limit:
+        raise RecipeError(
+            f"cannot remove {n} {kind} units from a model with {depth} blocks",
+            where="remove_blocks.count",
+            fix=f"remove at most {limit} (a model keeps at least one block)",
+        )
+    if cfg.method == "greedy":
+        _check_decoder(adapter, cfg.objective)
+        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
+        units, steps = greedy_remove(runner, n, (kind,), cfg.objective, cfg.shortlist, quiet)
+        return units, {"greedy_steps": steps}
+    if cfg.method == "contiguous":
+        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
+        table = ScoreTable(depth=depth)
+        activation_scores(runner, table, n, False, quiet)
+        distances = table.angular[n]
+        start = best_window(distances)
+        return [(i, "block") for i in range(start, start + n)], {"window_start": start, "distances": distances}
+    metric = cfg.method.split(":", 1)[1]
+    values = _metric_scores(model, adapter, ids, cfg, metric, quiet)
+    return [(i, kind) for i in least_important(values, n)], {"metric": metric, "scores": values}
+
+
+def apply_removal(model: nn.Module, adapter: Adapter, units: list[Unit]) -> dict:
+    """Delete the chosen blocks, or zero the chosen branches; returns what changed."""
+    blocks = sorted(i for i, k in units if k == "block")
+    branches = sorted((i, k) for i, k in units if k != "block")
+    result: dict = {"depth_before": len(adapter.blocks(model))}
+    if branches:
+        result["zeroed"] = [zero_branch(model, adapter, i, k) for i, k in branches]
+    if blocks:
+        result["removed_blocks"] = blocks
+        result["kept_blocks"] = remove_blocks(model, adapter, blocks)
+    result["depth_after"] = len(adapter.blocks(model))
+    return result
+
+
+# ---- fuse_blocks --------------------------------------------------------------------------------------
+def _windows_by_angle(distances: list[float], size: int, merges: int, depth: int) -> list[int]:
+    """Starts of `merges` non-overlapping windows of `size` blocks with the smallest d(l, l+size)."""
+    chosen: list[int] = []
+    for start in sorted(range(len(distances)), key=lambda i: (distances[i], i)):
+        if start + size > depth or any(abs(start - c) < size for c in chosen):
+            continue
+        chosen.append(start)
+        if len(chosen) == merges:
+            break
+    return chosen
+
+
+def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: FuseBlocksPass, quiet: bool) -> dict:
+    """Choose windows, merge each (top-down, so every merge's calibration input is still exact), delete the
+    absorbed blocks; returns what changed."""
+    check_block_surgery(adapter, model)
+    depth = len(adapter.blocks(model))
+    m = cfg.group_size
+    info = structure_info(adapter, model)
+    if cfg.start is not None:
+        if cfg.start + m > depth:
+            raise RecipeError(
+                f"a merge of {m} blocks from block {cfg.start} runs past the last block ({depth - 1})",
+                where="fuse_blocks.start",
+                fix=f"start at most at block {depth - m}",
+            )
+        merges = 1
+    else:
+        removed = cfg.amount(depth)
+        if removed % (m - 1):
+            raise RecipeError(
+                f"merging groups of {m} removes {m - 1} blocks each, so {removed} blocks cannot be removed",
+                where="fuse_blocks.count",
+                fix=f"use a count that is a multiple of {m - 1}",
+            )
+        merges = removed // (m - 1)
+        if removed >= depth or merges * m > depth:
+            raise RecipeError(
+                f"{merges} merges of {m} blocks do not fit in {depth} blocks",
+                where="fuse_blocks.count",
+                fix="fuse fewer blocks or use a smaller group_size",
+            )
+    correct = cfg.correct and info.linear_branches
+    if cfg.correct and not correct:
+        log.warning(
+            "fuse_blocks: least-squares correction needs linear branch outputs; %s merges without it",
+            model.config.model_type,
+        )
+    runner = BlockRunner(
+        model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size), reference=cfg.select == "check"
+    )
+    ridge = cfg.ridge if correct else None
+    details: dict = {"group_size": m, "corrected": correct}
+    if cfg.start is not None or cfg.select == "angular":
+        if cfg.start is not None:
+            starts = [cfg.start]
+        else:
+            stats = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
+            table = ScoreTable(depth=depth)
+            activation_scores(stats, table, m, False, quiet)
+            del stats
+            starts = _windows_by_angle(table.angular[m], m, merges, depth)
+            if len(starts) < merges:
+                raise RecipeError(f"found only {len(starts)} non-overlapping windows", where="fuse_blocks")
+        states = runner.inputs()
+        for start in tqdm(sorted(starts, reverse=True), desc="fuse", unit="merge", disable=quiet):
+            fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge)
+    else:
+        starts = _laco_walk(runner, adapter, info, m, merges, cfg.threshold, ridge, quiet)
+        details["threshold"] = cfg.threshold
+    absorbed = sorted(s + k for s in starts for k in range(1, m))
+    details["merged_windows"] = [[s, s + m - 1] for s in sorted(starts)]
+    details.update(apply_removal(model, adapter, [(i, "block") for i in absorbed]))
+    return details
+
+
+def _laco_walk(runner: BlockRunner, adapter, info, m: int, merges: int, threshold: float, ridge, quiet) -> list[int]:
+    """LaCo: from the top, merge [l, l+m) if the final hidden states keep cosine >= threshold; then step down."""
+    states = runner.inputs()
+    removed: set[Unit] = set()
+    starts: list[int] = []
+    trace = []
+    start = runner.depth - m
+    progress = tqdm(total=merges, desc="fuse (check)", unit="merge", disable=quiet)
+    while start >= 0 and len(starts) < merges:
+        block = runner.blocks[start]
+        saved = {k: v.clone() for k, v in block.state_dict().items()}
+        fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge)
+        trial = removed | {(start + k, "block") for k in range(1, m)}
+        cos = runner.score(runner.run(start, states[start], trial)).cosine
+        trace.append((start, cos))
+        if cos >= threshold:
+            removed, starts = trial, starts + [start]
+            start -= m
+            progress.update(1)
+        else:
+            block.load_state_dict(saved)
+            start -= 1
+    progress.close()
+    if len(starts) < merges:
+        raise RecipeError(
+            f"only {len(starts)} of {merges} merges keep the final-state cosine >= {threshold} "
+            f"(tried: {', '.join(f'{s}:{c:.3f}' for s, c in trace)})",
+            where="fuse_blocks.threshold",
+            fix="lower the threshold, fuse fewer blocks, or use select: angular",
+        )
+    return starts

@@ -1,0 +1,181 @@
+"""Run a model's blocks on cached calibration inputs, with blocks or sublayers skipped, and score the result.
+
+Built on `calibration.engine.capture_block_inputs`: every block's call arguments are recorded once, so the
+hidden state entering block i can be carried through any subset of the later blocks without rerunning the
+embeddings or the blocks before i. A *unit* is a whole block `(i, "block")` or one residual branch of it
+`(i, "attention")` / `(i, "mlp")`; skipping a branch zeroes its contribution with a forward hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibration.engine import capture_block_inputs
+from ..models.adapters import Adapter
+from .family import structure_info
+
+REFERENCE_FP32_LIMIT = 64 * 2**20  # base log-probs kept in float32 up to this many values, float16 beyond
+
+Unit = tuple[int, str]  # (block index, "block" | "attention" | "mlp")
+Hidden = list[torch.Tensor]  # one tensor per chunk
+
+
+def _out(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+class Capture:
+    """Forward hook that keeps a module's output (and input, when asked) per call."""
+
+    def __init__(self, module: nn.Module, inputs: bool = True):
+        self.keep_inputs = inputs
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        if self.keep_inputs:
+            self.inputs.append(args[0].detach())
+        self.outputs.append(_out(out).detach())
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class OutputScore:
+    """Quality of final hidden states against the base model on the same tokens."""
+
+    loss: float  # mean next-token NLL (nan for encoders)
+    kl: float  # mean KL(base || this) over positions
+    cosine: float  # mean cosine of final hidden states with the base model's
+
+
+class BlockRunner:
+    """Cached inputs of every block for a fixed set of chunks, plus the base model's outputs on them."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, chunks: Sequence[torch.Tensor], reference: bool = True):
+        self.model, self.adapter = model, adapter
+        self.blocks = adapter.blocks(model)
+        self.chunks = list(chunks)
+        self.info = structure_info(adapter, model)
+        self.calls = capture_block_inputs(model, self.blocks, self.chunks)
+        self.base_logp: list[torch.Tensor] | None = None
+        self.base_final: Hidden | None = None
+        if reference:
+            self.base_final = self.run(0, self.calls.hidden)
+            logp = [self.log_probs(i, h) for i, h in enumerate(self.base_final)]
+            if sum(x.numel() for x in logp) > REFERENCE_FP32_LIMIT:  # large vocab x many tokens: halve the cache
+                logp = [x.to(torch.float16) for x in logp]
+            self.base_logp = logp
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    # ---- running blocks ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def skipping(self, units: Iterable[Unit]) -> Iterator[None]:
+        """Zero the output of the named branches while inside the context."""
+        handles = []
+        for i, kind in units:
+            if kind == "block":
+                continue
+            name = self.info.branch(kind)
+            module = self.blocks[i].get_submodule(name)
+            handles.append(module.register_forward_hook(lambda m, a, out: torch.zeros_like(_out(out))))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.inference_mode()
+    def run_block(self, i: int, hidden: Hidden, block: nn.Module | None = None) -> Hidden:
+        """Block i (or a replacement module called like it) on every chunk's hidden state."""
+        block = self.blocks[i] if block is None else block
+        args, kwargs = self.calls.args[i], self.calls.kwargs[i]
+        return [_out(block(h, *args[c], **kwargs[c])) for c, h in enumerate(hidden)]
+
+    def run(self, start: int, hidden: Hidden, removed: Iterable[Unit] = (), stop: int | None = None) -> Hidden:
+        """Carry `hidden` (the input of block `start`) through blocks start..stop-1, skipping `removed`."""
+        removed = set(removed)
+        dropped = {i for i, kind in removed if kind == "block"}
+        with self.skipping(u for u in removed if u[0] >= start):
+            for i in range(start, self.depth if stop is None else stop):
+                if i not in dropped:
+                    hidden = self.run_block(i, hidden)
+        return hidden
+
+    def inputs(self, removed: Iterable[Unit] = (), start: int = 0, known: list[Hidden] | None = None) -> list[Hidden]:
+        """Input of every block and the final output (depth + 1 entries) with `removed` skipped.
+
+        With `known` (a previous result), entries up to `start` are reused and only the rest is recomputed.
+        """
+        removed = set(removed)
+        states = list(known[: start + 1]) if known is not None else [self.calls.hidden]
+        for i in range(len(states) - 1, self.depth):
+            states.append(self.run(i, states[i], removed, stop=i + 1))
+        return states
+
+    # ---- scoring final hidden states --------------------------------------------------------------
+    @torch.inference_mode()
+    def log_probs(self, chunk: int, final: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the model's head applied to `final` (the last block's output) for one chunk."""
+        return F.log_softmax(head_logits(self.model, self.adapter, self.chunks[chunk], final).float(), dim=-1)
+
+    @torch.inference_mode()
+    def score(self, final: Hidden) -> OutputScore:
+        """Loss, KL to the base model and final-state cosine for per-chunk final hidden states."""
+        assert self.base_logp is not None and self.base_final is not None, "runner built without a reference"
+        nll = kl = cos = 0.0
+        n_pred = n_pos = 0
+        for c, h in enumerate(final):
+            logp = self.log_probs(c, h)
+            base = self.base_logp[c].float()
+            kl += (base.exp() * (base - logp)).sum().item()
+            cos += F.cosine_similarity(h.float(), self.base_final[c].float(), dim=-1).sum().item()
+            n_pos += h.shape[0] * h.shape[1]
+            if self.adapter.decoder:
+                ids = self.chunks[c]
+                nll -= logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item()
+                n_pred += ids.shape[0] * (ids.shape[1] - 1)
+        loss = nll / n_pred if n_pred else float("nan")
+        return OutputScore(loss, kl / n_pos, cos / n_pos)
+
+
+def head_logits(model: nn.Module, adapter: Adapter, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Logits the model computes when its last block outputs `final` (final norm, projections, head, softcaps).
+
+    Runs the model's own forward with every block replaced by a pass-through and the last one by `final`,
+    so each family's post-block code is used as is.
+    """
+    blocks = adapter.blocks(model)
+    last = len(blocks) - 1
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def inject(*args, **kwargs):
+        return final
+
+    for i, block in enumerate(blocks):
+        block.forward = inject if i == last else passthrough
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for block in blocks:
+            del block.forward
+    return out.logits
+
+
+def split_rows(ids: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """Chunks of `rows` windows each (small chunks keep [rows, seq, vocab] logits in memory bounds)."""
+    return [ids[i : i + rows] for i in range(0, ids.shape[0], rows)]
