@@ -1,4 +1,5 @@
-"""Weight-only quantized matmuls. Pure-torch reference implementations (the C++ extension plugs in here)."""
+"""Weight-only quantized matmuls: the C++ extension's ops (`torch.ops.compressor.*`) on repacked weights, and the
+pure-torch reference (dequantize, then matmul) used as fallback when the extension is not built and in tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import torch
 
 from ..quant.packing import unpack_int32
 from ..quant.rtn import dequantize
+from .repack import PackedWeight
+
+# mode argument of the ops: 0 auto (int8 activations + integer dot products for M < 16), 1 float32 accumulation
+MODE_AUTO, MODE_FLOAT = 0, 1
 
 
 def dequantize_packed(
@@ -29,3 +34,21 @@ def int_weight_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """x [.., K] @ weight[N, K]^T + bias, computed in float32, returned in x's dtype."""
     y = torch.nn.functional.linear(x.to(torch.float32), weight, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def packed_matmul(x: torch.Tensor, p: PackedWeight, mode: int = MODE_AUTO) -> torch.Tensor:
+    """x [M, K] (float32/bfloat16/float16) @ W^T with W in kernel layout -> float32 [M, N] (extension op)."""
+    ops = torch.ops.compressor
+    if p.kind == "fp8":
+        return ops.fp8_gemm(x, p.w, p.scale, p.group_size, p.out_features, mode)
+    op = ops.int4_gemm if p.kind == "int4" else ops.int8_gemm
+    return op(x, p.w, p.scale, p.zs, p.group_size, p.out_features, mode)
+
+
+def packed_linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, mode: int = MODE_AUTO) -> torch.Tensor:
+    """x [.., K] @ W^T + bias through the extension, returned in x's dtype."""
+    lead = x.shape[:-1]
+    y = packed_matmul(x.reshape(-1, x.shape[-1]), p, mode)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*lead, p.out_features).to(x.dtype)

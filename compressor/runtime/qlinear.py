@@ -1,4 +1,8 @@
-"""QuantLinear / QuantEmbedding: layers that keep their weight compressed (packed INT or FP8), dequantized on use."""
+"""QuantLinear / QuantEmbedding: layers that keep their weight compressed (packed INT or FP8).
+
+QuantLinear runs the C++ extension's ops on a kernel-layout copy of the weight (repacked once, on first use);
+without the extension, or for formats the kernels do not cover (INT2/3, ...), it dequantizes and calls matmul.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ from torch import nn
 
 from ..quant.formats import Fp8Format
 from ..quant.fp8 import fp8_dequantize
-from .ops import dequantize_packed, int_weight_matmul
+from ..quant.packing import pack_int32, unpack_int32
+from ._ext import kernels_for
+from .ops import MODE_AUTO, dequantize_packed, int_weight_matmul, packed_linear
+from .repack import PackedWeight, repack_fp8, repack_int
 
 
 class QuantLinear(nn.Module):
@@ -18,6 +25,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.scheme = scheme
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.use_kernels = True  # False: always the pure-torch path (dequantize + matmul)
+        self.kernel_mode = MODE_AUTO  # MODE_FLOAT: float32 activations in the kernels (no int8 quantization)
+        self._packed: PackedWeight | None = None
+        self._packed_ready = False
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, scheme: dict) -> QuantLinear:
@@ -48,12 +59,45 @@ class QuantLinear(nn.Module):
             group,
         )
 
+    def packed_weight(self) -> PackedWeight | None:
+        """The kernel-layout weight (made on first call), or None when the extension cannot run this layer."""
+        if not self._packed_ready:
+            self._packed_ready = True
+            device = (self.weight if self.scheme["type"] == "float" else self.weight_packed).device
+            self._packed = self._repack() if kernels_for(device) else None
+        return self._packed
+
+    def _repack(self) -> PackedWeight | None:
+        s = self.scheme
+        if s["type"] == "float":
+            return repack_fp8(
+                self.weight, self.weight_scale, s["strategy"], tuple(s.get("block_structure") or (128, 128))
+            )
+        if s["num_bits"] not in (4, 8):
+            return None
+        group = self.in_features if s["strategy"] in ("channel", "tensor") else s.get("group_size") or self.in_features
+        return repack_int(
+            self.weight_packed,
+            self.weight_scale,
+            getattr(self, "weight_zero_point", None),
+            s["num_bits"],
+            (self.out_features, self.in_features),
+            group,
+        )
+
+    def _apply(self, fn, recurse=True):  # .to()/.half() etc.: drop the kernel-layout copy, remade on next use
+        self._packed, self._packed_ready = None, False
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int_weight_matmul(x, self.dequantized_weight(), self.bias)
+        packed = self.packed_weight() if self.use_kernels else None
+        if packed is None:
+            return int_weight_matmul(x, self.dequantized_weight(), self.bias)
+        return packed_linear(x, packed, self.bias, self.kernel_mode)
 
 
 class QuantEmbedding(QuantLinear):
-    """An embedding table [vocab, hidden] stored like a quantized linear weight; rows gathered after dequantizing.
+    """An embedding table [vocab, hidden] stored like a quantized linear weight; only looked-up rows are dequantized.
 
     `scale` multiplies the looked-up rows (Gemma's scaled embeddings).
     """
@@ -62,8 +106,33 @@ class QuantEmbedding(QuantLinear):
         super().__init__(in_features, out_features, bias, scheme)
         self.padding_idx, self.embed_scale = padding_idx, scale
 
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 rows [len(rows), hidden] of the table (same values as dequantized_weight()[rows])."""
+        s = self.scheme
+        if s["type"] == "float":
+            fmt = Fp8Format(s["strategy"], tuple(s.get("block_structure") or (128, 128)))
+            scale = self.weight_scale
+            if fmt.strategy == "block":
+                scale = scale.repeat_interleave(fmt.block[0], 0)[rows]
+                fmt = Fp8Format("block", (1, fmt.block[1]))
+            elif fmt.strategy == "channel":
+                scale = scale[rows]
+            return fp8_dequantize(self.weight[rows], scale, fmt)
+        group = self.in_features if s["strategy"] in ("channel", "tensor") else s.get("group_size") or self.in_features
+        bits = s["num_bits"]
+        scale = self.weight_scale
+        scale = scale.reshape(1, 1).expand(self.out_features, 1) if scale.numel() == 1 else scale
+        zero = getattr(self, "weight_zero_point", None)
+        if zero is not None:  # packed along the vocab: unpack all (small: [vocab, groups]), take the rows, repack
+            codes = unpack_int32(zero.t().contiguous(), bits, self.out_features).t()[rows]
+            zero = pack_int32(codes.t().contiguous(), bits).t().contiguous()
+        return dequantize_packed(
+            self.weight_packed[rows], scale[rows], zero, bits, (len(rows), self.in_features), group
+        )
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.embedding(ids, self.dequantized_weight(), self.padding_idx)
+        flat = ids.reshape(-1)
+        out = self.dequantized_rows(flat).reshape(*ids.shape, self.in_features)
         return out if self.embed_scale is None else out * self.embed_scale
 
     def extra_repr(self) -> str:

@@ -1,0 +1,50 @@
+"""Loads the optional C++ extension (`compressor._C`) once and says, once, which kernel path is in use."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger("compressor.runtime")
+
+
+@functools.cache
+def extension_available() -> bool:
+    """True when `compressor._C` is built and registered `torch.ops.compressor.*` (announces the path once)."""
+    try:
+        from .. import _C  # noqa: F401  (import registers the ops)
+    except ImportError as err:
+        log.warning(
+            "compressor: C++ kernels not built (%s); quantized layers use the pure-torch fallback "
+            "(dequantize + matmul). Reinstall with `pip install -e .` to build them.",
+            err,
+        )
+        return False
+    log.info("compressor: C++ kernels, CPU ISA %s", torch.ops.compressor.isa())
+    return True
+
+
+def kernels_for(device: torch.device) -> bool:
+    """True when the extension has kernels for tensors on this device (CPU always; CUDA when built with it)."""
+    if not extension_available():
+        return False
+    if device.type == "cpu":
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key("compressor::int4_gemm", device.type.upper())
+
+
+def current_isa() -> str:
+    """The CPU kernel family in use ('avx512', 'avx2', 'scalar'), or 'torch' without the extension."""
+    return torch.ops.compressor.isa() if extension_available() else "torch"
+
+
+def available_isas() -> list[str]:
+    """CPU kernel families this machine and build can run (empty without the extension)."""
+    return list(torch.ops.compressor.available_isas()) if extension_available() else []
+
+
+def set_isa(name: str) -> str:
+    """Switch the CPU kernel family (like COMPRESSOR_ISA); returns the previous one."""
+    return torch.ops.compressor.set_isa(name)

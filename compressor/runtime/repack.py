@@ -1,0 +1,92 @@
+"""Repack compressed-tensors weights (on-disk layout) into the kernels' tiled layout, once at load time.
+
+Kernel layout (see csrc/cpu/kernels.h): rows in tiles of 8 (N padded to a multiple of 16), K padded to a multiple
+of 32, tensor [Np/8, Kw, 8] int32 where word (t, kw, j) holds row 8t+j's codes for columns kw*c .. kw*c+c-1
+(c = 8 for int4, 4 for int8/fp8) -- the on-disk pack-quantized words, transposed per tile. Scales become float32
+[G, Np]; zero points become z * s in the code domain ([G, Np]), so w = code * s - zs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.fp8 import expand_blocks
+from ..quant.packing import unpack_int32
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight in kernel layout. kind: 'int4' | 'int8' | 'fp8'."""
+
+    kind: str
+    w: torch.Tensor  # int32 [Np/8, Kw, 8]
+    scale: torch.Tensor  # float32 [G, Np]
+    zs: torch.Tensor | None  # float32 [G, Np] (int kinds)
+    group_size: int
+    out_features: int
+    in_features: int
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def _tile(words: torch.Tensor, n: int, kw: int) -> torch.Tensor:
+    """int32 words [N, W] -> [Np/8, Kw, 8] (zero padded)."""
+    np_ = _round_up(n, 16)
+    out = torch.zeros(np_, kw, dtype=torch.int32, device=words.device)
+    out[:n, : words.shape[1]] = words[:, :kw]
+    return out.reshape(np_ // 8, 8, kw).transpose(1, 2).contiguous()
+
+
+def _per_group(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[N, G] -> float32 [G, Np] (zero padded rows)."""
+    out = torch.zeros(t.shape[1], _round_up(n, 16), dtype=torch.float32, device=t.device)
+    out[:, :n] = t.to(torch.float32).t()
+    return out.contiguous()
+
+
+def repack_int(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_packed: torch.Tensor | None,
+    bits: int,
+    shape: tuple[int, int],
+    group_size: int,
+) -> PackedWeight:
+    """Kernel layout of a pack-quantized INT4/INT8 weight [N, K] (codes offset-binary on disk)."""
+    if bits not in (4, 8):
+        raise ValueError(f"kernels support 4- and 8-bit weights, got {bits}")
+    n, k = shape
+    kp = _round_up(k, 32)
+    words = packed.to(torch.int32)
+    if bits == 8:  # offset-binary u = q + 128 -> signed q in every byte
+        words = words ^ -0x7F7F7F80  # 0x80808080
+    w = _tile(words, n, kp * bits // 32)
+    if scale.numel() == 1:
+        scale = scale.reshape(1, 1).expand(n, 1)
+    s = _per_group(scale.reshape(n, -1), n)
+    offset = 8 if bits == 4 else 0  # int4 codes stay unsigned (u = q + 8), int8 codes are signed
+    z = torch.full((n, s.shape[0]), float(offset), device=packed.device)
+    if zero_packed is not None:
+        z = z + unpack_int32(zero_packed.t().contiguous(), bits, n).t().to(torch.float32)
+    zs = s * _per_group(z, n)
+    return PackedWeight(f"int{bits}", w, s, zs, group_size if s.shape[0] > 1 else k, n, k)
+
+
+def repack_fp8(weight: torch.Tensor, scale: torch.Tensor, strategy: str, block: tuple[int, int]) -> PackedWeight:
+    """Kernel layout of a float8_e4m3fn weight [N, K] with per-tensor, per-channel or [bn, bk] block scales."""
+    n, k = weight.shape
+    kp = _round_up(k, 32)
+    raw = torch.zeros(n, kp, dtype=torch.uint8, device=weight.device)
+    raw[:, :k] = weight.view(torch.uint8)
+    words = raw.view(torch.int32)  # little endian: byte i of a word is column 4*kw + i
+    w = _tile(words, n, kp // 4)
+    scale = scale.to(torch.float32)
+    if strategy == "block":
+        rows = expand_blocks(scale, (n, scale.shape[1] * block[1]), block)[:, :: block[1]]  # [N, Gk]
+        return PackedWeight("fp8", w, _per_group(rows, n), None, block[1] if rows.shape[1] > 1 else k, n, k)
+    rows = scale.reshape(-1, 1).expand(n, 1) if scale.numel() == 1 else scale.reshape(n, 1)
+    return PackedWeight("fp8", w, _per_group(rows, n), None, k, n, k)

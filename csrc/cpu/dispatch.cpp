@@ -1,0 +1,241 @@
+// Run-time ISA selection (cpuid + xgetbv, COMPRESSOR_ISA override) and the CPU implementations of the ops:
+// activation preparation, path choice by M, and threading over weight tiles with at::parallel_for.
+#include "dispatch.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/StringUtil.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#define COMPRESSOR_X86 1
+#endif
+
+namespace compressor {
+namespace {
+
+#ifdef COMPRESSOR_X86
+uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+#endif
+
+struct CpuFeatures {
+  bool avx2 = false, avx512 = false;
+};
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#ifdef COMPRESSOR_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!osxsave) return f;
+  const uint64_t xcr0 = xgetbv0();
+  const bool ymm_os = (xcr0 & 0x6) == 0x6, zmm_os = (xcr0 & 0xE6) == 0xE6;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  const bool vnni = c & (1u << 11);
+  f.avx2 = ymm_os && avx2 && fma && f16c;
+  f.avx512 = f.avx2 && zmm_os && avx512f && avx512bw && avx512vl && vnni;
+#endif
+  return f;
+}
+
+const KernelTable* table_for(const std::string& name) {
+  const CpuFeatures f = detect();
+  if (name == "scalar") return scalar_kernels();
+  if (name == "avx2") return f.avx2 ? avx2_kernels() : nullptr;
+  if (name == "avx512") return f.avx512 ? avx512_kernels() : nullptr;
+  return nullptr;
+}
+
+std::mutex g_mutex;
+const KernelTable* g_active = nullptr;
+
+const KernelTable* active() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_active) return g_active;
+  const char* env = std::getenv("COMPRESSOR_ISA");
+  if (env && *env) {
+    g_active = table_for(env);
+    TORCH_CHECK(g_active, "COMPRESSOR_ISA=", env, " is not available on this CPU/build (available: ",
+                c10::Join(", ", available_isas()), "); unset it or pick one of those");
+    return g_active;
+  }
+  for (const char* name : {"avx512", "avx2", "scalar"})
+    if ((g_active = table_for(name))) break;
+  return g_active;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Activation quantization block: divides the group (blocks never straddle groups), multiple of 32, <= 128.
+int64_t act_block(const Weights& W) {
+  if (W.G == 1) return 128;
+  for (int64_t b : {128, 64, 32})
+    if (W.group % b == 0) return b;
+  return 0;
+}
+
+struct Prepared {
+  at::Tensor xpad, xsum, q, xs, qsum, tg;
+  FloatAct fa{};
+  QuantAct qa{};
+};
+
+void prepare_float(const Weights& W, const at::Tensor& x, Prepared& P) {
+  const int64_t M = x.size(0), K = x.size(1);
+  P.xpad = at::zeros({M, W.Kp}, x.options().dtype(at::kFloat));
+  P.xpad.narrow(1, 0, K).copy_(x);
+  P.xsum = at::zeros({M, W.G}, P.xpad.options());
+  const float* xp = P.xpad.data_ptr<float>();
+  float* xs = P.xsum.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < W.Kp; ++k) xs[m * W.G + W.group_of(k)] += xp[m * W.Kp + k];
+  P.fa = FloatAct{xp, xs, M};
+}
+
+void prepare_quant(const Weights& W, const at::Tensor& x, int64_t ablk, Prepared& P) {
+  const int64_t M = x.size(0), K = x.size(1), NB = (W.Kp + ablk - 1) / ablk;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  auto opts = xf.options();
+  P.q = at::zeros({M, W.Kp}, opts.dtype(at::kChar));
+  P.xs = at::empty({M, NB}, opts);
+  P.qsum = at::empty({M, NB}, opts.dtype(at::kInt));
+  P.tg = at::zeros({M, W.G}, opts);
+  int8_t* q = P.q.data_ptr<int8_t>();
+  float* xs = P.xs.data_ptr<float>();
+  int32_t* qsum = P.qsum.data_ptr<int32_t>();
+  float* tg = P.tg.data_ptr<float>();
+  const bool perm = W.kind == WKind::Int4;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+    int8_t* qr = q + m * W.Kp;
+    for (int64_t b = 0; b < NB; ++b) {
+      const int64_t k0 = b * ablk, k1 = std::min(k0 + ablk, K);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
+        const int8_t c = static_cast<int8_t>(std::clamp(v, -127, 127));
+        const int64_t i = k & 7;
+        qr[perm ? (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2) : k] = c;
+        sum += c;
+      }
+      xs[m * NB + b] = amax / 127.f;
+      qsum[m * NB + b] = sum;
+      const int64_t g = W.group_of(k0);
+      tg[m * W.G + g] += xs[m * NB + b] * static_cast<float>(sum);
+    }
+  }
+  P.qa = QuantAct{q, xs, qsum, tg, M, ablk, NB};
+}
+
+enum Mode : int64_t { kAuto = 0, kFloat = 1, kQ8 = 2, kGemvF32 = 3, kGemmF32 = 4 };
+
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor* zs, int64_t group,
+               int64_t out_features, int64_t mode, WKind kind) {
+  TORCH_CHECK(x.dim() == 2, "compressor ops: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "compressor ops: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == 8 && w.is_contiguous(),
+              "compressor ops: packed weight must be the repacked int32 [Np/8, Kw, 8] layout");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
+  Weights W{};
+  W.kind = kind;
+  W.w = reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
+  W.s = s.data_ptr<float>();
+  W.K = x.size(1);
+  W.Kp = round_up(W.K, 32);
+  W.Np = s.size(1);
+  W.N = out_features;
+  W.G = s.size(0);
+  W.group = group;
+  TORCH_CHECK(W.Np % 16 == 0 && w.size(0) * 8 == W.Np && w.size(1) == W.Kw() && W.N <= W.Np,
+              "compressor ops: weight layout [", w.sizes(), "] does not match x [", x.sizes(), "] / scales [",
+              s.sizes(), "]");
+  TORCH_CHECK(group > 0 && (W.G - 1) * group < W.K && W.G * group >= W.K, "compressor ops: group_size ", group,
+              " and ", W.G, " groups do not cover K=", W.K);
+  if (zs) {
+    TORCH_CHECK(zs->sizes() == s.sizes() && zs->scalar_type() == at::kFloat && zs->is_contiguous(),
+                "zeros must be float32 [G, Np] like scales");
+    W.zs = zs->data_ptr<float>();
+  }
+  const int64_t M = x.size(0);
+  at::Tensor y = at::zeros({M, W.Np}, x.options().dtype(at::kFloat));
+  if (M == 0) return y.narrow(1, 0, W.N);
+
+  const bool simd_ok = W.G == 1 || W.group % W.kpw() == 0;
+  const KernelTable* T = simd_ok ? active() : scalar_kernels();
+  const int64_t ablk = kind == WKind::Fp8 ? 0 : act_block(W);
+  if (mode == kAuto) mode = (M < 16 && ablk) ? kQ8 : kFloat;
+  if (mode == kFloat) mode = M < 16 ? kGemvF32 : kGemmF32;
+  TORCH_CHECK(mode >= kQ8 && mode <= kGemmF32, "compressor ops: unknown mode ", mode);
+  TORCH_CHECK(mode != kQ8 || ablk, "compressor ops: int8-activation path needs an int weight with group_size % 32 == 0");
+
+  Prepared P;
+  if (mode == kQ8)
+    prepare_quant(W, x, ablk, P);
+  else
+    prepare_float(W, x, P);
+  float* yp = y.data_ptr<float>();
+  const int64_t pairs = W.Np / 16;
+  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    if (mode == kQ8)
+      T->gemv_q8(W, P.qa, yp, 2 * p0, 2 * p1);
+    else if (mode == kGemvF32)
+      T->gemv_f32(W, P.fa, yp, 2 * p0, 2 * p1);
+    else
+      T->gemm_f32(W, P.fa, yp, 2 * p0, 2 * p1);
+  });
+  return y.narrow(1, 0, W.N);
+}
+
+}  // namespace
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const char* name : {"scalar", "avx2", "avx512"})
+    if (table_for(name)) out.emplace_back(name);
+  return out;
+}
+
+std::string current_isa() { return active()->name; }
+
+std::string set_isa(const std::string& name) {
+  const std::string previous = current_isa();
+  const KernelTable* t = table_for(name);
+  TORCH_CHECK(t, "ISA '", name, "' is not available here (available: ", c10::Join(", ", available_isas()), ")");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_active = t;
+  return previous;
+}
+
+at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                         int64_t group_size, int64_t out_features, int64_t mode) {
+  return run(x, w, scales, &zeros, group_size, out_features, mode, WKind::Int4);
+}
+
+at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                         int64_t group_size, int64_t out_features, int64_t mode) {
+  return run(x, w, scales, &zeros, group_size, out_features, mode, WKind::Int8);
+}
+
+at::Tensor fp8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
+                        int64_t out_features, int64_t mode) {
+  return run(x, w, scales, nullptr, group_size, out_features, mode == kAuto ? kFloat : mode, WKind::Fp8);
+}
+
+}  // namespace compressor

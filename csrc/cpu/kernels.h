@@ -1,0 +1,72 @@
+// Shared declarations of the CPU kernels: the repacked weight layout, int8-quantized activations, and the
+// per-ISA kernel table. Each ISA lives in its own translation unit compiled with its own flags.
+//
+// Weight layout (made once at load time by compressor/runtime/repack.py):
+//   rows are grouped in tiles of 8 (N padded to Np, a multiple of 16); K padded to Kp, a multiple of 32.
+//   w: [Np/8][Kw][8] 32-bit words; word (t, kw, j) holds row 8t+j, columns kw*kpw .. kw*kpw+kpw-1
+//      int4: 8 unsigned nibbles u (value (u - z) * s), nibble i at bits 4i  -> kpw = 8
+//      int8: 4 signed bytes q (value (q - z) * s), byte i at bits 8i         -> kpw = 4
+//      fp8:  4 E4M3 bytes e (value e * s), byte i at bits 8i                  -> kpw = 4
+//   s:  [G][Np] float32 group scales (G groups of `group` columns along K, the last one may be shorter)
+//   zs: [G][Np] float32 z * s (int only; z = zero point in the code domain)
+#pragma once
+
+#include <cstdint>
+
+namespace compressor {
+
+enum class WKind : int { Int4 = 0, Int8 = 1, Fp8 = 2 };
+
+struct Weights {
+  const uint32_t* w;
+  const float* s;
+  const float* zs;  // nullptr for fp8
+  WKind kind;
+  int64_t N, Np, K, Kp, G, group;
+  int64_t kpw() const { return kind == WKind::Int4 ? 8 : 4; }
+  int64_t Kw() const { return Kp / kpw(); }
+  int64_t group_of(int64_t k) const {  // group index of column k
+    int64_t g = k / group;
+    return g < G ? g : G - 1;
+  }
+};
+
+// Activations quantized to int8 per block of `ablk` columns (blocks never straddle a weight group).
+// int4: within each 8 columns the order is [0, 2, 4, 6, 1, 3, 5, 7] (matches the nibble unpack).
+struct QuantAct {
+  const int8_t* q;      // [M][Kp]
+  const float* xs;      // [M][NB] block scales
+  const int32_t* qsum;  // [M][NB] block sums of q
+  const float* tg;      // [M][G]  sum over blocks b of group g of xs_b * qsum_b
+  int64_t M, ablk, NB;
+};
+
+// Float activations zero-padded to Kp, plus per-group sums (for the zero-point term).
+struct FloatAct {
+  const float* x;     // [M][Kp]
+  const float* xsum;  // [M][G]
+  int64_t M;
+};
+
+// Each kernel computes y[m][n] (y is [M][Np] float32, zero-initialised) for the row tiles [t0, t1)
+// (tiles of 8 rows; t0 and t1 even). Single-threaded: the caller splits tiles across threads.
+struct KernelTable {
+  const char* name;
+  // int weights x int8 activations (integer dot products per block), small M
+  void (*gemv_q8)(const Weights&, const QuantAct&, float* y, int64_t t0, int64_t t1);
+  // int or fp8 weights x float activations, float32 accumulation, small M
+  void (*gemv_f32)(const Weights&, const FloatAct&, float* y, int64_t t0, int64_t t1);
+  // int or fp8 weights x float activations, blocked GEMM (dequantized weight panel + register-tiled FMA)
+  void (*gemm_f32)(const Weights&, const FloatAct&, float* y, int64_t t0, int64_t t1);
+};
+
+const KernelTable* scalar_kernels();
+const KernelTable* avx2_kernels();    // nullptr when the TU was compiled without AVX2 support
+const KernelTable* avx512_kernels();  // nullptr when the TU was compiled without AVX-512 support
+
+// E4M3 (fn) byte -> float, exact; NaN encodings (0x7f, 0xff) are not expected in weights.
+float e4m3_to_float(uint8_t b);
+
+constexpr int64_t kGemmKc = 256;  // K block of the GEMM panel (multiple of 8)
+
+}  // namespace compressor

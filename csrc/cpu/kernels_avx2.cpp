@@ -1,0 +1,301 @@
+// AVX2 + FMA kernels (compiled with -mavx2 -mfma; chosen at run time only when the CPU and OS support them).
+// Lanes of a 256-bit vector are the 8 rows of a weight tile, so accumulators never need horizontal sums.
+#include "kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels_avx2.h"
+
+namespace compressor {
+namespace {
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Code I of each lane's word as float: int4 nibble u, int8 signed byte q, fp8 the exact E4M3 value.
+template <WKind KIND, int I>
+inline __m256 decode(__m256i v) {
+  if constexpr (KIND == WKind::Int4) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * I), _mm256_set1_epi32(0xF)));
+  } else if constexpr (KIND == WKind::Int8) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * I), 24));
+  } else {
+    // byte at the top, arithmetic shift by 4 -> sign at bit 31, exponent+mantissa at bits 20..26: the E4M3
+    // value times 2^-120 as a float32 (subnormals included); the multiply restores it exactly.
+    const __m256i t = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * I), 4);
+    const __m256 raw = _mm256_castsi256_ps(_mm256_and_si256(t, _mm256_set1_epi32(static_cast<int>(0x87F00000u))));
+    return _mm256_mul_ps(raw, _mm256_set1_ps(0x1p120f));
+  }
+}
+
+template <WKind KIND>
+constexpr int kpw() {
+  return KIND == WKind::Int4 ? 8 : 4;
+}
+
+// ---- int weights x int8 activations ---------------------------------------------------------------------
+
+// Integer dot products of one block (words kw0..kw1, a multiple of 4 words for int4 / 8 for int8) for two tiles.
+template <WKind KIND>
+inline void block_dot(const __m256i* w0, const __m256i* w1, const int8_t* q, int64_t kw0, int64_t kw1, __m256i& i0,
+                      __m256i& i1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (KIND == WKind::Int4) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int64_t kw = kw0; kw < kw1; kw += 4) {
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+      for (int u = 0; u < 4; ++u) {  // 4 words: |sum| <= 4 * 2 * 2 * 15 * 127 < 2^15, no int16 overflow
+        const __m256i xe = _mm256_set1_epi32(load_i32(q + (kw + u) * 8));
+        const __m256i xo = _mm256_set1_epi32(load_i32(q + (kw + u) * 8 + 4));
+        const __m256i v0 = _mm256_loadu_si256(w0 + kw + u), v1 = _mm256_loadu_si256(w1 + kw + u);
+        const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+        const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xe), _mm256_maddubs_epi16(hi0, xo)));
+        s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xe), _mm256_maddubs_epi16(hi1, xo)));
+      }
+      i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(s0, ones));
+      i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(s1, ones));
+    }
+  } else {
+    for (int64_t kw = kw0; kw < kw1; ++kw) {  // signed x signed: |q| as the unsigned operand, sign moved to x
+      const __m256i x = _mm256_set1_epi32(load_i32(q + kw * 4));
+      const __m256i v0 = _mm256_loadu_si256(w0 + kw), v1 = _mm256_loadu_si256(w1 + kw);
+      const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(v0), _mm256_sign_epi8(x, v0));
+      const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(v1), _mm256_sign_epi8(x, v1));
+      i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(p0, ones));
+      i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(p1, ones));
+    }
+  }
+}
+
+template <WKind KIND>
+void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  constexpr int KPW = kpw<KIND>();
+  const int64_t Kw = W.Kw();
+  for (int64_t t = t0; t < t1; t += 2) {
+    const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
+    const __m256i* w1 = w0 + Kw;
+    for (int64_t m = 0; m < A.M; ++m) {
+      const int8_t* q = A.q + m * W.Kp;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < A.NB; ++b) {
+        const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+        __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256();
+        block_dot<KIND>(w0, w1, q, k0 / KPW, k1 / KPW, i0, i1);
+        const float* s = W.s + W.group_of(k0) * W.Np + t * 8;
+        const __m256 xs = _mm256_set1_ps(A.xs[m * A.NB + b]);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(_mm256_loadu_ps(s), xs), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(_mm256_loadu_ps(s + 8), xs), acc1);
+      }
+      for (int64_t g = 0; g < W.G; ++g) {
+        const float* zs = W.zs + g * W.Np + t * 8;
+        const __m256 tg = _mm256_set1_ps(A.tg[m * W.G + g]);
+        acc0 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs), tg, acc0);
+        acc1 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs + 8), tg, acc1);
+      }
+      _mm256_storeu_ps(y + m * W.Np + t * 8, acc0);
+      _mm256_storeu_ps(y + m * W.Np + t * 8 + 8, acc1);
+    }
+  }
+}
+
+void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  if (W.kind == WKind::Int4)
+    gemv_q8_t<WKind::Int4>(W, A, y, t0, t1);
+  else
+    gemv_q8_t<WKind::Int8>(W, A, y, t0, t1);
+}
+
+// ---- float activations, float32 accumulation ------------------------------------------------------------
+
+template <WKind KIND>
+inline void fma_word(__m256i v0, __m256i v1, const float* x, __m256& a0, __m256& a1) {
+  auto step = [&](auto ic) {
+    constexpr int I = decltype(ic)::value;
+    const __m256 xi = _mm256_set1_ps(x[I]);
+    a0 = _mm256_fmadd_ps(decode<KIND, I>(v0), xi, a0);
+    a1 = _mm256_fmadd_ps(decode<KIND, I>(v1), xi, a1);
+  };
+  step(std::integral_constant<int, 0>{});
+  step(std::integral_constant<int, 1>{});
+  step(std::integral_constant<int, 2>{});
+  step(std::integral_constant<int, 3>{});
+  if constexpr (KIND == WKind::Int4) {
+    step(std::integral_constant<int, 4>{});
+    step(std::integral_constant<int, 5>{});
+    step(std::integral_constant<int, 6>{});
+    step(std::integral_constant<int, 7>{});
+  }
+}
+
+template <WKind KIND>
+void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  constexpr int KPW = kpw<KIND>();
+  const int64_t Kw = W.Kw();
+  const int64_t gw = W.G == 1 ? Kw : W.group / KPW;
+  for (int64_t t = t0; t < t1; t += 2) {
+    const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
+    const __m256i* w1 = w0 + Kw;
+    for (int64_t m = 0; m < X.M; ++m) {
+      const float* x = X.x + m * W.Kp;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t g = 0; g < W.G; ++g) {
+        const int64_t kw0 = g * gw, kw1 = g == W.G - 1 ? Kw : kw0 + gw;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t kw = kw0; kw < kw1; ++kw)
+          fma_word<KIND>(_mm256_loadu_si256(w0 + kw), _mm256_loadu_si256(w1 + kw), x + kw * KPW, a0, a1);
+        const float* s = W.s + g * W.Np + t * 8;
+        acc0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(s), acc0);
+        acc1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(s + 8), acc1);
+        if constexpr (KIND != WKind::Fp8) {
+          const float* zs = W.zs + g * W.Np + t * 8;
+          const __m256 xsum = _mm256_set1_ps(X.xsum[m * W.G + g]);
+          acc0 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs), xsum, acc0);
+          acc1 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs + 8), xsum, acc1);
+        }
+      }
+      _mm256_storeu_ps(y + m * W.Np + t * 8, acc0);
+      _mm256_storeu_ps(y + m * W.Np + t * 8 + 8, acc1);
+    }
+  }
+}
+
+void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  switch (W.kind) {
+    case WKind::Int4:
+      return gemv_f32_t<WKind::Int4>(W, X, y, t0, t1);
+    case WKind::Int8:
+      return gemv_f32_t<WKind::Int8>(W, X, y, t0, t1);
+    case WKind::Fp8:
+      return gemv_f32_t<WKind::Fp8>(W, X, y, t0, t1);
+  }
+}
+
+// ---- blocked GEMM -------------------------------------------------------------------------------------------
+
+template <WKind KIND>
+void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float* B) {
+  constexpr int KPW = kpw<KIND>();
+  const int64_t Kw = W.Kw();
+  const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
+  const __m256i* w1 = w0 + Kw;
+  int64_t g_cur = -1;
+  __m256 s0, s1, z0 = _mm256_setzero_ps(), z1 = _mm256_setzero_ps();
+  for (int64_t kw = k0 / KPW; kw < (k0 + kc) / KPW; ++kw) {
+    const int64_t g = W.group_of(kw * KPW);
+    if (g != g_cur) {
+      g_cur = g;
+      s0 = _mm256_loadu_ps(W.s + g * W.Np + t * 8);
+      s1 = _mm256_loadu_ps(W.s + g * W.Np + t * 8 + 8);
+      if constexpr (KIND != WKind::Fp8) {
+        z0 = _mm256_loadu_ps(W.zs + g * W.Np + t * 8);
+        z1 = _mm256_loadu_ps(W.zs + g * W.Np + t * 8 + 8);
+      }
+    }
+    const __m256i v0 = _mm256_loadu_si256(w0 + kw), v1 = _mm256_loadu_si256(w1 + kw);
+    float* b = B + (kw * KPW - k0) * 16;
+    auto step = [&](auto ic) {
+      constexpr int I = decltype(ic)::value;
+      if constexpr (KIND == WKind::Fp8) {
+        _mm256_storeu_ps(b + I * 16, _mm256_mul_ps(decode<KIND, I>(v0), s0));
+        _mm256_storeu_ps(b + I * 16 + 8, _mm256_mul_ps(decode<KIND, I>(v1), s1));
+      } else {
+        _mm256_storeu_ps(b + I * 16, _mm256_fmsub_ps(decode<KIND, I>(v0), s0, z0));
+        _mm256_storeu_ps(b + I * 16 + 8, _mm256_fmsub_ps(decode<KIND, I>(v1), s1, z1));
+      }
+    };
+    step(std::integral_constant<int, 0>{});
+    step(std::integral_constant<int, 1>{});
+    step(std::integral_constant<int, 2>{});
+    step(std::integral_constant<int, 3>{});
+    if constexpr (KIND == WKind::Int4) {
+      step(std::integral_constant<int, 4>{});
+      step(std::integral_constant<int, 5>{});
+      step(std::integral_constant<int, 6>{});
+      step(std::integral_constant<int, 7>{});
+    }
+  }
+}
+
+// y[MR][16] += x[MR][kc] * B[kc][16]
+template <int MR>
+void ukernel(const float* B, int64_t kc, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  __m256 c[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    c[r][0] = _mm256_loadu_ps(y + r * ldy);
+    c[r][1] = _mm256_loadu_ps(y + r * ldy + 8);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(B + k * 16), b1 = _mm256_loadu_ps(B + k * 16 + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+      c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(y + r * ldy, c[r][0]);
+    _mm256_storeu_ps(y + r * ldy + 8, c[r][1]);
+  }
+}
+
+void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  alignas(64) float B[kGemmKc * 16];
+  for (int64_t k0 = 0; k0 < W.Kp; k0 += kGemmKc) {
+    const int64_t kc = std::min(kGemmKc, W.Kp - k0);
+    for (int64_t t = t0; t < t1; t += 2) {
+      avx2_dequant_panel(W, t, k0, kc, B);
+      for (int64_t m0 = 0; m0 < X.M; m0 += 6) {
+        const float* x = X.x + m0 * W.Kp + k0;
+        float* yt = y + m0 * W.Np + t * 8;
+        switch (std::min<int64_t>(6, X.M - m0)) {
+          case 6: ukernel<6>(B, kc, x, W.Kp, yt, W.Np); break;
+          case 5: ukernel<5>(B, kc, x, W.Kp, yt, W.Np); break;
+          case 4: ukernel<4>(B, kc, x, W.Kp, yt, W.Np); break;
+          case 3: ukernel<3>(B, kc, x, W.Kp, yt, W.Np); break;
+          case 2: ukernel<2>(B, kc, x, W.Kp, yt, W.Np); break;
+          default: ukernel<1>(B, kc, x, W.Kp, yt, W.Np); break;
+        }
+      }
+    }
+  }
+}
+
+const KernelTable kTable{"avx2", gemv_q8, gemv_f32, gemm_f32};
+
+}  // namespace
+
+void avx2_dequant_panel(const Weights& W, int64_t t, int64_t k0, int64_t kc, float* B) {
+  switch (W.kind) {
+    case WKind::Int4:
+      return dequant_panel_t<WKind::Int4>(W, t, k0, kc, B);
+    case WKind::Int8:
+      return dequant_panel_t<WKind::Int8>(W, t, k0, kc, B);
+    case WKind::Fp8:
+      return dequant_panel_t<WKind::Fp8>(W, t, k0, kc, B);
+  }
+}
+
+void avx2_gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  gemv_f32(W, X, y, t0, t1);
+}
+
+const KernelTable* avx2_kernels() { return &kTable; }
+
+}  // namespace compressor
+
+#else
+
+namespace compressor {
+const KernelTable* avx2_kernels() { return nullptr; }
+}  // namespace compressor
+
+#endif

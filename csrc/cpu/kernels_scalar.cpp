@@ -1,0 +1,95 @@
+// Scalar reference kernels. Same arithmetic, in the same order, as the SIMD kernels (fmaf where they fuse),
+// so the SIMD paths are tested against these for exact equality.
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace compressor {
+
+float e4m3_to_float(uint8_t b) {
+  const int e = (b >> 3) & 0xF, m = b & 7;
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+  return (b & 0x80) ? -mag : mag;
+}
+
+namespace {
+
+// The stored code of row n, column k as a float: int4 u, int8 q, fp8 the E4M3 value.
+inline float code(const Weights& W, int64_t n, int64_t k) {
+  const int64_t kpw = W.kpw();
+  const uint32_t word = W.w[((n / 8) * W.Kw() + k / kpw) * 8 + n % 8];
+  if (W.kind == WKind::Int4) return static_cast<float>((word >> (4 * (k % 8))) & 0xF);
+  const uint8_t byte = static_cast<uint8_t>(word >> (8 * (k % 4)));
+  if (W.kind == WKind::Int8) return static_cast<float>(static_cast<int8_t>(byte));
+  return e4m3_to_float(byte);
+}
+
+// Position of column k in the int4-permuted activation layout.
+inline int64_t act_pos(const Weights& W, int64_t k) {
+  if (W.kind != WKind::Int4) return k;
+  const int64_t i = k & 7;
+  return (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2);
+}
+
+inline int64_t group_end(const Weights& W, int64_t g) {
+  return g == W.G - 1 ? W.Kp : (g + 1) * W.group;
+}
+
+void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
+    for (int64_t m = 0; m < A.M; ++m) {
+      const int8_t* q = A.q + m * W.Kp;
+      float acc = 0.f;
+      for (int64_t b = 0; b < A.NB; ++b) {
+        const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+        int32_t d = 0;
+        for (int64_t k = k0; k < k1; ++k) d += static_cast<int32_t>(code(W, n, k)) * q[act_pos(W, k)];
+        const float sc = W.s[W.group_of(k0) * W.Np + n] * A.xs[m * A.NB + b];
+        acc = std::fmaf(static_cast<float>(d), sc, acc);
+      }
+      for (int64_t g = 0; g < W.G; ++g) acc = std::fmaf(-W.zs[g * W.Np + n], A.tg[m * W.G + g], acc);
+      y[m * W.Np + n] = acc;
+    }
+  }
+}
+
+void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
+    for (int64_t m = 0; m < X.M; ++m) {
+      const float* x = X.x + m * W.Kp;
+      float acc = 0.f;
+      for (int64_t g = 0; g < W.G; ++g) {
+        float ag = 0.f;
+        for (int64_t k = g * W.group; k < group_end(W, g); ++k) ag = std::fmaf(code(W, n, k), x[k], ag);
+        acc = std::fmaf(ag, W.s[g * W.Np + n], acc);
+        if (W.zs) acc = std::fmaf(-W.zs[g * W.Np + n], X.xsum[m * W.G + g], acc);
+      }
+      y[m * W.Np + n] = acc;
+    }
+  }
+}
+
+void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
+    for (int64_t m = 0; m < X.M; ++m) {
+      const float* x = X.x + m * W.Kp;
+      float acc = 0.f;
+      for (int64_t k = 0; k < W.Kp; ++k) {
+        const int64_t g = W.group_of(k);
+        const float s = W.s[g * W.Np + n];
+        const float w = W.zs ? std::fmaf(code(W, n, k), s, -W.zs[g * W.Np + n]) : code(W, n, k) * s;
+        acc = std::fmaf(x[k], w, acc);
+      }
+      y[m * W.Np + n] = acc;
+    }
+  }
+}
+
+const KernelTable kTable{"scalar", gemv_q8, gemv_f32, gemm_f32};
+
+}  // namespace
+
+const KernelTable* scalar_kernels() { return &kTable; }
+
+}  // namespace compressor

@@ -1,0 +1,29 @@
+// Op schemas (torch.ops.compressor.*), their CPU registrations, and the Python module stub `compressor._C`.
+// Importing compressor._C runs the static registrations below; the ops are called through torch.ops.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/dispatch.h"
+
+TORCH_LIBRARY(compressor, m) {
+  m.def("int4_gemm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, int out_features, int mode=0)"
+        " -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, int out_features, int mode=0)"
+        " -> Tensor");
+  m.def("fp8_gemm(Tensor x, Tensor w, Tensor scales, int group_size, int out_features, int mode=0) -> Tensor");
+  m.def("available_isas() -> str[]", &compressor::available_isas);
+  m.def("isa() -> str", &compressor::current_isa);
+  m.def("set_isa(str name) -> str", &compressor::set_isa);
+}
+
+TORCH_LIBRARY_IMPL(compressor, CPU, m) {
+  m.impl("int4_gemm", &compressor::int4_gemm_cpu);
+  m.impl("int8_gemm", &compressor::int8_gemm_cpu);
+  m.impl("fp8_gemm", &compressor::fp8_gemm_cpu);
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "compressor C++ kernels (ops under torch.ops.compressor)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,92 @@
+"""Build of the optional C++/CUDA extension `compressor._C` (metadata lives in pyproject.toml).
+
+The CPU kernels are one translation unit per ISA with its own flags (never -march=native); the extension picks
+one at run time. CUDA sources are added only when torch is a CUDA build and a CUDA toolkit is present. A failed
+compile prints a warning and the package installs without the extension (compressor falls back to pure torch).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+CSRC = "csrc"
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+ISA_FLAGS = {
+    "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "kernels_avx512.cpp": [
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512vnni",
+        "-mavx512bf16",
+    ],
+}
+
+
+def _want_cuda(torch) -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("COMPRESSOR_NO_CUDA") != "1"
+
+
+def _extensions():
+    if os.environ.get("COMPRESSOR_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("compressor: torch not importable at build time; building without the C++ extension", file=sys.stderr)
+        return [], {}
+
+    class OptionalBuild(BuildExtension):
+        """Per-file ISA flags; a failed extension build warns instead of failing the install."""
+
+        def build_extension(self, ext):
+            original = self.compiler._compile
+
+            def compile_one(obj, src, ext_, cc_args, extra_postargs, pp_opts):
+                extra = ISA_FLAGS.get(Path(src).name, []) if X86 else []
+                if isinstance(extra_postargs, dict):
+                    extra_postargs = {**extra_postargs, "cxx": list(extra_postargs.get("cxx", [])) + extra}
+                else:
+                    extra_postargs = list(extra_postargs) + extra
+                return original(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+
+            self.compiler._compile = compile_one
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # any compiler/linker failure: install without the extension
+                print(
+                    f"compressor: WARNING: the C++ extension failed to build ({err}); "
+                    "compressor will use its pure-torch fallback",
+                    file=sys.stderr,
+                )
+            finally:
+                self.compiler._compile = original
+
+    sources = [f"{CSRC}/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cpu").glob("*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    if _want_cuda(torch):
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cuda").glob("*.cu"))
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DCOMPRESSOR_CUDA"]
+        ext = CUDAExtension(
+            "compressor._C", sources, extra_compile_args={"cxx": cxx + ["-DCOMPRESSOR_CUDA"], "nvcc": nvcc}
+        )
+    else:
+        ext = CppExtension("compressor._C", sources, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

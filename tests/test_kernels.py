@@ -1,0 +1,158 @@
+"""C++ kernels (torch.ops.compressor.*): every ISA path of this machine against the scalar reference (bit-exact)
+and against float dequantize-then-matmul references; FP8 decode against torch's float8_e4m3fn casts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from compressor.quant.formats import Fp8Format, IntFormat
+from compressor.quant.fp8 import fp8_dequantize, fp8_quantize
+from compressor.quant.packing import pack_int32
+from compressor.quant.rtn import rtn_quantize
+from compressor.runtime import _ext
+from compressor.runtime.ops import dequantize_packed, packed_matmul
+from compressor.runtime.repack import repack_fp8, repack_int
+
+if os.environ.get("COMPRESSOR_NO_EXT") == "1":
+    pytest.skip("extension disabled by COMPRESSOR_NO_EXT=1", allow_module_level=True)
+assert _ext.extension_available(), "compressor._C is not built: run `pip install -e .` (or set COMPRESSOR_NO_EXT=1)"
+
+ISAS = _ext.available_isas()
+SIMD = [isa for isa in ISAS if isa != "scalar"]  # this machine: avx2 (AVX-512 paths compile but cannot run here)
+Q8, GEMV, GEMM = 2, 3, 4  # op modes: int8-activation GEMV, float32 GEMV, blocked float32 GEMM
+FLOAT_TOL = 2e-5  # float32 accumulation: error relative to max |y|
+ACT_QUANT_TOL = 2e-5  # int8-activation path against a float reference that uses the same quantized activations
+
+
+@pytest.fixture
+def isa():
+    previous = _ext.current_isa()
+    yield _ext.set_isa
+    _ext.set_isa(previous)
+
+
+def _int_case(bits: int, n: int, k: int, group: int | None, symmetric: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    q, scale, zero = rtn_quantize(w, IntFormat(bits, group, symmetric), "float16")
+    packed = pack_int32(q, bits)
+    zp = None if zero is None else pack_int32(zero.to(torch.int8).t().contiguous(), bits).t().contiguous()
+    scale = scale.to(torch.float16)
+    weight = dequantize_packed(packed, scale, zp, bits, (n, k), group or k)
+    return repack_int(packed, scale, zp, bits, (n, k), group or k), weight
+
+
+def _act_block(k: int, group: int | None) -> int | None:
+    if group is None or group >= k:
+        return 128
+    return next((b for b in (128, 64, 32) if group % b == 0), None)
+
+
+def _fake_quant_act(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x with each block of `block` columns rounded to int8 codes of that block's absmax / 127 (float reference)."""
+    m, k = x.shape
+    pad = (-k) % block
+    xb = torch.nn.functional.pad(x, (0, pad)).reshape(m, -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    scale = amax / 127
+    q = torch.where(amax > 0, torch.round(xb * (127 / amax)), torch.zeros_like(xb))
+    return (q * scale).reshape(m, -1)[:, :k]
+
+
+def _relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
+
+
+def _all_paths(isa, x, p, modes):
+    out = {}
+    for name in ISAS:
+        isa(name)
+        for mode in modes:
+            out[name, mode] = packed_matmul(x, p, mode)
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 128])
+@pytest.mark.parametrize("group", [12, 16, 32, 40, 64, 128, None])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int_kernels_match_scalar_and_float_reference(bits, symmetric, group, m, isa):
+    n, k = 72, 200  # neither a multiple of 64; groups 12/16/32/64/128 leave a ragged last group
+    p, weight = _int_case(bits, n, k, group, symmetric)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    block = _act_block(k, group)
+    modes = [GEMV, GEMM] + ([Q8] if block else [])
+    out = _all_paths(isa, x, p, modes)
+    ref = x.double() @ weight.double().t()
+    for (name, mode), y in out.items():
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert torch.equal(y, out["scalar", mode]), (name, mode)
+        if mode == Q8:
+            ref_q = _fake_quant_act(x, block).double() @ weight.double().t()
+            assert _relerr(y, ref_q) < ACT_QUANT_TOL, (name, mode)
+            assert _relerr(y, ref) < 2e-2, (name, mode)  # int8 activations: ~0.5% of max |y|
+        else:
+            assert _relerr(y, ref) < FLOAT_TOL, (name, mode)
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_bfloat16_and_float16_activations(m, isa):
+    p, weight = _int_case(4, 40, 96, 32, True)
+    x = torch.randn(m, 96).to(torch.bfloat16)
+    for name in ISAS:
+        isa(name)
+        for dtype in (torch.bfloat16, torch.float16):
+            xd = x.to(dtype)
+            assert torch.equal(packed_matmul(xd, p, GEMV), packed_matmul(xd.float(), p, GEMV))
+            assert torch.equal(packed_matmul(xd, p, Q8), packed_matmul(xd.float(), p, Q8))
+
+
+def test_thread_count_does_not_change_results():
+    p, _ = _int_case(4, 264, 256, 64, False)
+    x = torch.randn(5, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [packed_matmul(x, p, mode) for mode in (Q8, GEMV, GEMM)]
+        torch.set_num_threads(2)
+        two = [packed_matmul(x, p, mode) for mode in (Q8, GEMV, GEMM)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def _fp8_case(n: int, k: int, fmt: Fp8Format):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
+    q, scale = fp8_quantize(w, fmt)
+    return repack_fp8(q, scale, fmt.strategy, fmt.block), fp8_dequantize(q, scale, fmt)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 128])
+@pytest.mark.parametrize(
+    "fmt", [Fp8Format("tensor"), Fp8Format("channel"), Fp8Format("block", (128, 128)), Fp8Format("block", (32, 64))]
+)
+def test_fp8_kernels_match_scalar_and_float_reference(fmt, m, isa):
+    n, k = 150, 300
+    p, weight = _fp8_case(n, k, fmt)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    out = _all_paths(isa, x, p, [GEMV, GEMM])
+    ref = x.double() @ weight.double().t()
+    for (name, mode), y in out.items():
+        assert torch.equal(y, out["scalar", mode]), (name, mode)
+        assert _relerr(y, ref) < FLOAT_TOL, (name, mode)
+
+
+def test_fp8_decode_matches_torch_casts_for_every_byte(isa):
+    """Row r of W holds all 256 E4M3 bytes (NaNs zeroed); x = identity, so y[k, r] is the decoded byte k."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN encodings
+    w = codes.view(torch.float8_e4m3fn).reshape(1, 256).repeat(16, 1)
+    p = repack_fp8(w, torch.ones(1), "tensor", (128, 128))
+    expected = w.to(torch.float32).t()
+    for name in ISAS:
+        isa(name)
+        for mode in (GEMV, GEMM):
+            assert torch.equal(packed_matmul(torch.eye(256), p, mode), expected), (name, mode)
