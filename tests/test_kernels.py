@@ -4,6 +4,8 @@ and against float dequantize-then-matmul references; FP8 decode against torch's 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -156,3 +158,15 @@ def test_fp8_decode_matches_torch_casts_for_every_byte(isa):
         isa(name)
         for mode in (GEMV, GEMM):
             assert torch.equal(packed_matmul(torch.eye(256), p, mode), expected), (name, mode)
+
+
+@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "sse9"])
+def test_compressor_isa_environment_forces_a_path(name):
+    code = "import torch, compressor._C; print(torch.ops.compressor.isa())"
+    env = {**os.environ, "COMPRESSOR_ISA": name}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if name in ISAS:
+        assert run.returncode == 0 and run.stdout.strip() == name
+    else:  # unknown, or not supported by this CPU: one clear error naming the available paths
+        assert run.returncode != 0 and f"COMPRESSOR_ISA={name} is not available" in run.stderr
+        assert "available: " + ", ".join(ISAS) in run.stderr

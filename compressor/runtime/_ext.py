@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 
 import torch
@@ -14,7 +15,7 @@ log = logging.getLogger("compressor.runtime")
 def extension_available() -> bool:
     """True when `compressor._C` is built and registered `torch.ops.compressor.*` (announces the path once)."""
     try:
-        from .. import _C  # noqa: F401  (import registers the ops)
+        importlib.import_module("compressor._C")  # registers the ops
     except ImportError as err:
         log.warning(
             "compressor: C++ kernels not built (%s); quantized layers use the pure-torch fallback "

@@ -1,0 +1,90 @@
+"""compressor.load on tiny compressed models: QuantLinear through the C++ ops gives the logits of the dequantized
+model (dequantize-then-matmul; that dequantization is checked bit-exactly against compressed-tensors in
+test_artifact.py, and test_artifact's logit comparisons against transformers now run through these ops too), and
+the pure-torch fallback is used, and announced once, when the extension is missing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+import torch
+from conftest import small_recipe
+
+import compressor
+from compressor.runtime import QuantLinear, _ext
+from compressor.runtime.ops import MODE_FLOAT
+
+if os.environ.get("COMPRESSOR_NO_EXT") == "1":
+    pytest.skip("extension disabled by COMPRESSOR_NO_EXT=1", allow_module_level=True)
+
+WEIGHTS = {
+    "w4-g32-sym": {"bits": 4, "group_size": 32},
+    "w4-g64-asym": {"bits": 4, "group_size": 64, "symmetric": False},
+    "w8-channel": {"bits": 8, "strategy": "channel"},
+    "fp8-block": {"format": "fp8", "bits": 8, "strategy": "block", "block_size": [32, 32]},
+}
+
+
+@pytest.fixture(scope="module", params=list(WEIGHTS))
+def artifact(request, tiny_model_dir, calib_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    recipe = small_recipe(calib_file, WEIGHTS[request.param], method="rtn")
+    recipe["evaluate"] = None
+    compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    return out
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _quant_linears(model) -> list[QuantLinear]:
+    return [m for m in model.modules() if type(m) is QuantLinear]
+
+
+@pytest.mark.parametrize("isa", _ext.available_isas())
+def test_loaded_model_matches_dequantized_model(artifact, isa):
+    previous = _ext.set_isa(isa)
+    try:
+        reference = compressor.load(artifact)
+        for m in _quant_linears(reference):
+            m.use_kernels = False
+        ours = compressor.load(artifact)
+        layers = _quant_linears(ours)
+        assert layers
+        prefill = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))  # M = 40: GEMM
+        decode = prefill[:1, :1]  # M = 1: GEMV (int8 activations by default for int weights)
+        torch.testing.assert_close(_logits(ours, prefill), _logits(reference, prefill), rtol=1e-4, atol=1e-4)
+        assert all(m.packed_weight() is not None for m in layers)  # the kernels ran, not the fallback
+        torch.testing.assert_close(_logits(ours, decode), _logits(reference, decode), rtol=5e-2, atol=5e-2)
+        for m in layers:
+            m.kernel_mode = MODE_FLOAT
+        torch.testing.assert_close(_logits(ours, decode), _logits(reference, decode), rtol=1e-4, atol=1e-4)
+    finally:
+        _ext.set_isa(previous)
+
+
+def test_fallback_without_extension_is_announced_once(artifact, monkeypatch, caplog):
+    if "asym" not in artifact.parent.name:
+        pytest.skip("one artifact is enough")
+    reference = compressor.load(artifact)  # kernels (float32 accumulation) vs the fallback
+    _ext.extension_available.cache_clear()
+    try:
+        with monkeypatch.context() as mp, caplog.at_level(logging.WARNING, logger="compressor.runtime"):
+            mp.setitem(sys.modules, "compressor._C", None)  # import now fails like an unbuilt extension
+            ours = compressor.load(artifact)
+            ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+            got = _logits(ours, ids)
+            _logits(ours, ids)
+            assert all(m.packed_weight() is None for m in _quant_linears(ours))
+    finally:
+        _ext.extension_available.cache_clear()
+    assert sum("pure-torch fallback" in r.getMessage() for r in caplog.records) == 1
+    for m in _quant_linears(reference):
+        m.kernel_mode = MODE_FLOAT
+    torch.testing.assert_close(got, _logits(reference, ids), rtol=1e-4, atol=1e-4)
+    assert all(m.packed_weight() is not None for m in _quant_linears(reference))
