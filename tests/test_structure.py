@@ -320,3 +320,25 @@ def test_recipe_validation(spec, message, calib_file):
     recipe["passes"] = [spec]
     with pytest.raises(CompressorError, match=message):
         compressor.api.resolve_recipe(recipe)
+
+
+# ---- compress score -------------------------------------------------------------------------------------
+def test_score_command_prints_table_and_writes_nothing(tiny_model_dir, calib_file, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["score", "--model", str(tiny_model_dir("qwen2")), "-q", "--measure-samples", "2"]
+    args += ["--set", f"calibration.source={calib_file}", "--set", "calibration.num_samples=4"]
+    args += ["--set", "calibration.seq_len=32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:7] == ["block", "bi", "lim", "angular", "zd", "loss", "kl"]
+    assert [line.split()[0] for line in lines[1:4]] == ["0", "1", "2"]
+    assert list(tmp_path.iterdir()) == []
+    as_json = CliRunner().invoke(main, [*args, "--json", "--no-measure"])
+    assert as_json.exit_code == 0 and "loss" not in json.loads(as_json.output)["blocks"]
+    bad = CliRunner().invoke(main, [*args, "--measure-samples", "0"])
+    assert bad.exit_code == 2 and "measure_samples" in bad.output

