@@ -9,6 +9,7 @@ import torch
 from .models.loading import LoadedModel
 from .plan import Plan
 from .recipe import Recipe
+from .schema import WeightScheme
 
 
 @dataclass
@@ -17,6 +18,8 @@ class CompressionState:
     recipe: Recipe
     calibration_ids: torch.Tensor | None = None
     plan: Plan = field(default_factory=Plan)
+    # per-layer weight schemes chosen by `allocate_bits` (full module name -> WeightScheme, None = keep float)
+    layer_schemes: dict[str, WeightScheme | None] = field(default_factory=dict)
     report: dict = field(default_factory=dict)  # pass-owned sections merged into report.json (e.g. "scores")
     extra_files: dict[str, bytes] = field(default_factory=dict)  # artifact-relative path -> bytes (plots)
     quiet: bool = False

@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 
 from ..calibration.engine import GramStat, capture_block_inputs, run_block_lockstep
 from ..plan import LayerPlan, QuantizedWeight
-from ..quant.formats import Fp8Format, IntFormat, fallback_group_size
+from ..quant.formats import Fp8Format, IntFormat, resolve_format
 from ..quant.fp8 import fp8_quantize
 from ..quant.gptq import gptq_quantize
 from ..quant.rtn import rtn_quantize
-from ..schema import QuantizePass
+from ..schema import QuantizePass, WeightScheme
 from ..state import CompressionState
 from .base import register
 
@@ -38,23 +38,17 @@ class QuantizeRunner:
         self._ignore = [re.compile(p) for p in config.ignore]
 
     # ---- format per layer -------------------------------------------------------------------------
-    def layer_format(self, in_features: int) -> tuple[IntFormat | Fp8Format, str | None]:
+    def scheme_for(self, state: CompressionState, name: str) -> WeightScheme | None:
+        """The layer's weight scheme: an `allocate_bits` decision if there is one, else the pass's; None = keep."""
+        if name in state.layer_schemes:
+            return state.layer_schemes[name]
+        return None if self._ignored(name) else self.cfg.weights
+
+    def layer_format(
+        self, in_features: int, scheme: WeightScheme | None = None
+    ) -> tuple[IntFormat | Fp8Format, str | None]:
         """The format for a layer of this input width, applying the group-size policy."""
-        w = self.cfg.weights
-        if w.format == "fp8":
-            return Fp8Format(w.strategy, tuple(w.block_size)), None
-        if w.strategy == "channel":
-            return IntFormat(w.bits, None, w.symmetric), None
-        if w.strategy == "tensor":
-            raise NotImplementedError("int per-tensor scales")  # rejected by the recipe schema
-        g = w.group_size
-        if in_features % g == 0 or self.cfg.group_policy == "ragged":
-            return IntFormat(w.bits, g, w.symmetric), None
-        fb = fallback_group_size(in_features, g)
-        note = f"group_size {g} does not divide in_features {in_features}; " + (
-            f"fell back to group_size {fb}" if fb else "fell back to channel-wise scales"
-        )
-        return IntFormat(w.bits, fb, w.symmetric), note
+        return resolve_format(scheme or self.cfg.weights, in_features, self.cfg.group_policy)
 
     def _ignored(self, name: str) -> bool:
         return any(p.search(name) for p in self._ignore)
@@ -63,7 +57,8 @@ class QuantizeRunner:
     def _commit(self, state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, note, method):
         """Write the quantized weight back into the model (so later blocks see it) and record it in the plan."""
         state.adapter.set_weight(module, qw.dequantize())
-        requested = self.cfg.weights.group_size if self.cfg.weights.strategy == "group" else None
+        scheme = self.scheme_for(state, name) or self.cfg.weights
+        requested = scheme.group_size if scheme.strategy == "group" else None
         state.plan.record(LayerPlan.describe(name, qw, method, requested, note), qw)
 
     def _quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
@@ -84,11 +79,12 @@ class QuantizeRunner:
             for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
                 for local in adapter.linear_names():
                     name = f"{prefixes[i]}.{local}"
-                    if self._ignored(name):
+                    scheme = self.scheme_for(state, name)
+                    if scheme is None:
                         continue
                     module = block.get_submodule(local)
                     w = adapter.get_weight(module)
-                    fmt, note = self.layer_format(w.shape[1])
+                    fmt, note = self.layer_format(w.shape[1], scheme)
                     self._commit(state, name, module, self._quantize_data_free(w, fmt), note, "rtn")
         self._quantize_outer(state)
 
@@ -120,37 +116,19 @@ class QuantizeRunner:
         pool = ThreadPoolExecutor(max_workers=len(hidden), thread_name_prefix="calib-chunk")
         progress = tqdm(total=len(blocks), desc="quantize (gptq)", unit="block", disable=state.quiet)
         for i, block in enumerate(blocks):
-            groups = [tuple(n for n in g if not self._ignored(f"{prefixes[i]}.{n}")) for g in adapter.linear_groups]
+            groups = [
+                tuple(n for n in g if self.scheme_for(state, f"{prefixes[i]}.{n}") is not None)
+                for g in adapter.linear_groups
+            ]
             groups = [g for g in groups if g]
 
             def solve(names: tuple[str, ...], stat: GramStat, block=block, prefix=prefixes[i]) -> None:
-                modules = [block.get_submodule(n) for n in names]
-                weights = [adapter.get_weight(m) for m in modules]
-                fmt, note = self.layer_format(weights[0].shape[1])
-                stacked = torch.cat(weights, dim=0)
-                codes, scale, zero = gptq_quantize(
-                    stacked,
-                    stat.mean(),
-                    fmt,
-                    scale_dtype=cfg.scale_dtype,
-                    block_size=cfg.gptq_block_size,
-                    damp=cfg.damp,
-                    act_order=cfg.act_order,
-                    static_groups=cfg.static_groups,
-                    clip_search=cfg.clip_search,
-                )
-                row = 0
-                for n, m, w in zip(names, modules, weights):
-                    rows = slice(row, row + w.shape[0])
-                    row += w.shape[0]
-                    qw = QuantizedWeight(
-                        fmt,
-                        codes[rows].clone(),
-                        scale[rows].clone(),
-                        None if zero is None else zero[rows].clone(),
-                        cfg.scale_dtype,
-                    )
-                    self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq")
+                # linears sharing an input share H; those with the same format are solved as one stacked matrix
+                by_scheme: dict[str, list[str]] = {}
+                for n in names:
+                    by_scheme.setdefault(self.scheme_for(state, f"{prefix}.{n}").model_dump_json(), []).append(n)
+                for members in by_scheme.values():
+                    self._solve_gptq(state, block, prefix, tuple(members), stat)
 
             try:
                 hidden = run_block_lockstep(
@@ -162,3 +140,39 @@ class QuantizeRunner:
             progress.update(1)
         pool.shutdown()
         progress.close()
+
+    def _solve_gptq(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat) -> None:
+        """GPTQ for linears of one format sharing the input statistics `stat` (fp8 layers: data-free RTN)."""
+        adapter, cfg = state.adapter, self.cfg
+        scheme = self.scheme_for(state, f"{prefix}.{names[0]}")
+        modules = [block.get_submodule(n) for n in names]
+        weights = [adapter.get_weight(m) for m in modules]
+        fmt, note = self.layer_format(weights[0].shape[1], scheme)
+        if isinstance(fmt, Fp8Format):
+            for n, m, w in zip(names, modules, weights):
+                self._commit(state, f"{prefix}.{n}", m, self._quantize_data_free(w, fmt), note, "rtn")
+            return
+        stacked = torch.cat(weights, dim=0)
+        codes, scale, zero = gptq_quantize(
+            stacked,
+            stat.mean(),
+            fmt,
+            scale_dtype=cfg.scale_dtype,
+            block_size=cfg.gptq_block_size,
+            damp=cfg.damp,
+            act_order=cfg.act_order,
+            static_groups=cfg.static_groups,
+            clip_search=cfg.clip_search,
+        )
+        row = 0
+        for n, m, w in zip(names, modules, weights):
+            rows = slice(row, row + w.shape[0])
+            row += w.shape[0]
+            qw = QuantizedWeight(
+                fmt,
+                codes[rows].clone(),
+                scale[rows].clone(),
+                None if zero is None else zero[rows].clone(),
+                cfg.scale_dtype,
+            )
+            self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq")

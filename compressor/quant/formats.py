@@ -81,3 +81,25 @@ def fallback_group_size(in_features: int, group_size: int) -> int | None:
             return g
         g //= 2
     return None
+
+
+def resolve_format(scheme, in_features: int, group_policy: str = "fallback") -> tuple[WeightFormatT, str | None]:
+    """The concrete format of a recipe WeightScheme for a layer of this input width, and a note if it fell back.
+
+    `group_policy` 'fallback' replaces a group size that does not divide the width (see `fallback_group_size`);
+    'ragged' keeps it (a short last group, runnable by compressor.load only).
+    """
+    if scheme.format == "fp8":
+        return Fp8Format(scheme.strategy, tuple(scheme.block_size)), None
+    if scheme.strategy == "channel":
+        return IntFormat(scheme.bits, None, scheme.symmetric), None
+    if scheme.strategy == "tensor":
+        raise NotImplementedError("int per-tensor scales")  # rejected by the recipe schema
+    g = scheme.group_size
+    if in_features % g == 0 or group_policy == "ragged":
+        return IntFormat(scheme.bits, g, scheme.symmetric), None
+    fb = fallback_group_size(in_features, g)
+    note = f"group_size {g} does not divide in_features {in_features}; " + (
+        f"fell back to group_size {fb}" if fb else "fell back to channel-wise scales"
+    )
+    return IntFormat(scheme.bits, fb, scheme.symmetric), note

@@ -1,16 +1,115 @@
-"""Recipe schema of the `allocate_bits` pass (issue 4)."""
+"""Recipe schema of the `allocate_bits` pass: candidate formats, the size budget, and how layers are ranked."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
+from pydantic import Field, field_validator, model_validator
+
 from .common import Strict
+from .quantize import WeightScheme
+
+KEEP = "keep"
+_CANDIDATE = re.compile(
+    r"^(?P<kind>int|fp)(?P<bits>\d)[\s-]+(?P<layout>g(?P<group>\d+)|channel|tensor|block)(?:[\s-]+(?P<sym>sym|asym))?$"
+)
+
+
+def parse_candidate(text: str) -> WeightScheme | None:
+    """'int4 g128', 'int3-g64 asym', 'int8 channel', 'fp8 channel', 'fp8 block' -> WeightScheme; 'keep' -> None."""
+    t = text.strip().lower()
+    if t == KEEP:
+        return None
+    m = _CANDIDATE.match(t)
+    if not m:
+        raise ValueError(
+            f"cannot read candidate {text!r}; write e.g. 'int4 g128', 'int3 g64 asym', 'int8 channel', "
+            "'fp8 channel', 'fp8 block' or 'keep'"
+        )
+    bits = int(m["bits"])
+    layout = "group" if m["group"] else m["layout"]
+    if m["kind"] == "fp":
+        if bits != 8:
+            raise ValueError(f"candidate {text!r}: floating point weights are fp8 (E4M3)")
+        return WeightScheme(format="fp8", bits=8, strategy=layout, group_size=None)
+    return WeightScheme(
+        format="int",
+        bits=bits,
+        strategy=layout,
+        group_size=int(m["group"]) if m["group"] else None,
+        symmetric=m["sym"] != "asym",
+    )
+
+
+class Budget(Strict):
+    """The size budget of the allocated linears, weights plus scales and zero points. Give exactly one."""
+
+    bits_per_weight: float | None = Field(None, gt=0, le=32, description="average bits per weight, e.g. 4.25")
+    size: str | None = Field(None, description="total bytes of the allocated linears, e.g. '55MB'")
+    uniform: str | None = Field(
+        None, description="the size these layers take in one candidate format for all, e.g. 'int4 g128'"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Budget:
+        given = [k for k in ("bits_per_weight", "size", "uniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bits_per_weight, size, uniform (got {given or 'none'})")
+        if self.uniform is not None:
+            parse_candidate(self.uniform)
+        return self
 
 
 class AllocateBitsPass(Strict):
-    """Layer-wise bit allocation under a size budget (placeholder until issue 4 lands)."""
+    """Choose one candidate format per linear (or per block) minimising the predicted KL under a size budget.
+
+    The choice is handed to the `quantize` pass that must follow; its method (GPTQ or RTN), scale dtype and
+    group policy apply to every layer.
+    """
 
     type: Literal["allocate_bits"]
+    candidates: list[str] = Field(
+        default_factory=lambda: ["int3 g64", "int4 g128", "int4 g64", "int8 channel"],
+        min_length=1,
+        description="formats a layer may take: 'int<b> g<size>|channel [asym]', 'fp8 channel|block', 'keep'",
+    )
+    budget: Budget
+    method: Literal["measured", "lim", "zd", "search"] = Field(
+        "measured",
+        description="measured: Fisher-weighted error per layer and candidate + exact knapsack; lim / zd: the seed "
+        "paper's block orderings; search: measured, then an evolutionary refinement by end-to-end KL",
+    )
+    granularity: Literal["linear", "block"] = Field("linear", description="one format per linear or per block")
+    solver: Literal["exact", "greedy"] = Field("exact", description="exact multiple-choice knapsack, or greedy")
+    num_samples: int = Field(16, gt=0, description="calibration samples for the sensitivity sweep (first N)")
+    error_model: Literal["auto", "rtn", "gptq"] = Field(
+        "auto", description="quantization error each candidate is scored with; auto = the quantize pass's method"
+    )
+    search_seconds: float = Field(120.0, gt=0, description="method search: wall-time budget of the refinement")
+    search_samples: int = Field(4, gt=0, description="method search: held-out calibration samples scoring KL")
+    cache: bool = Field(True, description="cache sensitivities on disk (keyed by model, calibration, candidates)")
+    cache_dir: str | None = Field(
+        None, description="sensitivity cache folder (default $COMPRESSOR_CACHE_DIR or ~/.cache/compressor)"
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _readable(cls, v: list[str]) -> list[str]:
+        for c in v:
+            parse_candidate(c)
+        if len(set(v)) != len(v):
+            raise ValueError("candidates must not repeat")
+        return v
+
+    @model_validator(mode="after")
+    def _orderings_need_blocks(self) -> AllocateBitsPass:
+        if self.method == "lim" and self.granularity != "block":
+            raise ValueError("method lim scores whole blocks; set granularity: block")
+        return self
+
+    def schemes(self) -> list[WeightScheme | None]:
+        return [parse_candidate(c) for c in self.candidates]
 
     @property
     def needs_calibration(self) -> bool:

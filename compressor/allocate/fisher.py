@@ -1,0 +1,134 @@
+"""Kronecker-factored Fisher statistics of every block linear, from one forward + backward sweep.
+
+For a linear y = W x, a weight error dW changes the outputs by dy = dW x. To second order, the KL divergence of
+the model's next-token distribution from the unquantized one is 0.5 E[(g . dy)^2], where g is the gradient of
+log p(y_hat) w.r.t. the layer output with y_hat sampled from the model itself (the Fisher identity). Assuming g
+and x independent (K-FAC) this is
+
+    KL(dW) ~= 0.5 * tr(G dW H dW^T),   G = E[g g^T] (out x out),   H = E[x x^T] (in x in),
+
+with expectations over calibration tokens. Approximated: cross-token and cross-layer terms are dropped (each
+layer's error is scored alone, contributions add up), and the statistics come from the unquantized model.
+The sweep also records each block's LIM score (negative cosine of block input and output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class FisherStats:
+    """H per input-sharing group (keyed by its first linear), G per linear, and block LIM scores."""
+
+    h: dict[str, torch.Tensor] = field(default_factory=dict)
+    g: dict[str, torch.Tensor] = field(default_factory=dict)
+    h_key: dict[str, str] = field(default_factory=dict)  # linear -> key of its H
+    lim: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    def input_gram(self, name: str) -> torch.Tensor:
+        return self.h[self.h_key[name]]
+
+
+def collect_fisher(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    prefixes: list[str],
+    groups: list[tuple[str, ...]],
+    ids: torch.Tensor,
+    seed: int = 0,
+    quiet: bool = False,
+    backward: bool = True,
+) -> FisherStats:
+    """Sweep `ids` [samples, seq] one sample at a time; returns normalised (per-token) statistics.
+
+    `groups` are the adapter's input-sharing linear groups (names relative to a block). Statistics are in the
+    [out, in] orientation whatever the module stores (GPT-2's Conv1D hooks see the same x and y). With
+    `backward=False` only the forward runs and only the LIM scores are filled.
+    """
+    stats = FisherStats()
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+    lim_sum = [0.0] * len(blocks)
+    for bi, block in enumerate(blocks):
+        for group in groups if backward else ():
+            key = f"{prefixes[bi]}.{group[0]}"
+            for local in group:
+                name = f"{prefixes[bi]}.{local}"
+                stats.h_key[name] = key
+                handles.append(block.get_submodule(local).register_forward_hook(_linear_hook(stats, name, key)))
+        handles.append(block.register_forward_hook(_lim_hook(lim_sum, bi), with_kwargs=True))
+    embed = model.get_input_embeddings()
+    if backward:
+        handles.append(embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for row in tqdm(ids, desc="sensitivity (fisher)", unit="sample", disable=quiet):
+            x = row.unsqueeze(0)
+            if not backward:
+                with torch.inference_mode():
+                    model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+                stats.tokens += x.numel()
+                continue
+            with torch.enable_grad():
+                logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                sampled = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                logp.gather(1, sampled).sum().backward()
+            stats.tokens += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.requires_grad_(True)
+    for d in (stats.h, stats.g):
+        for k in d:
+            d[k] /= max(stats.tokens, 1)
+    stats.lim = [s / max(stats.tokens, 1) for s in lim_sum]
+    return stats
+
+
+def _accumulate(store: dict[str, torch.Tensor], key: str, rows: torch.Tensor) -> None:
+    rows = rows.reshape(-1, rows.shape[-1]).to(torch.float32)
+    if key not in store:
+        store[key] = torch.zeros(rows.shape[1], rows.shape[1])
+    store[key].addmm_(rows.t(), rows)
+
+
+def _linear_hook(stats: FisherStats, name: str, key: str):
+    def hook(module, inputs, output):
+        if name == key:  # the group's members share this input: accumulate it once
+            _accumulate(stats.h, key, inputs[0].detach())
+        if output.requires_grad:
+            output.register_hook(lambda grad: _accumulate(stats.g, name, grad.detach()))
+
+    return hook
+
+
+def _lim_hook(lim_sum: list[float], index: int):
+    def hook(module, args, kwargs, output):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        h_out = output[0] if isinstance(output, tuple) else output
+        cos = torch.nn.functional.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)
+        lim_sum[index] += float(-cos.sum())
+
+    return hook
+
+
+def predicted_kl(g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> float:
+    """0.5 tr(G dW H dW^T): the K-FAC estimate of the per-token KL increase caused by weight error dW [out, in]."""
+    return 0.5 * float(((g @ dw) * (dw @ h)).sum())
+
+
+def zd_score(w: torch.Tensor) -> float:
+    """ZD (seed paper): fraction of weights whose z-score (within the matrix) exceeds 1 in magnitude."""
+    w = w.float()
+    z = (w - w.mean()) / w.std().clamp_min(1e-12)
+    return float((z.abs() > 1).float().mean())
