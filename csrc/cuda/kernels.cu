@@ -1,0 +1,249 @@
+// CUDA implementations of torch.ops.compressor.{int4,int8,fp8}_gemm on the same repacked layout as the CPU
+// kernels (csrc/cpu/kernels.h: tiles of 8 rows, [Np/8, Kw, 8] 32-bit words; float32 scales / z*s [G, Np]).
+//   M < 16: GEMV, one warp per 8-row tile (32 lanes read 4 words x 8 rows = 128 contiguous bytes per step),
+//           float32 accumulation, lanes reduced with shuffles.
+//   M >= 16: tensor-core GEMM (WMMA m16n16k16, fp16 for float16/float32 activations, bf16 for bfloat16), weights
+//           dequantized into shared memory per 64x64x32 tile, float32 accumulation. FP8 E4M3 weights are
+//           converted to fp16/bf16 the same way (no native FP8 MMA).
+// Built by setup.py only with a CUDA build of torch and a toolkit; on our machines it is compile-checked with nvcc
+// for sm_80 and sm_90a (.ci/run), never run.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace compressor_cuda {
+
+enum Kind : int { kInt4 = 0, kInt8 = 1, kFp8 = 2 };
+
+template <int KIND>
+constexpr int kpw() {
+  return KIND == kInt4 ? 8 : 4;
+}
+
+template <int KIND>
+__device__ __forceinline__ float decode(uint32_t word, int i) {
+  if constexpr (KIND == kInt4) {
+    return static_cast<float>((word >> (4 * i)) & 0xF);
+  } else {
+    const uint8_t b = static_cast<uint8_t>(word >> (8 * i));
+    if constexpr (KIND == kInt8) {
+      return static_cast<float>(static_cast<int8_t>(b));
+    } else {
+      __nv_fp8_e4m3 f;
+      f.__x = b;
+      return static_cast<float>(f);
+    }
+  }
+}
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename C>
+__device__ __forceinline__ C from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+struct Shape {
+  int64_t M, K, Kp, Kw, Np, G, group;
+};
+
+__device__ __forceinline__ int64_t group_of(const Shape& S, int64_t k) {
+  const int64_t g = k / S.group;
+  return g < S.G ? g : S.G - 1;
+}
+
+// Dequantized weight (row n, column k < Kp).
+template <int KIND>
+__device__ __forceinline__ float weight_at(const uint32_t* w, const float* s, const float* zs, const Shape& S, int64_t n,
+                                           int64_t k) {
+  const uint32_t word = w[((n / 8) * S.Kw + k / kpw<KIND>()) * 8 + (n & 7)];
+  const int64_t g = group_of(S, k);
+  const float c = decode<KIND>(word, static_cast<int>(k % kpw<KIND>()));
+  return KIND == kFp8 ? c * s[g * S.Np + n] : c * s[g * S.Np + n] - zs[g * S.Np + n];
+}
+
+// blockDim (32, 4): warp y handles tile blockIdx.x * 4 + y for activation row blockIdx.y.
+template <int KIND, typename T>
+__global__ void gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w, const float* __restrict__ s,
+                            const float* __restrict__ zs, float* __restrict__ y, Shape S) {
+  constexpr int KPW = kpw<KIND>();
+  const int lane = threadIdx.x, j = lane & 7, sub = lane >> 3;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (t >= S.Np / 8) return;
+  const int64_t m = blockIdx.y, n = t * 8 + j;
+  const T* xr = x + m * S.K;
+  const uint32_t* wt = w + t * S.Kw * 8;
+  float acc = 0.f;
+  for (int64_t kw = sub; kw < S.Kw; kw += 4) {
+    const uint32_t word = __ldg(wt + kw * 8 + j);
+#pragma unroll
+    for (int i = 0; i < KPW; ++i) {
+      const int64_t k = kw * KPW + i;
+      if (k >= S.K) break;
+      const int64_t g = group_of(S, k);
+      const float wv = KIND == kFp8 ? decode<KIND>(word, i) * s[g * S.Np + n]
+                                    : decode<KIND>(word, i) * s[g * S.Np + n] - zs[g * S.Np + n];
+      acc += wv * to_float(xr[k]);
+    }
+  }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+  if (sub == 0) y[m * S.Np + n] = acc;
+}
+
+constexpr int BM = 64, BN = 64, BK = 32;
+
+// 128 threads = 4 warps in a 2 x 2 grid, each computing a 32 x 32 block of y with 2 x 2 WMMA fragments.
+template <int KIND, typename T, typename C>
+__global__ void __launch_bounds__(128) gemm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
+                                                   const float* __restrict__ s, const float* __restrict__ zs,
+                                                   float* __restrict__ y, Shape S) {
+  using namespace nvcuda;
+  __shared__ __align__(32) C As[BM * BK];  // x tile, row-major [m][k]
+  __shared__ __align__(32) C Bs[BK * BN];  // W^T tile, row-major [k][n]
+  __shared__ __align__(32) float Cs[BM * BN];
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.f);
+
+  for (int64_t k0 = 0; k0 < S.Kp; k0 += BK) {
+    for (int idx = tid; idx < BM * BK; idx += 128) {
+      const int r = idx / BK, c = idx % BK;
+      const int64_t m = m0 + r, k = k0 + c;
+      As[idx] = from_float<C>(m < S.M && k < S.K ? to_float(x[m * S.K + k]) : 0.f);
+    }
+    for (int idx = tid; idx < BK * BN; idx += 128) {
+      const int r = idx % BK, c = idx / BK;  // r: k, c: n (consecutive threads walk k: words of one row)
+      const int64_t n = n0 + c, k = k0 + r;
+      Bs[r * BN + c] = from_float<C>(n < S.Np && k < S.Kp ? weight_at<KIND>(w, s, zs, S, n, k) : 0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, C, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, C, wmma::row_major> fb[2];
+#pragma unroll
+      for (int a = 0; a < 2; ++a) wmma::load_matrix_sync(fa[a], As + (wm * 32 + a * 16) * BK + kk, BK);
+#pragma unroll
+      for (int b = 0; b < 2; ++b) wmma::load_matrix_sync(fb[b], Bs + kk * BN + wn * 32 + b * 16, BN);
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      wmma::store_matrix_sync(Cs + (wm * 32 + a * 16) * BN + wn * 32 + b * 16, acc[a][b], BN, wmma::mem_row_major);
+  __syncthreads();
+  for (int idx = tid; idx < BM * BN; idx += 128) {
+    const int64_t m = m0 + idx / BN, n = n0 + idx % BN;
+    if (m < S.M && n < S.Np) y[m * S.Np + n] = Cs[idx];
+  }
+}
+
+template <int KIND, typename T>
+void launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const float* zs, at::Tensor& y,
+            const Shape& S) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (S.M < 16) {
+    const dim3 grid(static_cast<unsigned>((S.Np / 8 + 3) / 4), static_cast<unsigned>(S.M)), block(32, 4);
+    gemv_kernel<KIND, T><<<grid, block, 0, stream>>>(xp, wp, sp, zs, yp, S);
+  } else {
+    const dim3 grid(static_cast<unsigned>((S.Np + BN - 1) / BN), static_cast<unsigned>((S.M + BM - 1) / BM));
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      gemm_kernel<KIND, T, __nv_bfloat16><<<grid, 128, 0, stream>>>(xp, wp, sp, zs, yp, S);
+    else
+      gemm_kernel<KIND, T, __half><<<grid, 128, 0, stream>>>(xp, wp, sp, zs, yp, S);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int KIND>
+at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s, const at::Tensor* zs, int64_t group,
+               int64_t out_features) {
+  TORCH_CHECK(x_in.dim() == 2, "compressor ops: x must be [M, K]");
+  TORCH_CHECK(w.is_cuda() && s.is_cuda() && w.device() == x_in.device() && s.device() == x_in.device(),
+              "compressor ops: x, weight and scales must be on the same CUDA device");
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == 8 && w.is_contiguous(),
+              "compressor ops: packed weight must be the repacked int32 [Np/8, Kw, 8] layout");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group};
+  S.Kw = S.Kp / kpw<KIND>();
+  TORCH_CHECK(w.size(0) * 8 == S.Np && w.size(1) == S.Kw && out_features <= S.Np, "weight layout does not match x");
+  TORCH_CHECK(group > 0 && (S.G - 1) * group < S.K && S.G * group >= S.K, "group_size does not cover K");
+  const float* zp = nullptr;
+  if (KIND != kFp8) {
+    TORCH_CHECK(zs && zs->sizes() == s.sizes() && zs->scalar_type() == at::kFloat && zs->is_contiguous(),
+                "zeros must be float32 [G, Np] like scales");
+    zp = zs->data_ptr<float>();
+  }
+  at::Tensor y = at::zeros({S.M, S.Np}, x.options().dtype(at::kFloat));
+  if (S.M == 0) return y.narrow(1, 0, out_features);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      launch<KIND, float>(x, w, s, zp, y, S);
+      break;
+    case at::kHalf:
+      launch<KIND, __half>(x, w, s, zp, y, S);
+      break;
+    case at::kBFloat16:
+      launch<KIND, __nv_bfloat16>(x, w, s, zp, y, S);
+      break;
+    default:
+      TORCH_CHECK(false, "compressor ops: x must be float32, float16 or bfloat16");
+  }
+  return y.narrow(1, 0, out_features);
+}
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& zs,
+                     int64_t group, int64_t n, int64_t /*mode*/) {
+  return run<kInt4>(x, w, s, &zs, group, n);
+}
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& zs,
+                     int64_t group, int64_t n, int64_t /*mode*/) {
+  return run<kInt8>(x, w, s, &zs, group, n);
+}
+at::Tensor fp8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t group, int64_t n,
+                    int64_t /*mode*/) {
+  return run<kFp8>(x, w, s, nullptr, group, n);
+}
+
+}  // namespace compressor_cuda
+
+TORCH_LIBRARY_IMPL(compressor, CUDA, m) {
+  m.impl("int4_gemm", &compressor_cuda::int4_gemm);
+  m.impl("int8_gemm", &compressor_cuda::int8_gemm);
+  m.impl("fp8_gemm", &compressor_cuda::fp8_gemm);
+}
