@@ -232,3 +232,15 @@ def test_allocation_needs_a_following_quantize_pass(tiny_model_dir, calib_file, 
     r["passes"] = r["passes"][:1]
     with pytest.raises(RecipeError, match="none follows"):
         compressor.compress(r, model=str(tiny_model_dir("llama")), output=tmp_path / "o", quiet=True)
+
+
+def test_search_never_ends_worse_than_its_start(tiny_model_dir, calib_file, tmp_path):
+    result = compressor.compress(
+        _recipe(calib_file, "search", {"bits_per_weight": 3.5}, search_seconds=3, search_samples=2),
+        model=str(tiny_model_dir("llama")),
+        output=tmp_path / "out",
+        quiet=True,
+    )
+    alloc, search = result.report["allocation"], result.report["allocation_search"]
+    assert alloc["used_bits"] <= alloc["budget_bits"]
+    assert search["steps"] >= 1 and 0 <= search["held_out_kl"] <= search["start_kl"]

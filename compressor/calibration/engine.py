@@ -103,6 +103,7 @@ class GramStat:
 
     def __init__(self, width: int, token_clip: float | None = None):
         self.h = torch.zeros(width, width, dtype=torch.float32)
+        self.abs_sum = torch.zeros(width, dtype=torch.float32)  # per-channel sum |x| (activation-aware scaling)
         self.count = 0
         self.token_clip = token_clip
 
@@ -113,14 +114,24 @@ class GramStat:
             limit = self.token_clip * norms.median()
             x = x * torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)
         self.h.addmm_(x.t(), x)
+        self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
 
     def merge(self, other: GramStat) -> None:
         self.h += other.h
+        self.abs_sum += other.abs_sum
         self.count += other.count
 
     def mean(self) -> torch.Tensor:
         return self.h / max(self.count, 1)
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def rescale_inputs(self, divisor: torch.Tensor) -> None:
+        """The statistics of x / divisor (after an activation-aware scale was folded upstream)."""
+        self.h /= divisor[:, None] * divisor[None, :]
+        self.abs_sum /= divisor
 
 
 class _Turns:
@@ -152,7 +163,7 @@ class _Aborted(Exception):
     pass
 
 
-SolveFn = Callable[[tuple[str, ...], GramStat], None]
+SolveFn = Callable[[tuple[str, ...], GramStat], "torch.Tensor | None"]
 
 
 def run_block_lockstep(
@@ -167,7 +178,9 @@ def run_block_lockstep(
 ) -> list[torch.Tensor]:
     """Forward every chunk through `block` once, solving each linear group when all chunks reached it.
 
-    `solve(names, stat)` must replace the weights of the named linears (in place) before returning.
+    `solve(names, stat)` must replace the weights of the named linears (in place) before returning. It may
+    return a per-channel divisor: it has folded 1/divisor into what produces the group's input (a norm or an
+    earlier linear), so inputs already computed by waiting chunks are divided by it here.
     `pool` must have at least len(hidden) workers; pass one pool for a whole sweep so threads (and the
     per-thread buffers of the BLAS/OpenMP runtime) are reused across blocks. Returns the outputs per chunk.
     """
@@ -176,22 +189,30 @@ def run_block_lockstep(
     local = threading.local()
     stats: dict[int, GramStat] = {}
     done: set[int] = set()
+    divisors: dict[int, torch.Tensor] = {}
+
+    def scaled(gi: int, inputs: tuple):
+        d = divisors.get(gi)
+        return None if d is None else (inputs[0] / d.to(inputs[0].dtype), *inputs[1:])
+
     outputs: list[torch.Tensor | None] = [None] * n
 
     def hook_for(gi: int):
         def pre_hook(module, inputs):
             if gi in done:
-                return None
+                return scaled(gi, inputs)
             x = inputs[0]
             stat = stats.setdefault(gi, GramStat(x.shape[-1], token_clip))
             stat.add(x)
             if local.index == n - 1:  # every chunk has contributed: solve before anyone goes on
-                solve(groups[gi], stat)
+                divisor = solve(groups[gi], stat)
+                if divisor is not None:
+                    divisors[gi] = divisor
                 done.add(gi)
                 del stats[gi]
             turns.pass_on(local.index)
             turns.wait(local.index)
-            return None
+            return scaled(gi, inputs)
 
         return pre_hook
 

@@ -22,6 +22,9 @@ class Adapter:
     linear_groups: tuple[tuple[str, ...], ...]
     decoder: bool = True
     extra: dict = field(default_factory=dict)
+    # activation-aware scaling: a group's first linear -> modules (relative to the block) that may produce its
+    # input, first existing one wins; a norm (scale folded into its weight) or a linear (into its output rows)
+    scale_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.base_model.get_submodule(self.blocks_path)
@@ -33,6 +36,22 @@ class Adapter:
             if mod is blocks:
                 return f"{name}.{index}"
         raise ModelError("cannot locate decoder blocks in the model")
+
+    def scale_source(self, block: nn.Module, group: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+        """The module whose output is `group`'s input and can absorb a per-channel scale, or None."""
+        for path in self.scale_sources.get(group[0], ()):
+            try:
+                module = block.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.Linear) or is_conv1d(module):
+                width = module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+                target = block.get_submodule(group[0])
+                needed = target.weight.shape[0] if is_conv1d(target) else target.weight.shape[1]
+                if width != needed:  # e.g. v_proj -> o_proj under grouped-query attention
+                    return None
+            return path, module
+        return None
 
     def linear_names(self) -> list[str]:
         return [name for group in self.linear_groups for name in group]
@@ -62,8 +81,21 @@ _LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
+_LLAMA_SCALE_SOURCES = {
+    "self_attn.q_proj": ("input_layernorm",),
+    "self_attn.o_proj": ("self_attn.v_proj",),
+    "mlp.gate_proj": ("pre_feedforward_layernorm", "post_attention_layernorm"),  # gemma3 first
+    "mlp.down_proj": ("mlp.up_proj",),  # act(gate) * up is linear in up's output
+}
+
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma3_text"), "layers", _LLAMA_GROUPS),
+    Adapter(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3", "gemma3_text"),
+        "layers",
+        _LLAMA_GROUPS,
+        scale_sources=_LLAMA_SCALE_SOURCES,
+    ),
     Adapter(
         "opt",
         ("opt",),
@@ -74,12 +106,15 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("fc1",),
             ("fc2",),
         ),
+        # pre-LN OPT only (checked when folding): norms feed q/k/v and fc1
+        scale_sources={"self_attn.q_proj": ("self_attn_layer_norm",), "fc1": ("final_layer_norm",)},
     ),
     Adapter(
         "gpt2",
         ("gpt2",),
         "h",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        scale_sources={"attn.c_attn": ("ln_1",), "mlp.c_fc": ("ln_2",)},
     ),
     Adapter(
         "bert",

@@ -216,6 +216,7 @@ class AllocateBitsRunner:
             state.recipe.calibration.seed,
             state.quiet,
             backward=backward,
+            token_clip=quant.hessian_token_clip,
         )
 
     def _lim_scores(self, state: CompressionState, quant: QuantizePass) -> list[float]:

@@ -11,7 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.engine import GramStat, capture_block_inputs, run_block_lockstep
+from ..models.folding import can_fold_into, fold_divisor, scale_input_columns
 from ..plan import LayerPlan, QuantizedWeight
+from ..quant.awq import awq_search
 from ..quant.formats import Fp8Format, IntFormat, resolve_format
 from ..quant.fp8 import fp8_quantize
 from ..quant.gptq import gptq_quantize
@@ -73,8 +75,8 @@ class QuantizeRunner:
         model, adapter = state.model, state.adapter
         blocks = adapter.blocks(model)
         prefixes = [adapter.block_prefix(model, i) for i in range(len(blocks))]
-        if self.cfg.method == "gptq":
-            self._run_gptq(state, blocks, prefixes)
+        if self.cfg.method == "gptq" or self.cfg.awq:
+            self._run_calibrated(state, blocks, prefixes)
         else:
             for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
                 for local in adapter.linear_names():
@@ -109,12 +111,14 @@ class QuantizeRunner:
             fmt, note = self.layer_format(w.shape[1])
             self._commit(state, names[id(module)], module, self._quantize_data_free(w, fmt), note, "rtn")
 
-    def _run_gptq(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
+    def _run_calibrated(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
+        """Block by block on calibration activations: optional activation-aware scaling, then GPTQ (or RTN)."""
         adapter, cfg = state.adapter, self.cfg
         calls = capture_block_inputs(state.model, blocks, state.calibration_chunks())
         hidden = calls.hidden
         pool = ThreadPoolExecutor(max_workers=len(hidden), thread_name_prefix="calib-chunk")
-        progress = tqdm(total=len(blocks), desc="quantize (gptq)", unit="block", disable=state.quiet)
+        label = cfg.method + ("+awq" if cfg.awq else "")
+        progress = tqdm(total=len(blocks), desc=f"quantize ({label})", unit="block", disable=state.quiet)
         for i, block in enumerate(blocks):
             groups = [
                 tuple(n for n in g if self.scheme_for(state, f"{prefixes[i]}.{n}") is not None)
@@ -122,13 +126,15 @@ class QuantizeRunner:
             ]
             groups = [g for g in groups if g]
 
-            def solve(names: tuple[str, ...], stat: GramStat, block=block, prefix=prefixes[i]) -> None:
+            def solve(names: tuple[str, ...], stat: GramStat, block=block, prefix=prefixes[i]):
+                divisor = self._activation_scale(state, block, prefix, names, stat) if cfg.awq else None
                 # linears sharing an input share H; those with the same format are solved as one stacked matrix
                 by_scheme: dict[str, list[str]] = {}
                 for n in names:
                     by_scheme.setdefault(self.scheme_for(state, f"{prefix}.{n}").model_dump_json(), []).append(n)
                 for members in by_scheme.values():
-                    self._solve_gptq(state, block, prefix, tuple(members), stat)
+                    self._solve_group(state, block, prefix, tuple(members), stat)
+                return divisor
 
             try:
                 hidden = run_block_lockstep(
@@ -141,14 +147,14 @@ class QuantizeRunner:
         pool.shutdown()
         progress.close()
 
-    def _solve_gptq(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat) -> None:
-        """GPTQ for linears of one format sharing the input statistics `stat` (fp8 layers: data-free RTN)."""
+    def _solve_group(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat) -> None:
+        """GPTQ for linears of one format sharing the input statistics `stat` (RTN method, fp8: data-free)."""
         adapter, cfg = state.adapter, self.cfg
         scheme = self.scheme_for(state, f"{prefix}.{names[0]}")
         modules = [block.get_submodule(n) for n in names]
         weights = [adapter.get_weight(m) for m in modules]
         fmt, note = self.layer_format(weights[0].shape[1], scheme)
-        if isinstance(fmt, Fp8Format):
+        if isinstance(fmt, Fp8Format) or cfg.method == "rtn":
             for n, m, w in zip(names, modules, weights):
                 self._commit(state, f"{prefix}.{n}", m, self._quantize_data_free(w, fmt), note, "rtn")
             return
@@ -176,3 +182,56 @@ class QuantizeRunner:
                 cfg.scale_dtype,
             )
             self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq")
+
+    # ---- activation-aware scaling -----------------------------------------------------------------
+    def _activation_scale(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat):
+        """Search and apply an AWQ scale for the input shared by `names`; returns the input divisor or None."""
+        adapter = state.adapter
+        group = next(g for g in adapter.linear_groups if names[0] in g)  # every consumer, quantized or not
+        source = adapter.scale_source(block, group)
+        if source is None or not getattr(state.model.config, "do_layer_norm_before", True):
+            return None
+        src_path, src_module = source
+        src_name = f"{prefix}.{src_path}"
+        src_qw = state.plan.weights.get(src_name)
+        if not can_fold_into(src_module) or (
+            isinstance(src_qw, QuantizedWeight)
+            and isinstance(src_qw.fmt, Fp8Format)
+            and src_qw.fmt.strategy != "channel"
+        ):
+            return None
+        modules = {n: block.get_submodule(n) for n in group}
+        weights, quantizers = [], []
+        for n in names:
+            scheme = self.scheme_for(state, f"{prefix}.{n}")
+            w = adapter.get_weight(modules[n])
+            fmt, _ = self.layer_format(w.shape[1], scheme)
+            weights.append(w)
+            quantizers.append(lambda x, fmt=fmt: self._quantize_data_free(x, fmt).dequantize())
+        found = awq_search(weights, quantizers, stat.mean(), stat.mean_abs(), self.cfg.awq_grid)
+        state.report.setdefault("awq", []).append(
+            {
+                "group": f"{prefix}.{group[0]}",
+                "alpha": found.alpha,
+                "output_error_ratio": found.error / found.error_unscaled if found.error_unscaled else 1.0,
+            }
+        )
+        if found.alpha == 0.0:
+            return None
+        s = found.scale
+        if src_qw is not None:  # already quantized (v_proj, up_proj): rescale its rows through its scales
+            src_qw.scale = _round_scale_rows(src_qw.scale / s[:, None], src_qw.scale_dtype)
+            adapter.set_weight(src_module, src_qw.dequantize())
+            if getattr(src_module, "bias", None) is not None:
+                src_module.bias.data /= s.to(src_module.bias.dtype)
+        else:
+            fold_divisor(src_module, s)
+        for m in modules.values():
+            scale_input_columns(m, s)
+        stat.rescale_inputs(s)
+        return s
+
+
+def _round_scale_rows(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    return scale.to(dtypes.get(scale_dtype, torch.float32)).to(torch.float32)

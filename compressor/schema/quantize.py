@@ -74,13 +74,19 @@ class QuantizePass(Strict):
     static_groups: bool = Field(
         False, description="GPTQ: group scales from the unquantized weight (forced by act_order)"
     )
+    awq: bool = Field(
+        False,
+        description="activation-aware scaling before RTN/GPTQ: per-input-channel scales (mean|x|^alpha, alpha "
+        "searched on calibration statistics) folded into the preceding norm or linear where the family allows",
+    )
+    awq_grid: int = Field(20, ge=1, description="awq: number of alpha values tried in [0, 1)")
     lm_head: bool = Field(False, description="also quantize the output embeddings / lm_head (RTN, same scheme)")
     embeddings: bool = Field(False, description="also quantize the input embeddings (RTN, same scheme)")
     ignore: list[str] = Field(default_factory=list, description="module-name regexes to leave in full precision")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method == "gptq" or self.awq
 
     @model_validator(mode="after")
     def _method_fits_format(self) -> QuantizePass:
