@@ -16,6 +16,18 @@ def summary_lines(report: dict) -> list[str]:
         f"quantized layers: {size.get('quantized_layers', 0)} at {size.get('quantized_bits_per_weight', 0):.3f} "
         f"bits/weight incl. scales; artifact {size.get('artifact_bytes', 0) / 1e6:.1f} MB",
     ]
+    alloc = report.get("allocation")
+    if alloc:
+        counts: dict[str, int] = {}
+        for unit in alloc["units"]:
+            counts[unit["format"]] = counts.get(unit["format"], 0) + 1
+        lines.append(
+            f"allocate_bits ({alloc['method']}): {alloc['used_bits_per_weight']:.3f} of "
+            f"{alloc['budget_bits_per_weight']:.3f} bits/weight; " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+        )
+    if report.get("awq"):
+        scaled = [g for g in report["awq"] if g["alpha"] > 0]
+        lines.append(f"activation-aware scaling: {len(scaled)} of {len(report['awq'])} input groups scaled")
     if report.get("group_fallbacks"):
         lines.append(f"group-size fallbacks: {len(report['group_fallbacks'])} layers (see report.json)")
     if "perplexity" in metrics:
@@ -58,6 +70,26 @@ def plot_layers(report: dict, path: Path) -> bool:
     return True
 
 
+def allocation_table(report: dict) -> list[str]:
+    """Markdown table: per layer type, how many layers took each format (and why: the predicted KL saved)."""
+    alloc = report.get("allocation")
+    if not alloc:
+        return []
+    formats = alloc["candidates"]
+    by_type: dict[str, dict[str, int]] = {}
+    for unit in alloc["units"]:
+        kind = unit["name"].rsplit(".", 1)[-1] if alloc["granularity"] == "linear" else "block"
+        row = by_type.setdefault(kind, dict.fromkeys(formats, 0))
+        row[unit["format"]] += 1
+    lines = ["", "## Bit allocation", "", "| layer type | " + " | ".join(formats) + " |"]
+    lines.append("|---" * (len(formats) + 1) + "|")
+    for kind, row in by_type.items():
+        lines.append(f"| {kind} | " + " | ".join(str(row[f]) for f in formats) + " |")
+    if alloc.get("predicted_kl") is not None:
+        lines += ["", f"Predicted KL of the allocation (Fisher estimate, sum over layers): {alloc['predicted_kl']:.5f}"]
+    return lines
+
+
 def write_report(report: dict, folder: Path) -> None:
     """report.json, summary.md and layers.png into `folder`."""
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -65,6 +97,7 @@ def write_report(report: dict, folder: Path) -> None:
     text = ["# Compression report", "", *[f"- {line}" for line in summary_lines(report)]]
     if has_plot:
         text += ["", "![format per layer](layers.png)"]
+    text += allocation_table(report)
     (folder / "summary.md").write_text("\n".join(text) + "\n")
 
 
