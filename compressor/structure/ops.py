@@ -177,26 +177,24 @@ def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: Fuse
             "fuse_blocks: least-squares correction needs linear branch outputs; %s merges without it",
             model.config.model_type,
         )
-    runner = BlockRunner(
-        model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size), reference=cfg.select == "check"
-    )
     ridge = cfg.ridge if correct else None
     details: dict = {"group_size": m, "corrected": correct}
     if cfg.start is not None or cfg.select == "angular":
+        # the correction fits on the statistics windows (no reference logits needed here)
+        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
         if cfg.start is not None:
             starts = [cfg.start]
         else:
-            stats = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
             table = ScoreTable(depth=depth)
-            activation_scores(stats, table, m, False, quiet)
-            del stats
+            activation_scores(runner, table, m, False, quiet)
             starts = _windows_by_angle(table.angular[m], m, merges, depth)
             if len(starts) < merges:
                 raise RecipeError(f"found only {len(starts)} non-overlapping windows", where="fuse_blocks")
-        states = runner.inputs()
+        states = runner.inputs(last=max(starts))
         for start in tqdm(sorted(starts, reverse=True), desc="fuse", unit="merge", disable=quiet):
             fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge)
     else:
+        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
         starts = _laco_walk(runner, adapter, info, m, merges, cfg.threshold, ridge, quiet)
         details["threshold"] = cfg.threshold
     absorbed = sorted(s + k for s in starts for k in range(1, m))

@@ -66,14 +66,19 @@ class BlockRunner:
         self.chunks = list(chunks)
         self.info = structure_info(adapter, model)
         self.calls = capture_block_inputs(model, self.blocks, self.chunks)
-        self.base_logp: list[torch.Tensor] | None = None
+        self.base_p: list[torch.Tensor] | None = None  # base model's probabilities per chunk
         self.base_final: Hidden | None = None
         if reference:
             self.base_final = self.run(0, self.calls.hidden)
-            logp = [self.log_probs(i, h) for i, h in enumerate(self.base_final)]
-            if sum(x.numel() for x in logp) > REFERENCE_FP32_LIMIT:  # large vocab x many tokens: halve the cache
-                logp = [x.to(torch.float16) for x in logp]
-            self.base_logp = logp
+            self.base_p, self.base_negentropy = [], []
+            half = sum(h.shape[0] * h.shape[1] for h in self.base_final) * model.config.vocab_size
+            for i, h in enumerate(self.base_final):
+                logp = self.log_probs(i, h)
+                p = logp.exp()
+                if half > REFERENCE_FP32_LIMIT:  # large vocab x many tokens: halve the cache
+                    p = p.to(torch.float16)
+                self.base_p.append(p)
+                self.base_negentropy.append((p * logp).sum().item())  # KL = sum p log p - sum p log q
 
     @property
     def depth(self) -> int:
@@ -113,14 +118,17 @@ class BlockRunner:
                     hidden = self.run_block(i, hidden)
         return hidden
 
-    def inputs(self, removed: Iterable[Unit] = (), start: int = 0, known: list[Hidden] | None = None) -> list[Hidden]:
+    def inputs(
+        self, removed: Iterable[Unit] = (), start: int = 0, known: list[Hidden] | None = None, last: int | None = None
+    ) -> list[Hidden]:
         """Input of every block and the final output (depth + 1 entries) with `removed` skipped.
 
-        With `known` (a previous result), entries up to `start` are reused and only the rest is recomputed.
+        With `known` (a previous result), entries up to `start` are reused and only the rest is recomputed;
+        with `last`, only the inputs of blocks 0..last are computed.
         """
         removed = set(removed)
         states = list(known[: start + 1]) if known is not None else [self.calls.hidden]
-        for i in range(len(states) - 1, self.depth):
+        for i in range(len(states) - 1, self.depth if last is None else last):
             states.append(self.run(i, states[i], removed, stop=i + 1))
         return states
 
@@ -133,13 +141,12 @@ class BlockRunner:
     @torch.inference_mode()
     def score(self, final: Hidden) -> OutputScore:
         """Loss, KL to the base model and final-state cosine for per-chunk final hidden states."""
-        assert self.base_logp is not None and self.base_final is not None, "runner built without a reference"
+        assert self.base_p is not None and self.base_final is not None, "runner built without a reference"
         nll = kl = cos = 0.0
         n_pred = n_pos = 0
         for c, h in enumerate(final):
             logp = self.log_probs(c, h)
-            base = self.base_logp[c].float()
-            kl += (base.exp() * (base - logp)).sum().item()
+            kl += self.base_negentropy[c] - (self.base_p[c] * logp).sum().item()
             cos += F.cosine_similarity(h.float(), self.base_final[c].float(), dim=-1).sum().item()
             n_pos += h.shape[0] * h.shape[1]
             if self.adapter.decoder:
