@@ -1,11 +1,62 @@
-"""`compress export-onnx OUT`: ONNX export of an existing artifact (issue 6; placeholder)."""
+"""`compress export-onnx ARTIFACT OUT`: ONNX export of an existing compressed artifact."""
 
 from __future__ import annotations
 
+import sys
+import traceback
+
 import click
+
+from ..errors import CompressorError
 
 
 @click.command("export-onnx")
-def export_onnx_command() -> None:
-    """Export a compressed artifact to ONNX (not implemented yet)."""
-    raise click.UsageError("`compress export-onnx` is not implemented yet")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["matmulnbits", "qdq"]),
+    default="matmulnbits",
+    show_default=True,
+    help="INT layers as com.microsoft.MatMulNBits or DequantizeLinear+MatMul (FP8 layers are always QDQ).",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=4,
+    show_default=True,
+    help="MatMulNBits accuracy_level (4: int8 activations, fastest on CPU; 0: float32 compute).",
+)
+@click.option("--opset", type=click.IntRange(21, 23), default=21, show_default=True, help="ONNX opset.")
+@click.option(
+    "--embeddings",
+    type=click.Choice(["quantized", "float"]),
+    default="quantized",
+    show_default=True,
+    help="Quantized input embeddings as GatherBlockQuantized, or as a dequantized float table.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
+def export_onnx_command(artifact, out, fmt, accuracy_level, opset, embeddings, overwrite, debug) -> None:
+    """Export a compressed artifact (written by `compress`) to ONNX in OUT (model.onnx, config, tokenizer)."""
+    from pathlib import Path
+
+    from exporters.onnx import export_artifact
+
+    from ..schema.onnx import OnnxExportConfig
+
+    config = OnnxExportConfig(format=fmt, accuracy_level=accuracy_level, opset=opset, embeddings=embeddings)
+    try:
+        files = export_artifact(Path(artifact), Path(out), config, overwrite=overwrite)
+    except CompressorError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except Exception as err:  # internal error
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {out} ({', '.join(files)})")

