@@ -14,12 +14,14 @@ TORCH_LIBRARY(compressor, m) {
   m.def("available_isas() -> str[]", &compressor::available_isas);
   m.def("isa() -> str", &compressor::current_isa);
   m.def("set_isa(str name) -> str", &compressor::set_isa);
+  m.def("read_memory(Tensor buf) -> int");
 }
 
 TORCH_LIBRARY_IMPL(compressor, CPU, m) {
   m.impl("int4_gemm", &compressor::int4_gemm_cpu);
   m.impl("int8_gemm", &compressor::int8_gemm_cpu);
   m.impl("fp8_gemm", &compressor::fp8_gemm_cpu);
+  m.impl("read_memory", &compressor::read_memory);
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -86,13 +86,14 @@ def test_int_kernels_match_scalar_and_float_reference(bits, symmetric, group, m,
     p, weight = _int_case(bits, n, k, group, symmetric)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     block = _act_block(k, group)
-    modes = [GEMV, GEMM] + ([Q8] if block else [])
-    out = _all_paths(isa, x, p, modes)
+    out = _all_paths(isa, x, p, [GEMV, GEMM, Q8])
     ref = x.double() @ weight.double().t()
     for (name, mode), y in out.items():
         assert y.shape == (m, n) and y.dtype == torch.float32
         assert torch.equal(y, out["scalar", mode]), (name, mode)
-        if mode == Q8:
+        if mode == Q8 and not block:  # group not a multiple of 32: int8 activations fall back to float32
+            assert torch.equal(y, out[name, GEMV if m < 16 else GEMM]), (name, mode)
+        elif mode == Q8:
             ref_q = _fake_quant_act(x, block).double() @ weight.double().t()
             assert _relerr(y, ref_q) < ACT_QUANT_TOL, (name, mode)
             assert _relerr(y, ref) < 2e-2, (name, mode)  # int8 activations: ~0.5% of max |y|

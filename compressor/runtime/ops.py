@@ -9,8 +9,9 @@ from ..quant.packing import unpack_int32
 from ..quant.rtn import dequantize
 from .repack import PackedWeight
 
-# mode argument of the ops: 0 auto (int8 activations + integer dot products for M < 16), 1 float32 accumulation
-MODE_AUTO, MODE_FLOAT = 0, 1
+# mode argument of the ops: 0 auto (int8 activations + integer dot products for M < 16, float32 GEMM above),
+# 1 float32 activations and accumulation for every M, 2 int8 activations for every M (INT weights only)
+MODE_AUTO, MODE_FLOAT, MODE_INT8 = 0, 1, 2
 
 
 def dequantize_packed(

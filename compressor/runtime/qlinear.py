@@ -26,7 +26,8 @@ class QuantLinear(nn.Module):
         self.scheme = scheme
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.use_kernels = True  # False: always the pure-torch path (dequantize + matmul)
-        self.kernel_mode = MODE_AUTO  # MODE_FLOAT: float32 activations in the kernels (no int8 quantization)
+        # MODE_AUTO: int8 activations for M < 16 rows; MODE_FLOAT: float32 for every M; MODE_INT8: int8 for every M
+        self.kernel_mode = MODE_AUTO
         self._packed: PackedWeight | None = None
         self._packed_ready = False
 

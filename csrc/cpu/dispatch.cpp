@@ -180,10 +180,10 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   const bool simd_ok = W.G == 1 || W.group % W.kpw() == 0;
   const KernelTable* T = simd_ok ? active() : scalar_kernels();
   const int64_t ablk = kind == WKind::Fp8 ? 0 : act_block(W);
-  if (mode == kAuto) mode = (M < 16 && ablk) ? kQ8 : kFloat;
+  TORCH_CHECK(mode >= kAuto && mode <= kGemmF32, "compressor ops: unknown mode ", mode);
+  if (mode == kAuto) mode = M < 16 ? kQ8 : kFloat;
+  if (mode == kQ8 && !ablk) mode = kFloat;  // fp8, or a group size that is not a multiple of 32
   if (mode == kFloat) mode = M < 16 ? kGemvF32 : kGemmF32;
-  TORCH_CHECK(mode >= kQ8 && mode <= kGemmF32, "compressor ops: unknown mode ", mode);
-  TORCH_CHECK(mode != kQ8 || ablk, "compressor ops: int8-activation path needs an int weight with group_size % 32 == 0");
 
   Prepared P;
   if (mode == kQ8)
@@ -223,6 +223,24 @@ std::string set_isa(const std::string& name) {
   return previous;
 }
 
+int64_t read_memory(const at::Tensor& buf) {
+  TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 64 == 0, "read_memory: contiguous buffer, size multiple of 64");
+  const uint64_t* p = static_cast<const uint64_t*>(buf.data_ptr());
+  const int64_t words = static_cast<int64_t>(buf.nbytes() / 8);
+  std::vector<uint64_t> partial(static_cast<size_t>(at::get_num_threads()) + 1, 0);
+  at::parallel_for(0, words / 8, 1 << 12, [&](int64_t b, int64_t e) {
+    uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = b * 8; i < e * 8; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] ^= p[i + j];
+    uint64_t r = 0;
+    for (uint64_t a : acc) r ^= a;
+    partial[static_cast<size_t>(at::get_thread_num())] ^= r;
+  });
+  uint64_t r = 0;
+  for (uint64_t v : partial) r ^= v;
+  return static_cast<int64_t>(r);
+}
+
 at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                          int64_t group_size, int64_t out_features, int64_t mode) {
   return run(x, w, scales, &zeros, group_size, out_features, mode, WKind::Int4);
@@ -235,7 +253,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
 
 at::Tensor fp8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
                         int64_t out_features, int64_t mode) {
-  return run(x, w, scales, nullptr, group_size, out_features, mode == kAuto ? kFloat : mode, WKind::Fp8);
+  return run(x, w, scales, nullptr, group_size, out_features, mode, WKind::Fp8);
 }
 
 }  // namespace compressor

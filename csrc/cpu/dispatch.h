@@ -14,8 +14,12 @@ std::vector<std::string> available_isas();
 std::string current_isa();
 std::string set_isa(const std::string& name);  // returns the previous ISA
 
-// mode: 0 auto (int8 activations for M < 16 when the group allows, else float32), 1 float32 accumulation,
-// 2 int8-activation GEMV, 3 float32 GEMV, 4 blocked float32 GEMM (2-4 force one kernel; used by tests).
+// XOR of every 64-bit word of buf, read by all threads (benchmarks measure read bandwidth with it).
+int64_t read_memory(const at::Tensor& buf);
+
+// mode: 0 auto (int8 activations for M < 16, float32 GEMM above), 1 float32 activations for every M,
+// 2 int8 activations for every M, 3 float32 GEMV kernel, 4 blocked float32 GEMM kernel (3, 4: tests).
+// int8 activations need an INT weight whose group size is a multiple of 32 (or one group); otherwise float32.
 at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                          int64_t group_size, int64_t out_features, int64_t mode);
 at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,

@@ -43,66 +43,69 @@ constexpr int kpw() {
 
 // ---- int weights x int8 activations ---------------------------------------------------------------------
 
-// Integer dot products of one block (words kw0..kw1, a multiple of 4 words for int4 / 8 for int8) for two tiles.
-template <WKind KIND>
-inline void block_dot(const __m256i* w0, const __m256i* w1, const int8_t* q, int64_t kw0, int64_t kw1, __m256i& i0,
-                      __m256i& i1) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (KIND == WKind::Int4) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int64_t kw = kw0; kw < kw1; kw += 4) {
-      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-      for (int u = 0; u < 4; ++u) {  // 4 words: |sum| <= 4 * 2 * 2 * 15 * 127 < 2^15, no int16 overflow
-        const __m256i xe = _mm256_set1_epi32(load_i32(q + (kw + u) * 8));
-        const __m256i xo = _mm256_set1_epi32(load_i32(q + (kw + u) * 8 + 4));
-        const __m256i v0 = _mm256_loadu_si256(w0 + kw + u), v1 = _mm256_loadu_si256(w1 + kw + u);
-        const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-        const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-        s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xe), _mm256_maddubs_epi16(hi0, xo)));
-        s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xe), _mm256_maddubs_epi16(hi1, xo)));
+// One 8-row tile against MB activation rows: each weight word is loaded and unpacked once for all MB rows.
+template <WKind KIND, int MB>
+void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0) {
+  constexpr int KPW = kpw<KIND>();
+  const __m256i* wt = reinterpret_cast<const __m256i*>(W.w + t * W.Kw() * 8);
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+  const int8_t* q[MB];
+  for (int r = 0; r < MB; ++r) q[r] = A.q + (m0 + r) * W.Kp;
+  __m256 acc[MB];
+  for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < A.NB; ++b) {
+    const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+    __m256i iacc[MB];
+    for (int r = 0; r < MB; ++r) iacc[r] = _mm256_setzero_si256();
+    if constexpr (KIND == WKind::Int4) {
+      for (int64_t kw = k0 / KPW; kw < k1 / KPW; kw += 4) {
+        __m256i s16[MB];
+        for (int r = 0; r < MB; ++r) s16[r] = _mm256_setzero_si256();
+        for (int u = 0; u < 4; ++u) {  // 4 words: |sum| <= 4 * 2 * 2 * 15 * 127 < 2^15, no int16 overflow
+          const __m256i v = _mm256_loadu_si256(wt + kw + u);
+          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int r = 0; r < MB; ++r) {
+            const __m256i xe = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8));
+            const __m256i xo = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8 + 4));
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, xe));
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, xo));
+          }
+        }
+        for (int r = 0; r < MB; ++r) iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(s16[r], ones));
       }
-      i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(s0, ones));
-      i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(s1, ones));
+    } else {
+      for (int64_t kw = k0 / KPW; kw < k1 / KPW; ++kw) {  // signed x signed: |q| unsigned, sign moved to x
+        const __m256i v = _mm256_loadu_si256(wt + kw);
+        const __m256i av = _mm256_abs_epi8(v);
+        for (int r = 0; r < MB; ++r) {
+          const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(q[r] + kw * 4)), v);
+          iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
+        }
+      }
     }
-  } else {
-    for (int64_t kw = kw0; kw < kw1; ++kw) {  // signed x signed: |q| as the unsigned operand, sign moved to x
-      const __m256i x = _mm256_set1_epi32(load_i32(q + kw * 4));
-      const __m256i v0 = _mm256_loadu_si256(w0 + kw), v1 = _mm256_loadu_si256(w1 + kw);
-      const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(v0), _mm256_sign_epi8(x, v0));
-      const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(v1), _mm256_sign_epi8(x, v1));
-      i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(p0, ones));
-      i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(p1, ones));
+    const __m256 s = _mm256_loadu_ps(W.s + W.group_of(k0) * W.Np + t * 8);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(A.xs[(m0 + r) * A.NB + b]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sc, acc[r]);
     }
   }
+  for (int64_t g = 0; g < W.G; ++g) {
+    const __m256 zs = _mm256_loadu_ps(W.zs + g * W.Np + t * 8);
+    for (int r = 0; r < MB; ++r) acc[r] = _mm256_fnmadd_ps(zs, _mm256_set1_ps(A.tg[(m0 + r) * W.G + g]), acc[r]);
+  }
+  for (int r = 0; r < MB; ++r) _mm256_storeu_ps(y + (m0 + r) * W.Np + t * 8, acc[r]);
 }
 
 template <WKind KIND>
 void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
-  constexpr int KPW = kpw<KIND>();
-  const int64_t Kw = W.Kw();
-  for (int64_t t = t0; t < t1; t += 2) {
-    const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
-    const __m256i* w1 = w0 + Kw;
-    for (int64_t m = 0; m < A.M; ++m) {
-      const int8_t* q = A.q + m * W.Kp;
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      for (int64_t b = 0; b < A.NB; ++b) {
-        const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
-        __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256();
-        block_dot<KIND>(w0, w1, q, k0 / KPW, k1 / KPW, i0, i1);
-        const float* s = W.s + W.group_of(k0) * W.Np + t * 8;
-        const __m256 xs = _mm256_set1_ps(A.xs[m * A.NB + b]);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(_mm256_loadu_ps(s), xs), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(_mm256_loadu_ps(s + 8), xs), acc1);
-      }
-      for (int64_t g = 0; g < W.G; ++g) {
-        const float* zs = W.zs + g * W.Np + t * 8;
-        const __m256 tg = _mm256_set1_ps(A.tg[m * W.G + g]);
-        acc0 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs), tg, acc0);
-        acc1 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs + 8), tg, acc1);
-      }
-      _mm256_storeu_ps(y + m * W.Np + t * 8, acc0);
-      _mm256_storeu_ps(y + m * W.Np + t * 8 + 8, acc1);
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + 4 <= A.M; m += 4) q8_tile<KIND, 4>(W, A, y, t, m);
+    switch (A.M - m) {
+      case 3: q8_tile<KIND, 3>(W, A, y, t, m); break;
+      case 2: q8_tile<KIND, 2>(W, A, y, t, m); break;
+      case 1: q8_tile<KIND, 1>(W, A, y, t, m); break;
+      default: break;
     }
   }
 }

