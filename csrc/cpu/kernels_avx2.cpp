@@ -36,6 +36,10 @@ inline __m256 decode(__m256i v) {
   }
 }
 
+// Optimisation barrier: stops GCC from reassociating the int16 sums into a tree of 32 live products (which spills
+// them to the stack); the sums stay running accumulators in registers.
+inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
+
 template <WKind KIND>
 constexpr int kpw() {
   return KIND == WKind::Int4 ? 8 : 4;
@@ -43,17 +47,17 @@ constexpr int kpw() {
 
 // ---- int weights x int8 activations ---------------------------------------------------------------------
 
-// One 8-row tile against MB activation rows: each weight word is loaded and unpacked once for all MB rows.
+// One 8-row tile against MB activation rows over activation blocks [b0, b1): each weight word is loaded and
+// unpacked once for all MB rows.
 template <WKind KIND, int MB>
-void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0) {
+void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0, int64_t b0, int64_t b1) {
   constexpr int KPW = kpw<KIND>();
   const __m256i* wt = reinterpret_cast<const __m256i*>(W.w + t * W.Kw() * 8);
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
   const int8_t* q[MB];
   for (int r = 0; r < MB; ++r) q[r] = A.q + (m0 + r) * W.Kp;
-  __m256 acc[MB];
-  for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < A.NB; ++b) {
+  // float accumulators live in y (zero-initialised), touched once per block: keeps registers for the integer sums
+  for (int64_t b = b0; b < b1; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     __m256i iacc[MB];
     for (int r = 0; r < MB; ++r) iacc[r] = _mm256_setzero_si256();
@@ -69,6 +73,7 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
             const __m256i xo = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8 + 4));
             s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, xe));
             s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, xo));
+            keep_in_register(s16[r]);
           }
         }
         for (int r = 0; r < MB; ++r) iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(s16[r], ones));
@@ -85,26 +90,31 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
     }
     const __m256 s = _mm256_loadu_ps(W.s + W.group_of(k0) * W.Np + t * 8);
     for (int r = 0; r < MB; ++r) {
+      float* yr = y + (m0 + r) * W.Np + t * 8;
       const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(A.xs[(m0 + r) * A.NB + b]));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sc, acc[r]);
+      _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sc, _mm256_loadu_ps(yr)));
     }
   }
-  for (int64_t g = 0; g < W.G; ++g) {
-    const __m256 zs = _mm256_loadu_ps(W.zs + g * W.Np + t * 8);
-    for (int r = 0; r < MB; ++r) acc[r] = _mm256_fnmadd_ps(zs, _mm256_set1_ps(A.tg[(m0 + r) * W.G + g]), acc[r]);
+  if (b1 == A.NB) {
+    for (int r = 0; r < MB; ++r) {
+      float* yr = y + (m0 + r) * W.Np + t * 8;
+      __m256 acc = _mm256_loadu_ps(yr);
+      for (int64_t g = 0; g < W.G; ++g)
+        acc = _mm256_fnmadd_ps(_mm256_loadu_ps(W.zs + g * W.Np + t * 8), _mm256_set1_ps(A.tg[(m0 + r) * W.G + g]), acc);
+      _mm256_storeu_ps(yr, acc);
+    }
   }
-  for (int r = 0; r < MB; ++r) _mm256_storeu_ps(y + (m0 + r) * W.Np + t * 8, acc[r]);
 }
 
 template <WKind KIND>
 void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
-    for (; m + 4 <= A.M; m += 4) q8_tile<KIND, 4>(W, A, y, t, m);
+    for (; m + 4 <= A.M; m += 4) q8_tile<KIND, 4>(W, A, y, t, m, 0, A.NB);
     switch (A.M - m) {
-      case 3: q8_tile<KIND, 3>(W, A, y, t, m); break;
-      case 2: q8_tile<KIND, 2>(W, A, y, t, m); break;
-      case 1: q8_tile<KIND, 1>(W, A, y, t, m); break;
+      case 3: q8_tile<KIND, 3>(W, A, y, t, m, 0, A.NB); break;
+      case 2: q8_tile<KIND, 2>(W, A, y, t, m, 0, A.NB); break;
+      case 1: q8_tile<KIND, 1>(W, A, y, t, m, 0, A.NB); break;
       default: break;
     }
   }
