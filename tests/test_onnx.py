@@ -265,7 +265,7 @@ def test_fp8_qdq(artifacts, family, strategy):
     check_decoder(art)
 
 
-def test_group_fallback_to_qdq_is_reported(artifacts, caplog):
+def test_group_fallback_to_qdq_is_reported(artifacts):
     """INT3 has no MatMulNBits kernel: every layer falls back to DequantizeLinear (int4 container), noted per layer."""
     art = artifacts("mistral-int3", "mistral", {"method": "rtn", "weights": {"bits": 3, "group_size": 32}})
     layers = layer_report(art)

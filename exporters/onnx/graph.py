@@ -45,7 +45,12 @@ def kv_spec(config) -> KvSpec:
 
 
 class DecoderWithCache(nn.Module):
-    """Flat tensors in, flat tensors out: rebuilds a DynamicCache from `past` and returns the presents."""
+    """Flat tensors in, flat tensors out: rebuilds a DynamicCache from `past` and returns the presents.
+
+    Every layer keeps its full past, sliding-window layers included (gemma3, mistral): the window is applied by the
+    attention mask. transformers' sliding cache layers decide their mask sizes with Python ints, which tracing would
+    freeze at the example's length.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -54,7 +59,7 @@ class DecoderWithCache(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # full-length layers: sliding windows are applied by the mask
         for i, (k, v) in enumerate(past):
             cache.update(k, v, i)
         out = self.model(
