@@ -129,13 +129,14 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
 
 // ---- float activations, float32 accumulation ------------------------------------------------------------
 
+// Column k accumulates into chain k % 4 (4 independent FMA chains per tile hide the FMA latency).
 template <WKind KIND>
-inline void fma_word(__m256i v0, __m256i v1, const float* x, __m256& a0, __m256& a1) {
+inline void fma_word(__m256i v0, __m256i v1, const float* x, __m256* a0, __m256* a1) {
   auto step = [&](auto ic) {
     constexpr int I = decltype(ic)::value;
     const __m256 xi = _mm256_set1_ps(x[I]);
-    a0 = _mm256_fmadd_ps(decode<KIND, I>(v0), xi, a0);
-    a1 = _mm256_fmadd_ps(decode<KIND, I>(v1), xi, a1);
+    a0[I % 4] = _mm256_fmadd_ps(decode<KIND, I>(v0), xi, a0[I % 4]);
+    a1[I % 4] = _mm256_fmadd_ps(decode<KIND, I>(v1), xi, a1[I % 4]);
   };
   step(std::integral_constant<int, 0>{});
   step(std::integral_constant<int, 1>{});
@@ -162,9 +163,15 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (int64_t g = 0; g < W.G; ++g) {
         const int64_t kw0 = g * gw, kw1 = g == W.G - 1 ? Kw : kw0 + gw;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 c0[4], c1[4];
+        for (int c = 0; c < 4; ++c) c0[c] = c1[c] = _mm256_setzero_ps();
         for (int64_t kw = kw0; kw < kw1; ++kw)
-          fma_word<KIND>(_mm256_loadu_si256(w0 + kw), _mm256_loadu_si256(w1 + kw), x + kw * KPW, a0, a1);
+          fma_word<KIND>(_mm256_loadu_si256(w0 + kw), _mm256_loadu_si256(w1 + kw), x + kw * KPW, c0, c1);
+        __m256 a0 = c0[0], a1 = c1[0];
+        for (int c = 1; c < 4; ++c) {
+          a0 = _mm256_add_ps(a0, c0[c]);
+          a1 = _mm256_add_ps(a1, c1[c]);
+        }
         const float* s = W.s + g * W.Np + t * 8;
         acc0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(s), acc0);
         acc1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(s + 8), acc1);

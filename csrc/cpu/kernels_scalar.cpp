@@ -60,8 +60,10 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
       const float* x = X.x + m * W.Kp;
       float acc = 0.f;
       for (int64_t g = 0; g < W.G; ++g) {
-        float ag = 0.f;
-        for (int64_t k = g * W.group; k < group_end(W, g); ++k) ag = std::fmaf(code(W, n, k), x[k], ag);
+        float chain[4] = {0.f, 0.f, 0.f, 0.f};  // column k goes to chain k % 4, summed in order at the group end
+        for (int64_t k = g * W.group; k < group_end(W, g); ++k)
+          chain[k % 4] = std::fmaf(code(W, n, k), x[k], chain[k % 4]);
+        const float ag = ((chain[0] + chain[1]) + chain[2]) + chain[3];
         acc = std::fmaf(ag, W.s[g * W.Np + n], acc);
         if (W.zs) acc = std::fmaf(-W.zs[g * W.Np + n], X.xsum[m * W.G + g], acc);
       }
