@@ -287,3 +287,18 @@ def test_bert_encoder(artifacts):
     with torch.no_grad():
         ref = torch_reference(art).base_model(input_ids=ids).last_hidden_state.numpy()
     np.testing.assert_allclose(hidden, ref, atol=TOL, rtol=0)
+
+
+def test_external_data_above_threshold(artifacts, tmp_path, monkeypatch):
+    """Weights above the threshold (1.8 GB; lowered here) go to model.onnx.data; the checker and onnxruntime read it."""
+    import exporters.onnx.graph as graph
+
+    art = artifacts("gemma3-w8", "gemma3", {"method": "rtn", "weights": {"bits": 8, "strategy": "channel"}})
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 1000)
+    out = tmp_path / "ext"
+    out.mkdir()
+    files = graph.finalize(onnx.load(str(art / "onnx" / "model.onnx")), out / "model.onnx")
+    assert files == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
+    (out / "config.json").write_text((art / "onnx" / "config.json").read_text())
+    check_decoder(art, onnx_dir=out, greedy=0)
