@@ -78,6 +78,17 @@ def test_qdq_layouts_match_the_weights():
         assert torch.equal(_dq(t.weight, t.scale, None, t.axis, t.block_size), lw.dequantize().t())
 
 
+def test_int4_initializers_round_trip():
+    from exporters.onnx.graph import retype_int4
+
+    codes = np.random.default_rng(0).integers(-8, 8, (5, 7)).astype(np.int8)  # odd count: last byte half used
+    init = numpy_helper.from_array(codes, "layer.qdq_int4_weight")
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [init]))
+    retype_int4(model)
+    assert model.graph.initializer[0].data_type == onnx.TensorProto.INT4
+    assert np.array_equal(numpy_helper.to_array(model.graph.initializer[0]).astype(np.int8), codes)
+
+
 def test_formats_matmulnbits_cannot_take():
     assert nbits_block_size(LayerWeights(torch.zeros(4, 96, dtype=torch.int8), torch.ones(4, 3), None, 3, 32)) is None
     assert nbits_block_size(LayerWeights(torch.zeros(4, 100, dtype=torch.int8), torch.ones(4, 1), None, 4, 100)) is None

@@ -159,7 +159,12 @@ def retype_int4(model: onnx.ModelProto) -> None:
         codes = onnx.numpy_helper.to_array(init).astype(np.int8)
         if codes.size and (codes.min() < -8 or codes.max() > 7):
             raise ValueError(f"{init.name}: codes outside int4")
-        packed = onnx.helper.make_tensor(init.name, onnx.TensorProto.INT4, codes.shape, codes.flatten().tolist())
+        flat = codes.reshape(-1)
+        if flat.size % 2:
+            flat = np.append(flat, np.int8(0))
+        nibbles = flat.view(np.uint8) & 0x0F
+        packed = onnx.TensorProto(name=init.name, data_type=onnx.TensorProto.INT4, dims=codes.shape)
+        packed.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()  # first element low
         model.graph.initializer[i].CopyFrom(packed)
     for vi in list(model.graph.value_info):
         if ".qdq_int4_" in vi.name:
