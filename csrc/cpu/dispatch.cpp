@@ -6,6 +6,7 @@
 #include <c10/util/StringUtil.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
@@ -143,6 +144,22 @@ void prepare_quant(const Weights& W, const at::Tensor& x, int64_t ablk, Prepared
   P.qa = QuantAct{q, xs, qsum, tg, M, ablk, NB};
 }
 
+// Runs fn over [0, n) in chunks handed out dynamically (an atomic counter) to at::get_num_threads() workers, so a
+// worker that the OS deschedules on a busy machine delays the call by one chunk, not by half of the work.
+template <typename F>
+void for_each_chunk(int64_t n, const F& fn) {
+  const int64_t workers = std::max(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, n / (workers * 16));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t begin = next.fetch_add(chunk);
+      if (begin >= n) break;
+      fn(begin, std::min(n, begin + chunk));
+    }
+  });
+}
+
 enum Mode : int64_t { kAuto = 0, kFloat = 1, kQ8 = 2, kGemvF32 = 3, kGemmF32 = 4 };
 
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor* zs, int64_t group,
@@ -192,7 +209,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
     prepare_float(W, x, P);
   float* yp = y.data_ptr<float>();
   const int64_t pairs = W.Np / 16;
-  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+  for_each_chunk(pairs, [&](int64_t p0, int64_t p1) {
     if (mode == kQ8)
       T->gemv_q8(W, P.qa, yp, 2 * p0, 2 * p1);
     else if (mode == kGemvF32)
@@ -227,17 +244,16 @@ int64_t read_memory(const at::Tensor& buf) {
   TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 64 == 0, "read_memory: contiguous buffer, size multiple of 64");
   const uint64_t* p = static_cast<const uint64_t*>(buf.data_ptr());
   const int64_t words = static_cast<int64_t>(buf.nbytes() / 8);
-  std::vector<uint64_t> partial(static_cast<size_t>(at::get_num_threads()) + 1, 0);
-  at::parallel_for(0, words / 8, 1 << 12, [&](int64_t b, int64_t e) {
+  std::atomic<uint64_t> result{0};
+  for_each_chunk(words / 8, [&](int64_t b, int64_t e) {
     uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t i = b * 8; i < e * 8; i += 8)
       for (int j = 0; j < 8; ++j) acc[j] ^= p[i + j];
     uint64_t r = 0;
     for (uint64_t a : acc) r ^= a;
-    partial[static_cast<size_t>(at::get_thread_num())] ^= r;
+    result.fetch_xor(r);
   });
-  uint64_t r = 0;
-  for (uint64_t v : partial) r ^= v;
+  const uint64_t r = result.load();
   return static_cast<int64_t>(r);
 }
 
