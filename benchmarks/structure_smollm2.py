@@ -4,7 +4,8 @@ Every method starts from the same loaded base model and the same calibration win
 wikitext); the shallower model is evaluated on non-overlapping 512-token windows of
 ../shared/data/wikitext2-valid.txt (perplexity, KL and top-1 agreement against the 30-block base). The time of
 each method covers choosing the blocks and the surgery (and, for fusion, merging and least-squares correction),
-not the model load nor the evaluation. Timings on a shared 2-core machine are noisy; ratios to BI in the same run.
+not the model load nor the evaluation: wall seconds, and CPU seconds of the process (user + system, all
+threads), which stay meaningful when other jobs share the cores. KL ratios are to BI removal in the same run.
 
     python benchmarks/structure_smollm2.py [--count 6] [--max-windows 32] [--methods random,bi,...]
 """
@@ -87,7 +88,7 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         model = copy.deepcopy(base.model)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if method == "random":
             chosen = sorted(random.Random(0).sample(range(depth), args.count))
             apply_removal(model, base.adapter, [(i, "block") for i in chosen])
@@ -99,10 +100,10 @@ def main() -> None:
             units, _ = choose_removal(model, base.adapter, ids, cfgs[method], quiet=True)
             apply_removal(model, base.adapter, units)
             detail = f"removed {sorted(i for i, _ in units)}"
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         assert len(base.adapter.blocks(model)) == depth - args.count
         m = evaluate_windows(model, windows, reference, batch_size=4, quiet=True)
-        rows.append((method, m, seconds, detail))
+        rows.append((method, m, seconds, cpu, detail))
         print(f"{method}: ppl {m['perplexity']:.3f} KL {m['kl_divergence']:.4f} {seconds:.1f}s {detail}", flush=True)
         del model
 
@@ -112,12 +113,13 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct ({depth} blocks) minus {args.count} blocks")
     print(f"calibration: {args.samples} x 512 tokens of calibration_data/ ({args.measure_samples} for measured ones)")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid; base ppl {base_ppl:.3f}; {args.threads} threads")
-    print(f"{'method':20} {'ppl':>9} {'vs base':>8} {'KL':>8} {'KL/BI':>6} {'top1':>7} {'time s':>7}  blocks")
-    for method, m, seconds, detail in rows:
+    header = f"{'method':20} {'ppl':>9} {'vs base':>8} {'KL':>8} {'KL/BI':>6} {'top1':>7} {'wall s':>7} {'cpu s':>7}"
+    print(header + "  blocks")
+    for method, m, seconds, cpu, detail in rows:
         ratio = m["kl_divergence"] / ref[1]["kl_divergence"] if ref else float("nan")
         print(
             f"{method:20} {m['perplexity']:9.3f} {(m['perplexity'] / base_ppl - 1) * 100:+7.1f}% "
-            f"{m['kl_divergence']:8.4f} {ratio:6.2f} {m['top1_agreement']:7.2%} {seconds:7.1f}  {detail}"
+            f"{m['kl_divergence']:8.4f} {ratio:6.2f} {m['top1_agreement']:7.2%} {seconds:7.1f} {cpu:7.1f}  {detail}"
         )
     print(
         f"command: python benchmarks/structure_smollm2.py --count {args.count} --max-windows {args.max_windows} "
