@@ -1,6 +1,8 @@
 """INT4 / FP8 weight kernels (torch.ops.compressor.*) against baselines measured in the same process.
 
-2 threads everywhere, median of --runs (>= 7) timed calls after warm-up. Shapes are K x N (in x out features).
+2 threads everywhere (--threads), median of --runs (>= 7) timed calls after warm-up, wall clock; with --threads 1
+--cpu-time the clock is the calling thread's CPU time, which on a machine shared with other jobs counts only the
+cycles this process got (every baseline runs in the calling thread then). Shapes are K x N (in x out features).
   1. INT4 g{--group} symmetric, M in 1, 16, 128: ours vs torch fp32 matmul, torch._weight_int4pack_mm_for_cpu,
      onnxruntime MatMulNBits accuracy_level 0 and 4 (built with onnx.helper on the same packed weights).
   2. Cache-cold GEMV (M = 1): weight copies rotated so that > 4x the last-level cache is touched between uses;
@@ -9,12 +11,14 @@
   4. End to end: greedy decode tokens/s of SmolLM2-135M W4 g64 RTN (compressor.load) vs the fp32 model.
 
     python benchmarks/kernels.py [--runs 9] [--group 128] [--skip-e2e] [--work /tmp/bench-kernels]
+    python benchmarks/kernels.py --threads 1 --cpu-time
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +39,7 @@ from compressor.runtime.repack import repack_fp8, repack_int
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # K x N
 MS = [1, 16, 128]
 THREADS = 2
+CLOCK = time.perf_counter  # --cpu-time: time.thread_time (1 thread; robust when other jobs share the cores)
 
 
 def median_ms(fn, runs: int, warmup: int = 2) -> float:
@@ -42,14 +47,14 @@ def median_ms(fn, runs: int, warmup: int = 2) -> float:
         fn()
     times = []
     for _ in range(runs):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return statistics.median(times) * 1e3
 
 
 def read_bandwidth_gbs(runs: int) -> float:
-    """Read bandwidth of 2 threads streaming a 1 GiB buffer (XOR of every word; median GB/s)."""
+    """Read bandwidth of THREADS threads streaming a 1 GiB buffer (XOR of every word; median GB/s)."""
     buf = torch.ones(1 << 28)
     ms = median_ms(lambda: torch.ops.compressor.read_memory(buf), runs)
     return buf.numel() * 4 / ms / 1e6
@@ -246,6 +251,7 @@ def bench_e2e(args) -> None:
 
 
 def main() -> None:
+    global THREADS, CLOCK
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--group", type=int, default=128)
@@ -254,7 +260,19 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--only", default="int4,cold,fp8,e2e", help="comma list of sections")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="K x N list")
+    ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the CPU time of the calling thread (needs --threads 1): on a machine shared with other "
+        "jobs this counts only the cycles the benchmark itself got",
+    )
     args = ap.parse_args()
+    THREADS = args.threads
+    if args.cpu_time:
+        if THREADS != 1:
+            ap.error("--cpu-time needs --threads 1 (other threads' time is not counted)")
+        CLOCK = time.thread_time
     SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.runs < 7:
         ap.error("--runs must be >= 7 (median of at least 7 runs)")
@@ -262,9 +280,11 @@ def main() -> None:
     if not _ext.extension_available():
         sys.exit("compressor._C is not built: pip install -e .")
     sections = set(args.only.split(","))
-    print(f"compressor kernels: ISA {_ext.current_isa()}, torch {torch.__version__}, {THREADS} threads")
+    clock = "thread CPU time" if args.cpu_time else "wall clock"
+    print(f"compressor kernels: ISA {_ext.current_isa()}, torch {torch.__version__}, {THREADS} threads, {clock}")
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} CPUs)")
     bandwidth = read_bandwidth_gbs(args.runs)
-    print(f"measured read bandwidth (2 threads streaming 1 GiB): {bandwidth:.1f} GB/s")
+    print(f"measured read bandwidth ({THREADS} threads streaming 1 GiB): {bandwidth:.1f} GB/s")
     if "int4" in sections:
         bench_int4(args)
     if "cold" in sections:
@@ -273,6 +293,7 @@ def main() -> None:
         bench_fp8(args)
     if "e2e" in sections and not args.skip_e2e:
         bench_e2e(args)
+    print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("\ncommand: python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
 
 

@@ -7,6 +7,7 @@ import torch
 
 from ..quant.packing import unpack_int32
 from ..quant.rtn import dequantize
+from ._ext import extension_available
 from .repack import PackedWeight
 
 # mode argument of the ops: 0 auto (int8 activations + integer dot products for M < 16, float32 GEMM above),
@@ -39,6 +40,8 @@ def int_weight_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def packed_matmul(x: torch.Tensor, p: PackedWeight, mode: int = MODE_AUTO) -> torch.Tensor:
     """x [M, K] (float32/bfloat16/float16) @ W^T with W in kernel layout -> float32 [M, N] (extension op)."""
+    if not extension_available():
+        raise RuntimeError("compressor._C is not built; reinstall with `pip install -e .` (or use the fallback)")
     ops = torch.ops.compressor
     if p.kind == "fp8":
         return ops.fp8_gemm(x, p.w, p.scale, p.group_size, p.out_features, mode)
