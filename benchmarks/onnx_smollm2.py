@@ -93,11 +93,13 @@ def ort_quantize(fp32: Path, work: Path, group: int) -> Path:
 
 
 def onnx_perplexity(folder: Path, windows: torch.Tensor) -> float:
+    from tqdm import tqdm
+
     from exporters.onnx.runner import OnnxCausalLM
 
     lm = OnnxCausalLM(folder, threads=2)
     nll, count = 0.0, 0
-    for w in windows:
+    for w in tqdm(windows, desc=f"ppl {folder.name}", leave=False):
         logits, _ = lm.step(w[None].numpy(), lm.empty_past(1), 0)
         logits = torch.from_numpy(logits[0, :-1]).double()
         nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
@@ -152,6 +154,7 @@ def main() -> None:
     models = {"ours (GPTQ, MatMulNBits)": artifact / "onnx", "fp32": fp32, "onnxruntime RTN": ort_q}
     rows = {}
     for name, folder in models.items():
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
         size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
         rows[name] = (onnx_perplexity(folder, windows), decode_tps(folder, prompt, 64, args.runs), size)
 
