@@ -142,11 +142,13 @@ def main() -> None:
     ap.add_argument("--rows", default="all", help="comma list of configuration names, or 'all'")
     ap.add_argument("--peer", action="store_true", help="also run AutoRound AutoScheme (own venv)")
     ap.add_argument("--no-probe", action="store_true", help="skip the separate allocation cost measurement")
+    ap.add_argument("--keep-cache", action="store_true", help="reuse sensitivities measured by an earlier run")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cache_dir = work / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)  # the first layer-wise row measures, later budgets reuse it
+    if not args.keep_cache:  # the first layer-wise row measures, later budgets reuse it
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
     from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 
 from compressor.quant.formats import Fp8Format, IntFormat, fallback_group_size
 from compressor.quant.fp8 import fp8_dequantize, fp8_quantize
-from compressor.quant.gptq import gptq_quantize
+from compressor.quant.gptq import gptq_dequantized_many, gptq_quantize
 from compressor.quant.packing import pack_int32, unpack_int32
 from compressor.quant.rtn import dequantize, find_qparams, rtn_quantize
 
@@ -126,3 +126,16 @@ def test_fallback_group_policy():
     assert fallback_group_size(1536, 128) == 128
     assert fallback_group_size(96, 64) == 32
     assert fallback_group_size(100, 128) is None  # no power of two >= 16 divides 100: channel-wise
+
+
+def test_stacked_gptq_equals_one_format_at_a_time():
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 80, generator=gen) * torch.linspace(0.2, 3, 80)
+    h = x.t() @ x / 512
+    w = torch.randn(24, 80, generator=gen)
+    fmts = [IntFormat(2, 16, True), IntFormat(3, 32, False), IntFormat(8, None, True)]
+    many = gptq_dequantized_many(w, h, fmts, scale_dtype="float16", act_order=True)
+    for fmt, got in zip(fmts, many):
+        codes, scale, zero = gptq_quantize(w, h, fmt, scale_dtype="float16", act_order=True)
+        torch.testing.assert_close(got, dequantize(codes, scale, zero, fmt.effective_group(80)), rtol=0, atol=0)

@@ -16,9 +16,9 @@ from ..allocate.fisher import FisherStats, collect_fisher, predicted_kl, zd_scor
 from ..allocate.solver import InfeasibleBudget, solve_exact, solve_greedy, solve_ordering, total
 from ..errors import RecipeError
 from ..plan import QuantizedWeight
-from ..quant.formats import Fp8Format, resolve_format
+from ..quant.formats import Fp8Format, IntFormat, resolve_format
 from ..quant.fp8 import fp8_quantize
-from ..quant.gptq import gptq_quantize
+from ..quant.gptq import gptq_dequantized_many
 from ..quant.rtn import rtn_quantize
 from ..schema import AllocateBitsPass, QuantizePass, WeightScheme
 from ..schema.allocate import parse_candidate
@@ -246,34 +246,54 @@ class AllocateBitsRunner:
         stats = self._sweep(state, quant, backward=True)
         method = self._error_model(quant)
         values = np.zeros((len(names), len(self.schemes)))
-        for li, name in enumerate(tqdm(names, desc="sensitivity (candidates)", unit="linear", disable=state.quiet)):
-            w, h, g = weights[name], stats.input_gram(name), stats.g[name]
-            for ci, scheme in enumerate(self.schemes):
-                if scheme is not None:
-                    dw = self._quantized(w, h, scheme, quant, method) - w
-                    values[li, ci] = predicted_kl(g, h, dw)
+        by_input: dict[str, list[int]] = {}
+        for li, name in enumerate(names):
+            by_input.setdefault(stats.h_key[name], []).append(li)
+        for input_key, members in tqdm(
+            by_input.items(), desc="sensitivity (candidates)", unit="group", disable=state.quiet
+        ):
+            h = stats.h[input_key]
+            stacked = torch.cat([weights[names[li]] for li in members])
+            dequantized = self._candidates_dequantized(stacked, h, quant, method)
+            for ci, deq in dequantized.items():
+                row = 0
+                for li in members:
+                    w = weights[names[li]]
+                    dw = deq[row : row + w.shape[0]] - w
+                    row += w.shape[0]
+                    values[li, ci] = predicted_kl(stats.g[names[li]], h, dw)
         if key:
             cache.store(folder, key, {"names": names, "values": values.tolist(), "lim": stats.lim})
         return values, stats.lim
 
-    @staticmethod
-    def _quantized(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, quant: QuantizePass, method: str):
-        fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
-        if isinstance(fmt, Fp8Format):
-            codes, scale = fp8_quantize(w, fmt)
-            return QuantizedWeight(fmt, codes, scale).dequantize()
-        if method == "gptq":
-            codes, scale, zero = gptq_quantize(
+    def _candidates_dequantized(self, w: torch.Tensor, h: torch.Tensor, quant: QuantizePass, method: str):
+        """Candidate index -> the dequantized weight that candidate's quantizer makes of w (keep: skipped).
+
+        GPTQ candidates are solved together in one stacked column sweep (static groups)."""
+        out: dict[int, torch.Tensor] = {}
+        gptq_jobs: list[tuple[int, IntFormat]] = []
+        for ci, scheme in enumerate(self.schemes):
+            if scheme is None:
+                continue
+            fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
+            if isinstance(fmt, Fp8Format):
+                codes, scale = fp8_quantize(w, fmt)
+                out[ci] = QuantizedWeight(fmt, codes, scale).dequantize()
+            elif method == "gptq":
+                gptq_jobs.append((ci, fmt))
+            else:
+                codes, scale, zero = rtn_quantize(w, fmt, quant.scale_dtype, quant.clip_search)
+                out[ci] = QuantizedWeight(fmt, codes, scale, zero, quant.scale_dtype).dequantize()
+        if gptq_jobs:
+            solved = gptq_dequantized_many(
                 w,
                 h,
-                fmt,
+                [fmt for _, fmt in gptq_jobs],
                 scale_dtype=quant.scale_dtype,
                 block_size=quant.gptq_block_size,
                 damp=quant.damp,
                 act_order=quant.act_order,
-                static_groups=quant.static_groups,
                 clip_search=quant.clip_search,
             )
-        else:
-            codes, scale, zero = rtn_quantize(w, fmt, quant.scale_dtype, quant.clip_search)
-        return QuantizedWeight(fmt, codes, scale, zero, quant.scale_dtype).dequantize()
+            out.update({ci: deq for (ci, _), deq in zip(gptq_jobs, solved)})
+        return out
