@@ -7,6 +7,11 @@ strings AutoRound accepts, and then runs one worker process per budget (`peer_au
 venv): AutoScheme over int2/3/4/8 g64 symmetric with `iters=0`, then perplexity and KL(base || quantized) of the
 in-memory fake-quantized model on the same wikitext windows as ours. Each worker's wall time and peak RSS are its own.
 
+AutoScheme scores with its own defaults, 16 samples x 256 tokens (the first 256 tokens of 16 of our windows;
+--scheme-nsamples 128 --scheme-seqlen 512 uses all of them at about 16x the scoring time). Weights are then
+rounded to nearest (plain RTN); --opt-rtn selects AutoRound's optimized RTN instead (its iters=0 default, an
+imatrix-weighted scale search that is much slower on CPU).
+
     python benchmarks/peer_autoscheme.py [--budgets 4.31,4.5,3.5] [--windows W.pt] [--work /tmp/bench-autoscheme]
 
 Writes <work>/autoscheme.json (or --out) for benchmarks/layerwise_smollm2.py. Timings are noisy when other jobs
@@ -217,8 +222,14 @@ def main() -> None:
     ap.add_argument("--budgets", default="4.31,4.5,3.5", help="AutoScheme avg_bits targets, comma separated")
     ap.add_argument("--windows", default=None, help="torch-saved int64 [W, 512] eval windows (default: made here)")
     ap.add_argument("--max-windows", type=int, default=32, help="windows made here when --windows is absent (0: all)")
-    ap.add_argument("--nsamples", type=int, default=128, help="AutoRound's calibration samples (used by --opt-rtn)")
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument(
+        "--nsamples",
+        type=int,
+        default=None,
+        help="AutoRound's own calibration samples (default: 128 with --opt-rtn, else --scheme-nsamples: plain RTN "
+        "only forwards them through each block and does not use them)",
+    )
+    ap.add_argument("--seqlen", type=int, default=None, help="default: 512 with --opt-rtn, else --scheme-seqlen")
     ap.add_argument("--scheme-nsamples", type=int, default=16, help="AutoScheme scoring samples (its default: 16)")
     ap.add_argument("--scheme-seqlen", type=int, default=256, help="AutoScheme scoring length (its default: 256)")
     ap.add_argument("--opt-rtn", action="store_true", help="AutoRound's optimized RTN (its iters=0 default; slow)")
@@ -231,6 +242,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="result JSON (default <work>/autoscheme.json)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    if args.nsamples is None:
+        args.nsamples = 128 if args.opt_rtn else args.scheme_nsamples
+    if args.seqlen is None:
+        args.seqlen = 512 if args.opt_rtn else args.scheme_seqlen
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else work / "autoscheme.json"
