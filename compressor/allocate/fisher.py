@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..structure.metrics import CosineMean, lim_score
+
 
 @dataclass
 class FisherStats:
@@ -59,7 +61,7 @@ def collect_fisher(
     stats = FisherStats()
     gen = torch.Generator().manual_seed(seed)
     handles = []
-    lim_sum = [0.0] * len(blocks)
+    cosines = [CosineMean() for _ in blocks]
     for bi, block in enumerate(blocks):
         for group in groups if backward else ():
             key = f"{prefixes[bi]}.{group[0]}"
@@ -68,7 +70,7 @@ def collect_fisher(
                 stats.h_key[name] = key
                 hook = _linear_hook(stats, name, key, token_clip)
                 handles.append(block.get_submodule(local).register_forward_hook(hook))
-        handles.append(block.register_forward_hook(_lim_hook(lim_sum, bi), with_kwargs=True))
+        handles.append(block.register_forward_hook(_lim_hook(cosines[bi]), with_kwargs=True))
     embed = model.get_input_embeddings()
     if backward:
         handles.append(embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True)))
@@ -98,7 +100,7 @@ def collect_fisher(
         stats.h[k] /= max(stats.tokens, 1)
     for k in stats.g:
         stats.g[k] = stats.g[k].float() / max(stats.tokens, 1)
-    stats.lim = [s / max(stats.tokens, 1) for s in lim_sum]
+    stats.lim = [lim_score(c.cosine) for c in cosines]
     return stats
 
 
@@ -126,12 +128,11 @@ def _linear_hook(stats: FisherStats, name: str, key: str, token_clip: float | No
     return hook
 
 
-def _lim_hook(lim_sum: list[float], index: int):
+def _lim_hook(cosine: CosineMean):
     def hook(module, args, kwargs, output):
         h_in = args[0] if args else kwargs["hidden_states"]
         h_out = output[0] if isinstance(output, tuple) else output
-        cos = torch.nn.functional.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)
-        lim_sum[index] += float(-cos.sum())
+        cosine.add(h_in.detach(), h_out.detach())
 
     return hook
 
@@ -141,8 +142,3 @@ def predicted_kl(g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> float:
     return 0.5 * float(((g @ dw) * (dw @ h)).sum())
 
 
-def zd_score(w: torch.Tensor) -> float:
-    """ZD (seed paper): fraction of weights whose z-score (within the matrix) exceeds 1 in magnitude."""
-    w = w.float()
-    z = (w - w.mean()) / w.std().clamp_min(1e-12)
-    return float((z.abs() > 1).float().mean())

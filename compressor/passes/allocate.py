@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocate import cache
-from ..allocate.fisher import FisherStats, collect_fisher, predicted_kl, zd_score
+from ..allocate.fisher import FisherStats, collect_fisher, predicted_kl
 from ..allocate.solver import InfeasibleBudget, solve_exact, solve_greedy, solve_ordering, total
 from ..errors import RecipeError
 from ..plan import QuantizedWeight
@@ -23,6 +23,7 @@ from ..quant.rtn import rtn_quantize
 from ..schema import AllocateBitsPass, QuantizePass, WeightScheme
 from ..schema.allocate import parse_candidate
 from ..state import CompressionState
+from ..structure.metrics import zd_score
 from .base import register
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,10 @@ class AllocateBitsRunner:
                 if self.cfg.method == "lim":
                     score = np.array(lim, dtype=np.float64)
                 else:
-                    score = np.zeros(len(units.unit_names))
+                    pooled: list[list[torch.Tensor]] = [[] for _ in units.unit_names]
                     for n, u in zip(units.names, units.unit_of):
-                        score[u] += zd_score(weights[n]) * weights[n].numel()
+                        pooled[u].append(weights[n])
+                    score = np.array([zd_score(ws) for ws in pooled])
                 return solve_ordering(units.costs, np.argsort(-score, kind="stable"), budget)
             if self.cfg.solver == "greedy":
                 return solve_greedy(units.costs, units.values, budget)
