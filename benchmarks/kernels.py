@@ -243,11 +243,12 @@ def bench_e2e(args) -> None:
     print(f"{'model':34} {'tok/s':>7} {'vs fp32':>8}")
     print(f"{'fp32 (transformers)':34} {ref:7.1f} {1.0:7.2f}x")
     for lm_head in (False, True):
-        model = compressor.load(smollm2_artifact(work, lm_head)).eval()
-        tps = decode_tps(model, ids, args.new_tokens, runs)
-        label = "W4 g64 RTN blocks + lm_head" if lm_head else "W4 g64 RTN blocks (lm_head fp32)"
-        print(f"{label + ' (compressor.load)':34} {tps:7.1f} {tps / ref:7.2f}x")
-        del model
+        for activations in ("float", "int8-decode"):
+            model = compressor.load(smollm2_artifact(work, lm_head), activations=activations).eval()
+            tps = decode_tps(model, ids, args.new_tokens, runs)
+            label = "W4 g64 RTN + lm_head" if lm_head else "W4 g64 RTN (lm_head fp32)"
+            print(f"{label + f', {activations} act.':34} {tps:7.1f} {tps / ref:7.2f}x")
+            del model
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def test_loaded_model_matches_dequantized_model(artifact, isa):
         reference = compressor.load(artifact)
         for m in _quant_linears(reference):
             m.use_kernels = False
-        ours = compressor.load(artifact)
+        ours = compressor.load(artifact, activations="int8-decode")
         layers = _quant_linears(ours)
         assert layers
         prefill = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))  # M = 40: GEMM
@@ -88,3 +88,11 @@ def test_fallback_without_extension_is_announced_once(artifact, monkeypatch, cap
         m.kernel_mode = MODE_FLOAT
     torch.testing.assert_close(got, _logits(reference, ids), rtol=1e-4, atol=1e-4)
     assert all(m.packed_weight() is not None for m in _quant_linears(reference))
+
+
+def test_load_rejects_unknown_activation_mode(artifact):
+    if "sym" not in artifact.parent.name or "asym" in artifact.parent.name:
+        pytest.skip("one artifact is enough")
+    with pytest.raises(ValueError, match="int8-decode"):
+        compressor.load(artifact, activations="int4")
+    assert all(m.kernel_mode == MODE_FLOAT for m in _quant_linears(compressor.load(artifact)))

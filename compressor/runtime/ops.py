@@ -13,6 +13,8 @@ from .repack import PackedWeight
 # mode argument of the ops: 0 auto (int8 activations + integer dot products for M < 16, float32 GEMM above),
 # 1 float32 activations and accumulation for every M, 2 int8 activations for every M (INT weights only)
 MODE_AUTO, MODE_FLOAT, MODE_INT8 = 0, 1, 2
+# user-facing names of the modes (`compressor.load(path, activations=...)`)
+ACTIVATION_MODES = {"float": MODE_FLOAT, "int8-decode": MODE_AUTO, "int8": MODE_INT8}
 
 
 def dequantize_packed(

@@ -13,7 +13,7 @@ from ..quant.formats import Fp8Format
 from ..quant.fp8 import fp8_dequantize
 from ..quant.packing import pack_int32, unpack_int32
 from ._ext import kernels_for
-from .ops import MODE_AUTO, dequantize_packed, int_weight_matmul, packed_linear
+from .ops import MODE_FLOAT, dequantize_packed, int_weight_matmul, packed_linear
 from .repack import PackedWeight, repack_fp8, repack_int
 
 
@@ -26,8 +26,9 @@ class QuantLinear(nn.Module):
         self.scheme = scheme
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.use_kernels = True  # False: always the pure-torch path (dequantize + matmul)
-        # MODE_AUTO: int8 activations for M < 16 rows; MODE_FLOAT: float32 for every M; MODE_INT8: int8 for every M
-        self.kernel_mode = MODE_AUTO
+        # MODE_FLOAT (default): float32 activations for every M, the logits of the dequantized model;
+        # MODE_AUTO: int8 activations for M < 16 rows (decode); MODE_INT8: int8 activations for every M
+        self.kernel_mode = MODE_FLOAT
         self._packed: PackedWeight | None = None
         self._packed_ready = False
 
