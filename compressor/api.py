@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import resource
 import time
@@ -125,11 +124,13 @@ def compress(
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    loaded = load_model(r.model, r.trust_remote_code)
+    loaded = load_model(r.model, r.trust_remote_code, quiet=quiet, stream=True)
     timings["load"] = time.perf_counter() - t
     state = CompressionState(loaded, r, quiet=quiet)
     windows = _eval_windows(r, loaded)
-    base = copy.deepcopy(loaded.model) if windows is not None and r.evaluate.kl else None
+    compare = windows is not None and r.evaluate.kl
+    if compare:
+        loaded.keep_base_copy()  # only when the model cannot be re-read from its checkpoint
 
     if r.needs_calibration():
         t = time.perf_counter()
@@ -145,8 +146,9 @@ def compress(
     metrics: dict = {}
     if windows is not None:
         t = time.perf_counter()
+        base = loaded.base_model() if compare else None
         metrics = evaluate_windows(
-            loaded.model, windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
+            state.full_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
         )
         timings["evaluate"] = time.perf_counter() - t
         del base

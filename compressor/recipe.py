@@ -29,6 +29,11 @@ class CalibrationConfig(Strict):
     seq_len: int = Field(512, gt=0)
     seed: int = 0
     batch_size: int = Field(8, gt=0, description="samples per forward chunk during calibration")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="calibration forward dtype: 'auto' = bfloat16 on CUDA or CPUs with AMX/AVX512-BF16, else float32"
+        " (weights, statistics and solves stay float32)",
+    )
 
 
 class EvaluateConfig(Strict):

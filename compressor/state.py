@@ -26,11 +26,36 @@ class CompressionState:
 
     @property
     def model(self):
+        """The model as it stands; streamed blocks may still be on disk (meta tensors). See `full_model`."""
         return self.loaded.model
+
+    def full_model(self):
+        """The model with every parameter in memory (for passes that run the whole model)."""
+        return self.loaded.full_model()
 
     @property
     def adapter(self):
         return self.loaded.adapter
+
+    def load_block(self, prefix: str) -> None:
+        """Streamed models: read the block's parameters from the checkpoint (no-op when resident)."""
+        if self.loaded.lazy is not None:
+            self.loaded.lazy.materialize(prefix)
+
+    def release_quantized(self, layers: list[str]) -> None:
+        """Streamed models: drop the float weights of these planned layers; they are rebuilt from the plan
+        (dequantized) if the whole model is needed again. Keeps peak memory at about one block."""
+        lazy = self.loaded.lazy
+        if lazy is None:
+            return
+        model, adapter, plan = self.model, self.adapter, self.plan
+
+        def provider_for(param: str):
+            layer = param.rpartition(".")[0]
+            module = model.get_submodule(layer)
+            return lambda: adapter.param_layout(module, plan.weights[layer].dequantize())
+
+        lazy.release([f"{name}.weight" for name in layers if name in plan.weights], provider_for)
 
     def calibration_chunks(self) -> list[torch.Tensor]:
         ids = self.calibration_ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,48 +25,69 @@ def parse_size(text: str) -> int:
 
 
 def export_state_dict(state: CompressionState, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Model tensors with every planned layer replaced by its compressed tensors; tied copies dropped."""
+    """Model tensors with every planned layer replaced by its compressed tensors; tied copies dropped.
+
+    Parameters of a streamed model that are still on disk come back as meta tensors (shape and dtype only);
+    `write_shards` reads them from the checkpoint when it writes their shard.
+    """
     model, plan = state.model, state.plan
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     quantized = set(plan.layers)
-    for key, tensor in model.state_dict().items():
+    for key, tensor in model.state_dict(keep_vars=True).items():
         owner, _, leaf = key.rpartition(".")
         if owner in quantized and leaf == "weight":
             out.update(layer_tensors(owner, plan.weights[owner]))
             continue
-        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else None
-        if ptr is not None and ptr in seen and seen[ptr] != key:
+        ident = id(tensor) if tensor.is_meta else (tensor.untyped_storage().data_ptr() if tensor.numel() else None)
+        if ident is not None and ident in seen and seen[ident] != key:
             continue  # tied weight (e.g. lm_head = embed_tokens): transformers re-ties on load
-        if ptr is not None:
-            seen[ptr] = key
+        if ident is not None:
+            seen[ident] = key
         t = tensor.detach()
         if t.is_floating_point():
             t = t.to(dense_dtype)
-        out[key] = t.contiguous()
+        out[key] = t if t.is_meta else t.contiguous()
     return out
 
 
-def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
-    """Write tensors into safetensors shards (HF naming and index); returns the file names."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+Fetch = Callable[[str], torch.Tensor]
+
+
+def write_shards(
+    tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int, fetch: Fetch | None = None
+) -> list[str]:
+    """Write tensors into safetensors shards (HF naming and index); returns the file names.
+
+    Meta tensors are placeholders: `fetch(name)` gives their values, read shard by shard, so at most one
+    shard's worth of them is in memory.
+    """
+    shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(tensors):
         t = tensors[key]
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = t
+        shards[-1].append(key)
         size += nbytes
+
+    def shard_tensors(keys: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in keys:
+            t = tensors[k]
+            out[k] = fetch(k).to(t.dtype).contiguous() if t.is_meta else t
+        return out
+
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(shard_tensors(shards[0]), str(folder / "model.safetensors"), metadata={"format": "pt"})
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
+    for name, keys in zip(names, shards):
+        save_file(shard_tensors(keys), str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -77,7 +99,8 @@ def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
     model, adapter = state.model, state.adapter
     dense_dtype = state.loaded.export_dtype
     tensors = export_state_dict(state, dense_dtype)
-    files = write_shards(tensors, folder, parse_size(state.recipe.max_shard_size))
+    lazy = state.loaded.lazy
+    files = write_shards(tensors, folder, parse_size(state.recipe.max_shard_size), lazy.tensor if lazy else None)
 
     blocks = adapter.blocks(model)
     names = {id(m): n for n, m in model.named_modules()}

@@ -29,9 +29,15 @@ def calib_file(tmp_path_factory) -> Path:
 
 
 def small_recipe(calib_file: Path, weights: dict | None = None, method: str = "gptq", **extra) -> dict:
-    """A fast recipe for tiny models."""
+    """A fast recipe for tiny models (float32 calibration: results must not depend on the CPU's bfloat16 support)."""
     recipe = {
-        "calibration": {"source": str(calib_file), "num_samples": 8, "seq_len": 32, "batch_size": 2},
+        "calibration": {
+            "source": str(calib_file),
+            "num_samples": 8,
+            "seq_len": 32,
+            "batch_size": 2,
+            "dtype": "float32",
+        },
         "passes": [{"type": "quantize", "method": method, "weights": weights or {"bits": 4, "group_size": 32}}],
         "evaluate": {"perplexity_text": str(calib_file), "seq_len": 32, "max_windows": 2},
     }

@@ -37,7 +37,7 @@ def _dequantized(w: torch.Tensor, scheme, quant) -> torch.Tensor:
 
 def refine_by_kl(state, units, schemes, quant, choice: np.ndarray, budget: int, cfg, weights) -> np.ndarray:
     """Return an allocation no worse (by measured KL on the held-out samples) than `choice`, within budget."""
-    model, adapter = state.model, state.adapter
+    model, adapter = state.full_model(), state.adapter
     ids = state.calibration_ids
     start_row = min(cfg.num_samples, max(ids.shape[0] - cfg.search_samples, 0))
     held = ids[start_row : start_row + cfg.search_samples]

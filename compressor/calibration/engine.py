@@ -101,21 +101,33 @@ class GramStat:
     error of every ordinary token for them (measured: median-token output error 2x RTN's on SmolLM2 layer 28).
     """
 
-    def __init__(self, width: int, token_clip: float | None = None):
+    def __init__(self, width: int, token_clip: float | None = None, product_dtype: torch.dtype = torch.float32):
         self.h = torch.zeros(width, width, dtype=torch.float32)
         self.abs_sum = torch.zeros(width, dtype=torch.float32)  # per-channel sum |x| (activation-aware scaling)
         self.count = 0
         self.token_clip = token_clip
+        self.product_dtype = product_dtype
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        if self.token_clip is not None and x.shape[0] > 1:
-            norms = x.norm(dim=1, keepdim=True)
-            limit = self.token_clip * norms.median()
-            x = x * torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)
-        self.h.addmm_(x.t(), x)
-        self.abs_sum += x.abs().sum(0)
-        self.count += x.shape[0]
+        """Add a batch of inputs [..., width].
+
+        With `product_dtype` bfloat16, each batch's x^T x is computed in bfloat16 (float32 accumulation inside the
+        matmul, the product rounded to bfloat16 once per batch) and summed in float32: measured on 64K tokens x 1536
+        channels, 4x faster than float32 on AMX, with errors below 0.15% of sqrt(H_ii H_jj).
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            if self.token_clip is not None and x.shape[0] > 1:
+                norms = x.norm(dim=1, keepdim=True)
+                limit = self.token_clip * norms.median()
+                x = x * torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)
+            if self.product_dtype == torch.float32:
+                self.h.addmm_(x.t(), x)
+            else:
+                xl = x.to(self.product_dtype)
+                self.h += torch.mm(xl.t(), xl).to(torch.float32)
+            self.abs_sum += x.abs().sum(0)
+            self.count += x.shape[0]
 
     def merge(self, other: GramStat) -> None:
         self.h += other.h
@@ -175,6 +187,8 @@ def run_block_lockstep(
     solve: SolveFn,
     pool: ThreadPoolExecutor | None = None,
     token_clip: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    consume_inputs: bool = False,
 ) -> list[torch.Tensor]:
     """Forward every chunk through `block` once, solving each linear group when all chunks reached it.
 
@@ -183,6 +197,11 @@ def run_block_lockstep(
     earlier linear), so inputs already computed by waiting chunks are divided by it here.
     `pool` must have at least len(hidden) workers; pass one pool for a whole sweep so threads (and the
     per-thread buffers of the BLAS/OpenMP runtime) are reused across blocks. Returns the outputs per chunk.
+
+    `compute_dtype` bfloat16 runs the block under autocast (matmuls in bfloat16, float32 master weights, so solves
+    and weight write-backs stay exact) and returns bfloat16 outputs; statistics are summed in float32. With
+    `consume_inputs`, each chunk's input is dropped from `hidden` (set to None) once its output exists, so a sweep
+    does not hold every input and every output at once.
     """
     n = len(hidden)
     turns = _Turns(n)
@@ -202,7 +221,7 @@ def run_block_lockstep(
             if gi in done:
                 return scaled(gi, inputs)
             x = inputs[0]
-            stat = stats.setdefault(gi, GramStat(x.shape[-1], token_clip))
+            stat = stats.setdefault(gi, GramStat(x.shape[-1], token_clip, compute_dtype))
             stat.add(x)
             if local.index == n - 1:  # every chunk has contributed: solve before anyone goes on
                 divisor = solve(groups[gi], stat)
@@ -225,9 +244,11 @@ def run_block_lockstep(
         local.index = i
         try:
             turns.wait(i)
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(hidden[i].device, compute_dtype):
                 out = block(hidden[i], *args[i], **kwargs[i])
-            outputs[i] = out[0] if isinstance(out, tuple) else out
+            if consume_inputs:
+                hidden[i] = None
+            outputs[i] = (out[0] if isinstance(out, tuple) else out).to(compute_dtype)
             turns.pass_on(i)
         except _Aborted:
             pass
@@ -257,6 +278,25 @@ def run_block_lockstep(
     if missing:
         raise RuntimeError(f"calibration never reached linears {missing}; the adapter's names are wrong")
     return [o for o in outputs if o is not None]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_compute_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The calibration forward's dtype: 'float32', 'bfloat16', or 'auto' = bfloat16 where its matmuls are fast
+    (a CUDA device, or a CPU with AMX-BF16 / AVX512-BF16 through oneDNN), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device is not None and device.type == "cuda":
+        return torch.bfloat16
+    fast = any(
+        getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )
+    return torch.bfloat16 if fast and torch.backends.mkldnn.is_available() else torch.float32
 
 
 def run_block_plain(block: nn.Module, hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict]):

@@ -71,4 +71,4 @@ def _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet
     wanted = max(cfg.max_samples or cal.num_samples, cfg.measure_samples)
     cal = cal.model_copy(update={"num_samples": min(cal.num_samples, wanted)})
     ids = sample_windows(loaded.tokenizer, read_texts(cal), cal, max_positions(loaded.model.config))
-    return score_model(loaded.model, loaded.adapter, ids, cfg, quiet)
+    return score_model(loaded.full_model(), loaded.adapter, ids, cfg, quiet)

@@ -37,6 +37,10 @@ class Adapter:
                 return f"{name}.{index}"
         raise ModelError("cannot locate decoder blocks in the model")
 
+    def block_prefixes(self, model: nn.Module) -> list[str]:
+        """Full module names of every block."""
+        return [self.block_prefix(model, i) for i in range(len(self.blocks(model)))]
+
     def scale_source(self, block: nn.Module, group: tuple[str, ...]) -> tuple[str, nn.Module] | None:
         """The module whose output is `group`'s input and can absorb a per-channel scale, or None."""
         for path in self.scale_sources.get(group[0], ()):
@@ -61,6 +65,11 @@ class Adapter:
         """Weight as [out_features, in_features] float32 (embeddings: [vocab, hidden])."""
         w = module.weight.data
         return (w.t() if is_conv1d(module) else w).to(torch.float32)
+
+    @staticmethod
+    def param_layout(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+        """An [out, in] weight in the module's own parameter layout (Conv1D: [in, out])."""
+        return w.t().contiguous() if is_conv1d(module) else w
 
     @staticmethod
     def set_weight(module: nn.Module, w: torch.Tensor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .adapters import Adapter, adapter_for
+from .lazy import LazyModel, build_lazy, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,29 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     adapter: Adapter
-    source: ModelSource
+    source: ModelSource  # what the recipe named (a GGUF file stays named as such)
     export_dtype: torch.dtype = torch.float32  # dtype of the source checkpoint's float tensors
+    lazy: LazyModel | None = None  # blocks streamed from the checkpoint (None: loaded whole)
+    checkpoint: Path | None = None  # the float checkpoint the weights come from (a GGUF file's converted copy)
+    _base: nn.Module | None = None
+
+    def full_model(self) -> nn.Module:
+        """The model with every parameter in memory (streamed blocks are read back, released ones rebuilt)."""
+        return self.lazy.materialize_all() if self.lazy is not None else self.model
+
+    def keep_base_copy(self) -> None:
+        """Remember the uncompressed model for evaluation (a copy when it cannot be re-read from disk)."""
+        if self.lazy is None and self._base is None:
+            self._base = copy.deepcopy(self.model)
+
+    def base_model(self) -> nn.Module:
+        """The uncompressed model, for KL and perplexity against it: re-read from the checkpoint when streamed."""
+        if self._base is not None:
+            return self._base
+        if self.lazy is None:
+            raise RuntimeError("keep_base_copy() must run before passes change an eagerly loaded model")
+        with hf_progress_bars_off():
+            return self.lazy.fresh_copy()
 
 
 @contextlib.contextmanager
@@ -123,40 +146,52 @@ def _model_class(adapter: Adapter, config):
     return AutoModelForMaskedLM if any("MaskedLM" in a for a in archs) else AutoModel
 
 
-def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
-    """Load model + tokenizer in float32 for compression; checks support, tokenizer and finite weights."""
+def load_model(spec: str, trust_remote_code: bool = False, quiet: bool = False, stream: bool = False) -> LoadedModel:
+    """Load model + tokenizer in float32 for compression; checks support, tokenizer and finite weights.
+
+    A GGUF file is first converted (once, cached) into a float safetensors checkpoint. With `stream`, a
+    safetensors checkpoint whose tensors map one-to-one onto the model is loaded lazily: decoder blocks stay on
+    disk until a pass reads them (see `lazy.py`); otherwise the whole model is loaded through transformers.
+    """
     from transformers import AutoTokenizer
 
     source = resolve_source(spec)
-    config = load_config(source, trust_remote_code)
+    location = source.location
+    if source.gguf_file:
+        from .gguf import float_checkpoint
+
+        location = str(float_checkpoint(Path(source.location) / source.gguf_file, quiet=quiet))
+    checkpoint = ModelSource(location)
+    config = load_config(checkpoint, trust_remote_code)
     adapter = adapter_for(config.model_type)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise ModelError(
             f"no usable tokenizer in {source.description} ({type(err).__name__})",
             fix="save the tokenizer next to the model (tokenizer.save_pretrained(dir))",
         ) from None
     cls = _model_class(adapter, config)
-    try:
-        with hf_progress_bars_off():
-            model = cls.from_pretrained(
-                source.location,
-                gguf_file=source.gguf_file,
-                dtype=torch.float32,
-                trust_remote_code=trust_remote_code,
-            )
-    except OSError as err:
-        raise ModelError(f"cannot load weights from {source.description}: {err}") from None
-    model.eval()
-    model.requires_grad_(False)
-    if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
-        # GGUF weights were dequantized on load; the checkpoint we write is plain float + our quantization.
-        del model.config.quantization_config
-    check_finite(model)
-    return LoadedModel(model, tokenizer, adapter, source, _source_dtype(config))
+    folder = Path(location)
+    lazy = None
+    if stream and folder.is_dir() and not trust_remote_code:
+        lazy = build_lazy(cls, config, folder, adapter.block_prefixes, torch.float32)
+    if lazy is not None:
+        model = lazy.model
+    else:
+        try:
+            with hf_progress_bars_off():
+                model = cls.from_pretrained(location, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        except OSError as err:
+            raise ModelError(f"cannot load weights from {source.description}: {err}") from None
+        model.eval()
+        model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if not p.is_meta:
+            check_finite(name, p)
+    return LoadedModel(
+        model, tokenizer, adapter, source, _source_dtype(config), lazy, folder if folder.is_dir() else None
+    )
 
 
 def _source_dtype(config) -> torch.dtype:
@@ -164,16 +199,6 @@ def _source_dtype(config) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-
-
-def check_finite(model: nn.Module) -> None:
-    """Raise ModelError naming the first parameter holding NaN or Inf."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ModelError(
-                f"weight '{name}' contains NaN or Inf",
-                fix="the checkpoint is corrupt or diverged; re-export it from a healthy training state",
-            )
 
 
 def max_positions(config) -> int | None:

@@ -130,7 +130,7 @@ class AllocateBitsRunner:
         )
 
     def _linears(self, state: CompressionState, quant: QuantizePass):
-        model, adapter = state.model, state.adapter
+        model, adapter = state.full_model(), state.adapter
         ignore = [re.compile(p) for p in quant.ignore]
         names, modules, block_of = [], [], []
         for i, block in enumerate(adapter.blocks(model)):
@@ -205,7 +205,7 @@ class AllocateBitsRunner:
 
     # ---- measurements -----------------------------------------------------------------------------
     def _sweep(self, state: CompressionState, quant: QuantizePass, backward: bool) -> FisherStats:
-        model, adapter = state.model, state.adapter
+        model, adapter = state.full_model(), state.adapter
         blocks = adapter.blocks(model)
         prefixes = [adapter.block_prefix(model, i) for i in range(len(blocks))]
         ids = state.calibration_ids[: self.cfg.num_samples]

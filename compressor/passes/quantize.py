@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.engine import GramStat, capture_block_inputs, run_block_lockstep
+from ..calibration.engine import GramStat, capture_block_inputs, resolve_compute_dtype, run_block_lockstep
 from ..models.folding import can_fold_into, fold_divisor, scale_input_columns
 from ..plan import LayerPlan, QuantizedWeight
 from ..quant.awq import awq_search
@@ -74,11 +74,13 @@ class QuantizeRunner:
     def run(self, state: CompressionState) -> None:
         model, adapter = state.model, state.adapter
         blocks = adapter.blocks(model)
-        prefixes = [adapter.block_prefix(model, i) for i in range(len(blocks))]
+        prefixes = adapter.block_prefixes(model)
         if self.cfg.method == "gptq" or self.cfg.awq:
             self._run_calibrated(state, blocks, prefixes)
         else:
             for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
+                state.load_block(prefixes[i])
+                names = []
                 for local in adapter.linear_names():
                     name = f"{prefixes[i]}.{local}"
                     scheme = self.scheme_for(state, name)
@@ -88,6 +90,8 @@ class QuantizeRunner:
                     w = adapter.get_weight(module)
                     fmt, note = self.layer_format(w.shape[1], scheme)
                     self._commit(state, name, module, self._quantize_data_free(w, fmt), note, "rtn")
+                    names.append(name)
+                state.release_quantized(names)
         self._quantize_outer(state)
 
     def _quantize_outer(self, state: CompressionState) -> None:
@@ -110,16 +114,20 @@ class QuantizeRunner:
             w = module.weight.data.to(torch.float32)
             fmt, note = self.layer_format(w.shape[1])
             self._commit(state, names[id(module)], module, self._quantize_data_free(w, fmt), note, "rtn")
+        state.release_quantized([names[id(m)] for m in wanted])
 
     def _run_calibrated(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
         """Block by block on calibration activations: optional activation-aware scaling, then GPTQ (or RTN)."""
         adapter, cfg = state.adapter, self.cfg
+        dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
         calls = capture_block_inputs(state.model, blocks, state.calibration_chunks())
-        hidden = calls.hidden
+        hidden = [h.to(dtype) for h in calls.hidden]
+        calls.hidden.clear()
         pool = ThreadPoolExecutor(max_workers=len(hidden), thread_name_prefix="calib-chunk")
         label = cfg.method + ("+awq" if cfg.awq else "")
         progress = tqdm(total=len(blocks), desc=f"quantize ({label})", unit="block", disable=state.quiet)
         for i, block in enumerate(blocks):
+            state.load_block(prefixes[i])
             groups = [
                 tuple(n for n in g if self.scheme_for(state, f"{prefixes[i]}.{n}") is not None)
                 for g in adapter.linear_groups
@@ -138,11 +146,21 @@ class QuantizeRunner:
 
             try:
                 hidden = run_block_lockstep(
-                    block, hidden, calls.args[i], calls.kwargs[i], groups, solve, pool, cfg.hessian_token_clip
+                    block,
+                    hidden,
+                    calls.args[i],
+                    calls.kwargs[i],
+                    groups,
+                    solve,
+                    pool,
+                    cfg.hessian_token_clip,
+                    dtype,
+                    consume_inputs=True,
                 )
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+            state.release_quantized([f"{prefixes[i]}.{n}" for g in groups for n in g])
             progress.update(1)
         pool.shutdown()
         progress.close()

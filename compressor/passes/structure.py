@@ -23,7 +23,7 @@ class ScoreRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        table = score_model(state.model, state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        table = score_model(state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet)
         state.report["scores"] = table.to_json()
         if self.cfg.plot:
             state.extra_files["scores.png"] = score_plot_png(table)
@@ -36,8 +36,8 @@ class RemoveBlocksRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        units, details = choose_removal(state.model, state.adapter, state.calibration_ids, self.cfg, state.quiet)
-        done = apply_removal(state.model, state.adapter, units)
+        units, details = choose_removal(state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        done = apply_removal(state.full_model(), state.adapter, units)
         log.info("remove_blocks (%s): %s", self.cfg.method, [list(u) for u in units])
         _record(state, {"pass": "remove_blocks", "method": self.cfg.method, "kind": self.cfg.kind, **done, **details})
 
@@ -48,6 +48,6 @@ class FuseBlocksRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        done = fuse_blocks(state.model, state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        done = fuse_blocks(state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet)
         log.info("fuse_blocks: merged %s", done["merged_windows"])
         _record(state, {"pass": "fuse_blocks", "select": self.cfg.select, **done})

@@ -36,6 +36,16 @@ inline __m256 decode(__m256i v) {
   }
 }
 
+// As decode, but int4 codes centred: u - 8 (sign-extended from the word XOR 0x88888888 that fma_word applies).
+template <WKind KIND, int I>
+inline __m256 decode_centred(__m256i v) {
+  if constexpr (KIND == WKind::Int4) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28 - 4 * I), 28));
+  } else {
+    return decode<KIND, I>(v);
+  }
+}
+
 // Optimisation barrier: stops GCC from reassociating the int16 sums into a tree of 32 live products (which spills
 // them to the stack); the sums stay running accumulators in registers.
 inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
@@ -129,14 +139,20 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
 
 // ---- float activations, float32 accumulation ------------------------------------------------------------
 
-// Column k accumulates into chain k % 4 (4 independent FMA chains per tile hide the FMA latency).
+// Column k accumulates into chain k % 4 (4 independent FMA chains per tile hide the FMA latency). int4 codes are
+// centred (u - 8), as in the scalar reference: see its gemv_f32.
 template <WKind KIND>
 inline void fma_word(__m256i v0, __m256i v1, const float* x, __m256* a0, __m256* a1) {
+  if constexpr (KIND == WKind::Int4) {
+    const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x88888888u));
+    v0 = _mm256_xor_si256(v0, flip);
+    v1 = _mm256_xor_si256(v1, flip);
+  }
   auto step = [&](auto ic) {
     constexpr int I = decltype(ic)::value;
     const __m256 xi = _mm256_set1_ps(x[I]);
-    a0[I % 4] = _mm256_fmadd_ps(decode<KIND, I>(v0), xi, a0[I % 4]);
-    a1[I % 4] = _mm256_fmadd_ps(decode<KIND, I>(v1), xi, a1[I % 4]);
+    a0[I % 4] = _mm256_fmadd_ps(decode_centred<KIND, I>(v0), xi, a0[I % 4]);
+    a1[I % 4] = _mm256_fmadd_ps(decode_centred<KIND, I>(v1), xi, a1[I % 4]);
   };
   step(std::integral_constant<int, 0>{});
   step(std::integral_constant<int, 1>{});
@@ -173,13 +189,17 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
           a1 = _mm256_add_ps(a1, c1[c]);
         }
         const float* s = W.s + g * W.Np + t * 8;
-        acc0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(s), acc0);
-        acc1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(s + 8), acc1);
+        const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+        acc0 = _mm256_fmadd_ps(a0, s0, acc0);
+        acc1 = _mm256_fmadd_ps(a1, s1, acc1);
         if constexpr (KIND != WKind::Fp8) {
           const float* zs = W.zs + g * W.Np + t * 8;
           const __m256 xsum = _mm256_set1_ps(X.xsum[m * W.G + g]);
-          acc0 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs), xsum, acc0);
-          acc1 = _mm256_fnmadd_ps(_mm256_loadu_ps(zs + 8), xsum, acc1);
+          const __m256 off = _mm256_set1_ps(KIND == WKind::Int4 ? 8.f : 0.f);
+          const __m256 z0 = _mm256_fnmadd_ps(off, s0, _mm256_loadu_ps(zs));  // (z - 8) * s for int4
+          const __m256 z1 = _mm256_fnmadd_ps(off, s1, _mm256_loadu_ps(zs + 8));
+          acc0 = _mm256_fnmadd_ps(z0, xsum, acc0);
+          acc1 = _mm256_fnmadd_ps(z1, xsum, acc1);
         }
       }
       _mm256_storeu_ps(y + m * W.Np + t * 8, acc0);
@@ -245,14 +265,12 @@ void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float*
   }
 }
 
-// y[MR][16] += x[MR][kc] * B[kc][16]
+// y[MR][16] += x[MR][kc] * B[kc][16], the panel's products summed on their own first (blocked summation: the
+// rounding error grows with kc, not with K)
 template <int MR>
 void ukernel(const float* B, int64_t kc, const float* x, int64_t ldx, float* y, int64_t ldy) {
   __m256 c[MR][2];
-  for (int r = 0; r < MR; ++r) {
-    c[r][0] = _mm256_loadu_ps(y + r * ldy);
-    c[r][1] = _mm256_loadu_ps(y + r * ldy + 8);
-  }
+  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(B + k * 16), b1 = _mm256_loadu_ps(B + k * 16 + 8);
     for (int r = 0; r < MR; ++r) {
@@ -262,8 +280,8 @@ void ukernel(const float* B, int64_t kc, const float* x, int64_t ldx, float* y, 
     }
   }
   for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(y + r * ldy, c[r][0]);
-    _mm256_storeu_ps(y + r * ldy + 8, c[r][1]);
+    _mm256_storeu_ps(y + r * ldy, _mm256_add_ps(_mm256_loadu_ps(y + r * ldy), c[r][0]));
+    _mm256_storeu_ps(y + r * ldy + 8, _mm256_add_ps(_mm256_loadu_ps(y + r * ldy + 8), c[r][1]));
   }
 }
 

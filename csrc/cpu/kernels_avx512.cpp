@@ -72,16 +72,16 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
     gemv_q8_t<WKind::Int8>(W, A, y, t0, t1);
 }
 
-// y[MR][16] += x[MR][kc] * B[kc][16]
+// y[MR][16] += x[MR][kc] * B[kc][16], the panel's products summed on their own first (as in the AVX2 kernel)
 template <int MR>
 void ukernel(const float* B, int64_t kc, const float* x, int64_t ldx, float* y, int64_t ldy) {
   __m512 c[MR];
-  for (int r = 0; r < MR; ++r) c[r] = _mm512_loadu_ps(y + r * ldy);
+  for (int r = 0; r < MR; ++r) c[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b = _mm512_loadu_ps(B + k * 16);
     for (int r = 0; r < MR; ++r) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), b, c[r]);
   }
-  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + r * ldy, c[r]);
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(_mm512_loadu_ps(y + r * ldy), c[r]));
 }
 
 template <int MR>

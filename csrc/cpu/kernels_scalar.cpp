@@ -1,5 +1,6 @@
 // Scalar reference kernels. Same arithmetic, in the same order, as the SIMD kernels (fmaf where they fuse),
 // so the SIMD paths are tested against these for exact equality.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -54,7 +55,11 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
   }
 }
 
+// int4 codes are centred (u - 8, exact) before the dot product and the zero-point term uses (z - 8) * s: for
+// symmetric layers (z = 8) that term is exactly zero, so no large sum of u * x is cancelled against z * s * sum(x)
+// (which cost about 3x the rounding error of a plain float32 matmul on a 30-layer model).
 void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  const float off = W.kind == WKind::Int4 ? 8.f : 0.f;
   for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
     for (int64_t m = 0; m < X.M; ++m) {
       const float* x = X.x + m * W.Kp;
@@ -62,10 +67,11 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
       for (int64_t g = 0; g < W.G; ++g) {
         float chain[4] = {0.f, 0.f, 0.f, 0.f};  // column k goes to chain k % 4, summed in order at the group end
         for (int64_t k = g * W.group; k < group_end(W, g); ++k)
-          chain[k % 4] = std::fmaf(code(W, n, k), x[k], chain[k % 4]);
+          chain[k % 4] = std::fmaf(code(W, n, k) - off, x[k], chain[k % 4]);
         const float ag = ((chain[0] + chain[1]) + chain[2]) + chain[3];
-        acc = std::fmaf(ag, W.s[g * W.Np + n], acc);
-        if (W.zs) acc = std::fmaf(-W.zs[g * W.Np + n], X.xsum[m * W.G + g], acc);
+        const float s = W.s[g * W.Np + n];
+        acc = std::fmaf(ag, s, acc);
+        if (W.zs) acc = std::fmaf(-std::fmaf(-off, s, W.zs[g * W.Np + n]), X.xsum[m * W.G + g], acc);
       }
       y[m * W.Np + n] = acc;
     }
@@ -77,11 +83,15 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
     for (int64_t m = 0; m < X.M; ++m) {
       const float* x = X.x + m * W.Kp;
       float acc = 0.f;
-      for (int64_t k = 0; k < W.Kp; ++k) {
-        const int64_t g = W.group_of(k);
-        const float s = W.s[g * W.Np + n];
-        const float w = W.zs ? std::fmaf(code(W, n, k), s, -W.zs[g * W.Np + n]) : code(W, n, k) * s;
-        acc = std::fmaf(x[k], w, acc);
+      for (int64_t k0 = 0; k0 < W.Kp; k0 += kGemmKc) {  // blocked summation, one partial sum per K panel
+        float part = 0.f;
+        for (int64_t k = k0; k < std::min(k0 + kGemmKc, W.Kp); ++k) {
+          const int64_t g = W.group_of(k);
+          const float s = W.s[g * W.Np + n];
+          const float w = W.zs ? std::fmaf(code(W, n, k), s, -W.zs[g * W.Np + n]) : code(W, n, k) * s;
+          part = std::fmaf(x[k], w, part);
+        }
+        acc += part;
       }
       y[m * W.Np + n] = acc;
     }

