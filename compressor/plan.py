@@ -8,24 +8,48 @@ import torch
 
 from .quant.formats import Fp8Format, IntFormat
 from .quant.fp8 import fp8_dequantize
+from .quant.packing import pack_int32, unpack_int32
 from .quant.rtn import dequantize
 
 
-@dataclass
 class QuantizedWeight:
-    """Quantized tensors of one linear, in [out_features, in_features] orientation."""
+    """Quantized tensors of one linear, in [out_features, in_features] orientation.
 
-    fmt: IntFormat | Fp8Format
-    codes: torch.Tensor  # int8 codes (int formats) or float8_e4m3fn weights (fp8)
-    scale: torch.Tensor
-    zero: torch.Tensor | None = None
-    scale_dtype: str = "float32"
+    `codes` are int8 codes (int formats) or float8_e4m3fn weights (fp8). Once `compact()` ran (the plan does it
+    when a layer is recorded), INT codes of fewer than 8 bits are held packed into int32 words, exactly as the
+    artifact stores them (`packed`), and `codes` unpacks on access: a plan of a large model stays small.
+    """
+
+    def __init__(
+        self,
+        fmt: IntFormat | Fp8Format,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None = None,
+        scale_dtype: str = "float32",
+    ):
+        self.fmt, self.scale, self.zero, self.scale_dtype = fmt, scale, zero, scale_dtype
+        self.shape = tuple(codes.shape)
+        self._codes: torch.Tensor | None = codes
+        self.packed: torch.Tensor | None = None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self._codes is not None:
+            return self._codes
+        return unpack_int32(self.packed, self.fmt.bits, self.shape[1])
+
+    def compact(self) -> None:
+        """Keep sub-byte INT codes packed (compressed-tensors int32 words) instead of one int8 per weight."""
+        if self._codes is not None and isinstance(self.fmt, IntFormat) and self.fmt.bits < 8:
+            self.packed = pack_int32(self._codes, self.fmt.bits)
+            self._codes = None
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [out, in] weight these tensors stand for."""
         if isinstance(self.fmt, Fp8Format):
             return fp8_dequantize(self.codes, self.scale, self.fmt)
-        return dequantize(self.codes, self.scale, self.zero, self.fmt.effective_group(self.codes.shape[1]))
+        return dequantize(self.codes, self.scale, self.zero, self.fmt.effective_group(self.shape[1]))
 
 
 @dataclass
@@ -51,7 +75,7 @@ class LayerPlan:
     ) -> LayerPlan:
         """The plan entry for a layer quantized into `qw`."""
         fmt = qw.fmt
-        out_f, in_f = qw.codes.shape
+        out_f, in_f = qw.shape
         if isinstance(fmt, IntFormat):
             bits, group, sym = fmt.bits, fmt.group_size, fmt.symmetric
             strategy = "group" if fmt.group_size else "channel"
@@ -83,6 +107,7 @@ class Plan:
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
 
     def record(self, layer: LayerPlan, weight: QuantizedWeight) -> None:
+        weight.compact()
         self.layers[layer.name] = layer
         self.weights[layer.name] = weight
 

@@ -42,6 +42,15 @@ class CompressionState:
         if self.loaded.lazy is not None:
             self.loaded.lazy.materialize(prefix)
 
+    def evict_outside_blocks(self) -> None:
+        """Streamed models: drop the parameters outside the decoder blocks (embeddings, head, final norm) while a
+        block-by-block sweep runs; untouched ones are read back from the checkpoint when needed."""
+        lazy = self.loaded.lazy
+        if lazy is None:
+            return
+        blocks = tuple(p + "." for p in self.adapter.block_prefixes(self.model))
+        lazy.evict_unchanged(n for n, _ in self.model.named_parameters() if not n.startswith(blocks))
+
     def release_quantized(self, layers: list[str]) -> None:
         """Streamed models: drop the float weights of these planned layers; they are rebuilt from the plan
         (dequantized) if the whole model is needed again. Keeps peak memory at about one block."""

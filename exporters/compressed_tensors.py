@@ -29,10 +29,10 @@ def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if isinstance(qw.fmt, Fp8Format):
         scale = qw.scale.to(torch.float32)
         return {f"{name}.weight": qw.codes.contiguous(), f"{name}.weight_scale": scale.contiguous()}
-    out_f, in_f = qw.codes.shape
+    out_f, in_f = qw.shape
     bits = qw.fmt.bits
     tensors = {
-        f"{name}.weight_packed": pack_int32(qw.codes, bits),
+        f"{name}.weight_packed": qw.packed if qw.packed is not None else pack_int32(qw.codes, bits),
         f"{name}.weight_scale": qw.scale.to(_SCALE_DTYPES[qw.scale_dtype]).contiguous(),
         f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
     }

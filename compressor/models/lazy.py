@@ -78,11 +78,13 @@ class CheckpointReader:
 
         try:
             with safe_open(str(self.folder / file), "pt") as f:
+                # get_tensor views the file's memory map: a copy lets the map (and its resident pages) go when
+                # the file is closed, instead of every tensor ever read pinning its shard in memory
                 if one_at_a_time:
                     for key in keys:
-                        yield key, f.get_tensor(key)
+                        yield key, f.get_tensor(key).clone()
                 else:
-                    tensors = [(key, f.get_tensor(key)) for key in keys]
+                    tensors = [(key, f.get_tensor(key).clone()) for key in keys]
         except (OSError, RuntimeError, ValueError) as err:  # safetensors raises its own types for bad headers
             raise ModelError(
                 f"cannot read {file} in {self.folder}: {err}", fix="the checkpoint is corrupt; re-download it"
@@ -122,26 +124,71 @@ class LazyModel:
     def is_resident(self, prefix: str = "") -> bool:
         return all(not m._parameters[leaf].is_meta for _, m, leaf in self._slots(prefix))
 
+    def _aliases(self, params: set[int]) -> dict[int, list[tuple[str, nn.Module, str]]]:
+        """Every slot of the model holding one of these parameter objects (tied weights have several)."""
+        out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        for slot in self._slots():
+            pid = id(slot[1]._parameters[slot[2]])
+            if pid in params:
+                out.setdefault(pid, []).append(slot)
+        return out
+
+    def _source(self, names: list[str]) -> tuple[str, str]:
+        """('provider' | 'checkpoint', name) for a stored parameter known under any of `names`."""
+        for name in names:
+            if name in self.providers:
+                return "provider", name
+        for name in names:
+            if name in self.reader.files:
+                return "checkpoint", name
+        raise KeyError(f"no stored value for {names}")
+
     def tensor(self, name: str) -> torch.Tensor:
         """The current value of parameter `name` without making it resident (checkpoint, provider or memory)."""
         owner, _, leaf = name.rpartition(".")
         current = self.model.get_submodule(owner)._parameters[leaf]
         if not current.is_meta:
             return current.data
-        if name in self.providers:
-            return self.providers[name]().to(self.dtype)
-        return self.reader.read([name])[name].to(self.dtype)
+        kind, key = self._source([n for n, _, _ in self._aliases({id(current)})[id(current)]])
+        if kind == "provider":
+            return self.providers[key]().to(self.dtype)
+        return self.reader.read([key])[key].to(self.dtype)
 
     # ---- moving parameters --------------------------------------------------------------------------------
     def materialize(self, prefix: str = "") -> None:
-        """Make every parameter at or under `prefix` resident (from its provider, else the checkpoint)."""
-        pending = [(n, m, leaf) for n, m, leaf in self._slots(prefix) if m._parameters[leaf].is_meta]
+        """Make every parameter at or under `prefix` resident (from its provider, else the checkpoint); tied
+        parameters stay tied."""
+        pending = {id(m._parameters[leaf]) for _, m, leaf in self._slots(prefix) if m._parameters[leaf].is_meta}
         if not pending:
             return
-        from_disk = self.reader.read(n for n, _, _ in pending if n not in self.providers)
-        for name, module, leaf in pending:
-            value = self.providers.pop(name)() if name in self.providers else from_disk.pop(name)
-            module._parameters[leaf] = nn.Parameter(value.to(self.dtype), requires_grad=False)
+        groups = self._aliases(pending)
+        sources = {pid: self._source([n for n, _, _ in slots]) for pid, slots in groups.items()}
+        from_disk = self.reader.read(key for kind, key in sources.values() if kind == "checkpoint")
+        for pid, slots in groups.items():
+            kind, key = sources[pid]
+            value = self.providers.pop(key)() if kind == "provider" else from_disk.pop(key)
+            new = nn.Parameter(value.to(self.dtype), requires_grad=False)
+            for _, module, leaf in slots:
+                module._parameters[leaf] = new
+
+    def evict_unchanged(self, names: Iterable[str]) -> list[str]:
+        """Drop resident parameters that still equal the checkpoint (read back from it when needed); returns the
+        names evicted. A parameter a pass has changed, or one the checkpoint does not hold, stays."""
+        evicted = []
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            p = self.model.get_submodule(owner)._parameters.get(leaf)
+            if p is None or p.is_meta:
+                continue
+            slots = self._aliases({id(p)})[id(p)]
+            key = next((n for n, _, _ in slots if n in self.reader.files), None)
+            if key is None or not torch.equal(self.reader.read([key])[key].to(self.dtype), p.data):
+                continue
+            placeholder = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for _, module, slot_leaf in slots:
+                module._parameters[slot_leaf] = placeholder
+            evicted.append(name)
+        return evicted
 
     def materialize_all(self) -> nn.Module:
         """Make the whole model resident (re-tying tied embeddings); returns it."""
@@ -160,12 +207,13 @@ class LazyModel:
         """Drop resident parameters whose value `provider_for(name)()` can give back (e.g. from the plan)."""
         for name in names:
             owner, _, leaf = name.rpartition(".")
-            module = self.model.get_submodule(owner)
-            p = module._parameters[leaf]
+            p = self.model.get_submodule(owner)._parameters[leaf]
             if p.is_meta:
                 continue
             self.providers[name] = provider_for(name)
-            module._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            placeholder = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for _, module, slot_leaf in self._aliases({id(p)})[id(p)]:
+                module._parameters[slot_leaf] = placeholder
 
 
 def build_lazy(

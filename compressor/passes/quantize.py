@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.engine import GramStat, capture_block_inputs, resolve_compute_dtype, run_block_lockstep
+from ..calibration.engine import (
+    GramStat,
+    capture_block_inputs,
+    resolve_compute_dtype,
+    return_free_memory,
+    run_block_lockstep,
+)
 from ..models.folding import can_fold_into, fold_divisor, scale_input_columns
 from ..plan import LayerPlan, QuantizedWeight
 from ..quant.awq import awq_search
@@ -108,8 +114,10 @@ class QuantizeRunner:
                 wanted.append(head)
         if not wanted:
             return
-        untie_embeddings(model)  # tied weights would otherwise change together
         names = {id(m): n for n, m in model.named_modules()}
+        for module in wanted:
+            state.load_block(names[id(module)])
+        untie_embeddings(model)  # tied weights would otherwise change together
         for module in wanted:
             w = module.weight.data.to(torch.float32)
             fmt, note = self.layer_format(w.shape[1])
@@ -121,12 +129,14 @@ class QuantizeRunner:
         adapter, cfg = state.adapter, self.cfg
         dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
         calls = capture_block_inputs(state.model, blocks, state.calibration_chunks())
-        hidden = [h.to(dtype) for h in calls.hidden]
-        calls.hidden.clear()
+        calls.cast_floats(dtype)
+        hidden, calls.hidden = calls.hidden, []
+        state.evict_outside_blocks()  # embeddings / head are not used again until the sweep is done
         pool = ThreadPoolExecutor(max_workers=len(hidden), thread_name_prefix="calib-chunk")
         label = cfg.method + ("+awq" if cfg.awq else "")
         progress = tqdm(total=len(blocks), desc=f"quantize ({label})", unit="block", disable=state.quiet)
         for i, block in enumerate(blocks):
+            return_free_memory()
             state.load_block(prefixes[i])
             groups = [
                 tuple(n for n in g if self.scheme_for(state, f"{prefixes[i]}.{n}") is not None)
