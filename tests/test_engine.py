@@ -1,5 +1,6 @@
 """The block-sequential engine: capture, lockstep forward, statistics."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -74,3 +75,40 @@ def test_gram_stat_merges():
     a.merge(b)
     assert a.count == 17
     torch.testing.assert_close(a.h, c.h)
+
+
+def test_lockstep_solves_run_in_float32_under_a_bfloat16_forward(tiny_model_dir):
+    """The forward runs under bfloat16 autocast; the solve callback (GPTQ) must not: its matmuls stay float32."""
+    _, adapter, chunks, _, blocks, calls = _setup(tiny_model_dir, "llama")
+    seen = []
+
+    def solve(names, stat):
+        a = torch.randn(8, 8)
+        seen.append((torch.mm(a, a).dtype, stat.h.dtype))
+
+    outs = run_block_lockstep(
+        blocks[0],
+        calls.hidden,
+        calls.args[0],
+        calls.kwargs[0],
+        adapter.linear_groups,
+        solve,
+        compute_dtype=torch.bfloat16,
+    )
+    assert seen and all(s == (torch.float32, torch.float32) for s in seen)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    reference = run_block_plain(blocks[0], calls.hidden, calls.args[0], calls.kwargs[0])
+    for o, r in zip(outs, reference):
+        torch.testing.assert_close(o.float(), r, rtol=0.05, atol=0.05)
+
+
+def test_lockstep_error_in_a_chunk_surfaces_and_unhooks(tiny_model_dir):
+    _, adapter, chunks, _, blocks, calls = _setup(tiny_model_dir, "llama")
+
+    def solve(names, stat):
+        raise KeyboardInterrupt  # as Ctrl-C would, in the middle of a block
+
+    with pytest.raises(KeyboardInterrupt):
+        run_block_lockstep(blocks[0], calls.hidden, calls.args[0], calls.kwargs[0], adapter.linear_groups, solve)
+    assert not blocks[0].self_attn.q_proj._forward_pre_hooks  # hooks removed, the block is usable again
+    run_block_plain(blocks[0], calls.hidden, calls.args[0], calls.kwargs[0])

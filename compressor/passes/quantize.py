@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -132,7 +131,6 @@ class QuantizeRunner:
         calls.cast_floats(dtype)
         hidden, calls.hidden = calls.hidden, []
         state.evict_outside_blocks()  # embeddings / head are not used again until the sweep is done
-        pool = ThreadPoolExecutor(max_workers=len(hidden), thread_name_prefix="calib-chunk")
         label = cfg.method + ("+awq" if cfg.awq else "")
         progress = tqdm(total=len(blocks), desc=f"quantize ({label})", unit="block", disable=state.quiet)
         for i, block in enumerate(blocks):
@@ -154,25 +152,20 @@ class QuantizeRunner:
                     self._solve_group(state, block, prefix, tuple(members), stat)
                 return divisor
 
-            try:
-                hidden = run_block_lockstep(
-                    block,
-                    hidden,
-                    calls.args[i],
-                    calls.kwargs[i],
-                    groups,
-                    solve,
-                    pool,
-                    cfg.hessian_token_clip,
-                    dtype,
-                    consume_inputs=True,
-                )
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+            hidden = run_block_lockstep(
+                block,
+                hidden,
+                calls.args[i],
+                calls.kwargs[i],
+                groups,
+                solve,
+                cfg.hessian_token_clip,
+                dtype,
+                consume_inputs=True,
+                track_abs=cfg.awq,
+            )
             state.release_quantized([f"{prefixes[i]}.{n}" for g in groups for n in g])
             progress.update(1)
-        pool.shutdown()
         progress.close()
 
     def _solve_group(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat) -> None:
