@@ -100,10 +100,11 @@ def run_compress(name: str, passes: list[dict], work: Path) -> tuple[Path, dict]
 def allocation_probe(work: Path) -> dict:
     """Sensitivity sweep + solve alone (model load included, no cache), in its own process."""
     code = f"""
-import json, resource, time, torch
+import json, time, torch
 start = time.perf_counter()
 from compressor.api import resolve_recipe
 from compressor.calibration.data import read_texts, sample_windows
+from compressor.calibration.engine import peak_rss_mb
 from compressor.models.loading import load_model, max_positions
 from compressor.passes.allocate import AllocateBitsRunner
 from compressor.state import CompressionState
@@ -115,7 +116,7 @@ state.calibration_ids = sample_windows(lm.tokenizer, read_texts(r.calibration), 
                                        max_positions(lm.model.config))
 AllocateBitsRunner(r.passes[0]).run(state)
 print(json.dumps({{"seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mb": peak_rss_mb(),
                   "timings": state.report["allocation"]["timings"]}}))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -106,7 +106,12 @@ def make_windows(tokenizer, path: Path, max_windows: int) -> None:
 
 
 def rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak resident set size of this process so far: VmHWM, which starts afresh at exec (ru_maxrss keeps the
+    peak of the benchmark process that started the worker). Same rule as compressor's report."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from . import __version__
 from .calibration.data import read_texts, sample_windows
-from .calibration.engine import limit_malloc_fragmentation
+from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
 from .errors import RecipeError
 from .eval.metrics import evaluate_windows, text_windows
 from .models.loading import load_model, max_positions
@@ -187,7 +186,7 @@ def compress(
         timings["export"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         report["timings"] = {k: round(v, 2) for k, v in timings.items()}
-        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_report(report, tmp)
         write_model_card(report, recipe_yaml, tmp)
     for line in summary_lines(report):

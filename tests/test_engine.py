@@ -77,6 +77,20 @@ def test_gram_stat_merges():
     torch.testing.assert_close(a.h, c.h)
 
 
+@pytest.mark.parametrize("shape", [(3, 37, 24), (1, 5, 130)])
+def test_bfloat16_gram_keeps_float32_products(shape):
+    """bfloat16 inputs: H is the float32-accumulated x^T x, not a product rounded to bfloat16."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    stat = GramStat(shape[-1], product_dtype=torch.bfloat16)
+    stat.add(x)
+    stat.add(x[:, 1:].transpose(0, 1))  # a non-contiguous batch
+    flat = torch.cat([x.reshape(-1, shape[-1]), x[:, 1:].transpose(0, 1).reshape(-1, shape[-1])]).double()
+    reference = flat.t() @ flat
+    error = (stat.h.double() - reference).abs().max() / reference.diagonal().mean()
+    assert error < 1e-6  # a bfloat16-rounded product is off by ~4e-3
+    assert stat.count == flat.shape[0]
+
+
 def test_lockstep_solves_run_in_float32_under_a_bfloat16_forward(tiny_model_dir):
     """The forward runs under bfloat16 autocast; the solve callback (GPTQ) must not: its matmuls stay float32."""
     _, adapter, chunks, _, blocks, calls = _setup(tiny_model_dir, "llama")

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import resource
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .blas import add_gram
 
 
 def limit_malloc_fragmentation() -> None:
@@ -53,6 +56,21 @@ def return_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         return
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB. Linux: the memory map's high-water mark (VmHWM), which
+    starts afresh at exec; ru_maxrss does not (it keeps the parent's peak at fork), so a `compress` started
+    from a big benchmark process would report the parent's memory."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform.startswith("linux") else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / scale
 
 
 class _StopCapture(Exception):
@@ -136,9 +154,8 @@ class GramStat:
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs [..., width].
 
-        With `product_dtype` bfloat16, each batch's x^T x is computed in bfloat16 (float32 accumulation inside the
-        matmul, the product rounded to bfloat16 once per batch) and summed in float32: measured on 64K tokens x 1536
-        channels, 4x faster than float32 on AMX, with errors below 0.15% of sqrt(H_ii H_jj).
+        With `product_dtype` bfloat16, each batch's x^T x takes bfloat16 inputs and accumulates in float32 straight
+        into H (`blas.add_gram`): 5x faster than a float32 product on AMX, no rounding of the product.
         """
         with torch.autocast(x.device.type, enabled=False):
             x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)  # bfloat16: no float32 copy of the batch
@@ -149,7 +166,7 @@ class GramStat:
             if self.product_dtype == torch.float32:
                 self.h.addmm_(x.t(), x)
             else:
-                self.h += torch.mm(x.t(), x).to(torch.float32)
+                add_gram(self.h, x)
             self.count += x.shape[0]
 
     def _clipped(self, x: torch.Tensor) -> torch.Tensor:
