@@ -140,5 +140,3 @@ def _lim_hook(cosine: CosineMean):
 def predicted_kl(g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> float:
     """0.5 tr(G dW H dW^T): the K-FAC estimate of the per-token KL increase caused by weight error dW [out, in]."""
     return 0.5 * float(((g @ dw) * (dw @ h)).sum())
-
-
