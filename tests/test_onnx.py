@@ -313,3 +313,139 @@ def test_external_data_above_threshold(artifacts, tmp_path, monkeypatch):
     assert (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
     (out / "config.json").write_text((art / "onnx" / "config.json").read_text())
     check_decoder(art, onnx_dir=out, greedy=0)
+
+
+# ---- fused decoder graph (llama / mistral / qwen2 with head_dim a multiple of 16) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def head32_model_dir(tmp_path_factory):
+    """Factory: tiny model of `family` with head_dim 32 (GroupQueryAttention on CPU needs a multiple of 16)."""
+    import transformers as tf
+    from tiny_models import make_tokenizer, tiny_config
+
+    cache = {}
+
+    def make(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny32-{family}")
+            tok = make_tokenizer(folder)
+            config = tiny_config(family, len(tok))
+            config.head_dim = 32  # q/k/v 128 wide on a 96-wide hidden state: o_proj has K = 128
+            torch.manual_seed(3)
+            tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+            cache[family] = folder
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def fused_artifacts(head32_model_dir, calib_file, tmp_path_factory):
+    cache = {}
+
+    def make(key: str, family: str, quantize: dict, onnx_options: dict | None = None):
+        if key not in cache:
+            recipe = small_recipe(
+                calib_file, export=["safetensors", "onnx"], onnx={"accuracy_level": 0, **(onnx_options or {})}
+            )
+            recipe["evaluate"] = None
+            recipe["passes"] = [{"type": "quantize", **quantize}]
+            out = tmp_path_factory.mktemp(key) / "out"
+            compressor.compress(recipe, model=str(head32_model_dir(family)), output=out, quiet=True)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def test_fused_graph_is_bit_identical_and_matches_traced(fused_artifacts, tmp_path):
+    """llama W4 g32 GPTQ, lm_head and embeddings quantized: q|k|v and gate|up are one MatMulNBits each, attention is
+    GroupQueryAttention; each layer's rows of the fused tensors equal the artifact's codes and scales, and the logits
+    equal both the traced graph's and compressor.load's."""
+    art = fused_artifacts(
+        "llama32-w4",
+        "llama",
+        {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "lm_head": True, "embeddings": True},
+    )
+    onnx_file = art / "onnx" / "model.onnx"
+    report = json.loads((art / "onnx" / "onnx_export.json").read_text())
+    assert report["graph"] == "fused"
+    counts = op_counts(onnx_file)
+    assert counts["MatMulNBits"] == 3 * 4 + 1 and counts["GroupQueryAttention"] == 3
+    assert counts["GatherBlockQuantized"] == 1 and counts["SkipSimplifiedLayerNormalization"] == 6
+    assert not counts["Softmax"] and not counts["Concat"]  # no traced attention or cache concatenation left
+    layers = report["layers"]
+    assert layers["model.layers.0.self_attn.k_proj"]["tensor"] == "model.model.layers.0.self_attn.qkv_proj.nbits_weight"
+    assert layers["model.layers.0.self_attn.k_proj"]["rows"] == [128, 192]
+    proto = onnx.load(str(onnx_file))
+    st, inits = load_file(str(art / "model.safetensors")), onnx_initializers(onnx_file)
+    scales_of = {
+        n.input[0 if n.op_type == "GatherBlockQuantized" else 1]: n.input[2]
+        for n in proto.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    assert len(layers) == 3 * 7 + 2
+    for name, info in layers.items():
+        lo, hi = info["rows"]
+        k = int(st[f"{name}.weight_shape"][1])
+        codes = unpack_int32(st[f"{name}.weight_packed"], 4, k)
+        b = torch.from_numpy(inits[info["tensor"]])[lo:hi]
+        if info["op"] == "GatherBlockQuantized":
+            b = b.reshape(b.shape[0], -1, info["block_size"] * 4 // 8)
+        assert torch.equal(nbits_codes(b, 4, k), codes), name
+        scales = inits[scales_of[info["tensor"]]][lo:hi]
+        assert np.array_equal(scales, st[f"{name}.weight_scale"].float().numpy()), name
+    check_decoder(art)
+
+    traced = tmp_path / "traced"
+    result = CliRunner().invoke(
+        main, ["export-onnx", str(art), str(traced), "--graph", "traced", "--accuracy-level", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert not op_counts(traced / "model.onnx")["GroupQueryAttention"]
+    fused_lm, traced_lm = OnnxCausalLM(art / "onnx", session_config=EXACT), OnnxCausalLM(traced, session_config=EXACT)
+    ids = np.random.default_rng(0).integers(5, 300, (2, 9))
+    (a, pa), (b, pb) = fused_lm.step(ids, fused_lm.empty_past(2), 0), traced_lm.step(ids, traced_lm.empty_past(2), 0)
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+    for x, y in zip(pa, pb):
+        np.testing.assert_allclose(x, y, atol=TOL, rtol=0)  # presents: same cache contract, rotary applied to keys
+
+
+def test_fused_graph_asymmetric_with_biases_qwen2(fused_artifacts):
+    """qwen2: q/k/v biases concatenated with the weights, asymmetric zero points packed per fused row."""
+    art = fused_artifacts(
+        "qwen2-32-asym", "qwen2", {"method": "rtn", "weights": {"bits": 4, "group_size": 32, "symmetric": False}}
+    )
+    assert json.loads((art / "onnx" / "onnx_export.json").read_text())["graph"] == "fused"
+    proto = onnx.load(str(art / "onnx" / "model.onnx"))
+    qkv = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].endswith("qkv_proj.nbits_weight")]
+    assert len(qkv) == 3 and all(len(n.input) == 6 and n.input[3] and n.input[5] for n in qkv)  # zero points, bias
+    check_decoder(art)
+
+
+def test_fused_graph_mixed_formats_stay_separate_mistral(fused_artifacts):
+    """k_proj left float and the rest QDQ int4: nothing can share a MatMulNBits, every layer is written alone."""
+    art = fused_artifacts(
+        "mistral32-qdq",
+        "mistral",
+        {"method": "rtn", "weights": {"bits": 4, "group_size": 32}, "ignore": ["k_proj"]},
+        {"format": "qdq"},
+    )
+    counts = op_counts(art / "onnx" / "model.onnx")
+    assert counts["GroupQueryAttention"] == 3 and not counts["MatMulNBits"]
+    assert counts["DequantizeLinear"] == 3 * 6 and counts["MatMul"] == 3 * 6 + 3 + 1  # + float k_proj, lm_head
+    check_decoder(art)
+
+
+def test_fused_graph_refused_with_a_reason(artifacts, tmp_path):
+    """head_dim 24 has no GroupQueryAttention kernel on CPU: `auto` traces, `fused` is a user error."""
+    art = artifacts(
+        "llama-w4",
+        "llama",
+        {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "lm_head": True, "embeddings": True},
+    )
+    assert json.loads((art / "onnx" / "onnx_export.json").read_text())["graph"] == "traced"
+    result = CliRunner().invoke(main, ["export-onnx", str(art), str(tmp_path / "f"), "--graph", "fused"])
+    assert result.exit_code == 2 and "head_dim 24" in result.output
+    assert not (tmp_path / "f").exists()

@@ -36,9 +36,17 @@ from ..errors import CompressorError
     show_default=True,
     help="Quantized input embeddings as GatherBlockQuantized, or as a dequantized float table.",
 )
+@click.option(
+    "--graph",
+    type=click.Choice(["auto", "fused", "traced"]),
+    default="auto",
+    show_default=True,
+    help="Decoder graph: fused (llama/mistral/qwen2: GroupQueryAttention, fused q|k|v and gate|up; no left "
+    "padding), traced (torch.onnx.export, any family and mask), auto (fused where supported).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
-def export_onnx_command(artifact, out, fmt, accuracy_level, opset, embeddings, overwrite, debug) -> None:
+def export_onnx_command(artifact, out, fmt, accuracy_level, opset, embeddings, graph, overwrite, debug) -> None:
     """Export a compressed artifact (written by `compress`) to ONNX in OUT (model.onnx, config, tokenizer)."""
     from pathlib import Path
 
@@ -46,7 +54,9 @@ def export_onnx_command(artifact, out, fmt, accuracy_level, opset, embeddings, o
 
     from ..schema.onnx import OnnxExportConfig
 
-    config = OnnxExportConfig(format=fmt, accuracy_level=accuracy_level, opset=opset, embeddings=embeddings)
+    config = OnnxExportConfig(
+        format=fmt, accuracy_level=accuracy_level, opset=opset, embeddings=embeddings, graph=graph
+    )
     try:
         files = export_artifact(Path(artifact), Path(out), config, overwrite=overwrite)
     except CompressorError as err:

@@ -27,3 +27,9 @@ class OnnxExportConfig(Strict):
         "quantized",
         description="quantized input embeddings: GatherBlockQuantized, or a dequantized float table",
     )
+    graph: Literal["auto", "fused", "traced"] = Field(
+        "auto",
+        description="decoder graph: `fused` (llama/mistral/qwen2: GroupQueryAttention, fused q|k|v and gate|up "
+        "MatMulNBits, SkipSimplifiedLayerNormalization; unpadded or right-padded batches), `traced` "
+        "(torch.onnx.export of the transformers model, any family and any mask), `auto` (fused where supported)",
+    )

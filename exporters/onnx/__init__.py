@@ -20,6 +20,7 @@ from compressor.models.adapters import adapter_for
 from compressor.schema.onnx import OnnxExportConfig
 from compressor.state import CompressionState
 
+from .fused import build_fused_decoder, fused_unsupported
 from .graph import IR_VERSION, export_decoder, export_encoder, finalize, retype_int4
 from .modules import LayerChoice, OnnxQuantLinear, embedding_module, swapped
 from .weights import LayerWeights, from_buffers, from_plan
@@ -70,12 +71,19 @@ def export_model(
         model = copy.deepcopy(model).float()
     modules = dict(model.named_modules())
     replacements, choices = _replacements(model, modules, layers, cfg)
-    with swapped(model, replacements):
-        if decoder:
-            proto = export_decoder(model, cfg.opset)
-        else:
-            base = getattr(model, "base_model", model)
-            proto = export_encoder(base, cfg.opset)
+    graph = _graph_kind(model, cfg) if decoder else "traced"
+    if graph == "fused":
+        proto, placement = build_fused_decoder(model, replacements, cfg.opset)
+    else:
+        with swapped(model, replacements):
+            if decoder:
+                proto = export_decoder(model, cfg.opset)
+            else:
+                base = getattr(model, "base_model", model)
+                proto = export_encoder(base, cfg.opset)
+        placement = _traced_placement(proto, replacements)
+    for c in choices:
+        c.tensor, c.rows = (placement.get(c.name) or {}).get("tensor"), (placement.get(c.name) or {}).get("rows")
     retype_int4(proto)
     files = finalize(proto, out / MODEL_FILE)
     model.config.save_pretrained(out)
@@ -83,7 +91,7 @@ def export_model(
     if decoder and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
         files.append("generation_config.json")
-    (out / LAYERS_FILE).write_text(json.dumps(_layer_report(cfg, choices), indent=2) + "\n")
+    (out / LAYERS_FILE).write_text(json.dumps(_layer_report(cfg, graph, choices), indent=2) + "\n")
     files.append(LAYERS_FILE)
     _warn_fallbacks(choices)
     return files
@@ -113,14 +121,48 @@ def _replacements(
     return replacements, choices
 
 
-def _layer_report(cfg: OnnxExportConfig, choices: list[LayerChoice]) -> dict:
+def _graph_kind(model: nn.Module, cfg: OnnxExportConfig) -> str:
+    """`fused` or `traced` for a decoder: `auto` takes the fused graph where the family supports it."""
+    if cfg.graph == "traced":
+        return "traced"
+    reason = fused_unsupported(model)
+    if reason is None:
+        return "fused"
+    if cfg.graph == "fused":
+        raise ModelError(f"onnx.graph 'fused' does not support this model: {reason}", fix="use graph: traced or auto")
+    log.info("onnx: traced graph (%s)", reason)
+    return "traced"
+
+
+def _traced_placement(proto, replacements: dict[str, nn.Module]) -> dict[str, dict]:
+    """Each quantized layer's weight initializer in a traced graph (its rows are the whole tensor)."""
+    present = {t.name for t in proto.graph.initializer}
+    placement = {}
+    for name, mod in replacements.items():
+        buffers = ("nbits_weight", "gbq_data", getattr(mod, "weight_name", ""))
+        for buf in buffers:
+            if buf and f"model.{name}.{buf}" in present and hasattr(mod, buf):
+                placement[name] = {"tensor": f"model.{name}.{buf}", "rows": [0, int(getattr(mod, buf).shape[0])]}
+                break
+    return placement
+
+
+def _layer_report(cfg: OnnxExportConfig, graph: str, choices: list[LayerChoice]) -> dict:
     return {
         "format": cfg.format,
         "accuracy_level": cfg.accuracy_level,
         "opset": cfg.opset,
         "ir_version": IR_VERSION,
+        "graph": graph,
         "layers": {
-            c.name: {"op": c.op, "weight_type": c.weight_type, "block_size": c.block_size, "note": c.note}
+            c.name: {
+                "op": c.op,
+                "weight_type": c.weight_type,
+                "block_size": c.block_size,
+                "note": c.note,
+                "tensor": c.tensor,
+                "rows": c.rows,
+            }
             for c in choices
         },
     }

@@ -22,6 +22,8 @@ class LayerChoice:
     weight_type: str  # uint4/uint8/... for MatMulNBits, int4/int8/float8e4m3fn for QDQ
     block_size: int | None
     note: str | None = None
+    tensor: str | None = None  # the initializer holding its weight (fused linears share one)
+    rows: list[int] | None = None  # [start, end) of its output rows (MatMulNBits) or columns (QDQ) in `tensor`
 
 
 class OnnxQuantLinear(nn.Module):
