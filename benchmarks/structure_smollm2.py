@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
-METHODS = "random,bi,angular-contiguous,greedy,greedy-kl,fusion,fusion-check"
+METHODS = "random,bi,angular-contiguous,greedy,greedy-kl,fusion,fusion-laco,fusion-check"
 
 
 class CachedBase:
@@ -55,7 +55,9 @@ def configs(count: int, samples: int, measure: int) -> dict:
         "angular-contiguous": RemoveBlocksPass(method="contiguous", **remove),
         "greedy": RemoveBlocksPass(method="greedy", objective="loss", **remove),
         "greedy-kl": RemoveBlocksPass(method="greedy", objective="kl", **remove),
-        "fusion": FuseBlocksPass(type="fuse_blocks", count=count, select="angular", **sampling),
+        # the pass's defaults: angular windows, each corrected from its best starting point, ridge by held-out error
+        "fusion": FuseBlocksPass(type="fuse_blocks", count=count, **sampling),
+        "fusion-laco": FuseBlocksPass(type="fuse_blocks", count=count, correct=False, **sampling),  # LaCo as is
         "fusion-check": FuseBlocksPass(type="fuse_blocks", count=count, select="check", threshold=0.5, **sampling),
     }
 

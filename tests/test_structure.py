@@ -18,7 +18,7 @@ from compressor.eval.metrics import evaluate_windows
 from compressor.models.adapters import adapter_for
 from compressor.models.loading import load_model
 from compressor.schema.structure import FuseBlocksPass, RemoveBlocksPass, ScorePass
-from compressor.structure.fuse import ridge_update
+from compressor.structure.fuse import held_rows, normal_equations, solve_ridge
 from compressor.structure.ops import apply_removal, choose_removal, fuse_blocks, score_model
 from compressor.structure.surgery import remove_blocks
 
@@ -214,17 +214,28 @@ def test_branch_drop_is_exact_skip_and_loads(which, planted, tmp_path):
 
 
 # ---- fusion ---------------------------------------------------------------------------------------------
-def test_ridge_update_matches_least_squares():
+def test_ridge_solutions_and_heldout_error_match_least_squares():
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 100, 12, generator=g, dtype=torch.float64)  # 4 windows of 100 tokens
     w_true = torch.randn(5, 12, generator=g, dtype=torch.float64)
-    t = a @ w_true.t() + 0.01 * torch.randn(400, 5, generator=g, dtype=torch.float64)
+    t = a @ w_true.t() + 0.01 * torch.randn(4, 100, 5, generator=g, dtype=torch.float64)
+    weights = torch.rand(4, 100, 1, generator=g, dtype=torch.float64) + 0.5
+    held = held_rows([a])[0]
+    assert held.tolist() == [False, False, False, True]
+    fit, val = normal_equations([a], [t], [weights], [held])
     w0 = torch.zeros(5, 12, dtype=torch.float64)
-    ours = ridge_update(a.t() @ a, a.t() @ t, w0, 1e-12)
-    reference = torch.linalg.lstsq(a, t).solution.t()
-    torch.testing.assert_close(ours, reference)
-    # a strong ridge stays at the starting weight
-    torch.testing.assert_close(ridge_update(a.t() @ a, a.t() @ t, w_true, 1e9), w_true, rtol=1e-6, atol=1e-6)
+    tiny, inf = solve_ridge(fit, w0, (1e-12, math.inf))
+    s = weights[:3].sqrt()
+    reference = torch.linalg.lstsq((a[:3] * s).reshape(-1, 12), (t[:3] * s).reshape(-1, 5)).solution.t()
+    torch.testing.assert_close(tiny, reference)
+    torch.testing.assert_close(inf, w0)  # r = inf keeps the starting weight
+    # the closed-form held-out error is the weighted squared error on the held-out window
+    direct = ((a[3] @ reference.t() - t[3]).pow(2) * weights[3]).sum().item()
+    assert val.error(reference) == pytest.approx(direct, rel=1e-4)  # products are float32, sums float64
+    # a strong ridge stays near the starting weight
+    (strong,) = solve_ridge(fit, w_true, (1e9,))
+    torch.testing.assert_close(strong, w_true, rtol=1e-6, atol=1e-6)
+    assert held_rows([a[:1]])[0].tolist() == [False] and held_rows([a[:2]])[0].tolist() == [False, True]
 
 
 def test_least_squares_correction_lowers_kl(planted):
@@ -239,6 +250,58 @@ def test_least_squares_correction_lowers_kl(planted):
         assert done["merged_windows"] == [[1, 2]] and done["depth_after"] == 5
         kls[correct] = _kl(lm.model, base, ids)
     assert kls[True] < kls[False]
+
+
+@pytest.fixture(scope="module")
+def planted_pair(tmp_path_factory):
+    """A 6-block tiny llama whose blocks 2 and 3 are the same small block (output projections x 0.3).
+
+    Running both is close to applying their residual update twice; dropping either (what block-influence
+    removal does: they have the lowest BI) loses one update, and so does LaCo's merge, which for a pair is
+    exactly the second block. A corrected fusion can scale the update up and keep both."""
+    from tiny_models import make_tokenizer
+
+    folder = tmp_path_factory.mktemp("planted-pair")
+    tok = make_tokenizer(folder)
+    config = tiny_config("llama", len(tok))
+    config.num_hidden_layers = 6
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        first, second = model.model.layers[2], model.model.layers[3]
+        first.self_attn.o_proj.weight.mul_(0.3)
+        first.mlp.down_proj.weight.mul_(0.3)
+        second.load_state_dict(first.state_dict())
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_corrected_fusion_beats_block_influence_removal(planted_pair, tmp_path):
+    lm = load_model(str(planted_pair))
+    ids = _ids(lm.tokenizer)
+    base = copy.deepcopy(lm.model)
+    removed = copy.deepcopy(base)
+    cfg = RemoveBlocksPass(type="remove_blocks", count=1, method="score:bi")
+    units, _ = choose_removal(removed, lm.adapter, ids, cfg, True)
+    assert units[0][0] in (2, 3)
+    apply_removal(removed, lm.adapter, units)
+    kl_bi = _kl(removed, base, ids)
+
+    kls = {}
+    for correct in (False, True):  # the defaults otherwise: select angular, ridge auto
+        fused = copy.deepcopy(base)
+        done = fuse_blocks(fused, lm.adapter, ids, FuseBlocksPass(type="fuse_blocks", count=1, correct=correct), True)
+        assert done["merged_windows"] == [[2, 3]] and done["depth_after"] == 5
+        kls[correct] = _kl(fused, base, ids)
+    assert [f["start"] for f in done["fits"]] == [2] and done["fits"][0]["from"] in ("laco", "keep0", "keep1")
+    assert kls[False] == pytest.approx(kl_bi, rel=1e-3)  # LaCo on a pair = dropping the first block
+    assert kls[True] < 0.05 * kl_bi
+    fused.save_pretrained(tmp_path)  # still a plain 5-block llama
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert loaded.config.num_hidden_layers == 5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, fused(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_greedy_texts(loaded, ids[:2, :8], True), _greedy_texts(loaded, ids[:2, :8], False))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "opt", "gpt2"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -115,7 +115,11 @@ class FuseBlocksPass(_Count, _Sampling):
     )
     threshold: float = Field(0.9, gt=0, le=1, description="select=check: minimum cosine of final hidden states")
     correct: bool = Field(True, description="least-squares correction of the merged output projections")
-    ridge: float = Field(0.05, gt=0, description="correction: ridge toward the merged weight (x mean diag of A^T A)")
+    ridge: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="correction: ridge toward the starting weight, r x mean diag of F^T F; 'auto': r chosen per "
+        "projection by the error on held-out calibration windows",
+    )
     start: int | None = Field(None, ge=0, description="explicit first block of a single merge (overrides select)")
 
     @property

@@ -191,8 +191,10 @@ def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: Fuse
             if len(starts) < merges:
                 raise RecipeError(f"found only {len(starts)} non-overlapping windows", where="fuse_blocks")
         states = runner.inputs(last=max(starts))
+        fits = []
         for start in tqdm(sorted(starts, reverse=True), desc="fuse", unit="merge", disable=quiet):
-            fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge)
+            fits.append(fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge))
+        details["fits"] = sorted(fits, key=lambda f: f["start"])  # per window: starting point, r, held-out error
     else:
         runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
         starts = _laco_walk(runner, adapter, info, m, merges, cfg.threshold, ridge, quiet)
