@@ -9,14 +9,14 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..models.gguf import cache_root
 
 log = logging.getLogger(__name__)
 
 
 def cache_folder(configured: str | None) -> Path:
     """The recipe's cache_dir, else $COMPRESSOR_CACHE_DIR, else ~/.cache/compressor; plus 'sensitivity/'."""
-    root = configured or os.environ.get("COMPRESSOR_CACHE_DIR") or Path.home() / ".cache" / "compressor"
-    return Path(root).expanduser() / "sensitivity"
+    return (Path(configured).expanduser() if configured else cache_root()) / "sensitivity"
 
 
 def model_fingerprint(location: str, gguf_file: str | None) -> dict:
