@@ -35,7 +35,8 @@ def test_rtn_ragged_groups_match_float_reference(sym, bits):
     for a, b in [(0, 32), (32, 64), (64, 70)]:
         seg = w[:, a:b]
         if sym:
-            s = 2 * seg.abs().amax(1) / (2**bits - 1)
+            extreme = torch.gather(seg, 1, seg.abs().argmax(1, keepdim=True)).squeeze(1)
+            s = extreme / fmt.qmin  # the largest-magnitude weight lands exactly on qmin
             q = torch.clamp(torch.round(seg / s[:, None]), fmt.qmin, fmt.qmax)
             ref = q * s[:, None]
         else:
@@ -46,6 +47,21 @@ def test_rtn_ragged_groups_match_float_reference(sym, bits):
             ref = (q - z[:, None]) * s[:, None]
         got = dequantize(codes, scale, zero, 32)[:, a:b]
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_scale_puts_the_extreme_on_qmin_and_beats_the_half_range_rule(bits):
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
+    fmt = IntFormat(bits, 64, True)
+    codes, scale, _ = rtn_quantize(w, fmt)
+    grouped, wg = codes.reshape(32, 4, 64), w.reshape(32, 4, 64)
+    extreme = wg.abs().argmax(-1, keepdim=True)
+    assert (torch.gather(grouped, -1, extreme) == fmt.qmin).all()  # every level used, the extreme exact
+    assert (scale < 0).any() and (scale > 0).any()  # the scale carries the extreme's sign
+    err = ((dequantize(codes, scale, None, 64) - w) ** 2).sum()
+    half_range = 2 * wg.abs().amax(-1, keepdim=True) / (2**bits - 1)  # the common 2 amax / (2^b - 1) rule
+    err_half = ((torch.clamp(torch.round(wg / half_range), fmt.qmin, fmt.qmax) * half_range - wg) ** 2).sum()
+    assert err < 0.98 * err_half
 
 
 def test_clip_search_never_increases_error():

@@ -16,17 +16,22 @@ def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.T
 
 def _round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     s = scale.to(_DTYPES[scale_dtype]).to(torch.float32)
-    return torch.where(s > 0, s, torch.ones_like(s))  # all-zero groups: any positive scale works
+    return torch.where(s != 0, s, torch.ones_like(s))  # all-zero groups: any scale works
 
 
 def qparams_from_range(
     wmin: torch.Tensor, wmax: torch.Tensor, fmt: IntFormat, scale_dtype: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and signed zero point for asymmetric) covering [wmin, wmax] per group."""
+    """Scale (and signed zero point for asymmetric) covering [wmin, wmax] per group.
+
+    Symmetric: the group's largest-magnitude weight maps exactly to qmin, the code that has no positive twin
+    (scale = that weight / qmin, so the scale carries its sign; w = q * scale holds for negative scales too). The
+    step is amax / 2^(b-1) instead of 2 amax / (2^b - 1), i.e. every level is used: 6.7% finer at 4 bits, 14% at
+    3 bits. onnxruntime's MatMulNBits quantizer and llama.cpp's Q4_0 use the same rule.
+    """
     if fmt.symmetric:
-        amax = torch.maximum(wmin.abs(), wmax.abs())
-        scale = _round_scale(2 * amax / (fmt.qmax - fmt.qmin), scale_dtype)
-        return scale, None
+        extreme = torch.where(wmax >= -wmin, wmax, wmin)
+        return _round_scale(extreme / fmt.qmin, scale_dtype), None
     wmin = torch.clamp(wmin, max=0)
     wmax = torch.clamp(wmax, min=0)
     scale = _round_scale((wmax - wmin) / (fmt.qmax - fmt.qmin), scale_dtype)
