@@ -17,19 +17,21 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 CSRC = "csrc"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+AVX512_FLAGS = [
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512vnni",
+    "-mavx512bf16",
+]
 ISA_FLAGS = {
     "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-    "kernels_avx512.cpp": [
-        "-mavx2",
-        "-mfma",
-        "-mf16c",
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx512vnni",
-        "-mavx512bf16",
-    ],
+    "kernels_avx512.cpp": AVX512_FLAGS,
+    "kernels_amx.cpp": AVX512_FLAGS + ["-mamx-tile", "-mamx-int8"],
 }
 
 

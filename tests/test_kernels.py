@@ -23,7 +23,6 @@ if os.environ.get("COMPRESSOR_NO_EXT") == "1":
 assert _ext.extension_available(), "compressor._C is not built: run `pip install -e .` (or set COMPRESSOR_NO_EXT=1)"
 
 ISAS = _ext.available_isas()
-SIMD = [isa for isa in ISAS if isa != "scalar"]  # this machine: avx2 (AVX-512 paths compile but cannot run here)
 Q8, GEMV, GEMM = 2, 3, 4  # op modes: int8-activation GEMV, float32 GEMV, blocked float32 GEMM
 FLOAT_TOL = 2e-5  # float32 accumulation: error relative to max |y|
 ACT_QUANT_TOL = 2e-5  # int8-activation path against a float reference that uses the same quantized activations
@@ -101,6 +100,33 @@ def test_int_kernels_match_scalar_and_float_reference(bits, symmetric, group, m,
             assert _relerr(y, ref) < FLOAT_TOL, (name, mode)
 
 
+@pytest.mark.parametrize("m", [16, 31, 48, 80])
+@pytest.mark.parametrize("group", [32, 64, None])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activation_gemm_tile_shapes(bits, group, m, isa):
+    """M >= 16 with int8 activations (the AMX tile kernel where the CPU has it): one and several 16-row activation
+    tiles with a ragged last one, an odd number of 16-row weight pairs, and K = 1088, whose last 128-column
+    activation block is half full."""
+    n, k = 200, 1088
+    p, weight = _int_case(bits, n, k, group, False, seed=4)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5))
+    out = _all_paths(isa, x, p, [Q8])
+    ref_q = _fake_quant_act(x, _act_block(k, group)).double() @ weight.double().t()
+    for (name, mode), y in out.items():
+        assert torch.equal(y, out["scalar", mode]), name
+        assert _relerr(y, ref_q) < ACT_QUANT_TOL, name
+
+
+def test_read_memory_xors_every_word(isa):
+    buf = torch.randint(-(2**62), 2**62, (4096 + 32,), dtype=torch.int64, generator=torch.Generator().manual_seed(6))
+    expected = 0
+    for v in buf.tolist():
+        expected ^= v
+    for name in ISAS:
+        isa(name)
+        assert torch.ops.compressor.read_memory(buf) == expected, name
+
+
 @pytest.mark.parametrize("m", [1, 17])
 def test_bfloat16_and_float16_activations(m, isa):
     p, weight = _int_case(4, 40, 96, 32, True)
@@ -161,7 +187,7 @@ def test_fp8_decode_matches_torch_casts_for_every_byte(isa):
             assert torch.equal(packed_matmul(torch.eye(256), p, mode), expected), (name, mode)
 
 
-@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "sse9"])
+@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "amx", "sse9"])
 def test_compressor_isa_environment_forces_a_path(name):
     code = "import torch, compressor._C; print(torch.ops.compressor.isa())"
     env = {**os.environ, "COMPRESSOR_ISA": name}

@@ -17,6 +17,10 @@
 #include <cpuid.h>
 #define COMPRESSOR_X86 1
 #endif
+#if defined(COMPRESSOR_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace compressor {
 namespace {
@@ -30,8 +34,19 @@ uint64_t xgetbv0() {
 #endif
 
 struct CpuFeatures {
-  bool avx2 = false, avx512 = false;
+  bool avx2 = false, avx512 = false, amx = false;
 };
+
+// Linux hands out the AMX tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA), once per
+// process; true when granted.
+bool request_amx_state() {
+#if defined(COMPRESSOR_X86) && defined(__linux__) && defined(SYS_arch_prctl)
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted;
+#else
+  return false;
+#endif
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -47,6 +62,8 @@ CpuFeatures detect() {
   const bool vnni = c & (1u << 11);
   f.avx2 = ymm_os && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_os && avx512f && avx512bw && avx512vl && vnni;
+  const bool amx_tile = d & (1u << 24), amx_int8 = d & (1u << 25), tile_os = (xcr0 & 0x60000) == 0x60000;
+  f.amx = f.avx512 && amx_tile && amx_int8 && tile_os && request_amx_state();
 #endif
   return f;
 }
@@ -56,6 +73,7 @@ const KernelTable* table_for(const std::string& name) {
   if (name == "scalar") return scalar_kernels();
   if (name == "avx2") return f.avx2 ? avx2_kernels() : nullptr;
   if (name == "avx512") return f.avx512 ? avx512_kernels() : nullptr;
+  if (name == "amx") return f.amx ? amx_kernels() : nullptr;
   return nullptr;
 }
 
@@ -72,7 +90,7 @@ const KernelTable* active() {
                 c10::Join(", ", available_isas()), "); unset it or pick one of those");
     return g_active;
   }
-  for (const char* name : {"avx512", "avx2", "scalar"})
+  for (const char* name : {"amx", "avx512", "avx2", "scalar"})
     if ((g_active = table_for(name))) break;
   return g_active;
 }
@@ -105,43 +123,30 @@ void prepare_float(const Weights& W, const at::Tensor& x, Prepared& P) {
   P.fa = FloatAct{xp, xs, M};
 }
 
-void prepare_quant(const Weights& W, const at::Tensor& x, int64_t ablk, Prepared& P) {
-  const int64_t M = x.size(0), K = x.size(1), NB = (W.Kp + ablk - 1) / ablk;
+// q, xs, qsum and tg get rows up to a multiple of 16 (zeros past M) and q 64 bytes of slack: the AMX kernel loads
+// whole 16-row tiles.
+void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, int64_t ablk, Prepared& P) {
+  const int64_t M = x.size(0), K = x.size(1), NB = (W.Kp + ablk - 1) / ablk, Mp = round_up(M, 16);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   auto opts = xf.options();
-  P.q = at::zeros({M, W.Kp}, opts.dtype(at::kChar));
-  P.xs = at::empty({M, NB}, opts);
-  P.qsum = at::empty({M, NB}, opts.dtype(at::kInt));
-  P.tg = at::zeros({M, W.G}, opts);
+  const int64_t ldq = W.Kp + 64;
+  P.q = at::zeros({Mp * ldq + 64}, opts.dtype(at::kChar));
+  P.xs = at::zeros({Mp, NB}, opts);
+  P.qsum = at::zeros({Mp, NB}, opts.dtype(at::kInt));
+  P.tg = at::zeros({Mp, W.G}, opts);
   int8_t* q = P.q.data_ptr<int8_t>();
   float* xs = P.xs.data_ptr<float>();
   int32_t* qsum = P.qsum.data_ptr<int32_t>();
   float* tg = P.tg.data_ptr<float>();
   const bool perm = W.kind == WKind::Int4;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xp + m * K;
-    int8_t* qr = q + m * W.Kp;
-    for (int64_t b = 0; b < NB; ++b) {
-      const int64_t k0 = b * ablk, k1 = std::min(k0 + ablk, K);
-      float amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
-        const int8_t c = static_cast<int8_t>(std::clamp(v, -127, 127));
-        const int64_t i = k & 7;
-        qr[perm ? (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2) : k] = c;
-        sum += c;
-      }
-      xs[m * NB + b] = amax / 127.f;
-      qsum[m * NB + b] = sum;
-      const int64_t g = W.group_of(k0);
-      tg[m * W.G + g] += xs[m * NB + b] * static_cast<float>(sum);
-    }
-  }
-  P.qa = QuantAct{q, xs, qsum, tg, M, ablk, NB};
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    T->quantize(xp, K, W.Kp, ldq, ablk, perm, q, xs, qsum, m0, m1);
+  });
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < NB; ++b)
+      tg[m * W.G + W.group_of(b * ablk)] += xs[m * NB + b] * static_cast<float>(qsum[m * NB + b]);
+  P.qa = QuantAct{q, xs, qsum, tg, M, ablk, NB, ldq};
 }
 
 // Runs fn over [0, n) in chunks handed out dynamically (an atomic counter) to at::get_num_threads() workers, so a
@@ -149,7 +154,8 @@ void prepare_quant(const Weights& W, const at::Tensor& x, int64_t ablk, Prepared
 template <typename F>
 void for_each_chunk(int64_t n, const F& fn) {
   const int64_t workers = std::max(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(1, n / (workers * 16));
+  int64_t chunk = std::max<int64_t>(1, n / (workers * 16));
+  if (chunk >= 4) chunk -= chunk % 4;  // the kernels take 4 tile pairs at a time
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (;;) {
@@ -204,14 +210,14 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
 
   Prepared P;
   if (mode == kQ8)
-    prepare_quant(W, x, ablk, P);
+    prepare_quant(T, W, x, ablk, P);
   else
     prepare_float(W, x, P);
   float* yp = y.data_ptr<float>();
   const int64_t pairs = W.Np / 16;
   for_each_chunk(pairs, [&](int64_t p0, int64_t p1) {
     if (mode == kQ8)
-      T->gemv_q8(W, P.qa, yp, 2 * p0, 2 * p1);
+      (M >= 16 ? T->gemm_q8 : T->gemv_q8)(W, P.qa, yp, 2 * p0, 2 * p1);
     else if (mode == kGemvF32)
       T->gemv_f32(W, P.fa, yp, 2 * p0, 2 * p1);
     else
@@ -224,7 +230,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (const char* name : {"scalar", "avx2", "avx512"})
+  for (const char* name : {"scalar", "avx2", "avx512", "amx"})
     if (table_for(name)) out.emplace_back(name);
   return out;
 }
@@ -241,20 +247,14 @@ std::string set_isa(const std::string& name) {
 }
 
 int64_t read_memory(const at::Tensor& buf) {
-  TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 64 == 0, "read_memory: contiguous buffer, size multiple of 64");
-  const uint64_t* p = static_cast<const uint64_t*>(buf.data_ptr());
-  const int64_t words = static_cast<int64_t>(buf.nbytes() / 8);
+  TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 256 == 0, "read_memory: contiguous buffer, size multiple of 256");
+  const uint8_t* p = static_cast<const uint8_t*>(buf.data_ptr());
+  const KernelTable* T = active();
   std::atomic<uint64_t> result{0};
-  for_each_chunk(words / 8, [&](int64_t b, int64_t e) {
-    uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = b * 8; i < e * 8; i += 8)
-      for (int j = 0; j < 8; ++j) acc[j] ^= p[i + j];
-    uint64_t r = 0;
-    for (uint64_t a : acc) r ^= a;
-    result.fetch_xor(r);
+  for_each_chunk(static_cast<int64_t>(buf.nbytes() / 256), [&](int64_t b, int64_t e) {
+    result.fetch_xor(T->read(p + 256 * b, 256 * (e - b)));
   });
-  const uint64_t r = result.load();
-  return static_cast<int64_t>(r);
+  return static_cast<int64_t>(result.load());
 }
 
 at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,

@@ -33,12 +33,14 @@ struct Weights {
 
 // Activations quantized to int8 per block of `ablk` columns (blocks never straddle a weight group).
 // int4: within each 8 columns the order is [0, 2, 4, 6, 1, 3, 5, 7] (matches the nibble unpack).
+// q has rows up to a multiple of 16 (zeros past M), a row stride ldq = Kp + 64 (rows 4 KiB apart would share L1
+// sets) and 64 bytes of slack, so 16-row tiles can be loaded whole.
 struct QuantAct {
-  const int8_t* q;      // [M][Kp]
+  const int8_t* q;      // [round_up(M, 16)][ldq] (+ 64 bytes)
   const float* xs;      // [M][NB] block scales
   const int32_t* qsum;  // [M][NB] block sums of q
   const float* tg;      // [M][G]  sum over blocks b of group g of xs_b * qsum_b
-  int64_t M, ablk, NB;
+  int64_t M, ablk, NB, ldq;
 };
 
 // Float activations zero-padded to Kp, plus per-group sums (for the zero-point term).
@@ -54,15 +56,29 @@ struct KernelTable {
   const char* name;
   // int weights x int8 activations (integer dot products per block), small M
   void (*gemv_q8)(const Weights&, const QuantAct&, float* y, int64_t t0, int64_t t1);
+  // the same product for M >= 16 (AMX tiles where present; otherwise gemv_q8)
+  void (*gemm_q8)(const Weights&, const QuantAct&, float* y, int64_t t0, int64_t t1);
   // int or fp8 weights x float activations, float32 accumulation, small M
   void (*gemv_f32)(const Weights&, const FloatAct&, float* y, int64_t t0, int64_t t1);
   // int or fp8 weights x float activations, blocked GEMM (dequantized weight panel + register-tiled FMA)
   void (*gemm_f32)(const Weights&, const FloatAct&, float* y, int64_t t0, int64_t t1);
+  // int8 quantization of activation rows [m0, m1) of x [M][K] into q/xs/qsum (QuantAct layout; q zeroed by the
+  // caller): per block absmax / 127, round to nearest even, the int4 column permutation when `perm`
+  void (*quantize)(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q, float* xs,
+                   int32_t* qsum, int64_t m0, int64_t m1);
+  // XOR of the 64-bit words of [p, p + bytes) (bytes a multiple of 256): a streaming read for bandwidth probes
+  uint64_t (*read)(const uint8_t* p, int64_t bytes);
 };
 
 const KernelTable* scalar_kernels();
 const KernelTable* avx2_kernels();    // nullptr when the TU was compiled without AVX2 support
 const KernelTable* avx512_kernels();  // nullptr when the TU was compiled without AVX-512 support
+const KernelTable* amx_kernels();     // nullptr without AMX-INT8 support in the build; the CPU check is the caller's
+
+// Scalar reference pieces every table may reuse.
+void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q,
+                     float* xs, int32_t* qsum, int64_t m0, int64_t m1);
+uint64_t scalar_read(const uint8_t* p, int64_t bytes);
 
 // E4M3 (fn) byte -> float, exact; NaN encodings (0x7f, 0xff) are not expected in weights.
 float e4m3_to_float(uint8_t b);

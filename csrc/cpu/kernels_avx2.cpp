@@ -65,7 +65,7 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
   const __m256i* wt = reinterpret_cast<const __m256i*>(W.w + t * W.Kw() * 8);
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
   const int8_t* q[MB];
-  for (int r = 0; r < MB; ++r) q[r] = A.q + (m0 + r) * W.Kp;
+  for (int r = 0; r < MB; ++r) q[r] = A.q + (m0 + r) * A.ldq;
   // float accumulators live in y (zero-initialised), touched once per block: keeps registers for the integer sums
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
@@ -307,7 +307,7 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
   }
 }
 
-const KernelTable kTable{"avx2", gemv_q8, gemv_f32, gemm_f32};
+const KernelTable kTable{"avx2", gemv_q8, gemv_q8, gemv_f32, gemm_f32, scalar_quantize, scalar_read};
 
 }  // namespace
 

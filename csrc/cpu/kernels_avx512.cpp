@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels_avx2.h"
@@ -26,43 +27,74 @@ inline __m512i load_pair(const __m256i* w0, const __m256i* w1, int64_t kw) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(w0 + kw)), _mm256_loadu_si256(w1 + kw), 1);
 }
 
-template <WKind KIND>
-void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+// P tile pairs (16 P weight rows) against every activation row, one activation block at a time: each block's
+// weights (P KiB for a 128-column int4 block) stay in L1 while the M rows use them, the P pairs give 2P
+// independent VNNI chains (the latency of one chain, not the load bandwidth, bounded the one-pair loop), and the
+// broadcast activations are shared by the P pairs. Float accumulators live in y (zero-initialised).
+template <WKind KIND, int P>
+void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   const int64_t Kw = W.Kw();
+  const __m256i* w[P][2];
+  for (int p = 0; p < P; ++p) {
+    w[p][0] = reinterpret_cast<const __m256i*>(W.w + (t + 2 * p) * Kw * 8);
+    w[p][1] = w[p][0] + Kw;
+  }
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t t = t0; t < t1; t += 2) {
-    const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
-    const __m256i* w1 = w0 + Kw;
+  for (int64_t b = 0; b < A.NB; ++b) {
+    const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+    const float* srow = W.s + W.group_of(k0) * W.Np + t * 8;
     for (int64_t m = 0; m < A.M; ++m) {
-      const int8_t* q = A.q + m * W.Kp;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t b = 0; b < A.NB; ++b) {
-        const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
-        __m512i i = _mm512_setzero_si512();
-        if constexpr (KIND == WKind::Int4) {
-          for (int64_t kw = k0 / 8; kw < k1 / 8; ++kw) {
-            const __m512i v = load_pair(w0, w1, kw);
-            const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            i = _mm512_dpbusd_epi32(i, lo, _mm512_set1_epi32(load_i32(q + kw * 8)));
-            i = _mm512_dpbusd_epi32(i, hi, _mm512_set1_epi32(load_i32(q + kw * 8 + 4)));
+      const int8_t* q = A.q + m * A.ldq;
+      __m512i i0[P], i1[P];
+      for (int p = 0; p < P; ++p) i0[p] = i1[p] = _mm512_setzero_si512();
+      if constexpr (KIND == WKind::Int4) {
+        for (int64_t kw = k0 / 8; kw < k1 / 8; ++kw) {
+          const __m512i xe = _mm512_set1_epi32(load_i32(q + kw * 8)), xo = _mm512_set1_epi32(load_i32(q + kw * 8 + 4));
+          for (int p = 0; p < P; ++p) {
+            const __m512i v = load_pair(w[p][0], w[p][1], kw);
+            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_and_si512(v, low), xe);
+            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xo);
           }
-        } else {
-          // q + 128 as the unsigned operand; subtract 128 * sum(x) afterwards (exact in int32)
-          for (int64_t kw = k0 / 4; kw < k1 / 4; ++kw) {
-            const __m512i u = _mm512_xor_si512(load_pair(w0, w1, kw), flip);
-            i = _mm512_dpbusd_epi32(i, u, _mm512_set1_epi32(load_i32(q + kw * 4)));
-          }
-          i = _mm512_sub_epi32(i, _mm512_set1_epi32(128 * A.qsum[m * A.NB + b]));
         }
-        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(W.s + W.group_of(k0) * W.Np + t * 8),
-                                        _mm512_set1_ps(A.xs[m * A.NB + b]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc);
+      } else {
+        // q + 128 as the unsigned operand; 128 * sum(x) subtracted afterwards (exact in int32). A block has an
+        // even number of words (blocks and Kp are multiples of 32 columns).
+        for (int64_t kw = k0 / 4; kw < k1 / 4; kw += 2) {
+          const __m512i x0 = _mm512_set1_epi32(load_i32(q + kw * 4)), x1 = _mm512_set1_epi32(load_i32(q + kw * 4 + 4));
+          for (int p = 0; p < P; ++p) {
+            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_xor_si512(load_pair(w[p][0], w[p][1], kw), flip), x0);
+            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_xor_si512(load_pair(w[p][0], w[p][1], kw + 1), flip), x1);
+          }
+        }
+        const __m512i corr = _mm512_set1_epi32(128 * A.qsum[m * A.NB + b]);
+        for (int p = 0; p < P; ++p) i0[p] = _mm512_sub_epi32(i0[p], corr);
       }
-      for (int64_t g = 0; g < W.G; ++g)
-        acc = _mm512_fnmadd_ps(_mm512_loadu_ps(W.zs + g * W.Np + t * 8), _mm512_set1_ps(A.tg[m * W.G + g]), acc);
-      _mm512_storeu_ps(y + m * W.Np + t * 8, acc);
+      float* yr = y + m * W.Np + t * 8;
+      const __m512 xs = _mm512_set1_ps(A.xs[m * A.NB + b]);
+      for (int p = 0; p < P; ++p) {
+        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(srow + 16 * p), xs);
+        const __m512i i = _mm512_add_epi32(i0[p], i1[p]);
+        _mm512_storeu_ps(yr + 16 * p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, _mm512_loadu_ps(yr + 16 * p)));
+      }
     }
   }
+  for (int64_t m = 0; m < A.M; ++m) {  // zero-point terms: groups outer, the P pairs are independent chains
+    float* yr = y + m * W.Np + t * 8;
+    __m512 acc[P];
+    for (int p = 0; p < P; ++p) acc[p] = _mm512_loadu_ps(yr + 16 * p);
+    for (int64_t g = 0; g < W.G; ++g) {
+      const __m512 tg = _mm512_set1_ps(A.tg[m * W.G + g]);
+      for (int p = 0; p < P; ++p) acc[p] = _mm512_fnmadd_ps(_mm512_loadu_ps(W.zs + g * W.Np + t * 8 + 16 * p), tg, acc[p]);
+    }
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(yr + 16 * p, acc[p]);
+  }
+}
+
+template <WKind KIND>
+void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) q8_pairs<KIND, 4>(W, A, y, t);
+  for (; t < t1; t += 2) q8_pairs<KIND, 1>(W, A, y, t);
 }
 
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
@@ -70,6 +102,125 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
     gemv_q8_t<WKind::Int4>(W, A, y, t0, t1);
   else
     gemv_q8_t<WKind::Int8>(W, A, y, t0, t1);
+}
+
+// ---- FP8 x float activations ---------------------------------------------------------------------------------
+
+// 64 E4M3 bytes (16 rows x 4 columns, as load_pair returns them) -> four vectors of 16 floats, each the exact
+// E4M3 value times 2^-8: the byte placed in the high half of a 16-bit lane and shifted right arithmetically by one
+// is the binary16 pattern of that value (sign at bit 15, exponent and mantissa at bits 7..13, subnormals included),
+// and vcvtph2ps widens it exactly. Lane order: 4 rows x 4 columns per vector, rows kFp8Rows[j].
+constexpr int kFp8Rows[4][4] = {{0, 1, 4, 5}, {8, 9, 12, 13}, {2, 3, 6, 7}, {10, 11, 14, 15}};
+
+inline void decode_fp8(__m512i v, __m512 f[4]) {
+  const __m512i zero = _mm512_setzero_si512(), bits = _mm512_set1_epi16(static_cast<short>(0xBF80));
+  const __m512i lo = _mm512_and_si512(_mm512_srai_epi16(_mm512_unpacklo_epi8(zero, v), 1), bits);
+  const __m512i hi = _mm512_and_si512(_mm512_srai_epi16(_mm512_unpackhi_epi8(zero, v), 1), bits);
+  f[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(lo));
+  f[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1));
+  f[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(hi));
+  f[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1));
+}
+
+// P tile pairs, one activation row at a time. Lane (row, c) of the accumulators is the scalar reference's chain
+// c = k % 4 of that row; the activations are scaled by 2^8 so that each product equals the reference's exactly
+// (fma rounds the exact product once), and the chains are summed in the reference's order at each group's end.
+template <int P>
+void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
+  const int64_t Kw = W.Kw();
+  const int64_t gw = W.G == 1 ? Kw : W.group / 4;
+  const __m256i* w[P][2];
+  for (int p = 0; p < P; ++p) {
+    w[p][0] = reinterpret_cast<const __m256i*>(W.w + (t + 2 * p) * Kw * 8);
+    w[p][1] = w[p][0] + Kw;
+  }
+  const __m512 two8 = _mm512_set1_ps(256.f);
+  for (int64_t m = 0; m < X.M; ++m) {
+    const float* x = X.x + m * W.Kp;
+    float acc[P][16] = {};
+    for (int64_t g = 0; g < W.G; ++g) {
+      const int64_t kw0 = g * gw, kw1 = g == W.G - 1 ? Kw : kw0 + gw;
+      __m512 c[P][4];
+      for (int p = 0; p < P; ++p)
+        for (int j = 0; j < 4; ++j) c[p][j] = _mm512_setzero_ps();
+      for (int64_t kw = kw0; kw < kw1; ++kw) {
+        const __m512 xv = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x + kw * 4)), two8);
+        for (int p = 0; p < P; ++p) {
+          __m512 f[4];
+          decode_fp8(load_pair(w[p][0], w[p][1], kw), f);
+          for (int j = 0; j < 4; ++j) c[p][j] = _mm512_fmadd_ps(f[j], xv, c[p][j]);
+        }
+      }
+      for (int p = 0; p < P; ++p) {
+        alignas(64) float lanes[4][16];
+        for (int j = 0; j < 4; ++j) _mm512_store_ps(lanes[j], c[p][j]);
+        const float* s = W.s + g * W.Np + (t + 2 * p) * 8;
+        for (int j = 0; j < 4; ++j)
+          for (int r = 0; r < 4; ++r) {
+            const float* ch = lanes[j] + 4 * r;
+            const int row = kFp8Rows[j][r];
+            acc[p][row] = std::fmaf(((ch[0] + ch[1]) + ch[2]) + ch[3], s[row], acc[p][row]);
+          }
+      }
+    }
+    for (int p = 0; p < P; ++p) std::memcpy(y + m * W.Np + (t + 2 * p) * 8, acc[p], sizeof acc[p]);
+  }
+}
+
+void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  if (W.kind != WKind::Fp8) return avx2_gemv_f32(W, X, y, t0, t1);
+  int64_t t = t0;
+  for (; t + 4 <= t1; t += 4) fp8_pairs<2>(W, X, y, t);
+  for (; t < t1; t += 2) fp8_pairs<1>(W, X, y, t);
+}
+
+// ---- activation quantization, streaming read ----------------------------------------------------------------
+
+void quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q, float* xs,
+              int32_t* qsum, int64_t m0, int64_t m1) {
+  const int64_t NB = (Kp + ablk - 1) / ablk;
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qr = q + m * ldq;
+    for (int64_t b = 0; b < NB; ++b) {
+      const int64_t k0 = b * ablk, k1 = std::min(k0 + ablk, K);
+      auto mask = [&](int64_t k) {
+        return static_cast<__mmask16>(k1 - k >= 16 ? 0xFFFF : (1u << (k1 - k)) - 1);
+      };
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask(k), xr + k)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k1; k += 16) {  // k + 16 <= k0 + ablk: the store stays inside the block
+        const __m512 v = _mm512_maskz_loadu_ps(mask(k), xr + k);
+        const __m512i c = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+        sum = _mm512_add_epi32(sum, c);
+        __m128i bytes = _mm512_cvtepi32_epi8(c);
+        if (perm) bytes = _mm_shuffle_epi8(bytes, order);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), bytes);
+      }
+      xs[m * NB + b] = amax / 127.f;
+      qsum[m * NB + b] = _mm512_reduce_add_epi32(sum);
+    }
+  }
+}
+
+uint64_t read(const uint8_t* p, int64_t bytes) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < bytes; i += 256) {
+    a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + i + 64));
+    a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + i + 128));
+    a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + i + 192));
+  }
+  alignas(64) uint64_t words[8];
+  _mm512_store_si512(words, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+  uint64_t r = 0;
+  for (uint64_t v : words) r ^= v;
+  return r;
 }
 
 // y[MR][16] += x[MR][kc] * B[kc][16], the panel's products summed on their own first (as in the AVX2 kernel)
@@ -105,7 +256,7 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
   }
 }
 
-const KernelTable kTable{"avx512", gemv_q8, avx2_gemv_f32, gemm_f32};
+const KernelTable kTable{"avx512", gemv_q8, gemv_q8, gemv_f32, gemm_f32, quantize, read};
 
 }  // namespace
 

@@ -40,7 +40,7 @@ inline int64_t group_end(const Weights& W, int64_t g) {
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
     for (int64_t m = 0; m < A.M; ++m) {
-      const int8_t* q = A.q + m * W.Kp;
+      const int8_t* q = A.q + m * A.ldq;
       float acc = 0.f;
       for (int64_t b = 0; b < A.NB; ++b) {
         const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
@@ -98,9 +98,47 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
   }
 }
 
-const KernelTable kTable{"scalar", gemv_q8, gemv_f32, gemm_f32};
+const KernelTable kTable{"scalar", gemv_q8, gemv_q8, gemv_f32, gemm_f32, scalar_quantize, scalar_read};
 
 }  // namespace
+
+void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q,
+                     float* xs, int32_t* qsum, int64_t m0, int64_t m1) {
+  const int64_t NB = (Kp + ablk - 1) / ablk;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qr = q + m * ldq;
+    for (int64_t b = 0; b < NB; ++b) {
+      const int64_t k0 = b * ablk, k1 = std::min(k0 + ablk, K);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
+        const int8_t c = static_cast<int8_t>(std::clamp(v, -127, 127));
+        const int64_t i = k & 7;
+        qr[perm ? (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2) : k] = c;
+        sum += c;
+      }
+      xs[m * NB + b] = amax / 127.f;
+      qsum[m * NB + b] = sum;
+    }
+  }
+}
+
+uint64_t scalar_read(const uint8_t* p, int64_t bytes) {
+  uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < bytes; i += 64)
+    for (int j = 0; j < 8; ++j) {
+      uint64_t v;
+      std::memcpy(&v, p + i + 8 * j, sizeof v);
+      acc[j] ^= v;
+    }
+  uint64_t r = 0;
+  for (uint64_t a : acc) r ^= a;
+  return r;
+}
 
 const KernelTable* scalar_kernels() { return &kTable; }
 
