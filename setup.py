@@ -78,15 +78,21 @@ def _extensions():
                 self.compiler._compile = original
 
     sources = [f"{CSRC}/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cpu").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline OpenMP code, compiled serial without it. The libgomp.so.1 it links is
+    # the one torch's CPU wheel bundles (same soname, already loaded by `import torch`).
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     if _want_cuda(torch):
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cuda").glob("*.cu"))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DCOMPRESSOR_CUDA"]
         ext = CUDAExtension(
-            "compressor._C", sources, extra_compile_args={"cxx": cxx + ["-DCOMPRESSOR_CUDA"], "nvcc": nvcc}
+            "compressor._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DCOMPRESSOR_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("compressor._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("compressor._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=False)}
 
 

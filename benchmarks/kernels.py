@@ -43,6 +43,9 @@ CLOCK = time.perf_counter  # --cpu-time: time.thread_time (1 thread; robust when
 
 
 def median_ms(fn, runs: int, warmup: int = 2) -> float:
+    # onnxruntime's pool threads and libgomp's spin for a while after their last job: a pause first keeps the
+    # previous measurement's spinning threads off the cores this one needs
+    time.sleep(0.2)
     for _ in range(warmup):
         fn()
     times = []

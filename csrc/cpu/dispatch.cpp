@@ -123,10 +123,11 @@ void prepare_float(const Weights& W, const at::Tensor& x, Prepared& P) {
   P.fa = FloatAct{xp, xs, M};
 }
 
-// q, xs, qsum and tg get rows up to a multiple of 16 (zeros past M) and q 64 bytes of slack: the AMX kernel loads
-// whole 16-row tiles.
+// From M = 16, q, xs, qsum and tg get rows up to a multiple of 16 (zeros past M); q has 64 bytes of slack: the AMX
+// kernel loads whole 16-row tiles.
 void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, int64_t ablk, Prepared& P) {
-  const int64_t M = x.size(0), K = x.size(1), NB = (W.Kp + ablk - 1) / ablk, Mp = round_up(M, 16);
+  const int64_t M = x.size(0), K = x.size(1), NB = (W.Kp + ablk - 1) / ablk;
+  const int64_t Mp = M < 16 ? M : round_up(M, 16);  // whole 16-row tiles only where the tile kernel runs
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   auto opts = xf.options();

@@ -33,10 +33,10 @@ struct Weights {
 
 // Activations quantized to int8 per block of `ablk` columns (blocks never straddle a weight group).
 // int4: within each 8 columns the order is [0, 2, 4, 6, 1, 3, 5, 7] (matches the nibble unpack).
-// q has rows up to a multiple of 16 (zeros past M), a row stride ldq = Kp + 64 (rows 4 KiB apart would share L1
-// sets) and 64 bytes of slack, so 16-row tiles can be loaded whole.
+// For M >= 16, q, xs, qsum and tg have rows up to a multiple of 16 (zeros past M); q has a row stride
+// ldq = Kp + 64 (rows 4 KiB apart would share L1 sets) and 64 bytes of slack, so 16-row tiles load whole.
 struct QuantAct {
-  const int8_t* q;      // [round_up(M, 16)][ldq] (+ 64 bytes)
+  const int8_t* q;      // [M or round_up(M, 16)][ldq] (+ 64 bytes)
   const float* xs;      // [M][NB] block scales
   const int32_t* qsum;  // [M][NB] block sums of q
   const float* tg;      // [M][G]  sum over blocks b of group g of xs_b * qsum_b

@@ -31,6 +31,8 @@ inline __m512i load_pair(const __m256i* w0, const __m256i* w1, int64_t kw) {
 // weights (P KiB for a 128-column int4 block) stay in L1 while the M rows use them, the P pairs give 2P
 // independent VNNI chains (the latency of one chain, not the load bandwidth, bounded the one-pair loop), and the
 // broadcast activations are shared by the P pairs. Float accumulators live in y (zero-initialised).
+constexpr int64_t kAhead = 64;  // words (2 KiB) of prefetch distance in each tile's stream
+
 template <WKind KIND, int P>
 void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   const int64_t Kw = W.Kw();
@@ -43,6 +45,13 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   for (int64_t b = 0; b < A.NB; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     const float* srow = W.s + W.group_of(k0) * W.Np + t * 8;
+    // The weight streams are prefetched kAhead words ahead (the hardware prefetcher restarts at every 4 KiB page
+    // of each of the 2P streams); the next block's scales and this block's z * s rows (read at the end) are
+    // 16 KiB-strided lines it would not find either.
+    for (int p = 0; p < P; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(W.s + W.group_of(k1 % W.Kp) * W.Np + (t + 2 * p) * 8), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(W.zs + W.group_of(k0) * W.Np + (t + 2 * p) * 8), _MM_HINT_T0);
+    }
     for (int64_t m = 0; m < A.M; ++m) {
       const int8_t* q = A.q + m * A.ldq;
       __m512i i0[P], i1[P];
@@ -50,6 +59,11 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
       if constexpr (KIND == WKind::Int4) {
         for (int64_t kw = k0 / 8; kw < k1 / 8; ++kw) {
           const __m512i xe = _mm512_set1_epi32(load_i32(q + kw * 8)), xo = _mm512_set1_epi32(load_i32(q + kw * 8 + 4));
+          if (m == 0 && (kw & 1) == 0)
+            for (int p = 0; p < P; ++p) {
+              _mm_prefetch(reinterpret_cast<const char*>(w[p][0] + kw + kAhead), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(w[p][1] + kw + kAhead), _MM_HINT_T0);
+            }
           for (int p = 0; p < P; ++p) {
             const __m512i v = load_pair(w[p][0], w[p][1], kw);
             i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_and_si512(v, low), xe);
@@ -61,6 +75,11 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
         // even number of words (blocks and Kp are multiples of 32 columns).
         for (int64_t kw = k0 / 4; kw < k1 / 4; kw += 2) {
           const __m512i x0 = _mm512_set1_epi32(load_i32(q + kw * 4)), x1 = _mm512_set1_epi32(load_i32(q + kw * 4 + 4));
+          if (m == 0)
+            for (int p = 0; p < P; ++p) {
+              _mm_prefetch(reinterpret_cast<const char*>(w[p][0] + kw + kAhead), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(w[p][1] + kw + kAhead), _MM_HINT_T0);
+            }
           for (int p = 0; p < P; ++p) {
             i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_xor_si512(load_pair(w[p][0], w[p][1], kw), flip), x0);
             i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_xor_si512(load_pair(w[p][0], w[p][1], kw + 1), flip), x1);
