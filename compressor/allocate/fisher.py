@@ -12,7 +12,9 @@ layer's error is scored alone, contributions add up), and the statistics come fr
 Tokens whose input norm exceeds `token_clip` x the sample's median enter H capped: those are attention-sink
 "massive activation" tokens, whose outputs barely move the loss (small g), which the independence assumption
 would otherwise pair with their huge x (measured on SmolLM2 layer 28 down_proj: 9x over-predicted KL).
-G is kept in bfloat16 (half the memory; its rounding is far below the estimate's own error).
+G is kept in bfloat16 (half the memory; its rounding is far below the estimate's own error). With
+`compute_dtype` bfloat16 (calibration.dtype auto on CPUs with AMX/AVX512-BF16) the forward runs under autocast and
+every Gram product takes bfloat16 inputs with float32 accumulation (`GramStat`, as in calibration).
 The sweep also records each block's LIM score (negative cosine of block input and output).
 """
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.engine import GramStat
 from ..structure.metrics import CosineMean, lim_score
 
 
@@ -51,6 +54,7 @@ def collect_fisher(
     quiet: bool = False,
     backward: bool = True,
     token_clip: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> FisherStats:
     """Sweep `ids` [samples, seq] one sample at a time; returns normalised (per-token) statistics.
 
@@ -59,6 +63,7 @@ def collect_fisher(
     `backward=False` only the forward runs and only the LIM scores are filled.
     """
     stats = FisherStats()
+    h_stats: dict[str, GramStat] = {}
     gen = torch.Generator().manual_seed(seed)
     handles = []
     cosines = [CosineMean() for _ in blocks]
@@ -68,7 +73,7 @@ def collect_fisher(
             for local in group:
                 name = f"{prefixes[bi]}.{local}"
                 stats.h_key[name] = key
-                hook = _linear_hook(stats, name, key, token_clip)
+                hook = _linear_hook(stats, h_stats, name, key, token_clip, compute_dtype)
                 handles.append(block.get_submodule(local).register_forward_hook(hook))
         handles.append(block.register_forward_hook(_lim_hook(cosines[bi]), with_kwargs=True))
     embed = model.get_input_embeddings()
@@ -86,7 +91,8 @@ def collect_fisher(
                 stats.tokens += x.numel()
                 continue
             with torch.enable_grad():
-                logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
+                with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                    logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 sampled = torch.multinomial(logp.detach().exp(), 1, generator=gen)
                 logp.gather(1, sampled).sum().backward()
@@ -96,34 +102,38 @@ def collect_fisher(
             h.remove()
         for p in params:
             p.requires_grad_(True)
-    for k in stats.h:
-        stats.h[k] /= max(stats.tokens, 1)
+    for k, stat in h_stats.items():
+        stats.h[k] = stat.h / max(stats.tokens, 1)
     for k in stats.g:
         stats.g[k] = stats.g[k].float() / max(stats.tokens, 1)
     stats.lim = [lim_score(c.cosine) for c in cosines]
     return stats
 
 
-def _accumulate(
-    store: dict[str, torch.Tensor], key: str, rows: torch.Tensor, token_clip: float | None, dtype: torch.dtype
-) -> None:
-    rows = rows.reshape(-1, rows.shape[-1]).to(torch.float32)
-    if token_clip is not None and rows.shape[0] > 1:
-        norms = rows.norm(dim=1, keepdim=True)
-        rows = rows * torch.clamp(token_clip * norms.median() / norms.clamp_min(1e-12), max=1.0)
-    gram = rows.t() @ rows
-    if key in store:
-        store[key] += gram.to(dtype)
-    else:
-        store[key] = gram.to(dtype)
+def _linear_hook(
+    stats: FisherStats,
+    h_stats: dict[str, GramStat],
+    name: str,
+    key: str,
+    token_clip: float | None,
+    product_dtype: torch.dtype,
+):
+    def add_g(grad: torch.Tensor) -> None:
+        gram = GramStat(grad.shape[-1], None, product_dtype, track_abs=False)
+        gram.add(grad.detach())
+        g = gram.h.to(torch.bfloat16)
+        if name in stats.g:
+            stats.g[name] += g
+        else:
+            stats.g[name] = g
 
-
-def _linear_hook(stats: FisherStats, name: str, key: str, token_clip: float | None):
     def hook(module, inputs, output):
         if name == key:  # the group's members share this input: accumulate it once
-            _accumulate(stats.h, key, inputs[0].detach(), token_clip, torch.float32)
+            x = inputs[0].detach()
+            stat = h_stats.setdefault(key, GramStat(x.shape[-1], token_clip, product_dtype, track_abs=False))
+            stat.add(x)
         if output.requires_grad:
-            output.register_hook(lambda grad: _accumulate(stats.g, name, grad.detach(), None, torch.bfloat16))
+            output.register_hook(add_g)
 
     return hook
 

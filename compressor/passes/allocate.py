@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..allocate import cache
 from ..allocate.fisher import FisherStats, collect_fisher, predicted_kl
 from ..allocate.solver import InfeasibleBudget, solve_exact, solve_greedy, solve_ordering, total
+from ..calibration.engine import resolve_compute_dtype
 from ..errors import RecipeError
 from ..plan import QuantizedWeight
 from ..quant.formats import Fp8Format, IntFormat, resolve_format
@@ -219,7 +220,11 @@ class AllocateBitsRunner:
             state.quiet,
             backward=backward,
             token_clip=quant.hessian_token_clip,
+            compute_dtype=self._compute_dtype(state),
         )
+
+    def _compute_dtype(self, state: CompressionState) -> torch.dtype:
+        return resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
 
     def _lim_scores(self, state: CompressionState, quant: QuantizePass) -> list[float]:
         return self._sweep(state, quant, backward=False).lim
@@ -232,6 +237,7 @@ class AllocateBitsRunner:
             "num_samples": self.cfg.num_samples,
             "candidates": self.cfg.candidates,
             "error_model": self._error_model(quant),
+            "compute_dtype": str(self._compute_dtype(state)),
             "quantize": quant.model_dump(mode="json", exclude={"weights", "lm_head", "embeddings"}),
         }
 

@@ -169,20 +169,27 @@ def gptq_dequantized_many(
     return list(out.split(n))
 
 
-def _sweep_stacked(stacked, hinv, scale, zero, qmin, qmax, out, block_size) -> None:
+def _sweep_stacked(stacked, hinv, scale, zero, qmin, qmax, out, block_size, inner: int = 32) -> None:
+    """The column sweep, blocked twice: rank-1 updates only inside `inner`-column sub-blocks, the rest of the
+    block and of the matrix updated by products (the same arithmetic as one rank-1 update per column over the
+    whole block, in a quarter of the elementwise work at block 128)."""
     k = stacked.shape[1]
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = stacked[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            s_col, z_col = scale[:, col], zero[:, col]
-            q = torch.clamp(torch.round(w1[:, i] / s_col) + z_col, qmin, qmax)
-            dq = (q - z_col) * s_col
-            out[:, col] = dq
-            e = (w1[:, i] - dq) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                s_col, z_col = scale[:, col], zero[:, col]
+                q = torch.clamp(torch.round(w1[:, i] / s_col) + z_col, qmin, qmax)
+                dq = (q - z_col) * s_col
+                out[:, col] = dq
+                e = (w1[:, i] - dq) / hinv1[i, i]
+                w1[:, i:j2].addr_(e, hinv1[i, i:j2], alpha=-1.0)
+                err1[:, i] = e
+            if j2 < i2 - i1:
+                w1[:, j2:].addmm_(err1[:, j1:j2], hinv1[j1:j2, j2:], alpha=-1.0)
         stacked[:, i2:] -= err1 @ hinv[i1:i2, i2:]
