@@ -8,7 +8,10 @@ Budgets: AutoRound counts a 4-bit zero point per group even for symmetric scheme
 weights + fp16 scales only (W4 g64 = 4.25). Our budgets are the peer's minus 4/64 bit, so ours are never larger.
 The allocation's own cost (sensitivity sweep + solve, including model load) is measured in a separate process.
 
-    python benchmarks/layerwise_smollm2.py [--max-windows 32] [--peer] [--rows all]
+    python benchmarks/layerwise_smollm2.py [--max-windows 32] [--peer [--peer-amp]] [--rows all]
+
+AutoScheme runs with amp=False (float32) unless --peer-amp (AutoRound's default, bfloat16 on CPU); ours calibrate
+with calibration.dtype auto (bfloat16 autocast on CPUs with AMX / AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ print(json.dumps({{"seconds": time.perf_counter() - start,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_peer(work: Path, windows_path: Path, max_windows: int) -> dict | None:
+def run_peer(work: Path, windows_path: Path, max_windows: int, amp: bool) -> dict | None:
     script = ROOT / "benchmarks" / "peer_autoscheme.py"
     if not script.is_file():
         print("peer script benchmarks/peer_autoscheme.py not found; skipping AutoScheme")
@@ -131,7 +134,7 @@ def run_peer(work: Path, windows_path: Path, max_windows: int) -> dict | None:
     out = work / "autoscheme.json"
     budgets = ",".join(str(v) for v in PEER_BUDGETS.values())
     cmd = [sys.executable, str(script), "--budgets", budgets, "--windows", str(windows_path), "--out", str(out)]
-    cmd += ["--work", str(work / "peer"), "--max-windows", str(max_windows)]
+    cmd += ["--work", str(work / "peer"), "--max-windows", str(max_windows)] + (["--amp"] if amp else [])
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -142,6 +145,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench-layerwise-smollm2")
     ap.add_argument("--rows", default="all", help="comma list of configuration names, or 'all'")
     ap.add_argument("--peer", action="store_true", help="also run AutoRound AutoScheme (own venv)")
+    ap.add_argument("--peer-amp", action="store_true", help="AutoScheme with amp=True (its default: bfloat16 on CPU)")
     ap.add_argument("--no-probe", action="store_true", help="skip the separate allocation cost measurement")
     ap.add_argument("--keep-cache", action="store_true", help="reuse sensitivities measured by an earlier run")
     args = ap.parse_args()
@@ -176,7 +180,7 @@ def main() -> None:
         print(f"{name}: ppl {m['perplexity']:.3f} (base {m['base_perplexity']:.3f}) wall {run['wall_s']:.0f}s")
 
     probe = None if args.no_probe else allocation_probe(work)
-    peer = run_peer(work, windows_path, args.max_windows) if args.peer else None
+    peer = run_peer(work, windows_path, args.max_windows, args.peer_amp) if args.peer else None
 
     base_ppl = rows[0][1]["base_perplexity"]
     print(f"\nSmolLM2-135M-Instruct; calibration 128 x 512 tokens (calibration_data/); candidates {CANDIDATES}")

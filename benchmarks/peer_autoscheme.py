@@ -109,6 +109,7 @@ def run_worker(
         "--scheme-seqlen",
         str(args.scheme_seqlen),
         *(["--opt-rtn"] if args.opt_rtn else []),
+        "--amp" if args.amp else "--no-amp",
         "--threads",
         str(args.threads),
         "--result",
@@ -175,6 +176,11 @@ def main() -> None:
         "--reuse-scores",
         action="store_true",
         help="score once (first budget), reuse AutoScheme's score cache for the others; their times exclude scoring",
+    )
+    ap.add_argument(
+        "--amp",
+        action="store_true",
+        help="AutoRound's amp=True, its default (the model in bfloat16 on CPU); without it float32 (amp=False)",
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads in the worker")
     ap.add_argument("--out", default=None, help="result JSON (default <work>/autoscheme.json)")

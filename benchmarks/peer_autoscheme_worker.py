@@ -66,7 +66,7 @@ def quantize(model, tokenizer, args) -> tuple[object, float, dict]:
         seqlen=args.seqlen,
         device_map="cpu",
         disable_opt_rtn=not args.opt_rtn,
-        amp=False,  # keep float32 like ours (on CPU AutoRound would otherwise cast the model to bfloat16)
+        amp=args.amp,  # AutoRound's default True casts the model to bfloat16 on CPU; --no-amp keeps float32
         enable_torch_compile=False,
     )
     qmodel, layer_config = ar.quantize()
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--scheme-nsamples", type=int, default=16, help="AutoScheme's scoring samples (its default)")
     ap.add_argument("--scheme-seqlen", type=int, default=256, help="AutoScheme's scoring length (its default)")
     ap.add_argument("--opt-rtn", action="store_true", help="AutoRound's optimized RTN (its iters=0 default; slow)")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="AutoRound amp (bf16 on CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--result", required=True)
     args = ap.parse_args()
