@@ -171,8 +171,8 @@ def gptq_dequantized_many(
 
 def _sweep_stacked(stacked, hinv, scale, zero, qmin, qmax, out, block_size, inner: int = 32) -> None:
     """The column sweep, blocked twice: rank-1 updates only inside `inner`-column sub-blocks, the rest of the
-    block and of the matrix updated by products (the same arithmetic as one rank-1 update per column over the
-    whole block, in a quarter of the elementwise work at block 128)."""
+    block and of the matrix updated by products (mathematically the same updates as one rank-1 update per column
+    over the whole block, in a quarter of the elementwise work at block 128; only the float rounding differs)."""
     k = stacked.shape[1]
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels_avx512.h"
+
 namespace compressor {
 namespace {
 
@@ -35,10 +37,6 @@ void configure(int kd) {
   _tile_loadconfig(&c);
 }
 
-inline __m512i load_pair(const __m256i* w0, const __m256i* w1, int64_t kw) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(w0 + kw)), _mm256_loadu_si256(w1 + kw), 1);
-}
-
 // B panel of tiles t, t+1 for all of K (rows_total rows of 64 bytes, zero past Kp): row r holds activation
 // positions 4r..4r+3 for the 16 weight rows. int4 word kw: low nibbles = positions 8kw..8kw+3 of the permuted
 // activations, high nibbles = 8kw+4..8kw+7; int8 word kw = positions 4kw..4kw+3.
@@ -50,7 +48,7 @@ void unpack_panel(const Weights& W, int64_t t, int64_t rows_total, uint8_t* B) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   int64_t r = 0;
   for (int64_t kw = 0; kw < Kw; ++kw) {
-    const __m512i v = load_pair(w0, w1, kw);
+    const __m512i v = avx512_load_pair(w0, w1, kw);
     if constexpr (KIND == WKind::Int4) {
       _mm512_storeu_si512(B + 64 * r++, _mm512_and_si512(v, low));
       _mm512_storeu_si512(B + 64 * r++, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));

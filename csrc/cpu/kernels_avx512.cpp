@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "kernels_avx2.h"
+#include "kernels_avx512.h"
 
 namespace compressor {
 namespace {
@@ -21,10 +22,6 @@ inline int32_t load_i32(const void* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
-}
-
-inline __m512i load_pair(const __m256i* w0, const __m256i* w1, int64_t kw) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(w0 + kw)), _mm256_loadu_si256(w1 + kw), 1);
 }
 
 // P tile pairs (16 P weight rows) against every activation row, one activation block at a time: each block's
@@ -65,7 +62,7 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
               _mm_prefetch(reinterpret_cast<const char*>(w[p][1] + kw + kAhead), _MM_HINT_T0);
             }
           for (int p = 0; p < P; ++p) {
-            const __m512i v = load_pair(w[p][0], w[p][1], kw);
+            const __m512i v = avx512_load_pair(w[p][0], w[p][1], kw);
             i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_and_si512(v, low), xe);
             i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xo);
           }
@@ -81,8 +78,8 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
               _mm_prefetch(reinterpret_cast<const char*>(w[p][1] + kw + kAhead), _MM_HINT_T0);
             }
           for (int p = 0; p < P; ++p) {
-            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_xor_si512(load_pair(w[p][0], w[p][1], kw), flip), x0);
-            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_xor_si512(load_pair(w[p][0], w[p][1], kw + 1), flip), x1);
+            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw), flip), x0);
+            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw + 1), flip), x1);
           }
         }
         const __m512i corr = _mm512_set1_epi32(128 * A.qsum[m * A.NB + b]);
@@ -166,7 +163,7 @@ void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
         const __m512 xv = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x + kw * 4)), two8);
         for (int p = 0; p < P; ++p) {
           __m512 f[4];
-          decode_fp8(load_pair(w[p][0], w[p][1], kw), f);
+          decode_fp8(avx512_load_pair(w[p][0], w[p][1], kw), f);
           for (int j = 0; j < 4; ++j) c[p][j] = _mm512_fmadd_ps(f[j], xv, c[p][j]);
         }
       }

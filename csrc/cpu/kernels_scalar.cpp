@@ -26,9 +26,9 @@ inline float code(const Weights& W, int64_t n, int64_t k) {
   return e4m3_to_float(byte);
 }
 
-// Position of column k in the int4-permuted activation layout.
-inline int64_t act_pos(const Weights& W, int64_t k) {
-  if (W.kind != WKind::Int4) return k;
+// Position of column k in the int4-permuted activation layout (perm) or in the plain one.
+inline int64_t act_pos(bool perm, int64_t k) {
+  if (!perm) return k;
   const int64_t i = k & 7;
   return (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2);
 }
@@ -38,6 +38,7 @@ inline int64_t group_end(const Weights& W, int64_t g) {
 }
 
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  const bool perm = W.kind == WKind::Int4;
   for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
     for (int64_t m = 0; m < A.M; ++m) {
       const int8_t* q = A.q + m * A.ldq;
@@ -45,7 +46,7 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
       for (int64_t b = 0; b < A.NB; ++b) {
         const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
         int32_t d = 0;
-        for (int64_t k = k0; k < k1; ++k) d += static_cast<int32_t>(code(W, n, k)) * q[act_pos(W, k)];
+        for (int64_t k = k0; k < k1; ++k) d += static_cast<int32_t>(code(W, n, k)) * q[act_pos(perm, k)];
         const float sc = W.s[W.group_of(k0) * W.Np + n] * A.xs[m * A.NB + b];
         acc = std::fmaf(static_cast<float>(d), sc, acc);
       }
@@ -117,8 +118,7 @@ void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t
       for (int64_t k = k0; k < k1; ++k) {
         const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
         const int8_t c = static_cast<int8_t>(std::clamp(v, -127, 127));
-        const int64_t i = k & 7;
-        qr[perm ? (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2) : k] = c;
+        qr[act_pos(perm, k)] = c;
         sum += c;
       }
       xs[m * NB + b] = amax / 127.f;
