@@ -100,13 +100,13 @@ def test_int_kernels_match_scalar_and_float_reference(bits, symmetric, group, m,
             assert _relerr(y, ref) < FLOAT_TOL, (name, mode)
 
 
-@pytest.mark.parametrize("m", [16, 31, 48, 80])
+@pytest.mark.parametrize("m", [16, 18, 31, 48, 80])
 @pytest.mark.parametrize("group", [32, 64, None])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_int8_activation_gemm_tile_shapes(bits, group, m, isa):
-    """M >= 16 with int8 activations (the AMX tile kernel where the CPU has it): one and several 16-row activation
-    tiles with a ragged last one, an odd number of 16-row weight pairs, and K = 1088, whose last 128-column
-    activation block is half full."""
+    """M >= 16 with int8 activations (AMX tiles where the CPU has them, else 4-row register blocks): one and
+    several 16-row activation tiles with a ragged last one, 4-row blocks with 1-3 rows left over, an odd number of
+    16-row weight pairs, and K = 1088, whose last 128-column activation block is half full."""
     n, k = 200, 1088
     p, weight = _int_case(bits, n, k, group, False, seed=4)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(5))

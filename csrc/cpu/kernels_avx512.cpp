@@ -24,6 +24,21 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
+// y -= sum over groups of tg * z * s, for every row, after all blocks (as in q8_pairs)
+template <int P>
+void zero_point_terms(const Weights& W, const QuantAct& A, float* y, int64_t t) {
+  for (int64_t m = 0; m < A.M; ++m) {
+    float* yr = y + m * W.Np + t * 8;
+    __m512 acc[P];
+    for (int p = 0; p < P; ++p) acc[p] = _mm512_loadu_ps(yr + 16 * p);
+    for (int64_t g = 0; g < W.G; ++g) {
+      const __m512 tg = _mm512_set1_ps(A.tg[m * W.G + g]);
+      for (int p = 0; p < P; ++p) acc[p] = _mm512_fnmadd_ps(_mm512_loadu_ps(W.zs + g * W.Np + t * 8 + 16 * p), tg, acc[p]);
+    }
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(yr + 16 * p, acc[p]);
+  }
+}
+
 // P tile pairs (16 P weight rows) against every activation row, one activation block at a time: each block's
 // weights (P KiB for a 128-column int4 block) stay in L1 while the M rows use them, the P pairs give 2P
 // independent VNNI chains (the latency of one chain, not the load bandwidth, bounded the one-pair loop), and the
@@ -94,16 +109,110 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
       }
     }
   }
-  for (int64_t m = 0; m < A.M; ++m) {  // zero-point terms: groups outer, the P pairs are independent chains
-    float* yr = y + m * W.Np + t * 8;
-    __m512 acc[P];
-    for (int p = 0; p < P; ++p) acc[p] = _mm512_loadu_ps(yr + 16 * p);
-    for (int64_t g = 0; g < W.G; ++g) {
-      const __m512 tg = _mm512_set1_ps(A.tg[m * W.G + g]);
-      for (int p = 0; p < P; ++p) acc[p] = _mm512_fnmadd_ps(_mm512_loadu_ps(W.zs + g * W.Np + t * 8 + 16 * p), tg, acc[p]);
-    }
-    for (int p = 0; p < P; ++p) _mm512_storeu_ps(yr + 16 * p, acc[p]);
+  zero_point_terms<P>(W, A, y, t);
+}
+
+// ---- int8-activation GEMM (M >= 16) without AMX ----------------------------------------------------------------
+
+// R activation rows x P tile pairs over activation blocks [b0, b1): each weight vector is loaded (and its nibbles
+// split) once for the R rows, and both halves of a word go to one int32 accumulator per (row, pair) -- the same
+// exact integer block sums as q8_pairs, so y gets the same float updates in the same order. Registers: R*P
+// accumulators + 2P weight vectors + 2 broadcasts (27 of 32 at R = P = 4).
+template <WKind KIND, int R, int P>
+void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0, int64_t b0, int64_t b1) {
+  const int64_t Kw = W.Kw();
+  const __m256i* w[P][2];
+  for (int p = 0; p < P; ++p) {
+    w[p][0] = reinterpret_cast<const __m256i*>(W.w + (t + 2 * p) * Kw * 8);
+    w[p][1] = w[p][0] + Kw;
   }
+  const int8_t* q[R];
+  for (int r = 0; r < R; ++r) q[r] = A.q + (m0 + r) * A.ldq;
+  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+    __m512i acc[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
+    if constexpr (KIND == WKind::Int4) {
+      for (int64_t kw = k0 / 8; kw < k1 / 8; ++kw) {
+        __m512i lo[P], hi[P];
+        for (int p = 0; p < P; ++p) {
+          const __m512i v = avx512_load_pair(w[p][0], w[p][1], kw);
+          lo[p] = _mm512_and_si512(v, low);
+          hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i xe = _mm512_set1_epi32(load_i32(q[r] + kw * 8));
+          const __m512i xo = _mm512_set1_epi32(load_i32(q[r] + kw * 8 + 4));
+          for (int p = 0; p < P; ++p) acc[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][p], lo[p], xe), hi[p], xo);
+        }
+      }
+    } else {
+      for (int64_t kw = k0 / 4; kw < k1 / 4; kw += 2) {  // q + 128 unsigned, 128 * sum(x) subtracted below
+        __m512i v0[P], v1[P];
+        for (int p = 0; p < P; ++p) {
+          v0[p] = _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw), flip);
+          v1[p] = _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw + 1), flip);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i x0 = _mm512_set1_epi32(load_i32(q[r] + kw * 4));
+          const __m512i x1 = _mm512_set1_epi32(load_i32(q[r] + kw * 4 + 4));
+          for (int p = 0; p < P; ++p) acc[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][p], v0[p], x0), v1[p], x1);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i corr = _mm512_set1_epi32(128 * A.qsum[(m0 + r) * A.NB + b]);
+        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_sub_epi32(acc[r][p], corr);
+      }
+    }
+    const float* srow = W.s + W.group_of(k0) * W.Np + t * 8;
+    for (int r = 0; r < R; ++r) {
+      float* yr = y + (m0 + r) * W.Np + t * 8;
+      const __m512 xs = _mm512_set1_ps(A.xs[(m0 + r) * A.NB + b]);
+      for (int p = 0; p < P; ++p) {
+        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(srow + 16 * p), xs);
+        _mm512_storeu_ps(yr + 16 * p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), sc, _mm512_loadu_ps(yr + 16 * p)));
+      }
+    }
+  }
+}
+
+template <WKind KIND, int P>
+void q8_row_tiles(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t b0, int64_t b1) {
+  int64_t m = 0;
+  for (; m + 4 <= A.M; m += 4) q8_rows<KIND, 4, P>(W, A, y, t, m, b0, b1);
+  switch (A.M - m) {
+    case 3: q8_rows<KIND, 3, P>(W, A, y, t, m, b0, b1); break;
+    case 2: q8_rows<KIND, 2, P>(W, A, y, t, m, b0, b1); break;
+    case 1: q8_rows<KIND, 1, P>(W, A, y, t, m, b0, b1); break;
+    default: break;
+  }
+}
+
+// Activation blocks in chunks whose int8 rows (M x chunk bytes) stay in L2 while every tile of [t0, t1) uses them;
+// a tile group's weights for one chunk (64 rows x chunk/2 bytes for int4) stay in L1/L2 across the M/4 row steps.
+constexpr int64_t kQ8ChunkBytes = 192 << 10;
+
+template <WKind KIND>
+void gemm_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  const int64_t chunk = std::max<int64_t>(1, kQ8ChunkBytes / (A.M * A.ablk));
+  for (int64_t b0 = 0; b0 < A.NB; b0 += chunk) {
+    const int64_t b1 = std::min(A.NB, b0 + chunk);
+    int64_t t = t0;
+    for (; t + 8 <= t1; t += 8) q8_row_tiles<KIND, 4>(W, A, y, t, b0, b1);
+    for (; t < t1; t += 2) q8_row_tiles<KIND, 1>(W, A, y, t, b0, b1);
+  }
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) zero_point_terms<4>(W, A, y, t);
+  for (; t < t1; t += 2) zero_point_terms<1>(W, A, y, t);
+}
+
+void gemm_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  if (W.kind == WKind::Int4)
+    gemm_q8_t<WKind::Int4>(W, A, y, t0, t1);
+  else
+    gemm_q8_t<WKind::Int8>(W, A, y, t0, t1);
 }
 
 template <WKind KIND>
@@ -272,7 +381,7 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
   }
 }
 
-const KernelTable kTable{"avx512", gemv_q8, gemv_q8, gemv_f32, gemm_f32, quantize, read};
+const KernelTable kTable{"avx512", gemv_q8, gemm_q8, gemv_f32, gemm_f32, quantize, read};
 
 }  // namespace
 
