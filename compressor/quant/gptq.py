@@ -158,38 +158,42 @@ def gptq_dequantized_many(
         lo.append(torch.full((n,), float(fmt.qmin)))
         hi.append(torch.full((n,), float(fmt.qmax)))
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    stacked = torch.cat([w] * len(fmts))[:, perm].contiguous()
-    scale, zero = torch.cat(scales)[:, perm].contiguous(), torch.cat(zeros)[:, perm].contiguous()
+    # column-major copies ([K, rows]): the sweep reads and writes whole columns, contiguous this way
+    stacked_t = torch.cat([w] * len(fmts)).t()[perm].contiguous()
+    scale_t, zero_t = torch.cat(scales).t()[perm].contiguous(), torch.cat(zeros).t()[perm].contiguous()
     qmin, qmax = torch.cat(lo), torch.cat(hi)
     hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)
-    out = torch.empty_like(stacked)
+    out_t = torch.empty_like(stacked_t)
     with _one_thread():
-        _sweep_stacked(stacked, hinv, scale, zero, qmin, qmax, out, block_size)
-    out = out[:, torch.argsort(perm)]
-    return list(out.split(n))
+        _sweep_stacked(stacked_t, hinv, scale_t, zero_t, qmin, qmax, out_t, block_size)
+    out = out_t[torch.argsort(perm)].t()
+    return [part.contiguous() for part in out.split(n)]
 
 
-def _sweep_stacked(stacked, hinv, scale, zero, qmin, qmax, out, block_size, inner: int = 32) -> None:
-    """The column sweep, blocked twice: rank-1 updates only inside `inner`-column sub-blocks, the rest of the
-    block and of the matrix updated by products (mathematically the same updates as one rank-1 update per column
-    over the whole block, in a quarter of the elementwise work at block 128; only the float rounding differs)."""
-    k = stacked.shape[1]
+def _sweep_stacked(wt, hinv, scale_t, zero_t, qmin, qmax, out_t, block_size, inner: int = 32) -> None:
+    """The column sweep on transposed matrices (wt, scale_t, zero_t, out_t: [K, rows], column c = row c), blocked
+    twice: rank-1 updates only inside `inner`-column sub-blocks, the rest of the block and of the matrix updated by
+    products (mathematically the same updates as one rank-1 update per column over the whole block, in a quarter
+    of the elementwise work at block 128; only the float rounding differs)."""
+    k = wt.shape[0]
+    q = torch.empty(wt.shape[1])
+    e = torch.empty_like(q)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = stacked[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, inner):
             j2 = min(j1 + inner, i2 - i1)
             for i in range(j1, j2):
                 col = i1 + i
-                s_col, z_col = scale[:, col], zero[:, col]
-                q = torch.clamp(torch.round(w1[:, i] / s_col) + z_col, qmin, qmax)
-                dq = (q - z_col) * s_col
-                out[:, col] = dq
-                e = (w1[:, i] - dq) / hinv1[i, i]
-                w1[:, i:j2].addr_(e, hinv1[i, i:j2], alpha=-1.0)
-                err1[:, i] = e
+                s_col, z_col, dq = scale_t[col], zero_t[col], out_t[col]
+                torch.div(w1[i], s_col, out=q).round_().add_(z_col)
+                torch.clamp(q, qmin, qmax, out=q)
+                torch.mul(q.sub_(z_col), s_col, out=dq)
+                torch.sub(w1[i], dq, out=e).div_(hinv1[i, i])
+                w1[i:j2].addr_(hinv1[i, i:j2], e, alpha=-1.0)
+                err1[i] = e
             if j2 < i2 - i1:
-                w1[:, j2:].addmm_(err1[:, j1:j2], hinv1[j1:j2, j2:], alpha=-1.0)
-        stacked[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                w1[j2:].addmm_(hinv1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
