@@ -107,10 +107,11 @@ import json, time, torch
 start = time.perf_counter()
 from compressor.api import resolve_recipe
 from compressor.calibration.data import read_texts, sample_windows
-from compressor.calibration.engine import peak_rss_mb
+from compressor.calibration.engine import limit_malloc_fragmentation, peak_rss_mb
 from compressor.models.loading import load_model, max_positions
 from compressor.passes.allocate import AllocateBitsRunner
 from compressor.state import CompressionState
+limit_malloc_fragmentation()  # as `compress` does at start
 r = resolve_recipe({recipe(configs(work / "probe-cache")["layerwise@w4g64"])!r})
 r.passes[0].cache = False
 lm = load_model(r.model)
