@@ -33,7 +33,7 @@ from ..structure.metrics import CosineMean, lim_score
 
 @dataclass
 class FisherStats:
-    """H per input-sharing group (keyed by its first linear), G per linear, and block LIM scores."""
+    """H per input-sharing group (keyed by its first linear, float32), G per linear (bfloat16), block LIM scores."""
 
     h: dict[str, torch.Tensor] = field(default_factory=dict)
     g: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -107,8 +107,8 @@ def collect_fisher(
             p.requires_grad_(True)
     for k, stat in h_stats.items():
         stats.h[k] = stat.h / max(stats.tokens, 1)
-    for k in stats.g:
-        stats.g[k] = stats.g[k].float() / max(stats.tokens, 1)
+    for k in stats.g:  # one float32 temporary at a time: G stays bfloat16 (half the memory of the sweep's result)
+        stats.g[k] = (stats.g[k].float() / max(stats.tokens, 1)).to(torch.bfloat16)
     stats.lim = [lim_score(c.cosine) for c in cosines]
     return stats
 
@@ -170,5 +170,6 @@ def _lim_hook(cosine: CosineMean):
 
 
 def predicted_kl(g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> float:
-    """0.5 tr(G dW H dW^T): the K-FAC estimate of the per-token KL increase caused by weight error dW [out, in]."""
-    return 0.5 * float(((g @ dw) * (dw @ h)).sum())
+    """0.5 tr(G dW H dW^T): the K-FAC estimate of the per-token KL increase caused by weight error dW [out, in]
+    (float32 products; a bfloat16 G is widened first)."""
+    return 0.5 * float(((g.float() @ dw) * (dw @ h)).sum())

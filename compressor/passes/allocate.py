@@ -263,13 +263,13 @@ class AllocateBitsRunner:
             h = stats.h[input_key]
             stacked = torch.cat([weights[names[li]] for li in members])
             dequantized = self._candidates_dequantized(stacked, h, quant, method)
-            for ci, deq in dequantized.items():
-                row = 0
-                for li in members:
-                    w = weights[names[li]]
-                    dw = deq[row : row + w.shape[0]] - w
-                    row += w.shape[0]
-                    values[li, ci] = predicted_kl(stats.g[names[li]], h, dw)
+            row = 0
+            for li in members:
+                w = weights[names[li]]
+                g = stats.g[names[li]].float()  # widened once for all candidates
+                for ci, deq in dequantized.items():
+                    values[li, ci] = predicted_kl(g, h, deq[row : row + w.shape[0]] - w)
+                row += w.shape[0]
         if key:
             cache.store(folder, key, {"names": names, "values": values.tolist(), "lim": stats.lim})
         return values, stats.lim
