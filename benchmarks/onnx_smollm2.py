@@ -9,7 +9,8 @@ Perplexity over non-overlapping 512-token windows of ../shared/data/wikitext2-va
 PyTorch artifact through `compressor.load`); decode tokens/s: greedy 64 tokens after a 32-token prompt, 2 threads,
 median of `--runs` runs, all models measured in this run.
 
-    python benchmarks/onnx_smollm2.py [--calib-samples 128] [--max-windows 0] [--work /tmp/bench-onnx-smollm2]
+    python benchmarks/onnx_smollm2.py [--calib-samples 128] [--max-windows 0] [--block-size-max 16 ...] \
+        [--work /tmp/bench-onnx-smollm2]
 """
 
 from __future__ import annotations
@@ -62,14 +63,17 @@ def make_artifact(work: Path, group: int, samples: int) -> Path:
     return out
 
 
-def export_ours(artifact: Path, work: Path, accuracy_level: int, graph: str, fresh: bool) -> Path:
+def export_ours(
+    artifact: Path, work: Path, accuracy_level: int, graph: str, block_max: int | None, fresh: bool
+) -> Path:
     """`compress export-onnx` of the artifact (the same initializers as a recipe export)."""
     from compressor.schema.onnx import OnnxExportConfig
     from exporters.onnx import export_artifact
 
-    out = work / f"ours-{graph}-acc{accuracy_level}"
+    out = work / (f"ours-{graph}-acc{accuracy_level}" + ("" if block_max is None else f"-b{block_max}"))
     if fresh or not (out / "model.onnx").is_file():
-        export_artifact(artifact, out, OnnxExportConfig(accuracy_level=accuracy_level, graph=graph), overwrite=True)
+        cfg = OnnxExportConfig(accuracy_level=accuracy_level, graph=graph, block_size_max=block_max)
+        export_artifact(artifact, out, cfg, overwrite=True)
     return out
 
 
@@ -179,6 +183,14 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
     ap.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of our export")
+    ap.add_argument(
+        "--block-size-max",
+        type=int,
+        action="append",
+        choices=[16, 32, 64, 128],
+        help="cap on our MatMulNBits block (the activation block at acc. 4); repeat it to measure several exports "
+        "side by side (default: one export, no cap)",
+    )
     ap.add_argument("--max-windows", type=int, default=0, help="0: the whole file")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--graph", default="auto", choices=["auto", "fused", "traced"], help="graph of our export")
@@ -194,7 +206,10 @@ def main() -> None:
     from compressor.eval.metrics import evaluate_windows, text_windows
 
     artifact = make_artifact(work, args.group_size, args.calib_samples)
-    ours = export_ours(artifact, work, args.accuracy_level, args.graph, args.reexport)
+    caps = args.block_size_max or [None]
+    ours_by_cap = {
+        cap: export_ours(artifact, work, args.accuracy_level, args.graph, cap, args.reexport) for cap in caps
+    }
     fp32 = export_fp32(work)
     ort_q = ort_quantize(fp32, work, args.group_size)
 
@@ -213,7 +228,8 @@ def main() -> None:
     }
     torch_ppl = torch_ppls["int8" if args.accuracy_level == 4 else "float"]
     prompt = windows[0, :32][None].numpy()
-    models = {"ours (GPTQ, MatMulNBits)": ours, "fp32": fp32, "onnxruntime RTN": ort_q}
+    ours_names = {cap: "ours" + ("" if cap is None else f" block<={cap}") for cap in caps}
+    models = {ours_names[cap]: folder for cap, folder in ours_by_cap.items()} | {"fp32": fp32, "onnxruntime RTN": ort_q}
     if args.profile:
         for name, folder in models.items():
             print(f"\nprofile {name}: decode steps at past 32..96", file=sys.stderr)
@@ -238,16 +254,20 @@ def main() -> None:
     print(f"{'model':26} {'ppl':>9} {'tok/s wall':>11} {'tok/s CPU':>10} {'size MB':>8}")
     for name, (ppl, tps, tps_cpu, size) in rows.items():
         print(f"{name:26} {ppl:9.4f} {tps:11.1f} {tps_cpu:10.1f} {size / 1e6:8.1f}")
-    ours, ort_rtn, base = rows["ours (GPTQ, MatMulNBits)"], rows["onnxruntime RTN"], rows["fp32"]
-    print(f"decode speed (wall): ours / onnxruntime RTN = {ours[1] / ort_rtn[1]:.2f}x, ours / fp32 ", end="")
-    print(f"= {ours[1] / base[1]:.2f}x")
-    print(f"decode speed (CPU time): ours / onnxruntime RTN = {ours[2] / ort_rtn[2]:.2f}x")
-    print(f"ppl: ours {ours[0]:.4f} vs onnxruntime RTN {ort_rtn[0]:.4f}")
+    ort_rtn, base = rows["onnxruntime RTN"], rows["fp32"]
     same_acts = "int8" if args.accuracy_level == 4 else "float"
-    print(
-        f"ppl to 3 significant digits: ONNX {ours[0]:#.3g}, PyTorch artifact ({same_acts} activations, as "
-        f"accuracy_level {args.accuracy_level}) {torch_ppl:#.3g}"
-    )
+    print(f"ours: GPTQ export, MatMulNBits accuracy_level {args.accuracy_level}, graph {args.graph}")
+    for name in ours_names.values():
+        ours = rows[name]
+        print(f"\n{name}:")
+        wall_ratio, fp32_ratio = ours[1] / ort_rtn[1], ours[1] / base[1]
+        print(f"  decode speed (wall): / onnxruntime RTN = {wall_ratio:.2f}x, / fp32 = {fp32_ratio:.2f}x")
+        print(f"  decode speed (CPU time): / onnxruntime RTN = {ours[2] / ort_rtn[2]:.2f}x")
+        print(f"  ppl: {ours[0]:.4f} vs onnxruntime RTN {ort_rtn[0]:.4f}")
+        print(
+            f"  ppl to 3 significant digits: ONNX {ours[0]:#.3g}; PyTorch artifact {torch_ppl:#.3g} ({same_acts} "
+            f"activations, as accuracy_level {args.accuracy_level}), {torch_ppls['float']:#.3g} (float activations)"
+        )
     summary = {k: {"ppl": v[0], "decode_tps": v[1], "decode_tps_cpu": v[2], "bytes": v[3]} for k, v in rows.items()}
     summary["torch_artifact_ppl"] = torch_ppls
     (work / "results.json").write_text(json.dumps(summary, indent=2))

@@ -94,6 +94,20 @@ def test_formats_matmulnbits_cannot_take():
     assert nbits_block_size(LayerWeights(torch.zeros(4, 100, dtype=torch.int8), torch.ones(4, 1), None, 4, 100)) is None
 
 
+def test_block_size_cap_splits_groups_losslessly():
+    torch.manual_seed(3)
+    codes = torch.randint(-8, 8, (8, 128), dtype=torch.int8)
+    lw = LayerWeights(codes, torch.rand(8, 2) + 0.1, torch.randint(-8, 8, (8, 2), dtype=torch.int8), 4, 64)
+    assert nbits_block_size(lw) == 64
+    assert nbits_block_size(lw, max_block=128) == 64  # a cap above the group changes nothing
+    for cap in (16, 32):
+        block = nbits_block_size(lw, max_block=cap)
+        assert block == cap
+        b, scales, zp = nbits_tensors(lw, block)
+        assert torch.equal(scales, lw.scale.float().repeat_interleave(64 // cap, 1))
+        assert torch.equal(_nbits_dequant(b, scales, zp, 128, 4), lw.dequantize())
+
+
 # ---- end to end on tiny models -----------------------------------------------------------------------------
 
 
@@ -410,6 +424,38 @@ def test_fused_graph_is_bit_identical_and_matches_traced(fused_artifacts, tmp_pa
     np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
     for x, y in zip(pa, pb):
         np.testing.assert_allclose(x, y, atol=TOL, rtol=0)  # presents: same cache contract, rotary applied to keys
+
+
+def test_block_size_cap_keeps_the_weights_and_logits(fused_artifacts, tmp_path):
+    """`--block-size-max 16` on a g32 artifact: MatMulNBits blocks of 16 whose codes are the artifact's and whose
+    scales repeat each group's twice; logits equal compressor.load's at accuracy_level 0."""
+    art = fused_artifacts(
+        "llama32-w4",
+        "llama",
+        {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "lm_head": True, "embeddings": True},
+    )
+    out = tmp_path / "b16"
+    args = ["export-onnx", str(art), str(out), "--accuracy-level", "0", "--block-size-max", "16"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "onnx_export.json").read_text())
+    assert report["block_size_max"] == 16
+    proto = onnx.load(str(out / "model.onnx"))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {16}
+    st, inits = load_file(str(art / "model.safetensors")), onnx_initializers(out / "model.onnx")
+    scales_of = {n.input[1]: n.input[2] for n in nbits}
+    for name, info in report["layers"].items():
+        if info["op"] != "MatMulNBits":
+            continue
+        assert info["block_size"] == 16 and "blocks of 16" in info["note"], name
+        lo, hi = info["rows"]
+        k = int(st[f"{name}.weight_shape"][1])
+        b = torch.from_numpy(inits[info["tensor"]])[lo:hi]
+        assert torch.equal(nbits_codes(b, 4, k), unpack_int32(st[f"{name}.weight_packed"], 4, k)), name
+        want = st[f"{name}.weight_scale"].float().repeat_interleave(2, 1).numpy()
+        assert np.array_equal(inits[scales_of[info["tensor"]]][lo:hi], want), name
+    check_decoder(art, onnx_dir=out, greedy=8)
 
 
 def test_fused_graph_asymmetric_with_biases_qwen2(fused_artifacts):

@@ -22,6 +22,12 @@ class OnnxExportConfig(Strict):
         description="MatMulNBits accuracy_level: 0 unset (fp32 compute on CPU), 1 fp32, 2 fp16, 3 bf16, "
         "4 int8 activations (fastest on CPU)",
     )
+    block_size_max: Literal[16, 32, 64, 128] | None = Field(
+        None,
+        description="cap on the MatMulNBits block (a group wider than it repeats its scale per block, lossless); at "
+        "accuracy_level 4 onnxruntime quantizes activations per block, so a smaller cap trades scale bytes and "
+        "speed for accuracy",
+    )
     opset: int = Field(21, ge=21, le=23, description="ONNX opset of the default domain")
     embeddings: Literal["quantized", "float"] = Field(
         "quantized",

@@ -113,7 +113,7 @@ def _replacements(
             new, choice = embedding_module(lw, scale, quantized=cfg.embeddings == "quantized")
         else:
             bias = getattr(module, "bias", None)
-            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.accuracy_level)
+            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.accuracy_level, cfg.block_size_max)
             choice = new.choice(name, lw, cfg.format)
         choice.name = name
         replacements[name] = new
@@ -151,6 +151,7 @@ def _layer_report(cfg: OnnxExportConfig, graph: str, choices: list[LayerChoice])
     return {
         "format": cfg.format,
         "accuracy_level": cfg.accuracy_level,
+        "block_size_max": cfg.block_size_max,
         "opset": cfg.opset,
         "ir_version": IR_VERSION,
         "graph": graph,

@@ -29,11 +29,13 @@ class LayerChoice:
 class OnnxQuantLinear(nn.Module):
     """y = x W^T + b through one of the ONNX quantized-matmul custom ops (buffers hold the ONNX tensors)."""
 
-    def __init__(self, lw: LayerWeights, bias: torch.Tensor | None, fmt: str, accuracy_level: int):
+    def __init__(
+        self, lw: LayerWeights, bias: torch.Tensor | None, fmt: str, accuracy_level: int, max_block: int | None = None
+    ):
         super().__init__()
         self.out_features, self.in_features = lw.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone(), False)
-        self.block = nbits_block_size(lw) if fmt == "matmulnbits" else None
+        self.block = nbits_block_size(lw, max_block=max_block) if fmt == "matmulnbits" else None
         if self.block is not None:
             b, scales, zp = nbits_tensors(lw, self.block)
             self.register_buffer("nbits_weight", b)

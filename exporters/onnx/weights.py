@@ -88,11 +88,15 @@ def from_buffers(module: torch.nn.Module) -> LayerWeights:
 # ---- MatMulNBits -------------------------------------------------------------------------------------------
 
 
-def nbits_block_size(lw: LayerWeights, bits_allowed: tuple[int, ...] = (2, 4, 8)) -> int | None:
+def nbits_block_size(
+    lw: LayerWeights, bits_allowed: tuple[int, ...] = (2, 4, 8), max_block: int | None = None
+) -> int | None:
     """MatMulNBits block size that represents this layer exactly, or None (the layer falls back to QDQ).
 
     Blocks must be powers of two >= 16; a block smaller than the layer's group repeats the group's scale, so
     any group (channel-wise included) whose width and K share a power-of-two factor >= 16 maps losslessly.
+    `max_block` (a power of two >= 16) caps the block: at accuracy_level 4 onnxruntime quantizes activations per
+    block, so smaller blocks give more accurate activations for more scale bytes.
     """
     if lw.is_fp8 or lw.bits not in bits_allowed:
         return None
@@ -100,6 +104,8 @@ def nbits_block_size(lw: LayerWeights, bits_allowed: tuple[int, ...] = (2, 4, 8)
     common = math.gcd(lw.group, k)
     block = common & -common  # largest power of two dividing both
     block = min(block, NBITS_BLOCK_MAX if lw.group > NBITS_BLOCK_MAX else lw.group)
+    if max_block is not None:
+        block = min(block, max_block)
     return block if block >= 16 else None
 
 
