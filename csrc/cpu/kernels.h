@@ -56,7 +56,7 @@ struct KernelTable {
   const char* name;
   // int weights x int8 activations (integer dot products per block), small M
   void (*gemv_q8)(const Weights&, const QuantAct&, float* y, int64_t t0, int64_t t1);
-  // the same product for M >= 16 (AMX tiles where present; otherwise gemv_q8)
+  // the same product for M >= 16 (AMX tiles, or register/cache-blocked SIMD; bit-identical to gemv_q8)
   void (*gemm_q8)(const Weights&, const QuantAct&, float* y, int64_t t0, int64_t t1);
   // int or fp8 weights x float activations, float32 accumulation, small M
   void (*gemv_f32)(const Weights&, const FloatAct&, float* y, int64_t t0, int64_t t1);
