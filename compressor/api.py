@@ -125,6 +125,13 @@ def compress(
     t = time.perf_counter()
     loaded = load_model(r.model, r.trust_remote_code, quiet=quiet, stream=True)
     timings["load"] = time.perf_counter() - t
+    if "onnx" in r.export and r.onnx.accuracy_level_by_layer:  # fail before the passes, not after them
+        from transformers.pytorch_utils import Conv1D  # gpt2's linears
+
+        from exporters.onnx import check_level_patterns
+
+        linears = [n for n, m in loaded.model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+        check_level_patterns(r.onnx, linears)
     state = CompressionState(loaded, r, quiet=quiet)
     windows = _eval_windows(r, loaded)
     compare = windows is not None and r.evaluate.kl

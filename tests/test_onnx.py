@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import compressor
 from compressor.cli import main
+from compressor.errors import RecipeError
 from compressor.quant.packing import unpack_int32
 from exporters.onnx.ops import _dq, _nbits_dequant
 from exporters.onnx.runner import OnnxCausalLM
@@ -495,3 +496,69 @@ def test_fused_graph_refused_with_a_reason(artifacts, tmp_path):
     result = CliRunner().invoke(main, ["export-onnx", str(art), str(tmp_path / "f"), "--graph", "fused"])
     assert result.exit_code == 2 and "head_dim 24" in result.output
     assert not (tmp_path / "f").exists()
+
+
+def _levels(path) -> dict[str, int]:
+    """accuracy_level of each MatMulNBits node, by its weight initializer."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {
+        n.input[1]: next(a.i for a in n.attribute if a.name == "accuracy_level")
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+
+
+def test_accuracy_level_by_layer(fused_artifacts, tmp_path):
+    """`--layer-accuracy-level`: lm_head and q|k|v at level 0 (float32 compute), the rest at 4; a pattern for every
+    layer at 0 gives the float logits exactly; the report lists each layer's level."""
+    art = fused_artifacts(
+        "llama32-w4",
+        "llama",
+        {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "lm_head": True, "embeddings": True},
+    )
+    mixed = tmp_path / "mixed"
+    args = ["export-onnx", str(art), str(mixed), "--layer-accuracy-level", "lm_head=0"]
+    args += ["--layer-accuracy-level", r"self_attn\.[qkv]_proj=0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    levels = _levels(mixed / "model.onnx")
+    assert levels and all(
+        level == (0 if name.endswith(("lm_head.nbits_weight", "qkv_proj.nbits_weight")) else 4)
+        for name, level in levels.items()
+    ), levels
+    report = json.loads((mixed / "onnx_export.json").read_text())
+    assert report["accuracy_level_by_layer"] == {"lm_head": 0, r"self_attn\.[qkv]_proj": 0}
+    assert report["layers"]["lm_head"]["accuracy_level"] == 0
+    assert report["layers"]["model.layers.0.mlp.down_proj"]["accuracy_level"] == 4
+    check_decoder(art, onnx_dir=mixed, tol=0.05, greedy=0, session_config=None)
+
+    every = tmp_path / "every"
+    result = CliRunner().invoke(main, ["export-onnx", str(art), str(every), "--layer-accuracy-level", ".=0"])
+    assert result.exit_code == 0, result.output
+    assert set(_levels(every / "model.onnx").values()) == {0}
+    check_decoder(art, onnx_dir=every, greedy=8)
+
+
+def test_accuracy_level_by_layer_errors(fused_artifacts, head32_model_dir, calib_file, tmp_path):
+    """A pattern that matches no quantized layer, a bad regular expression or a bad level: exit 2, one message,
+    no output; in a recipe the pattern is checked against the model before any pass runs."""
+    art = fused_artifacts(
+        "llama32-w4",
+        "llama",
+        {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "lm_head": True, "embeddings": True},
+    )
+    for item, message in [
+        ("lm_haed=0", "pattern 'lm_haed' matches no quantized linear layer"),
+        ("[=0", "'[' is not a regular expression"),
+        ("lm_head=5", "expected PATTERN=LEVEL with LEVEL 0-4"),
+    ]:
+        out = tmp_path / "x"
+        result = CliRunner().invoke(main, ["export-onnx", str(art), str(out), "--layer-accuracy-level", item])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists()
+    recipe = small_recipe(
+        calib_file, export=["safetensors", "onnx"], onnx={"accuracy_level_by_layer": {"o_prj": 0}}, evaluate=None
+    )
+    with pytest.raises(RecipeError, match="o_prj"):
+        compressor.compress(recipe, model=str(head32_model_dir("llama")), output=tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()

@@ -6,6 +6,7 @@ import sys
 import traceback
 
 import click
+from pydantic import ValidationError
 
 from ..errors import CompressorError
 
@@ -27,6 +28,14 @@ from ..errors import CompressorError
     default=4,
     show_default=True,
     help="MatMulNBits accuracy_level (4: int8 activations, fastest on CPU; 0: float32 compute).",
+)
+@click.option(
+    "--layer-accuracy-level",
+    "layer_levels",
+    multiple=True,
+    metavar="PATTERN=LEVEL",
+    help="accuracy_level for the layers whose name matches the regular expression PATTERN (repeatable; first "
+    "match wins), e.g. 'lm_head=0' computes the output projection in float32.",
 )
 @click.option(
     "--block-size-max",
@@ -54,7 +63,7 @@ from ..errors import CompressorError
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
 def export_onnx_command(
-    artifact, out, fmt, accuracy_level, block_size_max, opset, embeddings, graph, overwrite, debug
+    artifact, out, fmt, accuracy_level, layer_levels, block_size_max, opset, embeddings, graph, overwrite, debug
 ) -> None:
     """Export a compressed artifact (written by `compress`) to ONNX in OUT (model.onnx, config, tokenizer)."""
     from pathlib import Path
@@ -63,14 +72,27 @@ def export_onnx_command(
 
     from ..schema.onnx import OnnxExportConfig
 
-    config = OnnxExportConfig(
-        format=fmt,
-        accuracy_level=accuracy_level,
-        block_size_max=None if block_size_max is None else int(block_size_max),
-        opset=opset,
-        embeddings=embeddings,
-        graph=graph,
-    )
+    by_layer = {}
+    for item in layer_levels:
+        pattern, _, level = item.rpartition("=")
+        if not pattern or level not in {"0", "1", "2", "3", "4"}:
+            click.echo(f"error: --layer-accuracy-level '{item}': expected PATTERN=LEVEL with LEVEL 0-4", err=True)
+            sys.exit(2)
+        by_layer[pattern] = int(level)
+    try:
+        config = OnnxExportConfig(
+            format=fmt,
+            accuracy_level=accuracy_level,
+            accuracy_level_by_layer=by_layer,
+            block_size_max=None if block_size_max is None else int(block_size_max),
+            opset=opset,
+            embeddings=embeddings,
+            graph=graph,
+        )
+    except ValidationError as err:
+        problem = err.errors()[0]
+        click.echo(f"error: --layer-accuracy-level: {problem['msg']}", err=True)
+        sys.exit(2)
     try:
         files = export_artifact(Path(artifact), Path(out), config, overwrite=overwrite)
     except CompressorError as err:

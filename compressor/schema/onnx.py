@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .common import Strict
 
@@ -21,6 +22,12 @@ class OnnxExportConfig(Strict):
         4,
         description="MatMulNBits accuracy_level: 0 unset (fp32 compute on CPU), 1 fp32, 2 fp16, 3 bf16, "
         "4 int8 activations (fastest on CPU)",
+    )
+    accuracy_level_by_layer: dict[str, Literal[0, 1, 2, 3, 4]] = Field(
+        default_factory=dict,
+        description="per-layer MatMulNBits accuracy_level: regular expressions searched in each quantized layer's "
+        "name (e.g. `lm_head`, `self_attn\\.[qkv]_proj`), first match wins, others use accuracy_level; every "
+        "pattern must match a layer",
     )
     block_size_max: Literal[16, 32, 64, 128] | None = Field(
         None,
@@ -39,3 +46,20 @@ class OnnxExportConfig(Strict):
         "MatMulNBits, SkipSimplifiedLayerNormalization; unpadded or right-padded batches), `traced` "
         "(torch.onnx.export of the transformers model, any family and any mask), `auto` (fused where supported)",
     )
+
+    @field_validator("accuracy_level_by_layer")
+    @classmethod
+    def _patterns_compile(cls, value: dict[str, int]) -> dict[str, int]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"'{pattern}' is not a regular expression ({err})") from None
+        return value
+
+    def level_for(self, layer: str) -> int:
+        """The accuracy_level of one layer: its first matching `accuracy_level_by_layer` pattern, else the default."""
+        for pattern, level in self.accuracy_level_by_layer.items():
+            if re.search(pattern, layer):
+                return level
+        return self.accuracy_level

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.errors import ModelError
+from compressor.errors import ModelError, RecipeError
 from compressor.models.adapters import adapter_for
 from compressor.schema.onnx import OnnxExportConfig
 from compressor.state import CompressionState
@@ -113,12 +113,28 @@ def _replacements(
             new, choice = embedding_module(lw, scale, quantized=cfg.embeddings == "quantized")
         else:
             bias = getattr(module, "bias", None)
-            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.accuracy_level, cfg.block_size_max)
+            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.level_for(name), cfg.block_size_max)
             choice = new.choice(name, lw, cfg.format)
         choice.name = name
         replacements[name] = new
         choices.append(choice)
+    check_level_patterns(cfg, [n for n, m in replacements.items() if isinstance(m, OnnxQuantLinear)])
     return replacements, choices
+
+
+def check_level_patterns(cfg: OnnxExportConfig, linears: list[str]) -> None:
+    """A per-layer accuracy_level pattern that matches no (quantized) linear layer is a typo, not a no-op: the API
+    checks the model's linears before the passes run, the exporter the quantized ones."""
+    import re
+
+    for pattern in cfg.accuracy_level_by_layer:
+        if not any(re.search(pattern, name) for name in linears):
+            example = ", ".join(linears[:2] + linears[-1:]) if linears else "none"
+            raise RecipeError(
+                f"pattern '{pattern}' matches no quantized linear layer of the model",
+                where="onnx.accuracy_level_by_layer",
+                fix=f"use a regular expression searched in layer names such as {example}",
+            )
 
 
 def _graph_kind(model: nn.Module, cfg: OnnxExportConfig) -> str:
@@ -151,6 +167,7 @@ def _layer_report(cfg: OnnxExportConfig, graph: str, choices: list[LayerChoice])
     return {
         "format": cfg.format,
         "accuracy_level": cfg.accuracy_level,
+        "accuracy_level_by_layer": cfg.accuracy_level_by_layer,
         "block_size_max": cfg.block_size_max,
         "opset": cfg.opset,
         "ir_version": IR_VERSION,
@@ -160,6 +177,7 @@ def _layer_report(cfg: OnnxExportConfig, graph: str, choices: list[LayerChoice])
                 "op": c.op,
                 "weight_type": c.weight_type,
                 "block_size": c.block_size,
+                "accuracy_level": c.accuracy_level,
                 "note": c.note,
                 "tensor": c.tensor,
                 "rows": c.rows,

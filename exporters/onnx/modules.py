@@ -24,6 +24,7 @@ class LayerChoice:
     note: str | None = None
     tensor: str | None = None  # the initializer holding its weight (fused linears share one)
     rows: list[int] | None = None  # [start, end) of its output rows (MatMulNBits) or columns (QDQ) in `tensor`
+    accuracy_level: int | None = None  # MatMulNBits only
 
 
 class OnnxQuantLinear(nn.Module):
@@ -58,7 +59,8 @@ class OnnxQuantLinear(nn.Module):
             if self.block != lw.group:
                 what = "channel-wise scales" if lw.group == self.in_features else f"group {lw.group}"
                 note = f"{what} written as MatMulNBits blocks of {self.block} (scales repeated, lossless)"
-            return LayerChoice(name, "MatMulNBits", f"uint{self.bits}", self.block, note)
+            level = self.accuracy_level
+            return LayerChoice(name, "MatMulNBits", f"uint{self.bits}", self.block, note, accuracy_level=level)
         wtype = "float8e4m3fn" if lw.is_fp8 else ("int4" if self.onnx_int4 else "int8")
         note = None
         if requested == "matmulnbits" and not lw.is_fp8:
