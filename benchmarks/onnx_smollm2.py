@@ -10,7 +10,7 @@ PyTorch artifact through `compressor.load`); decode tokens/s: greedy 64 tokens a
 median of `--runs` runs, all models measured in this run.
 
     python benchmarks/onnx_smollm2.py [--calib-samples 128] [--max-windows 0] [--block-size-max 16 ...] \
-        [--work /tmp/bench-onnx-smollm2]
+        [--layer-accuracy-level PATTERN=LEVEL ...] [--work /tmp/bench-onnx-smollm2]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -64,15 +65,26 @@ def make_artifact(work: Path, group: int, samples: int) -> Path:
 
 
 def export_ours(
-    artifact: Path, work: Path, accuracy_level: int, graph: str, block_max: int | None, fresh: bool
+    artifact: Path,
+    work: Path,
+    accuracy_level: int,
+    graph: str,
+    block_max: int | None,
+    fresh: bool,
+    by_layer: dict[str, int] | None = None,
 ) -> Path:
     """`compress export-onnx` of the artifact (the same initializers as a recipe export)."""
     from compressor.schema.onnx import OnnxExportConfig
     from exporters.onnx import export_artifact
 
-    out = work / (f"ours-{graph}-acc{accuracy_level}" + ("" if block_max is None else f"-b{block_max}"))
+    name = f"ours-{graph}-acc{accuracy_level}" + ("" if block_max is None else f"-b{block_max}")
+    if by_layer:
+        name += "-" + "-".join(f"{''.join(c for c in p if c.isalnum() or c == '_')}{v}" for p, v in by_layer.items())
+    out = work / name
     if fresh or not (out / "model.onnx").is_file():
-        cfg = OnnxExportConfig(accuracy_level=accuracy_level, graph=graph, block_size_max=block_max)
+        cfg = OnnxExportConfig(
+            accuracy_level=accuracy_level, graph=graph, block_size_max=block_max, accuracy_level_by_layer=by_layer or {}
+        )
         export_artifact(artifact, out, cfg, overwrite=True)
     return out
 
@@ -191,6 +203,13 @@ def main() -> None:
         help="cap on our MatMulNBits block (the activation block at acc. 4); repeat it to measure several exports "
         "side by side (default: one export, no cap)",
     )
+    ap.add_argument(
+        "--layer-accuracy-level",
+        action="append",
+        metavar="PATTERN=LEVEL",
+        help="adds one export: the last --block-size-max with these per-layer accuracy levels (repeatable), "
+        "e.g. lm_head=0 'self_attn\\.[qkv]_proj=0'",
+    )
     ap.add_argument("--max-windows", type=int, default=0, help="0: the whole file")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--graph", default="auto", choices=["auto", "fused", "traced"], help="graph of our export")
@@ -207,8 +226,11 @@ def main() -> None:
 
     artifact = make_artifact(work, args.group_size, args.calib_samples)
     caps = args.block_size_max or [None]
-    ours_by_cap = {
-        cap: export_ours(artifact, work, args.accuracy_level, args.graph, cap, args.reexport) for cap in caps
+    by_layer = {p: int(v) for p, _, v in (item.rpartition("=") for item in args.layer_accuracy_level or [])}
+    variants = [(cap, None) for cap in caps] + ([(caps[-1], by_layer)] if by_layer else [])
+    ours_by_variant = {
+        (cap, bool(levels)): export_ours(artifact, work, args.accuracy_level, args.graph, cap, args.reexport, levels)
+        for cap, levels in variants
     }
     fp32 = export_fp32(work)
     ort_q = ort_quantize(fp32, work, args.group_size)
@@ -228,8 +250,11 @@ def main() -> None:
     }
     torch_ppl = torch_ppls["int8" if args.accuracy_level == 4 else "float"]
     prompt = windows[0, :32][None].numpy()
-    ours_names = {cap: "ours" + ("" if cap is None else f" block<={cap}") for cap in caps}
-    models = {ours_names[cap]: folder for cap, folder in ours_by_cap.items()} | {"fp32": fp32, "onnxruntime RTN": ort_q}
+    ours_names = {
+        (cap, mixed): "ours" + ("" if cap is None else f" block<={cap}") + (" per-layer" if mixed else "")
+        for cap, mixed in ours_by_variant
+    }
+    models = {ours_names[v]: folder for v, folder in ours_by_variant.items()} | {"fp32": fp32, "onnxruntime RTN": ort_q}
     if args.profile:
         for name, folder in models.items():
             print(f"\nprofile {name}: decode steps at past 32..96", file=sys.stderr)
@@ -257,6 +282,8 @@ def main() -> None:
     ort_rtn, base = rows["onnxruntime RTN"], rows["fp32"]
     same_acts = "int8" if args.accuracy_level == 4 else "float"
     print(f"ours: GPTQ export, MatMulNBits accuracy_level {args.accuracy_level}, graph {args.graph}")
+    if by_layer:
+        print(f"per-layer accuracy levels of the 'per-layer' export: {by_layer}")
     for name in ours_names.values():
         ours = rows[name]
         print(f"\n{name}:")
@@ -271,7 +298,7 @@ def main() -> None:
     summary = {k: {"ppl": v[0], "decode_tps": v[1], "decode_tps_cpu": v[2], "bytes": v[3]} for k, v in rows.items()}
     summary["torch_artifact_ppl"] = torch_ppls
     (work / "results.json").write_text(json.dumps(summary, indent=2))
-    print("command: python benchmarks/onnx_smollm2.py " + " ".join(sys.argv[1:]))
+    print("command: python benchmarks/onnx_smollm2.py " + shlex.join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
