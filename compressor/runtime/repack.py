@@ -1,8 +1,9 @@
 """Repack compressed-tensors weights (on-disk layout) into the kernels' tiled layout, once at load time.
 
-Kernel layout (see csrc/cpu/kernels.h): rows in tiles of 8 (N padded to a multiple of 16), K padded to a multiple
-of 32, tensor [Np/8, Kw, 8] int32 where word (t, kw, j) holds row 8t+j's codes for columns kw*c .. kw*c+c-1
-(c = 8 for int4, 4 for int8/fp8) -- the on-disk pack-quantized words, transposed per tile. Scales become float32
+Kernel layout (see csrc/cpu/kernels.h): rows in pairs of 8-row tiles (N padded to a multiple of 16), K padded to a
+multiple of 32, tensor [Np/16, Kw, 16] int32 where word (q, kw, j) holds row 16q+j's codes for columns
+kw*c .. kw*c+c-1 (c = 8 for int4, 4 for int8/fp8) -- the on-disk pack-quantized words, transposed per 16 rows, so
+that word kw of 16 rows is one 64-byte line and a pair of tiles one sequential stream. Scales become float32
 [G, Np]; zero points become z * s in the code domain ([G, Np]), so w = code * s - zs.
 """
 
@@ -21,7 +22,7 @@ class PackedWeight:
     """A weight in kernel layout. kind: 'int4' | 'int8' | 'fp8'."""
 
     kind: str
-    w: torch.Tensor  # int32 [Np/8, Kw, 8]
+    w: torch.Tensor  # int32 [Np/16, Kw, 16]
     scale: torch.Tensor  # float32 [G, Np]
     zs: torch.Tensor | None  # float32 [G, Np] (int kinds)
     group_size: int
@@ -34,11 +35,11 @@ def _round_up(v: int, m: int) -> int:
 
 
 def _tile(words: torch.Tensor, n: int, kw: int) -> torch.Tensor:
-    """int32 words [N, W] -> [Np/8, Kw, 8] (zero padded)."""
+    """int32 words [N, W] -> [Np/16, Kw, 16] (zero padded)."""
     np_ = _round_up(n, 16)
     out = torch.zeros(np_, kw, dtype=torch.int32, device=words.device)
     out[:n, : words.shape[1]] = words[:, :kw]
-    return out.reshape(np_ // 8, 8, kw).transpose(1, 2).contiguous()
+    return out.reshape(np_ // 16, 16, kw).transpose(1, 2).contiguous()
 
 
 def _per_group(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -174,8 +174,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   TORCH_CHECK(x.dim() == 2, "compressor ops: x must be [M, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "compressor ops: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == 8 && w.is_contiguous(),
-              "compressor ops: packed weight must be the repacked int32 [Np/8, Kw, 8] layout");
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == 16 && w.is_contiguous(),
+              "compressor ops: packed weight must be the repacked int32 [Np/16, Kw, 16] layout");
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
   Weights W{};
   W.kind = kind;
@@ -187,7 +187,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   W.N = out_features;
   W.G = s.size(0);
   W.group = group;
-  TORCH_CHECK(W.Np % 16 == 0 && w.size(0) * 8 == W.Np && w.size(1) == W.Kw() && W.N <= W.Np,
+  TORCH_CHECK(W.Np % 16 == 0 && w.size(0) * 16 == W.Np && w.size(1) == W.Kw() && W.N <= W.Np,
               "compressor ops: weight layout [", w.sizes(), "] does not match x [", x.sizes(), "] / scales [",
               s.sizes(), "]");
   TORCH_CHECK(group > 0 && (W.G - 1) * group < W.K && W.G * group >= W.K, "compressor ops: group_size ", group,

@@ -2,8 +2,11 @@
 // per-ISA kernel table. Each ISA lives in its own translation unit compiled with its own flags.
 //
 // Weight layout (made once at load time by compressor/runtime/repack.py):
-//   rows are grouped in tiles of 8 (N padded to Np, a multiple of 16); K padded to Kp, a multiple of 32.
-//   w: [Np/8][Kw][8] 32-bit words; word (t, kw, j) holds row 8t+j, columns kw*kpw .. kw*kpw+kpw-1
+//   rows are grouped in tiles of 8 and tile pairs of 16 (N padded to Np, a multiple of 16); K padded to Kp, a
+//   multiple of 32.
+//   w: [Np/16][Kw][16] 32-bit words; word (q, kw, j) holds row 16q+j, columns kw*kpw .. kw*kpw+kpw-1: word kw of a
+//      pair's 16 rows is one 64-byte line, so a pair is one sequential stream (tile t = rows 8t..8t+7 is the low
+//      or high half of each line of pair t/2)
 //      int4: 8 unsigned nibbles u (value (u - z) * s), nibble i at bits 4i  -> kpw = 8
 //      int8: 4 signed bytes q (value (q - z) * s), byte i at bits 8i         -> kpw = 4
 //      fp8:  4 E4M3 bytes e (value e * s), byte i at bits 8i                  -> kpw = 4
@@ -29,6 +32,9 @@ struct Weights {
     int64_t g = k / group;
     return g < G ? g : G - 1;
   }
+  // the words of tile pair q (word kw of its 16 rows at [16 kw, 16 kw + 16)), of tile t (8 words at 16 kw)
+  const uint32_t* pair_words(int64_t q) const { return w + q * Kw() * 16; }
+  const uint32_t* tile_words(int64_t t) const { return pair_words(t >> 1) + (t & 1) * 8; }
 };
 
 // Activations quantized to int8 per block of `ablk` columns (blocks never straddle a weight group).

@@ -43,12 +43,11 @@ void configure(int kd) {
 template <WKind KIND>
 void unpack_panel(const Weights& W, int64_t t, int64_t rows_total, uint8_t* B) {
   const int64_t Kw = W.Kw();
-  const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
-  const __m256i* w1 = w0 + Kw;
+  const uint32_t* pair = W.pair_words(t / 2);
   const __m512i low = _mm512_set1_epi8(0x0F);
   int64_t r = 0;
   for (int64_t kw = 0; kw < Kw; ++kw) {
-    const __m512i v = avx512_load_pair(w0, w1, kw);
+    const __m512i v = avx512_load_pair(pair, kw);
     if constexpr (KIND == WKind::Int4) {
       _mm512_storeu_si512(B + 64 * r++, _mm512_and_si512(v, low));
       _mm512_storeu_si512(B + 64 * r++, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));

@@ -20,6 +20,11 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
+// Word kw of a tile (Weights::tile_words): its 8 rows' words, the low or high half of the pair's 64-byte line.
+inline __m256i load_tile_word(const uint32_t* tile, int64_t kw) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kw * 16));
+}
+
 // Code I of each lane's word as float: int4 nibble u, int8 signed byte q, fp8 the exact E4M3 value.
 template <WKind KIND, int I>
 inline __m256 decode(__m256i v) {
@@ -62,7 +67,7 @@ constexpr int kpw() {
 template <WKind KIND, int MB>
 void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0, int64_t b0, int64_t b1) {
   constexpr int KPW = kpw<KIND>();
-  const __m256i* wt = reinterpret_cast<const __m256i*>(W.w + t * W.Kw() * 8);
+  const uint32_t* wt = W.tile_words(t);
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
   const int8_t* q[MB];
   for (int r = 0; r < MB; ++r) q[r] = A.q + (m0 + r) * A.ldq;
@@ -76,7 +81,7 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
         __m256i s16[MB];
         for (int r = 0; r < MB; ++r) s16[r] = _mm256_setzero_si256();
         for (int u = 0; u < 4; ++u) {  // 4 words: |sum| <= 4 * 2 * 2 * 15 * 127 < 2^15, no int16 overflow
-          const __m256i v = _mm256_loadu_si256(wt + kw + u);
+          const __m256i v = load_tile_word(wt, kw + u);
           const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
           for (int r = 0; r < MB; ++r) {
             const __m256i xe = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8));
@@ -90,7 +95,7 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
       }
     } else {
       for (int64_t kw = k0 / KPW; kw < k1 / KPW; ++kw) {  // signed x signed: |q| unsigned, sign moved to x
-        const __m256i v = _mm256_loadu_si256(wt + kw);
+        const __m256i v = load_tile_word(wt, kw);
         const __m256i av = _mm256_abs_epi8(v);
         for (int r = 0; r < MB; ++r) {
           const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(q[r] + kw * 4)), v);
@@ -204,8 +209,7 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
   const int64_t Kw = W.Kw();
   const int64_t gw = W.G == 1 ? Kw : W.group / KPW;
   for (int64_t t = t0; t < t1; t += 2) {
-    const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
-    const __m256i* w1 = w0 + Kw;
+    const uint32_t *w0 = W.tile_words(t), *w1 = W.tile_words(t + 1);
     for (int64_t m = 0; m < X.M; ++m) {
       const float* x = X.x + m * W.Kp;
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -214,7 +218,7 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
         __m256 c0[4], c1[4];
         for (int c = 0; c < 4; ++c) c0[c] = c1[c] = _mm256_setzero_ps();
         for (int64_t kw = kw0; kw < kw1; ++kw)
-          fma_word<KIND>(_mm256_loadu_si256(w0 + kw), _mm256_loadu_si256(w1 + kw), x + kw * KPW, c0, c1);
+          fma_word<KIND>(load_tile_word(w0, kw), load_tile_word(w1, kw), x + kw * KPW, c0, c1);
         __m256 a0 = c0[0], a1 = c1[0];
         for (int c = 1; c < 4; ++c) {
           a0 = _mm256_add_ps(a0, c0[c]);
@@ -256,9 +260,7 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
 template <WKind KIND>
 void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float* B) {
   constexpr int KPW = kpw<KIND>();
-  const int64_t Kw = W.Kw();
-  const __m256i* w0 = reinterpret_cast<const __m256i*>(W.w + t * Kw * 8);
-  const __m256i* w1 = w0 + Kw;
+  const uint32_t *w0 = W.tile_words(t), *w1 = W.tile_words(t + 1);
   int64_t g_cur = -1;
   __m256 s0, s1, z0 = _mm256_setzero_ps(), z1 = _mm256_setzero_ps();
   for (int64_t kw = k0 / KPW; kw < (k0 + kc) / KPW; ++kw) {
@@ -272,7 +274,7 @@ void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float*
         z1 = _mm256_loadu_ps(W.zs + g * W.Np + t * 8 + 8);
       }
     }
-    const __m256i v0 = _mm256_loadu_si256(w0 + kw), v1 = _mm256_loadu_si256(w1 + kw);
+    const __m256i v0 = load_tile_word(w0, kw), v1 = load_tile_word(w1, kw);
     float* b = B + (kw * KPW - k0) * 16;
     auto step = [&](auto ic) {
       constexpr int I = decltype(ic)::value;

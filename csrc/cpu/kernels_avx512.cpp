@@ -43,22 +43,18 @@ void zero_point_terms(const Weights& W, const QuantAct& A, float* y, int64_t t) 
 // weights (P KiB for a 128-column int4 block) stay in L1 while the M rows use them, the P pairs give 2P
 // independent VNNI chains (the latency of one chain, not the load bandwidth, bounded the one-pair loop), and the
 // broadcast activations are shared by the P pairs. Float accumulators live in y (zero-initialised).
-constexpr int64_t kAhead = 64;  // words (2 KiB) of prefetch distance in each tile's stream
+constexpr int64_t kAhead = 64;  // pair words (64-byte lines: 4 KiB) of prefetch distance in each pair's stream
 
 template <WKind KIND, int P>
 void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
-  const int64_t Kw = W.Kw();
-  const __m256i* w[P][2];
-  for (int p = 0; p < P; ++p) {
-    w[p][0] = reinterpret_cast<const __m256i*>(W.w + (t + 2 * p) * Kw * 8);
-    w[p][1] = w[p][0] + Kw;
-  }
+  const uint32_t* w[P];
+  for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < A.NB; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     const float* srow = W.s + W.group_of(k0) * W.Np + t * 8;
-    // The weight streams are prefetched kAhead words ahead (the hardware prefetcher restarts at every 4 KiB page
-    // of each of the 2P streams); the next block's scales and this block's z * s rows (read at the end) are
+    // The weight streams are prefetched kAhead lines ahead (the hardware prefetcher restarts at every 4 KiB page
+    // of each of the P streams); the next block's scales and this block's z * s rows (read at the end) are
     // 16 KiB-strided lines it would not find either.
     for (int p = 0; p < P; ++p) {
       _mm_prefetch(reinterpret_cast<const char*>(W.s + W.group_of(k1 % W.Kp) * W.Np + (t + 2 * p) * 8), _MM_HINT_T0);
@@ -71,13 +67,11 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
       if constexpr (KIND == WKind::Int4) {
         for (int64_t kw = k0 / 8; kw < k1 / 8; ++kw) {
           const __m512i xe = _mm512_set1_epi32(load_i32(q + kw * 8)), xo = _mm512_set1_epi32(load_i32(q + kw * 8 + 4));
-          if (m == 0 && (kw & 1) == 0)
-            for (int p = 0; p < P; ++p) {
-              _mm_prefetch(reinterpret_cast<const char*>(w[p][0] + kw + kAhead), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(w[p][1] + kw + kAhead), _MM_HINT_T0);
-            }
+          if (m == 0)
+            for (int p = 0; p < P; ++p)
+              _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + kAhead) * 16), _MM_HINT_T0);
           for (int p = 0; p < P; ++p) {
-            const __m512i v = avx512_load_pair(w[p][0], w[p][1], kw);
+            const __m512i v = avx512_load_pair(w[p], kw);
             i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_and_si512(v, low), xe);
             i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xo);
           }
@@ -89,12 +83,12 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
           const __m512i x0 = _mm512_set1_epi32(load_i32(q + kw * 4)), x1 = _mm512_set1_epi32(load_i32(q + kw * 4 + 4));
           if (m == 0)
             for (int p = 0; p < P; ++p) {
-              _mm_prefetch(reinterpret_cast<const char*>(w[p][0] + kw + kAhead), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(w[p][1] + kw + kAhead), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + kAhead) * 16), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + 1 + kAhead) * 16), _MM_HINT_T0);
             }
           for (int p = 0; p < P; ++p) {
-            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw), flip), x0);
-            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw + 1), flip), x1);
+            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_xor_si512(avx512_load_pair(w[p], kw), flip), x0);
+            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_xor_si512(avx512_load_pair(w[p], kw + 1), flip), x1);
           }
         }
         const __m512i corr = _mm512_set1_epi32(128 * A.qsum[m * A.NB + b]);
@@ -120,12 +114,8 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
 // accumulators + 2P weight vectors + 2 broadcasts (27 of 32 at R = P = 4).
 template <WKind KIND, int R, int P>
 void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0, int64_t b0, int64_t b1) {
-  const int64_t Kw = W.Kw();
-  const __m256i* w[P][2];
-  for (int p = 0; p < P; ++p) {
-    w[p][0] = reinterpret_cast<const __m256i*>(W.w + (t + 2 * p) * Kw * 8);
-    w[p][1] = w[p][0] + Kw;
-  }
+  const uint32_t* w[P];
+  for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
   const int8_t* q[R];
   for (int r = 0; r < R; ++r) q[r] = A.q + (m0 + r) * A.ldq;
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -138,7 +128,7 @@ void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
       for (int64_t kw = k0 / 8; kw < k1 / 8; ++kw) {
         __m512i lo[P], hi[P];
         for (int p = 0; p < P; ++p) {
-          const __m512i v = avx512_load_pair(w[p][0], w[p][1], kw);
+          const __m512i v = avx512_load_pair(w[p], kw);
           lo[p] = _mm512_and_si512(v, low);
           hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         }
@@ -152,8 +142,8 @@ void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
       for (int64_t kw = k0 / 4; kw < k1 / 4; kw += 2) {  // q + 128 unsigned, 128 * sum(x) subtracted below
         __m512i v0[P], v1[P];
         for (int p = 0; p < P; ++p) {
-          v0[p] = _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw), flip);
-          v1[p] = _mm512_xor_si512(avx512_load_pair(w[p][0], w[p][1], kw + 1), flip);
+          v0[p] = _mm512_xor_si512(avx512_load_pair(w[p], kw), flip);
+          v1[p] = _mm512_xor_si512(avx512_load_pair(w[p], kw + 1), flip);
         }
         for (int r = 0; r < R; ++r) {
           const __m512i x0 = _mm512_set1_epi32(load_i32(q[r] + kw * 4));
@@ -254,11 +244,8 @@ template <int P>
 void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
   const int64_t Kw = W.Kw();
   const int64_t gw = W.G == 1 ? Kw : W.group / 4;
-  const __m256i* w[P][2];
-  for (int p = 0; p < P; ++p) {
-    w[p][0] = reinterpret_cast<const __m256i*>(W.w + (t + 2 * p) * Kw * 8);
-    w[p][1] = w[p][0] + Kw;
-  }
+  const uint32_t* w[P];
+  for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
   const __m512 two8 = _mm512_set1_ps(256.f);
   for (int64_t m = 0; m < X.M; ++m) {
     const float* x = X.x + m * W.Kp;
@@ -272,7 +259,7 @@ void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
         const __m512 xv = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x + kw * 4)), two8);
         for (int p = 0; p < P; ++p) {
           __m512 f[4];
-          decode_fp8(avx512_load_pair(w[p][0], w[p][1], kw), f);
+          decode_fp8(avx512_load_pair(w[p], kw), f);
           for (int j = 0; j < 4; ++j) c[p][j] = _mm512_fmadd_ps(f[j], xv, c[p][j]);
         }
       }

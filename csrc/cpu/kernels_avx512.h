@@ -8,9 +8,7 @@
 
 namespace compressor {
 
-// Word kw of two consecutive 8-row tiles (w0, w1 = w0 + Kw) as one vector: 16 rows x 4 bytes, w0's rows first.
-inline __m512i avx512_load_pair(const __m256i* w0, const __m256i* w1, int64_t kw) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(w0 + kw)), _mm256_loadu_si256(w1 + kw), 1);
-}
+// Word kw of a tile pair (Weights::pair_words) as one vector: 16 rows x 4 bytes, the even tile's rows first.
+inline __m512i avx512_load_pair(const uint32_t* pair, int64_t kw) { return _mm512_loadu_si512(pair + kw * 16); }
 
 }  // namespace compressor
