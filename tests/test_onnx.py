@@ -274,6 +274,15 @@ def test_qdq_int4_asymmetric_qwen2(artifacts):
     check_decoder(art)
 
 
+def test_matmulnbits_w4_qwen3_traced(artifacts):
+    """qwen3 (q/k RMSNorm inside attention, head_dim 24): the traced graph, logits through the KV cache and 32 greedy
+    tokens equal compressor.load's."""
+    art = artifacts("qwen3-w4", "qwen3", {"method": "rtn", "weights": {"bits": 4, "group_size": 32}})
+    assert json.loads((art / "onnx" / "onnx_export.json").read_text())["graph"] == "traced"
+    assert op_counts(art / "onnx" / "model.onnx")["MatMulNBits"] == len(layer_report(art))
+    check_decoder(art)
+
+
 @pytest.mark.parametrize(
     "family,strategy", [("opt", {"strategy": "channel"}), ("gpt2", {"strategy": "block", "block_size": [32, 32]})]
 )
