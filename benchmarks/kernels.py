@@ -172,7 +172,7 @@ def bench_cold(args, bandwidth: float) -> None:
     for k, n in SHAPES:
         wt = Int4Weight(k, n, args.group)
         p = wt.ours
-        nbytes = p.w.numel() * 4 + p.scale.numel() * 4 + p.zs.numel() * 4
+        nbytes = p.w.numel() * 4 + p.scale.numel() * 4 + (0 if p.zs is None else p.zs.numel() * 4)
         copies = max(2, -(-4 * llc // nbytes) + 1)
         ws = [repack_int(wt.packed, wt.scale, None, 4, (n, k), args.group) for _ in range(copies)]
         x = torch.randn(1, k)

@@ -6,9 +6,9 @@
 #include "cpu/dispatch.h"
 
 TORCH_LIBRARY(compressor, m) {
-  m.def("int4_gemm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, int out_features, int mode=0)"
+  m.def("int4_gemm(Tensor x, Tensor w, Tensor scales, Tensor? zeros, int group_size, int out_features, int mode=0)"
         " -> Tensor");
-  m.def("int8_gemm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, int out_features, int mode=0)"
+  m.def("int8_gemm(Tensor x, Tensor w, Tensor scales, Tensor? zeros, int group_size, int out_features, int mode=0)"
         " -> Tensor");
   m.def("fp8_gemm(Tensor x, Tensor w, Tensor scales, int group_size, int out_features, int mode=0) -> Tensor");
   m.def("available_isas() -> str[]", &compressor::available_isas);

@@ -100,6 +100,27 @@ def test_int_kernels_match_scalar_and_float_reference(bits, symmetric, group, m,
             assert _relerr(y, ref) < FLOAT_TOL, (name, mode)
 
 
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_weights_have_no_zero_point_rows(bits, m, isa):
+    """Symmetric weights repack without z * s rows (one stream less to read); the kernels' zoff * s equals the stored
+    rows of the same weights given explicit zero points of 0, bit for bit, on every path and mode."""
+    n, k, group = 40, 256, 64
+    p, _ = _int_case(bits, n, k, group, symmetric=True)
+    assert p.zs is None
+    zero = torch.zeros(n, k // group, dtype=torch.int8)
+    zp = pack_int32(zero.t().contiguous(), bits).t().contiguous()
+    q, scale, _ = rtn_quantize(
+        torch.randn(n, k, generator=torch.Generator().manual_seed(0)), IntFormat(bits, group, True), "float16"
+    )
+    explicit = repack_int(pack_int32(q, bits), scale.to(torch.float16), zp, bits, (n, k), group)
+    assert explicit.zs is not None and torch.equal(explicit.w, p.w) and torch.equal(explicit.scale, p.scale)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    a, b = _all_paths(isa, x, p, [GEMV, GEMM, Q8]), _all_paths(isa, x, explicit, [GEMV, GEMM, Q8])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 @pytest.mark.parametrize("m", [16, 18, 31, 48, 80])
 @pytest.mark.parametrize("group", [32, 64, None])
 @pytest.mark.parametrize("bits", [4, 8])

@@ -4,7 +4,8 @@ Kernel layout (see csrc/cpu/kernels.h): rows in pairs of 8-row tiles (N padded t
 multiple of 32, tensor [Np/16, Kw, 16] int32 where word (q, kw, j) holds row 16q+j's codes for columns
 kw*c .. kw*c+c-1 (c = 8 for int4, 4 for int8/fp8) -- the on-disk pack-quantized words, transposed per 16 rows, so
 that word kw of 16 rows is one 64-byte line and a pair of tiles one sequential stream. Scales become float32
-[G, Np]; zero points become z * s in the code domain ([G, Np]), so w = code * s - zs.
+[G, Np]; zero points become z * s in the code domain ([G, Np]), so w = code * s - zs. Symmetric weights have no
+zs: their zero point is the code offset (8 for int4, 0 for int8) and the kernels use offset * s, which is exact.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class PackedWeight:
     kind: str
     w: torch.Tensor  # int32 [Np/16, Kw, 16]
     scale: torch.Tensor  # float32 [G, Np]
-    zs: torch.Tensor | None  # float32 [G, Np] (int kinds)
+    zs: torch.Tensor | None  # float32 [G, Np] (asymmetric int kinds; None: symmetric or fp8)
     group_size: int
     out_features: int
     in_features: int
@@ -69,11 +70,11 @@ def repack_int(
     if scale.numel() == 1:
         scale = scale.reshape(1, 1).expand(n, 1)
     s = _per_group(scale.reshape(n, -1), n)
-    offset = 8 if bits == 4 else 0  # int4 codes stay unsigned (u = q + 8), int8 codes are signed
-    z = torch.full((n, s.shape[0]), float(offset), device=packed.device)
+    zs = None  # symmetric: the kernels use the code offset (int4 codes stay unsigned, u = q + 8; int8 are signed)
     if zero_packed is not None:
-        z = z + unpack_int32(zero_packed.t().contiguous(), bits, n).t().to(torch.float32)
-    zs = s * _per_group(z, n)
+        offset = 8 if bits == 4 else 0
+        z = unpack_int32(zero_packed.t().contiguous(), bits, n).t().to(torch.float32) + offset
+        zs = s * _per_group(z, n)
     return PackedWeight(f"int{bits}", w, s, zs, group_size if s.shape[0] > 1 else k, n, k)
 
 

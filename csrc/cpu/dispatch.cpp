@@ -179,6 +179,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
   Weights W{};
   W.kind = kind;
+  W.zoff = kind == WKind::Int4 ? 8.f : 0.f;
   W.w = reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
   W.s = s.data_ptr<float>();
   W.K = x.size(1);
@@ -258,14 +259,14 @@ int64_t read_memory(const at::Tensor& buf) {
   return static_cast<int64_t>(result.load());
 }
 
-at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                         int64_t group_size, int64_t out_features, int64_t mode) {
-  return run(x, w, scales, &zeros, group_size, out_features, mode, WKind::Int4);
+at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode) {
+  return run(x, w, scales, zeros ? &*zeros : nullptr, group_size, out_features, mode, WKind::Int4);
 }
 
-at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                         int64_t group_size, int64_t out_features, int64_t mode) {
-  return run(x, w, scales, &zeros, group_size, out_features, mode, WKind::Int8);
+at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode) {
+  return run(x, w, scales, zeros ? &*zeros : nullptr, group_size, out_features, mode, WKind::Int8);
 }
 
 at::Tensor fp8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,10 +21,11 @@ int64_t read_memory(const at::Tensor& buf);
 // mode: 0 auto (int8 activations for M < 16, float32 GEMM above), 1 float32 activations for every M,
 // 2 int8 activations for every M, 3 float32 GEMV kernel, 4 blocked float32 GEMM kernel (3, 4: tests).
 // int8 activations need an INT weight whose group size is a multiple of 32 (or one group); otherwise float32.
-at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                         int64_t group_size, int64_t out_features, int64_t mode);
-at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                         int64_t group_size, int64_t out_features, int64_t mode);
+// zeros: z * s [G, Np], or none for symmetric weights (zero point = the code offset: 8 for int4, 0 for int8).
+at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
+at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
 at::Tensor fp8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
                         int64_t out_features, int64_t mode);
 

@@ -11,7 +11,9 @@
 //      int8: 4 signed bytes q (value (q - z) * s), byte i at bits 8i         -> kpw = 4
 //      fp8:  4 E4M3 bytes e (value e * s), byte i at bits 8i                  -> kpw = 4
 //   s:  [G][Np] float32 group scales (G groups of `group` columns along K, the last one may be shorter)
-//   zs: [G][Np] float32 z * s (int only; z = zero point in the code domain)
+//   zs: [G][Np] float32 z * s (int only; z = zero point in the code domain), or none for symmetric weights, whose
+//       zero point is the code offset zoff (8 for int4, 0 for int8): kernels then use zoff * s (exact: a power of
+//       two or zero times s, the value the stored z * s had), and read one stream less
 #pragma once
 
 #include <cstdint>
@@ -23,8 +25,9 @@ enum class WKind : int { Int4 = 0, Int8 = 1, Fp8 = 2 };
 struct Weights {
   const uint32_t* w;
   const float* s;
-  const float* zs;  // nullptr for fp8
+  const float* zs;  // nullptr for fp8 and symmetric int weights
   WKind kind;
+  float zoff;  // int: the zero point of symmetric weights in the code domain (8 for int4, 0 for int8)
   int64_t N, Np, K, Kp, G, group;
   int64_t kpw() const { return kind == WKind::Int4 ? 8 : 4; }
   int64_t Kw() const { return Kp / kpw(); }
@@ -32,6 +35,8 @@ struct Weights {
     int64_t g = k / group;
     return g < G ? g : G - 1;
   }
+  // z * s of group g, row n (int weights)
+  float zs_at(int64_t g, int64_t n) const { return zs ? zs[g * Np + n] : zoff * s[g * Np + n]; }
   // the words of tile pair q (word kw of its 16 rows at [16 kw, 16 kw + 16)), of tile t (8 words at 16 kw)
   const uint32_t* pair_words(int64_t q) const { return w + q * Kw() * 16; }
   const uint32_t* tile_words(int64_t t) const { return pair_words(t >> 1) + (t & 1) * 8; }

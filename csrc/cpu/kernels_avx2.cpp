@@ -20,6 +20,12 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
+// z * s of 8 rows from column col of group g (the stored row, or zoff * s for symmetric weights: exact)
+inline __m256 zs_row8(const Weights& W, int64_t g, int64_t col) {
+  if (W.zs) return _mm256_loadu_ps(W.zs + g * W.Np + col);
+  return _mm256_mul_ps(_mm256_loadu_ps(W.s + g * W.Np + col), _mm256_set1_ps(W.zoff));
+}
+
 // Word kw of a tile (Weights::tile_words): its 8 rows' words, the low or high half of the pair's 64-byte line.
 inline __m256i load_tile_word(const uint32_t* tile, int64_t kw) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kw * 16));
@@ -110,12 +116,12 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
       _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sc, _mm256_loadu_ps(yr)));
     }
   }
-  if (b1 == A.NB) {
+  if (b1 == A.NB && (W.zs || W.zoff != 0.f)) {  // symmetric int8: z = 0, no term
     for (int r = 0; r < MB; ++r) {
       float* yr = y + (m0 + r) * W.Np + t * 8;
       __m256 acc = _mm256_loadu_ps(yr);
       for (int64_t g = 0; g < W.G; ++g)
-        acc = _mm256_fnmadd_ps(_mm256_loadu_ps(W.zs + g * W.Np + t * 8), _mm256_set1_ps(A.tg[(m0 + r) * W.G + g]), acc);
+        acc = _mm256_fnmadd_ps(zs_row8(W, g, t * 8), _mm256_set1_ps(A.tg[(m0 + r) * W.G + g]), acc);
       _mm256_storeu_ps(yr, acc);
     }
   }
@@ -228,7 +234,7 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
         const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
         acc0 = _mm256_fmadd_ps(a0, s0, acc0);
         acc1 = _mm256_fmadd_ps(a1, s1, acc1);
-        if constexpr (KIND != WKind::Fp8) {
+        if (KIND != WKind::Fp8 && W.zs) {  // symmetric weights: (z - 8) * s = 0, no term
           const float* zs = W.zs + g * W.Np + t * 8;
           const __m256 xsum = _mm256_set1_ps(X.xsum[m * W.G + g]);
           const __m256 off = _mm256_set1_ps(KIND == WKind::Int4 ? 8.f : 0.f);
@@ -270,8 +276,8 @@ void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float*
       s0 = _mm256_loadu_ps(W.s + g * W.Np + t * 8);
       s1 = _mm256_loadu_ps(W.s + g * W.Np + t * 8 + 8);
       if constexpr (KIND != WKind::Fp8) {
-        z0 = _mm256_loadu_ps(W.zs + g * W.Np + t * 8);
-        z1 = _mm256_loadu_ps(W.zs + g * W.Np + t * 8 + 8);
+        z0 = zs_row8(W, g, t * 8);
+        z1 = zs_row8(W, g, t * 8 + 8);
       }
     }
     const __m256i v0 = load_tile_word(w0, kw), v1 = load_tile_word(w1, kw);

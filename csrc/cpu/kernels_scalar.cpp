@@ -50,7 +50,7 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
         const float sc = W.s[W.group_of(k0) * W.Np + n] * A.xs[m * A.NB + b];
         acc = std::fmaf(static_cast<float>(d), sc, acc);
       }
-      for (int64_t g = 0; g < W.G; ++g) acc = std::fmaf(-W.zs[g * W.Np + n], A.tg[m * W.G + g], acc);
+      for (int64_t g = 0; g < W.G; ++g) acc = std::fmaf(-W.zs_at(g, n), A.tg[m * W.G + g], acc);
       y[m * W.Np + n] = acc;
     }
   }
@@ -72,7 +72,7 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
         const float ag = ((chain[0] + chain[1]) + chain[2]) + chain[3];
         const float s = W.s[g * W.Np + n];
         acc = std::fmaf(ag, s, acc);
-        if (W.zs) acc = std::fmaf(-std::fmaf(-off, s, W.zs[g * W.Np + n]), X.xsum[m * W.G + g], acc);
+        if (W.zs) acc = std::fmaf(-std::fmaf(-off, s, W.zs[g * W.Np + n]), X.xsum[m * W.G + g], acc);  // 0 if symmetric
       }
       y[m * W.Np + n] = acc;
     }
@@ -89,7 +89,7 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
         for (int64_t k = k0; k < std::min(k0 + kGemmKc, W.Kp); ++k) {
           const int64_t g = W.group_of(k);
           const float s = W.s[g * W.Np + n];
-          const float w = W.zs ? std::fmaf(code(W, n, k), s, -W.zs[g * W.Np + n]) : code(W, n, k) * s;
+          const float w = W.kind != WKind::Fp8 ? std::fmaf(code(W, n, k), s, -W.zs_at(g, n)) : code(W, n, k) * s;
           part = std::fmaf(x[k], w, part);
         }
         acc += part;

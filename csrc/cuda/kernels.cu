@@ -63,7 +63,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 
 struct Shape {
   int64_t M, K, Kp, Kw, Np, G, group;
+  float zoff;  // zero point of symmetric int weights (zs == nullptr): 8 for int4, 0 for int8
 };
+
+// z * s of group g, row n: the stored value, or zoff * s for symmetric weights (exact)
+__device__ __forceinline__ float zs_at(const float* s, const float* zs, const Shape& S, int64_t g, int64_t n) {
+  return zs ? zs[g * S.Np + n] : S.zoff * s[g * S.Np + n];
+}
 
 __device__ __forceinline__ int64_t group_of(const Shape& S, int64_t k) {
   const int64_t g = k / S.group;
@@ -77,7 +83,7 @@ __device__ __forceinline__ float weight_at(const uint32_t* w, const float* s, co
   const uint32_t word = w[((n / 16) * S.Kw + k / kpw<KIND>()) * 16 + (n & 15)];
   const int64_t g = group_of(S, k);
   const float c = decode<KIND>(word, static_cast<int>(k % kpw<KIND>()));
-  return KIND == kFp8 ? c * s[g * S.Np + n] : c * s[g * S.Np + n] - zs[g * S.Np + n];
+  return KIND == kFp8 ? c * s[g * S.Np + n] : c * s[g * S.Np + n] - zs_at(s, zs, S, g, n);
 }
 
 // blockDim (32, 4): warp y handles tile blockIdx.x * 4 + y for activation row blockIdx.y.
@@ -100,7 +106,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict_
       if (k >= S.K) break;
       const int64_t g = group_of(S, k);
       const float wv = KIND == kFp8 ? decode<KIND>(word, i) * s[g * S.Np + n]
-                                    : decode<KIND>(word, i) * s[g * S.Np + n] - zs[g * S.Np + n];
+                                    : decode<KIND>(word, i) * s[g * S.Np + n] - zs_at(s, zs, S, g, n);
       acc += wv * to_float(xr[k]);
     }
   }
@@ -199,13 +205,13 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group};
+  Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group, KIND == kInt4 ? 8.f : 0.f};
   S.Kw = S.Kp / kpw<KIND>();
   TORCH_CHECK(w.size(0) * 16 == S.Np && w.size(1) == S.Kw && out_features <= S.Np, "weight layout does not match x");
   TORCH_CHECK(group > 0 && (S.G - 1) * group < S.K && S.G * group >= S.K, "group_size does not cover K");
   const float* zp = nullptr;
-  if (KIND != kFp8) {
-    TORCH_CHECK(zs && zs->sizes() == s.sizes() && zs->scalar_type() == at::kFloat && zs->is_contiguous(),
+  if (KIND != kFp8 && zs) {  // none: symmetric weights
+    TORCH_CHECK(zs->sizes() == s.sizes() && zs->scalar_type() == at::kFloat && zs->is_contiguous(),
                 "zeros must be float32 [G, Np] like scales");
     zp = zs->data_ptr<float>();
   }
@@ -227,13 +233,13 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
   return y.narrow(1, 0, out_features);
 }
 
-at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& zs,
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& zs,
                      int64_t group, int64_t n, int64_t /*mode*/) {
-  return run<kInt4>(x, w, s, &zs, group, n);
+  return run<kInt4>(x, w, s, zs ? &*zs : nullptr, group, n);
 }
-at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& zs,
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& zs,
                      int64_t group, int64_t n, int64_t /*mode*/) {
-  return run<kInt8>(x, w, s, &zs, group, n);
+  return run<kInt8>(x, w, s, zs ? &*zs : nullptr, group, n);
 }
 at::Tensor fp8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t group, int64_t n,
                     int64_t /*mode*/) {
