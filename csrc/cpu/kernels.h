@@ -35,8 +35,9 @@ struct Weights {
     int64_t g = k / group;
     return g < G ? g : G - 1;
   }
-  // z * s of group g, row n (int weights)
+  // z * s of group g, row n (int weights); false when every z is 0 (symmetric int8): no zero-point term at all
   float zs_at(int64_t g, int64_t n) const { return zs ? zs[g * Np + n] : zoff * s[g * Np + n]; }
+  bool zero_terms() const { return zs || zoff != 0.f; }
   // the words of tile pair q (word kw of its 16 rows at [16 kw, 16 kw + 16)), of tile t (8 words at 16 kw)
   const uint32_t* pair_words(int64_t q) const { return w + q * Kw() * 16; }
   const uint32_t* tile_words(int64_t t) const { return pair_words(t >> 1) + (t & 1) * 8; }

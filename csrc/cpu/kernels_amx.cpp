@@ -146,19 +146,16 @@ void block_tiles(const Weights& W, const QuantAct& A, float* y, int64_t t, int64
       }
     }
   }
-  // zero-point terms, groups outer so that the 16 rows are 16 independent FMA chains; symmetric weights have no
-  // z * s rows: zoff * s (exact), nothing at all for int8 (z = 0)
-  const bool zero_terms = W.zs || W.zoff != 0.f;
+  // zero-point terms, groups outer so that the 16 rows are 16 independent FMA chains
+  const int64_t groups = W.zero_terms() ? W.G : 0;
   for (int j = 0; j < NP; ++j)
     for (int i = 0; i < MT; ++i) {
       const int64_t m0 = (mt0 + i) * 16, rows = std::min<int64_t>(16, A.M - m0);
-      const float* zs = (W.zs ? W.zs : W.s) + (t + 2 * j) * 8;
-      const __m512 zmul = _mm512_set1_ps(W.zs ? 1.f : W.zoff);
       const float* tg = A.tg + m0 * W.G;
       __m512 v[16];
       for (int r = 0; r < 16; ++r) v[r] = _mm512_load_ps(acc[tile_id(i, j)] + 16 * r);
-      for (int64_t g = 0; zero_terms && g < W.G; ++g) {
-        const __m512 z = _mm512_mul_ps(_mm512_loadu_ps(zs + g * W.Np), zmul);
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512 z = avx512_zs_row(W, g, (t + 2 * j) * 8);
         for (int r = 0; r < 16; ++r) v[r] = _mm512_fnmadd_ps(z, _mm512_set1_ps(tg[r * W.G + g]), v[r]);
       }
       for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + (m0 + r) * W.Np + (t + 2 * j) * 8, v[r]);

@@ -116,7 +116,7 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
       _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sc, _mm256_loadu_ps(yr)));
     }
   }
-  if (b1 == A.NB && (W.zs || W.zoff != 0.f)) {  // symmetric int8: z = 0, no term
+  if (b1 == A.NB && W.zero_terms()) {
     for (int r = 0; r < MB; ++r) {
       float* yr = y + (m0 + r) * W.Np + t * 8;
       __m256 acc = _mm256_loadu_ps(yr);

@@ -24,23 +24,17 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
-// z * s of 16 rows from column col of group g (the stored row, or zoff * s for symmetric weights: exact)
-inline __m512 zs_row16(const Weights& W, int64_t g, int64_t col) {
-  if (W.zs) return _mm512_loadu_ps(W.zs + g * W.Np + col);
-  return _mm512_mul_ps(_mm512_loadu_ps(W.s + g * W.Np + col), _mm512_set1_ps(W.zoff));
-}
-
 // y -= sum over groups of tg * z * s, for every row, after all blocks (as in q8_pairs)
 template <int P>
 void zero_point_terms(const Weights& W, const QuantAct& A, float* y, int64_t t) {
-  if (!W.zs && W.zoff == 0.f) return;  // symmetric int8: z = 0
+  if (!W.zero_terms()) return;
   for (int64_t m = 0; m < A.M; ++m) {
     float* yr = y + m * W.Np + t * 8;
     __m512 acc[P];
     for (int p = 0; p < P; ++p) acc[p] = _mm512_loadu_ps(yr + 16 * p);
     for (int64_t g = 0; g < W.G; ++g) {
       const __m512 tg = _mm512_set1_ps(A.tg[m * W.G + g]);
-      for (int p = 0; p < P; ++p) acc[p] = _mm512_fnmadd_ps(zs_row16(W, g, t * 8 + 16 * p), tg, acc[p]);
+      for (int p = 0; p < P; ++p) acc[p] = _mm512_fnmadd_ps(avx512_zs_row(W, g, t * 8 + 16 * p), tg, acc[p]);
     }
     for (int p = 0; p < P; ++p) _mm512_storeu_ps(yr + 16 * p, acc[p]);
   }

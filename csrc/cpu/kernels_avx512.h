@@ -6,9 +6,17 @@
 
 #include <cstdint>
 
+#include "kernels.h"
+
 namespace compressor {
 
 // Word kw of a tile pair (Weights::pair_words) as one vector: 16 rows x 4 bytes, the even tile's rows first.
 inline __m512i avx512_load_pair(const uint32_t* pair, int64_t kw) { return _mm512_loadu_si512(pair + kw * 16); }
+
+// z * s of 16 rows from column col of group g: the stored row, or zoff * s for symmetric weights (exact)
+inline __m512 avx512_zs_row(const Weights& W, int64_t g, int64_t col) {
+  if (W.zs) return _mm512_loadu_ps(W.zs + g * W.Np + col);
+  return _mm512_mul_ps(_mm512_loadu_ps(W.s + g * W.Np + col), _mm512_set1_ps(W.zoff));
+}
 
 }  // namespace compressor

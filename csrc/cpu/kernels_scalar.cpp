@@ -72,7 +72,8 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
         const float ag = ((chain[0] + chain[1]) + chain[2]) + chain[3];
         const float s = W.s[g * W.Np + n];
         acc = std::fmaf(ag, s, acc);
-        if (W.zs) acc = std::fmaf(-std::fmaf(-off, s, W.zs[g * W.Np + n]), X.xsum[m * W.G + g], acc);  // 0 if symmetric
+        // (z - off) * s: zero for symmetric weights, which have no zs
+        if (W.zs) acc = std::fmaf(-std::fmaf(-off, s, W.zs[g * W.Np + n]), X.xsum[m * W.G + g], acc);
       }
       y[m * W.Np + n] = acc;
     }

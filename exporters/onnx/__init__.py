@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -125,8 +126,6 @@ def _replacements(
 def check_level_patterns(cfg: OnnxExportConfig, linears: list[str]) -> None:
     """A per-layer accuracy_level pattern that matches no (quantized) linear layer is a typo, not a no-op: the API
     checks the model's linears before the passes run, the exporter the quantized ones."""
-    import re
-
     for pattern in cfg.accuracy_level_by_layer:
         if not any(re.search(pattern, name) for name in linears):
             example = ", ".join(linears[:2] + linears[-1:]) if linears else "none"
