@@ -106,7 +106,7 @@ int64_t act_block(const Weights& W) {
 }
 
 struct Prepared {
-  at::Tensor xpad, xsum, q, xs, qsum, tg;
+  at::Tensor xpad, xsum, workspace;
   FloatAct fa{};
   QuantAct qa{};
 };
@@ -115,11 +115,16 @@ void prepare_float(const Weights& W, const at::Tensor& x, Prepared& P) {
   const int64_t M = x.size(0), K = x.size(1);
   P.xpad = at::zeros({M, W.Kp}, x.options().dtype(at::kFloat));
   P.xpad.narrow(1, 0, K).copy_(x);
-  P.xsum = at::zeros({M, W.G}, P.xpad.options());
+  P.xsum = at::empty({M, W.G}, P.xpad.options());
   const float* xp = P.xpad.data_ptr<float>();
   float* xs = P.xsum.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < W.Kp; ++k) xs[m * W.G + W.group_of(k)] += xp[m * W.Kp + k];
+    for (int64_t g = 0; g < W.G; ++g) {  // columns of group g in order (the last group runs to Kp)
+      const int64_t k1 = g == W.G - 1 ? W.Kp : (g + 1) * W.group;
+      float sum = 0.f;
+      for (int64_t k = g * W.group; k < k1; ++k) sum += xp[m * W.Kp + k];
+      xs[m * W.G + g] = sum;
+    }
   P.fa = FloatAct{xp, xs, M};
 }
 
@@ -132,14 +137,15 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
   const float* xp = xf.data_ptr<float>();
   auto opts = xf.options();
   const int64_t ldq = W.Kp + 64;
-  P.q = at::zeros({Mp * ldq + 64}, opts.dtype(at::kChar));
-  P.xs = at::zeros({Mp, NB}, opts);
-  P.qsum = at::zeros({Mp, NB}, opts.dtype(at::kInt));
-  P.tg = at::zeros({Mp, W.G}, opts);
-  int8_t* q = P.q.data_ptr<int8_t>();
-  float* xs = P.xs.data_ptr<float>();
-  int32_t* qsum = P.qsum.data_ptr<int32_t>();
-  float* tg = P.tg.data_ptr<float>();
+  // one zeroed workspace for q, xs, qsum and tg (one allocation and one memset per call: at M=1 the fixed cost
+  // of a call is part of what a decode step pays per layer)
+  const int64_t q_bytes = round_up(Mp * ldq + 64, 64), xs_bytes = Mp * NB * 4, tg_bytes = Mp * W.G * 4;
+  P.workspace = at::zeros({q_bytes + 2 * xs_bytes + tg_bytes}, opts.dtype(at::kByte));
+  uint8_t* base = P.workspace.data_ptr<uint8_t>();
+  int8_t* q = reinterpret_cast<int8_t*>(base);
+  float* xs = reinterpret_cast<float*>(base + q_bytes);
+  int32_t* qsum = reinterpret_cast<int32_t*>(base + q_bytes + xs_bytes);
+  float* tg = reinterpret_cast<float*>(base + q_bytes + 2 * xs_bytes);
   const bool perm = W.kind == WKind::Int4;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     T->quantize(xp, K, W.Kp, ldq, ablk, perm, q, xs, qsum, m0, m1);
