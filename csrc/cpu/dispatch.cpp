@@ -157,12 +157,15 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
 }
 
 // Runs fn over [0, n) in chunks handed out dynamically (an atomic counter) to at::get_num_threads() workers, so a
-// worker that the OS deschedules on a busy machine delays the call by one chunk, not by half of the work.
+// worker that the OS deschedules on a busy machine delays the call by one chunk, not by half of the work. Chunks
+// are multiples of 4 tile pairs (the SIMD kernels' widest step: 4 weight streams, 8 independent dot-product chains;
+// one pair at a time is their slow remainder path), so narrow layers such as SmolLM2's 576 rows (36 pairs, 1 pair
+// per chunk before) run the wide kernels too.
 template <typename F>
 void for_each_chunk(int64_t n, const F& fn) {
   const int64_t workers = std::max(1, at::get_num_threads());
-  int64_t chunk = std::max<int64_t>(1, n / (workers * 16));
-  if (chunk >= 4) chunk -= chunk % 4;  // the kernels take 4 tile pairs at a time
+  int64_t chunk = std::max<int64_t>(std::min<int64_t>(4, n), n / (workers * 16));
+  if (chunk >= 4) chunk -= chunk % 4;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (;;) {

@@ -362,10 +362,6 @@ void avx2_dequant_panel(const Weights& W, int64_t t, int64_t k0, int64_t kc, flo
   }
 }
 
-void avx2_gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
-  gemv_f32(W, X, y, t0, t1);
-}
-
 const KernelTable* avx2_kernels() { return &kTable; }
 
 }  // namespace compressor

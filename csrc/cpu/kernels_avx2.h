@@ -7,6 +7,5 @@ namespace compressor {
 
 // Dequantized float32 panel B[kc][16] of rows 8t .. 8t+15, columns k0 .. k0+kc-1.
 void avx2_dequant_panel(const Weights& W, int64_t t, int64_t k0, int64_t kc, float* B);
-void avx2_gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1);
 
 }  // namespace compressor

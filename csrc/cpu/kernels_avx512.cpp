@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels_avx2.h"
 #include "kernels_avx512.h"
@@ -283,8 +284,83 @@ void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
   }
 }
 
+// ---- INT x float activations ---------------------------------------------------------------------------------
+
+// Code I of each of the 16 rows of a pair word as float: int4 centred (u - 8; the word XOR 0x88888888 makes each
+// nibble the signed 4-bit u - 8), int8 the signed byte.
+template <WKind KIND, int I>
+inline __m512 decode_centred(__m512i v) {
+  constexpr int kBits = KIND == WKind::Int4 ? 4 : 8;
+  return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 32 - kBits * (I + 1)), 32 - kBits));
+}
+
+// P tile pairs, one activation row at a time, in the scalar reference's order: column k of a row goes to chain
+// k % 4, the chains are summed ((0 + 1) + 2) + 3 at each group's end and folded in with one fma by the scale, then
+// the zero-point term (z - offset) * s * sum(x) of asymmetric weights. Lane j of a vector is row j of its pair.
+template <WKind KIND, int P>
+void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
+  constexpr int KPW = KIND == WKind::Int4 ? 8 : 4;
+  const int64_t Kw = W.Kw();
+  const int64_t gw = W.G == 1 ? Kw : W.group / KPW;
+  const uint32_t* w[P];
+  for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
+  const __m512i flip = _mm512_set1_epi32(KIND == WKind::Int4 ? static_cast<int>(0x88888888u) : 0);
+  for (int64_t m = 0; m < X.M; ++m) {
+    const float* x = X.x + m * W.Kp;
+    __m512 acc[P];
+    for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < W.G; ++g) {
+      const int64_t kw0 = g * gw, kw1 = g == W.G - 1 ? Kw : kw0 + gw;
+      __m512 c[P][4];
+      for (int p = 0; p < P; ++p)
+        for (int j = 0; j < 4; ++j) c[p][j] = _mm512_setzero_ps();
+      for (int64_t kw = kw0; kw < kw1; ++kw) {
+        if (m == 0)
+          for (int p = 0; p < P; ++p) _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + kAhead) * 16), _MM_HINT_T0);
+        __m512i v[P];
+        for (int p = 0; p < P; ++p) v[p] = _mm512_xor_si512(avx512_load_pair(w[p], kw), flip);
+        const float* xk = x + kw * KPW;
+        auto step = [&](auto ic) {
+          constexpr int I = decltype(ic)::value;
+          const __m512 xi = _mm512_set1_ps(xk[I]);
+          for (int p = 0; p < P; ++p) c[p][I % 4] = _mm512_fmadd_ps(decode_centred<KIND, I>(v[p]), xi, c[p][I % 4]);
+        };
+        step(std::integral_constant<int, 0>{});
+        step(std::integral_constant<int, 1>{});
+        step(std::integral_constant<int, 2>{});
+        step(std::integral_constant<int, 3>{});
+        if constexpr (KIND == WKind::Int4) {
+          step(std::integral_constant<int, 4>{});
+          step(std::integral_constant<int, 5>{});
+          step(std::integral_constant<int, 6>{});
+          step(std::integral_constant<int, 7>{});
+        }
+      }
+      for (int p = 0; p < P; ++p) {
+        const __m512 a = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c[p][0], c[p][1]), c[p][2]), c[p][3]);
+        const int64_t col = (t + 2 * p) * 8;
+        const __m512 sc = _mm512_loadu_ps(W.s + g * W.Np + col);
+        acc[p] = _mm512_fmadd_ps(a, sc, acc[p]);
+        if (W.zs) {  // symmetric weights: (z - offset) * s = 0, no term
+          const __m512 z = _mm512_fnmadd_ps(_mm512_set1_ps(W.zoff), sc, _mm512_loadu_ps(W.zs + g * W.Np + col));
+          acc[p] = _mm512_fnmadd_ps(z, _mm512_set1_ps(X.xsum[m * W.G + g]), acc[p]);
+        }
+      }
+    }
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(y + m * W.Np + (t + 2 * p) * 8, acc[p]);
+  }
+}
+
+template <WKind KIND>
+void int_gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) int_f32_pairs<KIND, 4>(W, X, y, t);
+  for (; t < t1; t += 2) int_f32_pairs<KIND, 1>(W, X, y, t);
+}
+
 void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
-  if (W.kind != WKind::Fp8) return avx2_gemv_f32(W, X, y, t0, t1);
+  if (W.kind == WKind::Int4) return int_gemv_f32<WKind::Int4>(W, X, y, t0, t1);
+  if (W.kind == WKind::Int8) return int_gemv_f32<WKind::Int8>(W, X, y, t0, t1);
   int64_t t = t0;
   for (; t + 4 <= t1; t += 4) fp8_pairs<2>(W, X, y, t);
   for (; t < t1; t += 2) fp8_pairs<1>(W, X, y, t);
