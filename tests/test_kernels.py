@@ -174,6 +174,25 @@ def test_thread_count_does_not_change_results():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_wide_layer_every_row_once(bits, m, isa):
+    """129 tile pairs: the guided work chunks (16, 12, ... down to 4 pairs and a 1-pair remainder) cover every row
+    exactly once on 1 and 2 threads; the scalar path shares the chunking, so the check is against float references."""
+    n, k, group = 129 * 16 - 8, 256, 64  # the last pair half full
+    p, weight = _int_case(bits, n, k, group, False, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
+    ref, ref_q = x.double() @ weight.double().t(), _fake_quant_act(x, 64).double() @ weight.double().t()
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            for (name, mode), y in _all_paths(isa, x, p, [GEMV, GEMM, Q8]).items():
+                assert _relerr(y, ref_q if mode == Q8 else ref) < FLOAT_TOL, (name, mode, num_threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fp8_case(n: int, k: int, fmt: Fp8Format):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
     q, scale = fp8_quantize(w, fmt)
