@@ -120,9 +120,8 @@ void prepare_float(const Weights& W, const at::Tensor& x, Prepared& P) {
   float* xs = P.xsum.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < W.G; ++g) {  // columns of group g in order (the last group runs to Kp)
-      const int64_t k1 = g == W.G - 1 ? W.Kp : (g + 1) * W.group;
       float sum = 0.f;
-      for (int64_t k = g * W.group; k < k1; ++k) sum += xp[m * W.Kp + k];
+      for (int64_t k = g * W.group; k < W.group_end(g); ++k) sum += xp[m * W.Kp + k];
       xs[m * W.G + g] = sum;
     }
   P.fa = FloatAct{xp, xs, M};

@@ -17,10 +17,27 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 namespace compressor {
 
 enum class WKind : int { Int4 = 0, Int8 = 1, Fp8 = 2 };
+
+// Codes per 32-bit word of a weight kind (Weights::kpw() as a compile-time constant).
+template <WKind KIND>
+constexpr int kpw() {
+  return KIND == WKind::Int4 ? 8 : 4;
+}
+
+// Calls f(std::integral_constant<int, I>{}) for I = 0, 1, ..., N - 1 in order: a loop whose body can use its index
+// as a compile-time constant (shift counts, accumulator chains).
+template <int N, typename F>
+inline void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
 
 struct Weights {
   const uint32_t* w;
@@ -31,6 +48,12 @@ struct Weights {
   int64_t N, Np, K, Kp, G, group;
   int64_t kpw() const { return kind == WKind::Int4 ? 8 : 4; }
   int64_t Kw() const { return Kp / kpw(); }
+  // end of group g's columns (the last group runs to Kp)
+  int64_t group_end(int64_t g) const { return g == G - 1 ? Kp : (g + 1) * group; }
+  // the words of group g along K: [group_word_begin(g), group_word_end(g)), the last group running to Kw (SIMD
+  // paths only: they need group % kpw == 0 or a single group)
+  int64_t group_word_begin(int64_t g) const { return g * group / kpw(); }
+  int64_t group_word_end(int64_t g) const { return g == G - 1 ? Kw() : (g + 1) * group / kpw(); }
   int64_t group_of(int64_t k) const {  // group index of column k
     int64_t g = k / group;
     return g < G ? g : G - 1;

@@ -61,11 +61,6 @@ inline __m256 decode_centred(__m256i v) {
 // them to the stack); the sums stay running accumulators in registers.
 inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
 
-template <WKind KIND>
-constexpr int kpw() {
-  return KIND == WKind::Int4 ? 8 : 4;
-}
-
 // ---- int weights x int8 activations ---------------------------------------------------------------------
 
 // One 8-row tile against MB activation rows over activation blocks [b0, b1): each weight word is loaded and
@@ -197,30 +192,19 @@ inline void fma_word(__m256i v0, __m256i v1, const float* x, __m256* a0, __m256*
     a0[I % 4] = _mm256_fmadd_ps(decode_centred<KIND, I>(v0), xi, a0[I % 4]);
     a1[I % 4] = _mm256_fmadd_ps(decode_centred<KIND, I>(v1), xi, a1[I % 4]);
   };
-  step(std::integral_constant<int, 0>{});
-  step(std::integral_constant<int, 1>{});
-  step(std::integral_constant<int, 2>{});
-  step(std::integral_constant<int, 3>{});
-  if constexpr (KIND == WKind::Int4) {
-    step(std::integral_constant<int, 4>{});
-    step(std::integral_constant<int, 5>{});
-    step(std::integral_constant<int, 6>{});
-    step(std::integral_constant<int, 7>{});
-  }
+  unroll<kpw<KIND>()>(step);
 }
 
 template <WKind KIND>
 void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
   constexpr int KPW = kpw<KIND>();
-  const int64_t Kw = W.Kw();
-  const int64_t gw = W.G == 1 ? Kw : W.group / KPW;
   for (int64_t t = t0; t < t1; t += 2) {
     const uint32_t *w0 = W.tile_words(t), *w1 = W.tile_words(t + 1);
     for (int64_t m = 0; m < X.M; ++m) {
       const float* x = X.x + m * W.Kp;
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (int64_t g = 0; g < W.G; ++g) {
-        const int64_t kw0 = g * gw, kw1 = g == W.G - 1 ? Kw : kw0 + gw;
+        const int64_t kw0 = W.group_word_begin(g), kw1 = W.group_word_end(g);
         __m256 c0[4], c1[4];
         for (int c = 0; c < 4; ++c) c0[c] = c1[c] = _mm256_setzero_ps();
         for (int64_t kw = kw0; kw < kw1; ++kw)
@@ -292,16 +276,7 @@ void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float*
         _mm256_storeu_ps(b + I * 16 + 8, _mm256_fmsub_ps(decode<KIND, I>(v1), s1, z1));
       }
     };
-    step(std::integral_constant<int, 0>{});
-    step(std::integral_constant<int, 1>{});
-    step(std::integral_constant<int, 2>{});
-    step(std::integral_constant<int, 3>{});
-    if constexpr (KIND == WKind::Int4) {
-      step(std::integral_constant<int, 4>{});
-      step(std::integral_constant<int, 5>{});
-      step(std::integral_constant<int, 6>{});
-      step(std::integral_constant<int, 7>{});
-    }
+    unroll<KPW>(step);
   }
 }
 

@@ -247,8 +247,6 @@ inline void decode_fp8(__m512i v, __m512 f[4]) {
 // (fma rounds the exact product once), and the chains are summed in the reference's order at each group's end.
 template <int P>
 void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
-  const int64_t Kw = W.Kw();
-  const int64_t gw = W.G == 1 ? Kw : W.group / 4;
   const uint32_t* w[P];
   for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
   const __m512 two8 = _mm512_set1_ps(256.f);
@@ -256,7 +254,7 @@ void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
     const float* x = X.x + m * W.Kp;
     float acc[P][16] = {};
     for (int64_t g = 0; g < W.G; ++g) {
-      const int64_t kw0 = g * gw, kw1 = g == W.G - 1 ? Kw : kw0 + gw;
+      const int64_t kw0 = W.group_word_begin(g), kw1 = W.group_word_end(g);
       __m512 c[P][4];
       for (int p = 0; p < P; ++p)
         for (int j = 0; j < 4; ++j) c[p][j] = _mm512_setzero_ps();
@@ -299,9 +297,7 @@ inline __m512 decode_centred(__m512i v) {
 // the zero-point term (z - offset) * s * sum(x) of asymmetric weights. Lane j of a vector is row j of its pair.
 template <WKind KIND, int P>
 void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
-  constexpr int KPW = KIND == WKind::Int4 ? 8 : 4;
-  const int64_t Kw = W.Kw();
-  const int64_t gw = W.G == 1 ? Kw : W.group / KPW;
+  constexpr int KPW = kpw<KIND>();
   const uint32_t* w[P];
   for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
   const __m512i flip = _mm512_set1_epi32(KIND == WKind::Int4 ? static_cast<int>(0x88888888u) : 0);
@@ -310,7 +306,7 @@ void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
     __m512 acc[P];
     for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
     for (int64_t g = 0; g < W.G; ++g) {
-      const int64_t kw0 = g * gw, kw1 = g == W.G - 1 ? Kw : kw0 + gw;
+      const int64_t kw0 = W.group_word_begin(g), kw1 = W.group_word_end(g);
       __m512 c[P][4];
       for (int p = 0; p < P; ++p)
         for (int j = 0; j < 4; ++j) c[p][j] = _mm512_setzero_ps();
@@ -325,16 +321,7 @@ void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
           const __m512 xi = _mm512_set1_ps(xk[I]);
           for (int p = 0; p < P; ++p) c[p][I % 4] = _mm512_fmadd_ps(decode_centred<KIND, I>(v[p]), xi, c[p][I % 4]);
         };
-        step(std::integral_constant<int, 0>{});
-        step(std::integral_constant<int, 1>{});
-        step(std::integral_constant<int, 2>{});
-        step(std::integral_constant<int, 3>{});
-        if constexpr (KIND == WKind::Int4) {
-          step(std::integral_constant<int, 4>{});
-          step(std::integral_constant<int, 5>{});
-          step(std::integral_constant<int, 6>{});
-          step(std::integral_constant<int, 7>{});
-        }
+        unroll<KPW>(step);
       }
       for (int p = 0; p < P; ++p) {
         const __m512 a = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c[p][0], c[p][1]), c[p][2]), c[p][3]);

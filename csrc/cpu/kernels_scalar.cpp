@@ -33,10 +33,6 @@ inline int64_t act_pos(bool perm, int64_t k) {
   return (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2);
 }
 
-inline int64_t group_end(const Weights& W, int64_t g) {
-  return g == W.G - 1 ? W.Kp : (g + 1) * W.group;
-}
-
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   const bool perm = W.kind == WKind::Int4;
   for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
@@ -67,7 +63,7 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
       float acc = 0.f;
       for (int64_t g = 0; g < W.G; ++g) {
         float chain[4] = {0.f, 0.f, 0.f, 0.f};  // column k goes to chain k % 4, summed in order at the group end
-        for (int64_t k = g * W.group; k < group_end(W, g); ++k)
+        for (int64_t k = g * W.group; k < W.group_end(g); ++k)
           chain[k % 4] = std::fmaf(code(W, n, k) - off, x[k], chain[k % 4]);
         const float ag = ((chain[0] + chain[1]) + chain[2]) + chain[3];
         const float s = W.s[g * W.Np + n];
