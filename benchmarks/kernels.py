@@ -182,7 +182,7 @@ def bench_int4(args) -> list[dict]:
     for k, n in SHAPES:
         wt = Int4Weight(k, n, args.group)
         baselines = {
-            "fp32": lambda x, d=wt.dense: torch.nn.functional.linear(x, d),
+            "fp32": lambda x, d=wt.dense: F.linear(x, d),
             "ort0": wt.ort(0),
             "ort4": wt.ort(4),
         }
@@ -237,7 +237,7 @@ def bench_cold(args) -> None:
             torch.ops.compressor.read_memory(probe)
             gbs_probe = probe.numel() * 4 / (time.perf_counter() - t) / 1e9
             ours = statistics.median(_timed(lambda c=c, x=x: packed_matmul(x, c)) for c in ws)
-            fp32 = statistics.median(_timed(lambda d=d, x=x: torch.nn.functional.linear(x, d)) for d in dense)
+            fp32 = statistics.median(_timed(lambda d=d, x=x: F.linear(x, d)) for d in dense)
             if r:
                 rounds["probe"].append(gbs_probe)
                 rounds["ours"].append(ours)
