@@ -55,21 +55,31 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   const uint32_t* w[P];
   for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t b = 0; b < A.NB; ++b) {
+  // Blocks never straddle groups: the group index advances every `per_group` blocks (counted, not divided: three
+  // 64-bit divisions per block sat on the path between one block's dot products and the next's).
+  const int64_t per_group = W.G == 1 ? A.NB : W.group / A.ablk;
+  // M = 1 (decode): y's 16 P rows stay in registers across blocks instead of a load and a store per block.
+  const bool one_row = A.M == 1;
+  __m512 acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
+  for (int64_t b = 0, g = 0, in_group = 0; b < A.NB; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
-    const float* srow = W.s + W.group_of(k0) * W.Np + t * 8;
+    const float* srow = W.s + g * W.Np + t * 8;
     // The weight streams are prefetched kAhead lines ahead (the hardware prefetcher restarts at every 4 KiB page
-    // of each of the P streams); the next block's scales and this block's z * s rows (read at the end) are
+    // of each of the P streams); the next group's scales and this group's z * s rows (read at the end) are
     // 16 KiB-strided lines it would not find either.
-    for (int p = 0; p < P; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(W.s + W.group_of(k1 % W.Kp) * W.Np + (t + 2 * p) * 8), _MM_HINT_T0);
-      if (W.zs) _mm_prefetch(reinterpret_cast<const char*>(W.zs + W.group_of(k0) * W.Np + (t + 2 * p) * 8), _MM_HINT_T0);
-    }
+    if (in_group == 0)
+      for (int p = 0; p < P; ++p) {
+        if (g + 1 < W.G) _mm_prefetch(reinterpret_cast<const char*>(srow + W.Np + 16 * p), _MM_HINT_T0);
+        if (W.zs) _mm_prefetch(reinterpret_cast<const char*>(W.zs + g * W.Np + (t + 2 * p) * 8), _MM_HINT_T0);
+      }
     for (int64_t m = 0; m < A.M; ++m) {
       const int8_t* q = A.q + m * A.ldq;
       __m512i i0[P], i1[P];
       for (int p = 0; p < P; ++p) i0[p] = i1[p] = _mm512_setzero_si512();
       if constexpr (KIND == WKind::Int4) {
+        // high nibbles taken in place (v & 0xF0 = 16 u): one op per vector less than shift-and-mask; the sums
+        // of 16 u x are exact in int32 (|.| <= 64 * 240 * 127 per block) and shifted back below
         for (int64_t kw = k0 / 8; kw < k1 / 8; ++kw) {
           const __m512i xe = _mm512_set1_epi32(load_i32(q + kw * 8)), xo = _mm512_set1_epi32(load_i32(q + kw * 8 + 4));
           if (m == 0)
@@ -77,10 +87,11 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
               _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + kAhead) * 16), _MM_HINT_T0);
           for (int p = 0; p < P; ++p) {
             const __m512i v = avx512_load_pair(w[p], kw);
-            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_and_si512(v, low), xe);
-            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xo);
+            i0[p] = avx512_dpbusd(i0[p], _mm512_and_si512(v, low), xe);
+            i1[p] = avx512_dpbusd(i1[p], _mm512_andnot_si512(low, v), xo);
           }
         }
+        for (int p = 0; p < P; ++p) i1[p] = _mm512_srai_epi32(i1[p], 4);
       } else {
         // q + 128 as the unsigned operand; 128 * sum(x) subtracted afterwards (exact in int32). A block has an
         // even number of words (blocks and Kp are multiples of 32 columns).
@@ -92,8 +103,8 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
               _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + 1 + kAhead) * 16), _MM_HINT_T0);
             }
           for (int p = 0; p < P; ++p) {
-            i0[p] = _mm512_dpbusd_epi32(i0[p], _mm512_xor_si512(avx512_load_pair(w[p], kw), flip), x0);
-            i1[p] = _mm512_dpbusd_epi32(i1[p], _mm512_xor_si512(avx512_load_pair(w[p], kw + 1), flip), x1);
+            i0[p] = avx512_dpbusd(i0[p], _mm512_xor_si512(avx512_load_pair(w[p], kw), flip), x0);
+            i1[p] = avx512_dpbusd(i1[p], _mm512_xor_si512(avx512_load_pair(w[p], kw + 1), flip), x1);
           }
         }
         const __m512i corr = _mm512_set1_epi32(128 * A.qsum[m * A.NB + b]);
@@ -103,11 +114,20 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
       const __m512 xs = _mm512_set1_ps(A.xs[m * A.NB + b]);
       for (int p = 0; p < P; ++p) {
         const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(srow + 16 * p), xs);
-        const __m512i i = _mm512_add_epi32(i0[p], i1[p]);
-        _mm512_storeu_ps(yr + 16 * p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, _mm512_loadu_ps(yr + 16 * p)));
+        const __m512 i = _mm512_cvtepi32_ps(_mm512_add_epi32(i0[p], i1[p]));
+        if (one_row)
+          acc[p] = _mm512_fmadd_ps(i, sc, acc[p]);
+        else
+          _mm512_storeu_ps(yr + 16 * p, _mm512_fmadd_ps(i, sc, _mm512_loadu_ps(yr + 16 * p)));
       }
     }
+    if (++in_group == per_group) {
+      in_group = 0;
+      g = std::min(g + 1, W.G - 1);
+    }
   }
+  if (one_row)
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(y + t * 8 + 16 * p, acc[p]);
   zero_point_terms<P>(W, A, y, t);
 }
 
@@ -140,7 +160,7 @@ void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
         for (int r = 0; r < R; ++r) {
           const __m512i xe = _mm512_set1_epi32(load_i32(q[r] + kw * 8));
           const __m512i xo = _mm512_set1_epi32(load_i32(q[r] + kw * 8 + 4));
-          for (int p = 0; p < P; ++p) acc[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][p], lo[p], xe), hi[p], xo);
+          for (int p = 0; p < P; ++p) acc[r][p] = avx512_dpbusd(avx512_dpbusd(acc[r][p], lo[p], xe), hi[p], xo);
         }
       }
     } else {
@@ -153,7 +173,7 @@ void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
         for (int r = 0; r < R; ++r) {
           const __m512i x0 = _mm512_set1_epi32(load_i32(q[r] + kw * 4));
           const __m512i x1 = _mm512_set1_epi32(load_i32(q[r] + kw * 4 + 4));
-          for (int p = 0; p < P; ++p) acc[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][p], v0[p], x0), v1[p], x1);
+          for (int p = 0; p < P; ++p) acc[r][p] = avx512_dpbusd(avx512_dpbusd(acc[r][p], v0[p], x0), v1[p], x1);
         }
       }
       for (int r = 0; r < R; ++r) {
