@@ -132,7 +132,7 @@ void prepare_float(const Weights& W, const at::Tensor& x, Prepared& P) {
 void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, int64_t ablk, Prepared& P) {
   const int64_t M = x.size(0), K = x.size(1), NB = (W.Kp + ablk - 1) / ablk;
   const int64_t Mp = M < 16 ? M : round_up(M, 16);  // whole 16-row tiles only where the tile kernel runs
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor xf = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   auto opts = xf.options();
   const int64_t ldq = W.Kp + 64;
@@ -214,7 +214,9 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   }
   const int64_t M = x.size(0);
   at::Tensor y = at::zeros({M, W.Np}, x.options().dtype(at::kFloat));
-  if (M == 0) return y.narrow(1, 0, W.N);
+  // rows past N (padding) are cut by a view; skipped when there are none (a dispatcher call per op call)
+  auto result = [&] { return W.N == W.Np ? y : y.narrow(1, 0, W.N); };
+  if (M == 0) return result();
 
   const bool simd_ok = W.G == 1 || W.group % W.kpw() == 0;
   const KernelTable* T = simd_ok ? active() : scalar_kernels();
@@ -239,7 +241,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
     else
       T->gemm_f32(W, P.fa, yp, 2 * p0, 2 * p1);
   });
-  return y.narrow(1, 0, W.N);
+  return result();
 }
 
 }  // namespace
