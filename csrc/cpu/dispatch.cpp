@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -139,8 +140,9 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
   // one zeroed workspace for q, xs, qsum and tg (one allocation and one memset per call: at M=1 the fixed cost
   // of a call is part of what a decode step pays per layer)
   const int64_t q_bytes = round_up(Mp * ldq + 64, 64), xs_bytes = Mp * NB * 4, tg_bytes = Mp * W.G * 4;
-  P.workspace = at::zeros({q_bytes + 2 * xs_bytes + tg_bytes}, opts.dtype(at::kByte));
+  P.workspace = at::empty({q_bytes + 2 * xs_bytes + tg_bytes}, opts.dtype(at::kByte));
   uint8_t* base = P.workspace.data_ptr<uint8_t>();
+  std::memset(base, 0, P.workspace.numel());  // (at::zeros: one more dispatcher call)
   int8_t* q = reinterpret_cast<int8_t*>(base);
   float* xs = reinterpret_cast<float*>(base + q_bytes);
   int32_t* qsum = reinterpret_cast<int32_t*>(base + q_bytes + xs_bytes);
@@ -213,7 +215,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
     W.zs = zs->data_ptr<float>();
   }
   const int64_t M = x.size(0);
-  at::Tensor y = at::zeros({M, W.Np}, x.options().dtype(at::kFloat));
+  // zeroed chunk by chunk by the worker that computes it (the kernels accumulate into y)
+  at::Tensor y = at::empty({M, W.Np}, x.options().dtype(at::kFloat));
   // rows past N (padding) are cut by a view; skipped when there are none (a dispatcher call per op call)
   auto result = [&] { return W.N == W.Np ? y : y.narrow(1, 0, W.N); };
   if (M == 0) return result();
@@ -234,6 +237,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   float* yp = y.data_ptr<float>();
   const int64_t pairs = W.Np / 16;
   for_each_chunk(pairs, [&](int64_t p0, int64_t p1) {
+    for (int64_t m = 0; m < M; ++m) std::memset(yp + m * W.Np + 16 * p0, 0, 16 * (p1 - p0) * sizeof(float));
     if (mode == kQ8)
       (M >= 16 ? T->gemm_q8 : T->gemv_q8)(W, P.qa, yp, 2 * p0, 2 * p1);
     else if (mode == kGemvF32)
