@@ -175,6 +175,32 @@ def test_thread_count_does_not_change_results():
 
 
 @pytest.mark.parametrize("m", [1, 17])
+def test_output_does_not_depend_on_reused_memory(m, isa):
+    """The output is allocated uninitialised and each worker zeroes its own chunk: a block that held NaNs before
+    (the allocator hands the same block back for the same size) must not leak into any path's result."""
+    p, _ = _int_case(4, 264, 256, 64, False)
+    x = torch.randn(m, 256)
+    for name in ISAS:
+        isa(name)
+        for mode in (Q8, GEMV, GEMM):
+            ref = packed_matmul(x, p, mode).clone()
+            for _ in range(3):
+                junk = torch.full((m, 272), float("nan"))
+                del junk
+                assert torch.equal(packed_matmul(x, p, mode), ref), (name, mode)
+
+
+def test_ops_take_inputs_that_require_grad():
+    """The ops have no derivative; their autograd keys fall through to the kernels, so an input that requires grad
+    gives the same values and an output outside the graph."""
+    p, _ = _int_case(4, 40, 96, 32, True)
+    x = torch.randn(3, 96)
+    y = packed_matmul(x.clone().requires_grad_(), p, GEMV)
+    assert not y.requires_grad
+    assert torch.equal(y, packed_matmul(x, p, GEMV))
+
+
+@pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_wide_layer_every_row_once(bits, m, isa):
     """129 tile pairs: the guided work chunks (16, 12, ... down to 4 pairs and a 1-pair remainder) cover every row
