@@ -203,9 +203,9 @@ def test_ops_take_inputs_that_require_grad():
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_wide_layer_every_row_once(bits, m, isa):
-    """129 tile pairs: the guided work chunks (16, 12, ... down to 4 pairs and a 1-pair remainder) cover every row
+    """2056 rows, padded to 33 streams of 4 tile pairs: the guided work chunks (8, then 4 pairs) cover every row
     exactly once on 1 and 2 threads; the scalar path shares the chunking, so the check is against float references."""
-    n, k, group = 129 * 16 - 8, 256, 64  # the last pair half full
+    n, k, group = 129 * 16 - 8, 256, 64  # the last stream's last pair half full, its other pairs padding
     p, weight = _int_case(bits, n, k, group, False, seed=7)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
     ref, ref_q = x.double() @ weight.double().t(), _fake_quant_act(x, 64).double() @ weight.double().t()

@@ -1,9 +1,10 @@
 """Repack compressed-tensors weights (on-disk layout) into the kernels' tiled layout, once at load time.
 
-Kernel layout (see csrc/cpu/kernels.h): rows in pairs of 8-row tiles (N padded to a multiple of 16), K padded to a
-multiple of 32, tensor [Np/16, Kw, 16] int32 where word (q, kw, j) holds row 16q+j's codes for columns
-kw*c .. kw*c+c-1 (c = 8 for int4, 4 for int8/fp8) -- the on-disk pack-quantized words, transposed per 16 rows, so
-that word kw of 16 rows is one 64-byte line and a pair of tiles one sequential stream. Scales become float32
+Kernel layout (see csrc/cpu/kernels.h): rows in pairs of 8-row tiles and streams of 4 pairs (N padded to a multiple
+of 64), K padded to a multiple of 32, tensor [Np/64, Kw, 64] int32 where word (s, kw, 16p+j) holds row 64s+16p+j's
+codes for columns kw*c .. kw*c+c-1 (c = 8 for int4, 4 for int8/fp8) -- the on-disk pack-quantized words, transposed
+per 64 rows, so that word kw of a pair's 16 rows is one 64-byte line, word kw of the 4 pairs of a stream 4
+consecutive lines, and 64 rows one sequential stream. Scales become float32
 [G, Np]; zero points become z * s in the code domain ([G, Np]), so w = code * s - zs. Symmetric weights have no
 zs: their zero point is the code offset (8 for int4, 0 for int8) and the kernels use offset * s, which is exact.
 """
@@ -23,7 +24,7 @@ class PackedWeight:
     """A weight in kernel layout. kind: 'int4' | 'int8' | 'fp8'."""
 
     kind: str
-    w: torch.Tensor  # int32 [Np/16, Kw, 16]
+    w: torch.Tensor  # int32 [Np/64, Kw, 64]
     scale: torch.Tensor  # float32 [G, Np]
     zs: torch.Tensor | None  # float32 [G, Np] (asymmetric int kinds; None: symmetric or fp8)
     group_size: int
@@ -31,21 +32,24 @@ class PackedWeight:
     in_features: int
 
 
+STREAM_ROWS = 64  # rows per weight stream (4 tile pairs); N is padded to a multiple of it
+
+
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
 def _tile(words: torch.Tensor, n: int, kw: int) -> torch.Tensor:
-    """int32 words [N, W] -> [Np/16, Kw, 16] (zero padded)."""
-    np_ = _round_up(n, 16)
+    """int32 words [N, W] -> [Np/64, Kw, 64] (zero padded): word (s, kw, 16p + j) = words[64s + 16p + j, kw]."""
+    np_ = _round_up(n, STREAM_ROWS)
     out = torch.zeros(np_, kw, dtype=torch.int32, device=words.device)
     out[:n, : words.shape[1]] = words[:, :kw]
-    return out.reshape(np_ // 16, 16, kw).transpose(1, 2).contiguous()
+    return out.reshape(np_ // STREAM_ROWS, STREAM_ROWS, kw).transpose(1, 2).contiguous()
 
 
 def _per_group(t: torch.Tensor, n: int) -> torch.Tensor:
     """[N, G] -> float32 [G, Np] (zero padded rows)."""
-    out = torch.zeros(t.shape[1], _round_up(n, 16), dtype=torch.float32, device=t.device)
+    out = torch.zeros(t.shape[1], _round_up(n, STREAM_ROWS), dtype=torch.float32, device=t.device)
     out[:, :n] = t.to(torch.float32).t()
     return out.contiguous()
 

@@ -162,9 +162,9 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
 // delays the call by at most one chunk (1/16 of the work with 2 workers), not by half of it. Large first chunks
 // start fewer weight streams, small last ones (4 pairs) leave little tail: the cache-cold GEMV read 87-97% of the
 // probe against 83-98% with fixed chunks of n / (16 workers) (3 alternating rounds, 4 shapes; no change hot).
-// Chunks are multiples of 4 tile pairs (the SIMD kernels' widest step: 4 weight streams, 8 independent
-// dot-product chains; one pair at a time is their slow remainder path), so narrow layers such as SmolLM2's 576
-// rows (36 pairs, 1 pair per chunk before) run the wide kernels too.
+// Chunks are multiples of kStreamPairs = 4 tile pairs, i.e. whole weight streams (the AVX-512 kernels take a
+// stream's 4 pairs at once: 8 independent dot-product chains); the weights' N is padded to whole streams, so only
+// other callers (read_memory) see a shorter last chunk.
 template <typename F>
 void for_each_chunk(int64_t n, const F& fn) {
   const int64_t workers = std::max(1, at::get_num_threads());
@@ -172,10 +172,10 @@ void for_each_chunk(int64_t n, const F& fn) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     int64_t begin = next.load(std::memory_order_relaxed), size = 0;
     for (;;) {
-      do {  // guided: an eighth of what is left per worker, in multiples of 4 pairs
+      do {  // guided: an eighth of what is left per worker, in whole streams
         if (begin >= n) return;
-        size = std::max<int64_t>(4, (n - begin) / (workers * 8));
-        size = std::min(n - begin, size - size % 4);
+        size = std::max<int64_t>(kStreamPairs, (n - begin) / (workers * 8));
+        size = std::min(n - begin, size - size % kStreamPairs);
       } while (!next.compare_exchange_weak(begin, begin + size));
       fn(begin, begin + size);
       begin = next.load(std::memory_order_relaxed);
@@ -190,8 +190,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   TORCH_CHECK(x.dim() == 2, "compressor ops: x must be [M, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "compressor ops: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == 16 && w.is_contiguous(),
-              "compressor ops: packed weight must be the repacked int32 [Np/16, Kw, 16] layout");
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == kPairWordStride && w.is_contiguous(),
+              "compressor ops: packed weight must be the repacked int32 [Np/64, Kw, 64] layout");
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
   Weights W{};
   W.kind = kind;
@@ -204,7 +204,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   W.N = out_features;
   W.G = s.size(0);
   W.group = group;
-  TORCH_CHECK(W.Np % 16 == 0 && w.size(0) * 16 == W.Np && w.size(1) == W.Kw() && W.N <= W.Np,
+  TORCH_CHECK(W.Np % kPairWordStride == 0 && w.size(0) * kPairWordStride == W.Np && w.size(1) == W.Kw() && W.N <= W.Np,
               "compressor ops: weight layout [", w.sizes(), "] does not match x [", x.sizes(), "] / scales [",
               s.sizes(), "]");
   TORCH_CHECK(group > 0 && (W.G - 1) * group < W.K && W.G * group >= W.K, "compressor ops: group_size ", group,

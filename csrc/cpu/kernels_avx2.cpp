@@ -28,7 +28,7 @@ inline __m256 zs_row8(const Weights& W, int64_t g, int64_t col) {
 
 // Word kw of a tile (Weights::tile_words): its 8 rows' words, the low or high half of the pair's 64-byte line.
 inline __m256i load_tile_word(const uint32_t* tile, int64_t kw) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kw * 16));
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kw * kPairWordStride));
 }
 
 // Code I of each lane's word as float: int4 nibble u, int8 signed byte q, fp8 the exact E4M3 value.

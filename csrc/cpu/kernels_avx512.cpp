@@ -45,10 +45,15 @@ void zero_point_terms(const Weights& W, const QuantAct& A, float* y, int64_t t) 
 // weights (P KiB for a 128-column int4 block) stay in L1 while the M rows use them, the P pairs give 2P
 // independent VNNI chains (the latency of one chain, not the load bandwidth, bounded the one-pair loop), and the
 // broadcast activations are shared by the P pairs. Float accumulators live in y (zero-initialised).
-// Prefetch distance in each pair's stream: 32 pair words (64-byte lines: 2 KiB). With the weights in L3 (4096 x
-// 4096 int4, 8.5 MiB) 32 lines took 58-73 us per call against 68-87 us for 64 lines (6 of 6 alternating runs on
-// a Zen 5, 2 threads); from DRAM the two are within the noise of each other.
-constexpr int64_t kAhead = 32;
+// Prefetch distance: kAhead pair words, i.e. kAhead * 256 bytes of a 4-pair stream (the 4 lines of word kw of the 4
+// pairs are one 256-byte run). C++ harness, 4096 x 4096 int4, 2 threads, 2 alternating rounds on a Zen 5: 8 / 12 /
+// 16 words took 63-65 / 66-67 / 66-68 us from L3 and 240-245 / 236 / 230-236 us from DRAM; 12 is the middle.
+constexpr int64_t kAhead = 12;
+
+// Prefetch of word kw + kAhead of a pair (one 64-byte line)
+inline void prefetch_ahead(const uint32_t* pair, int64_t kw) {
+  _mm_prefetch(reinterpret_cast<const char*>(pair + (kw + kAhead) * kPairWordStride), _MM_HINT_T0);
+}
 
 template <WKind KIND, int P>
 void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
@@ -65,9 +70,9 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   for (int64_t b = 0, g = 0, in_group = 0; b < A.NB; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     const float* srow = W.s + g * W.Np + t * 8;
-    // The weight streams are prefetched kAhead lines ahead (the hardware prefetcher restarts at every 4 KiB page
-    // of each of the P streams); the next group's scales and this group's z * s rows (read at the end) are
-    // 16 KiB-strided lines it would not find either.
+    // The weight stream is prefetched kAhead words ahead (the hardware prefetcher restarts at every 4 KiB page);
+    // the next group's scales and this group's z * s rows (read at the end) are 16 KiB-strided lines it would not
+    // find either.
     if (in_group == 0)
       for (int p = 0; p < P; ++p) {
         if (g + 1 < W.G) _mm_prefetch(reinterpret_cast<const char*>(srow + W.Np + 16 * p), _MM_HINT_T0);
@@ -84,7 +89,7 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
           const __m512i xe = _mm512_set1_epi32(load_i32(q + kw * 8)), xo = _mm512_set1_epi32(load_i32(q + kw * 8 + 4));
           if (m == 0)
             for (int p = 0; p < P; ++p)
-              _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + kAhead) * 16), _MM_HINT_T0);
+              prefetch_ahead(w[p], kw);
           for (int p = 0; p < P; ++p) {
             const __m512i v = avx512_load_pair(w[p], kw);
             i0[p] = avx512_dpbusd(i0[p], _mm512_and_si512(v, low), xe);
@@ -99,8 +104,8 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
           const __m512i x0 = _mm512_set1_epi32(load_i32(q + kw * 4)), x1 = _mm512_set1_epi32(load_i32(q + kw * 4 + 4));
           if (m == 0)
             for (int p = 0; p < P; ++p) {
-              _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + kAhead) * 16), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + 1 + kAhead) * 16), _MM_HINT_T0);
+              prefetch_ahead(w[p], kw);
+              prefetch_ahead(w[p], kw + 1);
             }
           for (int p = 0; p < P; ++p) {
             i0[p] = avx512_dpbusd(i0[p], _mm512_xor_si512(avx512_load_pair(w[p], kw), flip), x0);
@@ -215,12 +220,10 @@ void gemm_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_
   for (int64_t b0 = 0; b0 < A.NB; b0 += chunk) {
     const int64_t b1 = std::min(A.NB, b0 + chunk);
     int64_t t = t0;
-    for (; t + 8 <= t1; t += 8) q8_row_tiles<KIND, 4>(W, A, y, t, b0, b1);
-    for (; t < t1; t += 2) q8_row_tiles<KIND, 1>(W, A, y, t, b0, b1);
+    for (; t < t1; t += 8) q8_row_tiles<KIND, 4>(W, A, y, t, b0, b1);
   }
   int64_t t = t0;
-  for (; t + 8 <= t1; t += 8) zero_point_terms<4>(W, A, y, t);
-  for (; t < t1; t += 2) zero_point_terms<1>(W, A, y, t);
+  for (; t < t1; t += 8) zero_point_terms<4>(W, A, y, t);
 }
 
 void gemm_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
@@ -233,8 +236,7 @@ void gemm_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
 template <WKind KIND>
 void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   int64_t t = t0;
-  for (; t + 8 <= t1; t += 8) q8_pairs<KIND, 4>(W, A, y, t);
-  for (; t < t1; t += 2) q8_pairs<KIND, 1>(W, A, y, t);
+  for (; t < t1; t += 8) q8_pairs<KIND, 4>(W, A, y, t);
 }
 
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
@@ -332,7 +334,7 @@ void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
         for (int j = 0; j < 4; ++j) c[p][j] = _mm512_setzero_ps();
       for (int64_t kw = kw0; kw < kw1; ++kw) {
         if (m == 0)
-          for (int p = 0; p < P; ++p) _mm_prefetch(reinterpret_cast<const char*>(w[p] + (kw + kAhead) * 16), _MM_HINT_T0);
+          for (int p = 0; p < P; ++p) prefetch_ahead(w[p], kw);
         __m512i v[P];
         for (int p = 0; p < P; ++p) v[p] = _mm512_xor_si512(avx512_load_pair(w[p], kw), flip);
         const float* xk = x + kw * KPW;
@@ -361,16 +363,14 @@ void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
 template <WKind KIND>
 void int_gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
   int64_t t = t0;
-  for (; t + 8 <= t1; t += 8) int_f32_pairs<KIND, 4>(W, X, y, t);
-  for (; t < t1; t += 2) int_f32_pairs<KIND, 1>(W, X, y, t);
+  for (; t < t1; t += 8) int_f32_pairs<KIND, 4>(W, X, y, t);
 }
 
 void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
   if (W.kind == WKind::Int4) return int_gemv_f32<WKind::Int4>(W, X, y, t0, t1);
   if (W.kind == WKind::Int8) return int_gemv_f32<WKind::Int8>(W, X, y, t0, t1);
   int64_t t = t0;
-  for (; t + 4 <= t1; t += 4) fp8_pairs<2>(W, X, y, t);
-  for (; t < t1; t += 2) fp8_pairs<1>(W, X, y, t);
+  for (; t < t1; t += 4) fp8_pairs<2>(W, X, y, t);
 }
 
 // ---- activation quantization, streaming read ----------------------------------------------------------------

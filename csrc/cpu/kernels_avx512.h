@@ -11,7 +11,9 @@
 namespace compressor {
 
 // Word kw of a tile pair (Weights::pair_words) as one vector: 16 rows x 4 bytes, the even tile's rows first.
-inline __m512i avx512_load_pair(const uint32_t* pair, int64_t kw) { return _mm512_loadu_si512(pair + kw * 16); }
+inline __m512i avx512_load_pair(const uint32_t* pair, int64_t kw) {
+  return _mm512_loadu_si512(pair + kw * kPairWordStride);
+}
 
 // acc + vpdpbusd(u, s) in place. GCC 12 compiles _mm512_dpbusd_epi32 into a register copy of the accumulator
 // per instruction (its builtin does not tie the accumulator to the output): the 4-pair GEMV loop ran 16 vmovdqa

@@ -19,7 +19,7 @@ namespace {
 // The stored code of row n, column k as a float: int4 u, int8 q, fp8 the E4M3 value.
 inline float code(const Weights& W, int64_t n, int64_t k) {
   const int64_t kpw = W.kpw();
-  const uint32_t word = W.w[((n / 16) * W.Kw() + k / kpw) * 16 + n % 16];
+  const uint32_t word = W.pair_words(n / 16)[(k / kpw) * kPairWordStride + n % 16];
   if (W.kind == WKind::Int4) return static_cast<float>((word >> (4 * (k % 8))) & 0xF);
   const uint8_t byte = static_cast<uint8_t>(word >> (8 * (k % 4)));
   if (W.kind == WKind::Int8) return static_cast<float>(static_cast<int8_t>(byte));

@@ -1,5 +1,6 @@
 // CUDA implementations of torch.ops.compressor.{int4,int8,fp8}_gemm on the same repacked layout as the CPU
-// kernels (csrc/cpu/kernels.h: pairs of 8-row tiles, [Np/16, Kw, 16] 32-bit words; float32 scales / z*s [G, Np]).
+// kernels (csrc/cpu/kernels.h: pairs of 8-row tiles in streams of 4 pairs, [Np/64, Kw, 64] 32-bit words; float32
+// scales / z*s [G, Np]).
 //   M < 16: GEMV, one warp per 8-row tile (32 lanes read 4 words x 8 rows = four whole 32-byte sectors per step),
 //           float32 accumulation, lanes reduced with shuffles.
 //   M >= 16: tensor-core GEMM (WMMA m16n16k16, fp16 for float16/float32 activations, bf16 for bfloat16), weights
@@ -76,11 +77,19 @@ __device__ __forceinline__ int64_t group_of(const Shape& S, int64_t k) {
   return g < S.G ? g : S.G - 1;
 }
 
+// The layout's streams of 4 tile pairs (csrc/cpu/kernels.h): word kw of pair q is at pair_words(q) + kw * 64.
+constexpr int64_t kStreamPairs = 4;
+constexpr int64_t kPairWordStride = 16 * kStreamPairs;
+
+__device__ __forceinline__ const uint32_t* pair_words(const uint32_t* w, const Shape& S, int64_t q) {
+  return w + (q / kStreamPairs) * S.Kw * kPairWordStride + (q % kStreamPairs) * 16;
+}
+
 // Dequantized weight (row n, column k < Kp).
 template <int KIND>
 __device__ __forceinline__ float weight_at(const uint32_t* w, const float* s, const float* zs, const Shape& S, int64_t n,
                                            int64_t k) {
-  const uint32_t word = w[((n / 16) * S.Kw + k / kpw<KIND>()) * 16 + (n & 15)];
+  const uint32_t word = pair_words(w, S, n / 16)[(k / kpw<KIND>()) * kPairWordStride + (n & 15)];
   const int64_t g = group_of(S, k);
   const float c = decode<KIND>(word, static_cast<int>(k % kpw<KIND>()));
   return KIND == kFp8 ? c * s[g * S.Np + n] : c * s[g * S.Np + n] - zs_at(s, zs, S, g, n);
@@ -96,10 +105,10 @@ __global__ void gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict_
   if (t >= S.Np / 8) return;
   const int64_t m = blockIdx.y, n = t * 8 + j;
   const T* xr = x + m * S.K;
-  const uint32_t* wt = w + (t / 2) * S.Kw * 16 + (t & 1) * 8;  // tile t: half of each 16-word line of pair t/2
+  const uint32_t* wt = pair_words(w, S, t / 2) + (t & 1) * 8;  // tile t: half of each 16-word line of pair t/2
   float acc = 0.f;
   for (int64_t kw = sub; kw < S.Kw; kw += 4) {
-    const uint32_t word = __ldg(wt + kw * 16 + j);
+    const uint32_t word = __ldg(wt + kw * kPairWordStride + j);
 #pragma unroll
     for (int i = 0; i < KPW; ++i) {
       const int64_t k = kw * KPW + i;
@@ -200,14 +209,15 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
   TORCH_CHECK(x_in.dim() == 2, "compressor ops: x must be [M, K]");
   TORCH_CHECK(w.is_cuda() && s.is_cuda() && w.device() == x_in.device() && s.device() == x_in.device(),
               "compressor ops: x, weight and scales must be on the same CUDA device");
-  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == 16 && w.is_contiguous(),
-              "compressor ops: packed weight must be the repacked int32 [Np/16, Kw, 16] layout");
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == kPairWordStride && w.is_contiguous(),
+              "compressor ops: packed weight must be the repacked int32 [Np/64, Kw, 64] layout");
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group, KIND == kInt4 ? 8.f : 0.f};
   S.Kw = S.Kp / kpw<KIND>();
-  TORCH_CHECK(w.size(0) * 16 == S.Np && w.size(1) == S.Kw && out_features <= S.Np, "weight layout does not match x");
+  TORCH_CHECK(w.size(0) * kPairWordStride == S.Np && w.size(1) == S.Kw && out_features <= S.Np,
+              "weight layout does not match x");
   TORCH_CHECK(group > 0 && (S.G - 1) * group < S.K && S.G * group >= S.K, "group_size does not cover K");
   const float* zp = nullptr;
   if (KIND != kFp8 && zs) {  // none: symmetric weights
