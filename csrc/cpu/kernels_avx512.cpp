@@ -370,7 +370,7 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
   if (W.kind == WKind::Int4) return int_gemv_f32<WKind::Int4>(W, X, y, t0, t1);
   if (W.kind == WKind::Int8) return int_gemv_f32<WKind::Int8>(W, X, y, t0, t1);
   int64_t t = t0;
-  for (; t < t1; t += 4) fp8_pairs<2>(W, X, y, t);
+  for (; t < t1; t += 8) fp8_pairs<4>(W, X, y, t);
 }
 
 // ---- activation quantization, streaming read ----------------------------------------------------------------
