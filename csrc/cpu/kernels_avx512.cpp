@@ -44,7 +44,8 @@ void zero_point_terms(const Weights& W, const QuantAct& A, float* y, int64_t t) 
 // P tile pairs (16 P weight rows) against every activation row, one activation block at a time: each block's
 // weights (P KiB for a 128-column int4 block) stay in L1 while the M rows use them, the P pairs give 2P
 // independent VNNI chains (the latency of one chain, not the load bandwidth, bounded the one-pair loop), and the
-// broadcast activations are shared by the P pairs. Float accumulators live in y (zero-initialised).
+// broadcast activations are shared by the P pairs. Float accumulators live in y (zero-initialised), or in
+// registers at M = 1. P = 4: the 4 pairs of a weight stream, one 256-byte run per step.
 // Prefetch distance: kAhead pair words, i.e. kAhead * 256 bytes of a 4-pair stream (the 4 lines of word kw of the 4
 // pairs are one 256-byte run). C++ harness, 4096 x 4096 int4, 2 threads, 2 alternating rounds on a Zen 5: 8 / 12 /
 // 16 words took 63-65 / 66-67 / 66-68 us from L3 and 240-245 / 236 / 230-236 us from DRAM; 12 is the middle.
