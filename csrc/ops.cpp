@@ -28,7 +28,8 @@ TORCH_LIBRARY_IMPL(compressor, CPU, m) {
 // autograd keys fall through to the backend kernel. Without this every call went through torch's boxed
 // "autograd not implemented" fallback, a measurable part of an M=1 call's fixed cost.
 TORCH_LIBRARY_IMPL(compressor, Autograd, m) {
-  for (const char* op : {"int4_gemm", "int8_gemm", "fp8_gemm", "read_memory"}) m.impl(op, torch::CppFunction::makeFallthrough());
+  for (const char* op : {"int4_gemm", "int8_gemm", "fp8_gemm", "read_memory"})
+    m.impl(op, torch::CppFunction::makeFallthrough());
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -204,7 +204,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   W.N = out_features;
   W.G = s.size(0);
   W.group = group;
-  TORCH_CHECK(W.Np % kPairWordStride == 0 && w.size(0) * kPairWordStride == W.Np && w.size(1) == W.Kw() && W.N <= W.Np,
+  TORCH_CHECK(w.size(0) * kStreamRows == W.Np && w.size(1) == W.Kw() && W.N <= W.Np,
               "compressor ops: weight layout [", w.sizes(), "] does not match x [", x.sizes(), "] / scales [",
               s.sizes(), "]");
   TORCH_CHECK(group > 0 && (W.G - 1) * group < W.K && W.G * group >= W.K, "compressor ops: group_size ", group,

@@ -29,7 +29,13 @@ enum class WKind : int { Int4 = 0, Int8 = 1, Fp8 = 2 };
 // 2026-12-03 every pair was its own stream; the AVX-512 GEMV reads 4 pairs at a time, and from L3 4 streams
 // read 15-20% slower than one (8 MiB, 2 threads, a C++ read-only probe: 44-56 us against 38-48 us).
 constexpr int64_t kStreamPairs = 4;
-constexpr int64_t kPairWordStride = 16 * kStreamPairs;
+constexpr int64_t kStreamRows = 16 * kStreamPairs;  // N is padded to a multiple of it
+constexpr int64_t kPairWordStride = kStreamRows;     // one word per row of the stream between kw and kw + 1
+
+// Software prefetch distance of the SIMD kernels in pair words (kPrefetchWords * 256 bytes of a stream). C++
+// harness, 4096 x 4096 int4, AVX-512 GEMV, 2 threads, 2 alternating rounds on a Zen 5: 8 / 12 / 16 words took
+// 63-65 / 66-67 / 66-68 us from L3 and 240-245 / 236 / 230-236 us from DRAM; 12 is the middle.
+constexpr int64_t kPrefetchWords = 12;
 
 // Codes per 32-bit word of a weight kind (Weights::kpw() as a compile-time constant).
 template <WKind KIND>

@@ -31,12 +31,12 @@ inline __m256i load_tile_word(const uint32_t* tile, int64_t kw) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kw * kPairWordStride));
 }
 
-// Prefetch of the 256-byte run of word kw + 12 of tile t's stream (its 4 pairs' lines): the first tile of a stream
-// to pass over a range of words calls it, the stream's other tiles then find the run in cache. Without it the
-// streams' layout (every tile reads 32 bytes of each run) left the hardware prefetcher behind: 4096 x 14336 and
-// 8192 x 8192 M=1 GEMVs 1.1-1.5x slower than with one stream per pair.
+// Prefetch of the 256-byte run of word kw + kPrefetchWords of tile t's stream (its 4 pairs' lines): the first tile
+// of a stream to pass over a range of words calls it, the stream's other tiles then find the run in cache. Without
+// it the streams' layout (every tile reads 32 bytes of each run) left the hardware prefetcher behind: 4096 x 14336
+// and 8192 x 8192 M=1 GEMVs 1.1-1.5x slower than with one stream per pair.
 inline void prefetch_run(const Weights& W, int64_t t, int64_t kw) {
-  const uint32_t* run = W.pair_words(t / (2 * kStreamPairs) * kStreamPairs) + (kw + 12) * kPairWordStride;
+  const uint32_t* run = W.pair_words(t / (2 * kStreamPairs) * kStreamPairs) + (kw + kPrefetchWords) * kPairWordStride;
   for (int l = 0; l < kStreamPairs; ++l) _mm_prefetch(reinterpret_cast<const char*>(run + 16 * l), _MM_HINT_T0);
 }
 
@@ -148,7 +148,8 @@ constexpr int64_t kQ8ChunkBytes = 128 << 10, kStreamChunkBytes = 32 << 10;
 template <WKind KIND>
 void q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   const int64_t stream_block_bytes = 16 * kStreamPairs * A.ablk / (KIND == WKind::Int4 ? 2 : 1);
-  const int64_t chunk = std::max<int64_t>(1, std::min(kQ8ChunkBytes / (A.M * A.ablk), kStreamChunkBytes / stream_block_bytes));
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min(kQ8ChunkBytes / (A.M * A.ablk), kStreamChunkBytes / stream_block_bytes));
   // M < 16: stream by stream, its chunks in a row (the lead tile's prefetch runs on into the next chunk); M >= 16:
   // chunk by chunk over all the streams of [t0, t1) (the chunk's activation rows stay in L2)
   const int64_t span = A.M < 16 ? 2 * kStreamPairs : t1 - t0;
@@ -175,7 +176,6 @@ void q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   else
     q8_t<WKind::Int8>(W, A, y, t0, t1);
 }
-
 
 // ---- float activations, float32 accumulation ------------------------------------------------------------
 

@@ -46,14 +46,10 @@ void zero_point_terms(const Weights& W, const QuantAct& A, float* y, int64_t t) 
 // independent VNNI chains (the latency of one chain, not the load bandwidth, bounded the one-pair loop), and the
 // broadcast activations are shared by the P pairs. Float accumulators live in y (zero-initialised), or in
 // registers at M = 1. P = 4: the 4 pairs of a weight stream, one 256-byte run per step.
-// Prefetch distance: kAhead pair words, i.e. kAhead * 256 bytes of a 4-pair stream (the 4 lines of word kw of the 4
-// pairs are one 256-byte run). C++ harness, 4096 x 4096 int4, 2 threads, 2 alternating rounds on a Zen 5: 8 / 12 /
-// 16 words took 63-65 / 66-67 / 66-68 us from L3 and 240-245 / 236 / 230-236 us from DRAM; 12 is the middle.
-constexpr int64_t kAhead = 12;
-
-// Prefetch of word kw + kAhead of a pair (one 64-byte line)
+// Prefetch of word kw + kPrefetchWords of a pair (one 64-byte line; the 4 pairs' lines of a word are one 256-byte
+// run of the stream)
 inline void prefetch_ahead(const uint32_t* pair, int64_t kw) {
-  _mm_prefetch(reinterpret_cast<const char*>(pair + (kw + kAhead) * kPairWordStride), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(pair + (kw + kPrefetchWords) * kPairWordStride), _MM_HINT_T0);
 }
 
 template <WKind KIND, int P>
@@ -71,9 +67,9 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   for (int64_t b = 0, g = 0, in_group = 0; b < A.NB; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     const float* srow = W.s + g * W.Np + t * 8;
-    // The weight stream is prefetched kAhead words ahead (the hardware prefetcher restarts at every 4 KiB page);
-    // the next group's scales and this group's z * s rows (read at the end) are 16 KiB-strided lines it would not
-    // find either.
+    // The weight stream is prefetched kPrefetchWords words ahead (the hardware prefetcher restarts at every 4 KiB
+    // page); the next group's scales and this group's z * s rows (read at the end) are 16 KiB-strided lines it
+    // would not find either.
     if (in_group == 0)
       for (int p = 0; p < P; ++p) {
         if (g + 1 < W.G) _mm_prefetch(reinterpret_cast<const char*>(srow + W.Np + 16 * p), _MM_HINT_T0);

@@ -79,7 +79,8 @@ __device__ __forceinline__ int64_t group_of(const Shape& S, int64_t k) {
 
 // The layout's streams of 4 tile pairs (csrc/cpu/kernels.h): word kw of pair q is at pair_words(q) + kw * 64.
 constexpr int64_t kStreamPairs = 4;
-constexpr int64_t kPairWordStride = 16 * kStreamPairs;
+constexpr int64_t kStreamRows = 16 * kStreamPairs;
+constexpr int64_t kPairWordStride = kStreamRows;
 
 __device__ __forceinline__ const uint32_t* pair_words(const uint32_t* w, const Shape& S, int64_t q) {
   return w + (q / kStreamPairs) * S.Kw * kPairWordStride + (q % kStreamPairs) * 16;
@@ -216,7 +217,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
   const at::Tensor x = x_in.contiguous();
   Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group, KIND == kInt4 ? 8.f : 0.f};
   S.Kw = S.Kp / kpw<KIND>();
-  TORCH_CHECK(w.size(0) * kPairWordStride == S.Np && w.size(1) == S.Kw && out_features <= S.Np,
+  TORCH_CHECK(w.size(0) * kStreamRows == S.Np && w.size(1) == S.Kw && out_features <= S.Np,
               "weight layout does not match x");
   TORCH_CHECK(group > 0 && (S.G - 1) * group < S.K && S.G * group >= S.K, "group_size does not cover K");
   const float* zp = nullptr;
