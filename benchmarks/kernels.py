@@ -225,7 +225,7 @@ def bench_cold(args) -> None:
     for k, n in SHAPES:
         wt = Int4Weight(k, n, args.group)
         p = wt.ours
-        nbytes = p.w.numel() * 4 + p.scale.numel() * 4 + (0 if p.zs is None else p.zs.numel() * 4)
+        nbytes = sum(t.numel() * t.element_size() for t in (p.w, p.scale, p.zs) if t is not None)
         copies = max(2, -(-4 * llc // nbytes) + 1)
         ws = [repack_int(wt.packed, wt.scale, None, 4, (n, k), args.group) for _ in range(copies)]
         dense_copies = max(2, -(-4 * llc // (n * k * 4)) + 1)

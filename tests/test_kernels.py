@@ -3,6 +3,7 @@ and against float dequantize-then-matmul references; FP8 decode against torch's 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from compressor.quant.packing import pack_int32
 from compressor.quant.rtn import rtn_quantize
 from compressor.runtime import _ext
 from compressor.runtime.ops import dequantize_packed, packed_matmul
-from compressor.runtime.repack import repack_fp8, repack_int
+from compressor.runtime.repack import kernel_scale_dtype, repack_fp8, repack_int
 
 if os.environ.get("COMPRESSOR_NO_EXT") == "1":
     pytest.skip("extension disabled by COMPRESSOR_NO_EXT=1", allow_module_level=True)
@@ -119,6 +120,55 @@ def test_symmetric_weights_have_no_zero_point_rows(bits, m, isa):
     a, b = _all_paths(isa, x, p, [GEMV, GEMM, Q8]), _all_paths(isa, x, explicit, [GEMV, GEMM, Q8])
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_scales_keep_the_narrowest_exact_storage():
+    """Repacked scales are float16 / bfloat16 when that holds every value exactly (half the scale bytes a GEMV
+    reads), float32 otherwise."""
+    fp16_exact = torch.tensor([0.5, 3.0e-3, 2.0**-20, 6.0e4]).to(torch.float16).float()  # a float16 subnormal too
+    bf16_only = torch.tensor([2.0**-30, 1.0e8]).to(torch.bfloat16).float()  # outside float16's range
+    assert kernel_scale_dtype(fp16_exact) == torch.float16
+    assert kernel_scale_dtype(bf16_only) == torch.bfloat16
+    assert kernel_scale_dtype(torch.tensor([0.1, 1 / 3])) == torch.float32
+    assert kernel_scale_dtype(torch.tensor([0.1]).to(torch.bfloat16)) == torch.bfloat16
+    assert kernel_scale_dtype(torch.tensor([float("nan")])) == torch.float32
+    p, _ = _int_case(4, 40, 256, 64, symmetric=False)  # artifact scales are float16
+    assert p.scale.dtype == torch.float16 and p.zs is not None and p.zs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_16bit_scales_give_the_float32_results(bits, symmetric, storage, m, isa):
+    """The same scale values stored as 16-bit floats or widened to float32 give bit-identical outputs on every
+    path and mode: the kernels widen 16-bit scales exactly (float16 subnormals and bfloat16 values outside float16's
+    range included)."""
+    n, k, group = 72, 200, 64
+    p, weight = _int_case(bits, n, k, group, symmetric, seed=6)
+    scale = p.scale.float()
+    scale[:, ::7] *= 2.0**-12 if storage == torch.float16 else 2.0**-40  # subnormal in float16 / outside its range
+    narrow = dataclasses.replace(p, scale=scale.to(storage))
+    wide = dataclasses.replace(p, scale=narrow.scale.float())
+    tiny = narrow.scale.float().abs()
+    tiny = tiny[(tiny > 0) & (tiny < (2.0**-14 if storage == torch.float16 else 2.0**-24))]
+    assert narrow.scale.dtype == storage and tiny.numel() > 0
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7))
+    a, b = _all_paths(isa, x, narrow, [GEMV, GEMM, Q8]), _all_paths(isa, x, wide, [GEMV, GEMM, Q8])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    fp8 = _fp8_case(n, k, Fp8Format("block", (32, 64)))[0]
+    fp8_narrow = dataclasses.replace(fp8, scale=fp8.scale.to(storage))
+    fp8_wide = dataclasses.replace(fp8, scale=fp8_narrow.scale.float())
+    a, b = _all_paths(isa, x, fp8_narrow, [GEMV, GEMM]), _all_paths(isa, x, fp8_wide, [GEMV, GEMM])
+    for key in a:
+        assert torch.equal(a[key], b[key]), ("fp8",) + key
+
+
+def test_ops_reject_float64_scales():
+    p, _ = _int_case(4, 40, 256, 64, symmetric=True)
+    with pytest.raises(RuntimeError, match="scales must be float32, float16 or bfloat16"):
+        packed_matmul(torch.randn(1, 256), dataclasses.replace(p, scale=p.scale.double()))
 
 
 @pytest.mark.parametrize("m", [16, 18, 31, 48, 80])

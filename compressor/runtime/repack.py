@@ -4,9 +4,11 @@ Kernel layout (see csrc/cpu/kernels.h): rows in pairs of 8-row tiles and streams
 of 64), K padded to a multiple of 32, tensor [Np/64, Kw, 64] int32 where word (s, kw, 16p+j) holds row 64s+16p+j's
 codes for columns kw*c .. kw*c+c-1 (c = 8 for int4, 4 for int8/fp8) -- the on-disk pack-quantized words, transposed
 per 64 rows, so that word kw of a pair's 16 rows is one 64-byte line, word kw of the 4 pairs of a stream 4
-consecutive lines, and 64 rows one sequential stream. Scales become float32
-[G, Np]; zero points become z * s in the code domain ([G, Np]), so w = code * s - zs. Symmetric weights have no
-zs: their zero point is the code offset (8 for int4, 0 for int8) and the kernels use offset * s, which is exact.
+consecutive lines, and 64 rows one sequential stream. Scales become [G, Np] in the
+narrowest of float16 / bfloat16 / float32 that holds them exactly (an artifact's 16-bit scales stay 16-bit: half
+the scale bytes a GEMV reads); zero points become float32 z * s in the code domain ([G, Np]), so w = code * s - zs.
+Symmetric weights have no zs: their zero point is the code offset (8 for int4, 0 for int8) and the kernels use
+offset * s, which is exact.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class PackedWeight:
 
     kind: str
     w: torch.Tensor  # int32 [Np/64, Kw, 64]
-    scale: torch.Tensor  # float32 [G, Np]
+    scale: torch.Tensor  # float16 / bfloat16 / float32 [G, Np] (kernel_scale_dtype)
     zs: torch.Tensor | None  # float32 [G, Np] (asymmetric int kinds; None: symmetric or fp8)
     group_size: int
     out_features: int
@@ -47,10 +49,22 @@ def _tile(words: torch.Tensor, n: int, kw: int) -> torch.Tensor:
     return out.reshape(np_ // STREAM_ROWS, STREAM_ROWS, kw).transpose(1, 2).contiguous()
 
 
-def _per_group(t: torch.Tensor, n: int) -> torch.Tensor:
-    """[N, G] -> float32 [G, Np] (zero padded rows)."""
-    out = torch.zeros(t.shape[1], _round_up(n, STREAM_ROWS), dtype=torch.float32, device=t.device)
-    out[:, :n] = t.to(torch.float32).t()
+def kernel_scale_dtype(scale: torch.Tensor) -> torch.dtype:
+    """The narrowest of float16 / bfloat16 / float32 that holds every value of `scale` exactly (the kernels widen
+    16-bit scales to float32 without rounding, so results do not depend on the storage)."""
+    if scale.dtype in (torch.float16, torch.bfloat16):
+        return scale.dtype
+    s = scale.to(torch.float32)
+    for dtype in (torch.float16, torch.bfloat16):
+        if torch.equal(s.to(dtype).to(torch.float32), s):
+            return dtype
+    return torch.float32
+
+
+def _per_group(t: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, G] -> [G, Np] of dtype (zero padded rows)."""
+    out = torch.zeros(t.shape[1], _round_up(n, STREAM_ROWS), dtype=dtype, device=t.device)
+    out[:, :n] = t.to(dtype).t()
     return out.contiguous()
 
 
@@ -73,12 +87,12 @@ def repack_int(
     w = _tile(words, n, kp * bits // 32)
     if scale.numel() == 1:
         scale = scale.reshape(1, 1).expand(n, 1)
-    s = _per_group(scale.reshape(n, -1), n)
+    s = _per_group(scale.reshape(n, -1), n, kernel_scale_dtype(scale))
     zs = None  # symmetric: the kernels use the code offset (int4 codes stay unsigned, u = q + 8; int8 are signed)
     if zero_packed is not None:
         offset = 8 if bits == 4 else 0
         z = unpack_int32(zero_packed.t().contiguous(), bits, n).t().to(torch.float32) + offset
-        zs = s * _per_group(z, n)
+        zs = s.to(torch.float32) * _per_group(z, n)
     return PackedWeight(f"int{bits}", w, s, zs, group_size if s.shape[0] > 1 else k, n, k)
 
 
@@ -90,9 +104,10 @@ def repack_fp8(weight: torch.Tensor, scale: torch.Tensor, strategy: str, block: 
     raw[:, :k] = weight.view(torch.uint8)
     words = raw.view(torch.int32)  # little endian: byte i of a word is column 4*kw + i
     w = _tile(words, n, kp // 4)
+    dtype = kernel_scale_dtype(scale)
     scale = scale.to(torch.float32)
     if strategy == "block":
         rows = expand_blocks(scale, (n, scale.shape[1] * block[1]), block)[:, :: block[1]]  # [N, Gk]
-        return PackedWeight("fp8", w, _per_group(rows, n), None, block[1] if rows.shape[1] > 1 else k, n, k)
+        return PackedWeight("fp8", w, _per_group(rows, n, dtype), None, block[1] if rows.shape[1] > 1 else k, n, k)
     rows = scale.reshape(-1, 1).expand(n, 1) if scale.numel() == 1 else scale.reshape(n, 1)
-    return PackedWeight("fp8", w, _per_group(rows, n), None, k, n, k)
+    return PackedWeight("fp8", w, _per_group(rows, n, dtype), None, k, n, k)

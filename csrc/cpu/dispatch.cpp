@@ -192,12 +192,15 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
               "compressor ops: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == kPairWordStride && w.is_contiguous(),
               "compressor ops: packed weight must be the repacked int32 [Np/64, Kw, 64] layout");
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
+  TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf || s.scalar_type() == at::kBFloat16) &&
+                  s.dim() == 2 && s.is_contiguous(),
+              "scales must be float32, float16 or bfloat16 [G, Np], got ", s.scalar_type(), " ", s.sizes());
   Weights W{};
   W.kind = kind;
   W.zoff = kind == WKind::Int4 ? 8.f : 0.f;
   W.w = reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
-  W.s = s.data_ptr<float>();
+  W.s = s.data_ptr();
+  W.stype = s.scalar_type() == at::kHalf ? SType::F16 : s.scalar_type() == at::kBFloat16 ? SType::BF16 : SType::F32;
   W.K = x.size(1);
   W.Kp = round_up(W.K, 32);
   W.Np = s.size(1);

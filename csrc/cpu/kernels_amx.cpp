@@ -131,9 +131,9 @@ void block_tiles(const Weights& W, const QuantAct& A, float* y, int64_t t, int64
     if constexpr (MT * NP > 1) _tile_stored(1, tiles[1], 64);
     if constexpr (MT * NP > 2) _tile_stored(2, tiles[2], 64);
     if constexpr (MT * NP > 3) _tile_stored(3, tiles[3], 64);
-    const float* srow = W.s + W.group_of(b * A.ablk) * W.Np + t * 8;
+    const int64_t g = W.group_of(b * A.ablk);
     for (int j = 0; j < NP; ++j) {
-      const __m512 s = _mm512_loadu_ps(srow + 16 * j);
+      const __m512 s = avx512_scale_row(W, g, t * 8 + 16 * j);
       for (int i = 0; i < MT; ++i) {
         const int id = tile_id(i, j);
         const float* xs = A.xs + (mt0 + i) * 16 * A.NB + b;

@@ -20,10 +20,19 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
+// Scales of 8 rows from column col of group g as float32 (16-bit storage widened exactly)
+inline __m256 scale_row8(const Weights& W, int64_t g, int64_t col) {
+  const char* p = W.scale_addr(g, col);
+  if (W.stype == SType::F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (W.stype == SType::F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // z * s of 8 rows from column col of group g (the stored row, or zoff * s for symmetric weights: exact)
 inline __m256 zs_row8(const Weights& W, int64_t g, int64_t col) {
   if (W.zs) return _mm256_loadu_ps(W.zs + g * W.Np + col);
-  return _mm256_mul_ps(_mm256_loadu_ps(W.s + g * W.Np + col), _mm256_set1_ps(W.zoff));
+  return _mm256_mul_ps(scale_row8(W, g, col), _mm256_set1_ps(W.zoff));
 }
 
 // Word kw of a tile (Weights::tile_words): its 8 rows' words, the low or high half of the pair's 64-byte line.
@@ -116,7 +125,7 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
         }
       }
     }
-    const __m256 s = _mm256_loadu_ps(W.s + W.group_of(k0) * W.Np + t * 8);
+    const __m256 s = scale_row8(W, W.group_of(k0), t * 8);
     for (int r = 0; r < MB; ++r) {
       float* yr = y + (m0 + r) * W.Np + t * 8;
       const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(A.xs[(m0 + r) * A.NB + b]));
@@ -223,8 +232,7 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
             a0 = _mm256_add_ps(a0, c0[c]);
             a1 = _mm256_add_ps(a1, c1[c]);
           }
-          const float* s = W.s + g * W.Np + t * 8;
-          const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+          const __m256 s0 = scale_row8(W, g, t * 8), s1 = scale_row8(W, g, t * 8 + 8);
           acc0 = _mm256_fmadd_ps(a0, s0, acc0);
           acc1 = _mm256_fmadd_ps(a1, s1, acc1);
           if (KIND != WKind::Fp8 && W.zs) {  // symmetric weights: (z - 8) * s = 0, no term
@@ -265,8 +273,8 @@ void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float*
     const int64_t g = W.group_of(kw * KPW);
     if (g != g_cur) {
       g_cur = g;
-      s0 = _mm256_loadu_ps(W.s + g * W.Np + t * 8);
-      s1 = _mm256_loadu_ps(W.s + g * W.Np + t * 8 + 8);
+      s0 = scale_row8(W, g, t * 8);
+      s1 = scale_row8(W, g, t * 8 + 8);
       if constexpr (KIND != WKind::Fp8) {
         z0 = zs_row8(W, g, t * 8);
         z1 = zs_row8(W, g, t * 8 + 8);

@@ -66,15 +66,18 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
   for (int64_t b = 0, g = 0, in_group = 0; b < A.NB; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
-    const float* srow = W.s + g * W.Np + t * 8;
     // The weight stream is prefetched kPrefetchWords words ahead (the hardware prefetcher restarts at every 4 KiB
-    // page); the next group's scales and this group's z * s rows (read at the end) are 16 KiB-strided lines it
-    // would not find either.
+    // page); the next group's scales and this group's z * s rows (read at the end) are strided lines it would not
+    // find either.
     if (in_group == 0)
       for (int p = 0; p < P; ++p) {
-        if (g + 1 < W.G) _mm_prefetch(reinterpret_cast<const char*>(srow + W.Np + 16 * p), _MM_HINT_T0);
+        if (g + 1 < W.G) _mm_prefetch(W.scale_addr(g + 1, t * 8 + 16 * p), _MM_HINT_T0);
         if (W.zs) _mm_prefetch(reinterpret_cast<const char*>(W.zs + g * W.Np + (t + 2 * p) * 8), _MM_HINT_T0);
       }
+    // this block's scales, widened once into L1 (converting 16-bit ones in the epilogue below cost the dot-product
+    // loop its register allocation: GCC copied 4 of the 8 accumulators per step again)
+    alignas(64) float srow[16 * P];
+    for (int p = 0; p < P; ++p) _mm512_store_ps(srow + 16 * p, avx512_scale_row(W, g, t * 8 + 16 * p));
     for (int64_t m = 0; m < A.M; ++m) {
       const int8_t* q = A.q + m * A.ldq;
       __m512i i0[P], i1[P];
@@ -115,7 +118,7 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
       float* yr = y + m * W.Np + t * 8;
       const __m512 xs = _mm512_set1_ps(A.xs[m * A.NB + b]);
       for (int p = 0; p < P; ++p) {
-        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(srow + 16 * p), xs);
+        const __m512 sc = _mm512_mul_ps(_mm512_load_ps(srow + 16 * p), xs);
         const __m512 i = _mm512_cvtepi32_ps(_mm512_add_epi32(i0[p], i1[p]));
         if (one_row)
           acc[p] = _mm512_fmadd_ps(i, sc, acc[p]);
@@ -183,12 +186,13 @@ void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
         for (int p = 0; p < P; ++p) acc[r][p] = _mm512_sub_epi32(acc[r][p], corr);
       }
     }
-    const float* srow = W.s + W.group_of(k0) * W.Np + t * 8;
+    __m512 srow[P];
+    for (int p = 0; p < P; ++p) srow[p] = avx512_scale_row(W, W.group_of(k0), t * 8 + 16 * p);
     for (int r = 0; r < R; ++r) {
       float* yr = y + (m0 + r) * W.Np + t * 8;
       const __m512 xs = _mm512_set1_ps(A.xs[(m0 + r) * A.NB + b]);
       for (int p = 0; p < P; ++p) {
-        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(srow + 16 * p), xs);
+        const __m512 sc = _mm512_mul_ps(srow[p], xs);
         _mm512_storeu_ps(yr + 16 * p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), sc, _mm512_loadu_ps(yr + 16 * p)));
       }
     }
@@ -288,7 +292,8 @@ void fp8_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
       for (int p = 0; p < P; ++p) {
         alignas(64) float lanes[4][16];
         for (int j = 0; j < 4; ++j) _mm512_store_ps(lanes[j], c[p][j]);
-        const float* s = W.s + g * W.Np + (t + 2 * p) * 8;
+        alignas(64) float s[16];
+        _mm512_store_ps(s, avx512_scale_row(W, g, (t + 2 * p) * 8));
         for (int j = 0; j < 4; ++j)
           for (int r = 0; r < 4; ++r) {
             const float* ch = lanes[j] + 4 * r;
@@ -345,7 +350,7 @@ void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
       for (int p = 0; p < P; ++p) {
         const __m512 a = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c[p][0], c[p][1]), c[p][2]), c[p][3]);
         const int64_t col = (t + 2 * p) * 8;
-        const __m512 sc = _mm512_loadu_ps(W.s + g * W.Np + col);
+        const __m512 sc = avx512_scale_row(W, g, col);
         acc[p] = _mm512_fmadd_ps(a, sc, acc[p]);
         if (W.zs) {  // symmetric weights: (z - offset) * s = 0, no term
           const __m512 z = _mm512_fnmadd_ps(_mm512_set1_ps(W.zoff), sc, _mm512_loadu_ps(W.zs + g * W.Np + col));

@@ -23,10 +23,20 @@ inline __m512i avx512_dpbusd(__m512i acc, __m512i u, __m512i s) {
   return acc;
 }
 
+// Scales of 16 rows from column col of group g as float32 (16-bit storage widened exactly: vcvtph2ps for
+// float16, the bits moved to the high half for bfloat16)
+inline __m512 avx512_scale_row(const Weights& W, int64_t g, int64_t col) {
+  const char* p = W.scale_addr(g, col);
+  if (W.stype == SType::F32) return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if (W.stype == SType::F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // z * s of 16 rows from column col of group g: the stored row, or zoff * s for symmetric weights (exact)
 inline __m512 avx512_zs_row(const Weights& W, int64_t g, int64_t col) {
   if (W.zs) return _mm512_loadu_ps(W.zs + g * W.Np + col);
-  return _mm512_mul_ps(_mm512_loadu_ps(W.s + g * W.Np + col), _mm512_set1_ps(W.zoff));
+  return _mm512_mul_ps(avx512_scale_row(W, g, col), _mm512_set1_ps(W.zoff));
 }
 
 }  // namespace compressor

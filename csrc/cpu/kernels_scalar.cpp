@@ -43,7 +43,7 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
         const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
         int32_t d = 0;
         for (int64_t k = k0; k < k1; ++k) d += static_cast<int32_t>(code(W, n, k)) * q[act_pos(perm, k)];
-        const float sc = W.s[W.group_of(k0) * W.Np + n] * A.xs[m * A.NB + b];
+        const float sc = W.scale_at(W.group_of(k0), n) * A.xs[m * A.NB + b];
         acc = std::fmaf(static_cast<float>(d), sc, acc);
       }
       for (int64_t g = 0; g < W.G; ++g) acc = std::fmaf(-W.zs_at(g, n), A.tg[m * W.G + g], acc);
@@ -66,7 +66,7 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
         for (int64_t k = g * W.group; k < W.group_end(g); ++k)
           chain[k % 4] = std::fmaf(code(W, n, k) - off, x[k], chain[k % 4]);
         const float ag = ((chain[0] + chain[1]) + chain[2]) + chain[3];
-        const float s = W.s[g * W.Np + n];
+        const float s = W.scale_at(g, n);
         acc = std::fmaf(ag, s, acc);
         // (z - off) * s: zero for symmetric weights, which have no zs
         if (W.zs) acc = std::fmaf(-std::fmaf(-off, s, W.zs[g * W.Np + n]), X.xsum[m * W.G + g], acc);
@@ -85,7 +85,7 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
         float part = 0.f;
         for (int64_t k = k0; k < std::min(k0 + kGemmKc, W.Kp); ++k) {
           const int64_t g = W.group_of(k);
-          const float s = W.s[g * W.Np + n];
+          const float s = W.scale_at(g, n);
           const float w = W.kind != WKind::Fp8 ? std::fmaf(code(W, n, k), s, -W.zs_at(g, n)) : code(W, n, k) * s;
           part = std::fmaf(x[k], w, part);
         }

@@ -65,11 +65,20 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 struct Shape {
   int64_t M, K, Kp, Kw, Np, G, group;
   float zoff;  // zero point of symmetric int weights (zs == nullptr): 8 for int4, 0 for int8
+  int stype;   // scale storage (csrc/cpu/kernels.h SType): 0 float32, 1 float16, 2 bfloat16
 };
 
+// Scale of group g, row n, widened to float32 (exact)
+__device__ __forceinline__ float scale_at(const void* s, const Shape& S, int64_t g, int64_t n) {
+  const int64_t i = g * S.Np + n;
+  if (S.stype == 1) return __half2float(static_cast<const __half*>(s)[i]);
+  if (S.stype == 2) return __bfloat162float(static_cast<const __nv_bfloat16*>(s)[i]);
+  return static_cast<const float*>(s)[i];
+}
+
 // z * s of group g, row n: the stored value, or zoff * s for symmetric weights (exact)
-__device__ __forceinline__ float zs_at(const float* s, const float* zs, const Shape& S, int64_t g, int64_t n) {
-  return zs ? zs[g * S.Np + n] : S.zoff * s[g * S.Np + n];
+__device__ __forceinline__ float zs_at(const void* s, const float* zs, const Shape& S, int64_t g, int64_t n) {
+  return zs ? zs[g * S.Np + n] : S.zoff * scale_at(s, S, g, n);
 }
 
 __device__ __forceinline__ int64_t group_of(const Shape& S, int64_t k) {
@@ -88,17 +97,18 @@ __device__ __forceinline__ const uint32_t* pair_words(const uint32_t* w, const S
 
 // Dequantized weight (row n, column k < Kp).
 template <int KIND>
-__device__ __forceinline__ float weight_at(const uint32_t* w, const float* s, const float* zs, const Shape& S, int64_t n,
+__device__ __forceinline__ float weight_at(const uint32_t* w, const void* s, const float* zs, const Shape& S, int64_t n,
                                            int64_t k) {
   const uint32_t word = pair_words(w, S, n / 16)[(k / kpw<KIND>()) * kPairWordStride + (n & 15)];
   const int64_t g = group_of(S, k);
   const float c = decode<KIND>(word, static_cast<int>(k % kpw<KIND>()));
-  return KIND == kFp8 ? c * s[g * S.Np + n] : c * s[g * S.Np + n] - zs_at(s, zs, S, g, n);
+  const float sc = scale_at(s, S, g, n);
+  return KIND == kFp8 ? c * sc : c * sc - zs_at(s, zs, S, g, n);
 }
 
 // blockDim (32, 4): warp y handles tile blockIdx.x * 4 + y for activation row blockIdx.y.
 template <int KIND, typename T>
-__global__ void gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w, const float* __restrict__ s,
+__global__ void gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ s,
                             const float* __restrict__ zs, float* __restrict__ y, Shape S) {
   constexpr int KPW = kpw<KIND>();
   const int lane = threadIdx.x, j = lane & 7, sub = lane >> 3;
@@ -115,8 +125,8 @@ __global__ void gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict_
       const int64_t k = kw * KPW + i;
       if (k >= S.K) break;
       const int64_t g = group_of(S, k);
-      const float wv = KIND == kFp8 ? decode<KIND>(word, i) * s[g * S.Np + n]
-                                    : decode<KIND>(word, i) * s[g * S.Np + n] - zs_at(s, zs, S, g, n);
+      const float sc = scale_at(s, S, g, n);
+      const float wv = KIND == kFp8 ? decode<KIND>(word, i) * sc : decode<KIND>(word, i) * sc - zs_at(s, zs, S, g, n);
       acc += wv * to_float(xr[k]);
     }
   }
@@ -130,7 +140,7 @@ constexpr int BM = 64, BN = 64, BK = 32;
 // 128 threads = 4 warps in a 2 x 2 grid, each computing a 32 x 32 block of y with 2 x 2 WMMA fragments.
 template <int KIND, typename T, typename C>
 __global__ void __launch_bounds__(128) gemm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
-                                                   const float* __restrict__ s, const float* __restrict__ zs,
+                                                   const void* __restrict__ s, const float* __restrict__ zs,
                                                    float* __restrict__ y, Shape S) {
   using namespace nvcuda;
   __shared__ __align__(32) C As[BM * BK];  // x tile, row-major [m][k]
@@ -189,7 +199,7 @@ void launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
-  const float* sp = s.data_ptr<float>();
+  const void* sp = s.data_ptr();
   float* yp = y.data_ptr<float>();
   if (S.M < 16) {
     const dim3 grid(static_cast<unsigned>((S.Np / 8 + 3) / 4), static_cast<unsigned>(S.M)), block(32, 4);
@@ -212,10 +222,14 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
               "compressor ops: x, weight and scales must be on the same CUDA device");
   TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 3 && w.size(2) == kPairWordStride && w.is_contiguous(),
               "compressor ops: packed weight must be the repacked int32 [Np/64, Kw, 64] layout");
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(), "scales must be float32 [G, Np]");
+  TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf || s.scalar_type() == at::kBFloat16) &&
+                  s.dim() == 2 && s.is_contiguous(),
+              "scales must be float32, float16 or bfloat16 [G, Np]");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group, KIND == kInt4 ? 8.f : 0.f};
+  const int stype = s.scalar_type() == at::kHalf ? 1 : s.scalar_type() == at::kBFloat16 ? 2 : 0;
+  Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group, KIND == kInt4 ? 8.f : 0.f,
+          stype};
   S.Kw = S.Kp / kpw<KIND>();
   TORCH_CHECK(w.size(0) * kStreamRows == S.Np && w.size(1) == S.Kw && out_features <= S.Np,
               "weight layout does not match x");
