@@ -60,10 +60,14 @@ constexpr int64_t kStreamPairs = 4;
 constexpr int64_t kStreamRows = 16 * kStreamPairs;  // N is padded to a multiple of it
 constexpr int64_t kPairWordStride = kStreamRows;     // one word per row of the stream between kw and kw + 1
 
-// Software prefetch distance of the SIMD kernels in pair words (kPrefetchWords * 256 bytes of a stream). C++
-// harness, 4096 x 4096 int4, AVX-512 GEMV, 2 threads, 2 alternating rounds on a Zen 5: 8 / 12 / 16 words took
-// 63-65 / 66-67 / 66-68 us from L3 and 240-245 / 236 / 230-236 us from DRAM; 12 is the middle.
-constexpr int64_t kPrefetchWords = 12;
+// Software prefetch distance of the SIMD kernels in pair words (kPrefetchWords * 256 bytes of a stream: 8 KiB).
+// Zen 5, int4 g128 AVX-512 GEMV, 2 threads, builds of 12 / 24 / 32 / 48 words timed interleaved in one process
+// (docs/kernels.md, "Prefetch distance"): weights of about the L3's size called back to back (4096 x 14336,
+// 14336 x 4096, 8192 x 8192) took 0.70-0.90x the time of 12 words at 32; L3-resident 4096 x 4096 the same at 12,
+// 24 and 32 (5% slower at 48); cache-cold, 32 read 8% more of the probe's bandwidth in rounds where it read over
+// 50 GB/s (80-90% instead of 74-83%) and the same in the others. (A one-shape C++ harness had picked 12 among
+// 8 / 12 / 16.)
+constexpr int64_t kPrefetchWords = 32;
 
 // Codes per 32-bit word of a weight kind (Weights::kpw() as a compile-time constant).
 template <WKind KIND>
