@@ -118,7 +118,12 @@ struct Weights {
   }
   // z * s of group g, row n (int weights); false when every z is 0 (symmetric int8): no zero-point term at all
   float zs_at(int64_t g, int64_t n) const { return zs ? zs[g * Np + n] : zoff * scale_at(g, n); }
-  bool zero_terms() const { return zs || zoff != 0.f; }
+  // Integer activation paths: the code offset taken off each block's exact dot product, sum (u - zoff) q =
+  // sum u q - zoff * qsum in int32 (symmetric INT4; 0 otherwise), so that only asymmetric weights need z * s terms
+  // after the blocks (zero_terms). Before 2026-12-03 symmetric INT4 took 8 * s * (group sums) off at the end: a
+  // pass over every group's scales per row, and a large sum of u * x cancelled against it.
+  int32_t fold_offset() const { return zs ? 0 : static_cast<int32_t>(zoff); }
+  bool zero_terms() const { return zs != nullptr; }
   // the words of tile pair q (word kw of its 16 rows at kw * kPairWordStride + [0, 16)), of tile t (8 words there)
   const uint32_t* pair_words(int64_t q) const {
     return w + (q / kStreamPairs) * Kw() * kPairWordStride + (q % kStreamPairs) * 16;

@@ -137,11 +137,14 @@ void block_tiles(const Weights& W, const QuantAct& A, float* y, int64_t t, int64
       for (int i = 0; i < MT; ++i) {
         const int id = tile_id(i, j);
         const float* xs = A.xs + (mt0 + i) * 16 * A.NB + b;
+        const int32_t* qsum = A.qsum + (mt0 + i) * 16 * A.NB + b;  // zero past M, like xs
+        const int32_t fold = KIND == WKind::Int4 ? W.fold_offset() : 0;
         for (int r = 0; r < 16; ++r) {
           const __m512 sc = _mm512_mul_ps(s, _mm512_set1_ps(xs[r * A.NB]));
           float* ar = acc[id] + 16 * r;
-          _mm512_store_ps(ar, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(tiles[id] + 16 * r)), sc,
-                                              _mm512_load_ps(ar)));
+          const __m512i dot =
+              _mm512_sub_epi32(_mm512_load_si512(tiles[id] + 16 * r), _mm512_set1_epi32(fold * qsum[r * A.NB]));
+          _mm512_store_ps(ar, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, _mm512_load_ps(ar)));
         }
       }
     }

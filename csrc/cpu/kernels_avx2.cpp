@@ -114,6 +114,9 @@ void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
         }
         for (int r = 0; r < MB; ++r) iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(s16[r], ones));
       }
+      if (const int32_t fold = W.fold_offset())
+        for (int r = 0; r < MB; ++r)
+          iacc[r] = _mm256_sub_epi32(iacc[r], _mm256_set1_epi32(fold * A.qsum[(m0 + r) * A.NB + b]));
     } else {
       for (int64_t kw = k0 / KPW; kw < k1 / KPW; ++kw) {  // signed x signed: |q| unsigned, sign moved to x
         if (lead) prefetch_run(W, t, kw);

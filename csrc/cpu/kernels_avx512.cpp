@@ -96,7 +96,8 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
             i1[p] = avx512_dpbusd(i1[p], _mm512_andnot_si512(low, v), xo);
           }
         }
-        for (int p = 0; p < P; ++p) i1[p] = _mm512_srai_epi32(i1[p], 4);
+        const __m512i off = _mm512_set1_epi32(W.fold_offset() * A.qsum[m * A.NB + b]);
+        for (int p = 0; p < P; ++p) i1[p] = _mm512_sub_epi32(_mm512_srai_epi32(i1[p], 4), off);
       } else {
         // q + 128 as the unsigned operand; 128 * sum(x) subtracted afterwards (exact in int32). A block has an
         // even number of words (blocks and Kp are multiples of 32 columns).
@@ -168,6 +169,11 @@ void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
           for (int p = 0; p < P; ++p) acc[r][p] = avx512_dpbusd(avx512_dpbusd(acc[r][p], lo[p], xe), hi[p], xo);
         }
       }
+      if (const int32_t fold = W.fold_offset())
+        for (int r = 0; r < R; ++r) {
+          const __m512i off = _mm512_set1_epi32(fold * A.qsum[(m0 + r) * A.NB + b]);
+          for (int p = 0; p < P; ++p) acc[r][p] = _mm512_sub_epi32(acc[r][p], off);
+        }
     } else {
       for (int64_t kw = k0 / 4; kw < k1 / 4; kw += 2) {  // q + 128 unsigned, 128 * sum(x) subtracted below
         __m512i v0[P], v1[P];

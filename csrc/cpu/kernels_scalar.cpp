@@ -43,10 +43,12 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
         const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
         int32_t d = 0;
         for (int64_t k = k0; k < k1; ++k) d += static_cast<int32_t>(code(W, n, k)) * q[act_pos(perm, k)];
+        d -= W.fold_offset() * A.qsum[m * A.NB + b];
         const float sc = W.scale_at(W.group_of(k0), n) * A.xs[m * A.NB + b];
         acc = std::fmaf(static_cast<float>(d), sc, acc);
       }
-      for (int64_t g = 0; g < W.G; ++g) acc = std::fmaf(-W.zs_at(g, n), A.tg[m * W.G + g], acc);
+      if (W.zero_terms())
+        for (int64_t g = 0; g < W.G; ++g) acc = std::fmaf(-W.zs_at(g, n), A.tg[m * W.G + g], acc);
       y[m * W.Np + n] = acc;
     }
   }
