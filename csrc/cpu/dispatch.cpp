@@ -152,9 +152,10 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     T->quantize(xp, K, W.Kp, ldq, ablk, perm, q, xs, qsum, m0, m1);
   });
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < NB; ++b)
-      tg[m * W.G + W.group_of(b * ablk)] += xs[m * NB + b] * static_cast<float>(qsum[m * NB + b]);
+  if (W.zero_terms())  // only z * s rows use the group sums (symmetric INT4 folds its offset into the integers)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < NB; ++b)
+        tg[m * W.G + W.group_of(b * ablk)] += xs[m * NB + b] * static_cast<float>(qsum[m * NB + b]);
   P.qa = QuantAct{q, xs, qsum, tg, M, ablk, NB, ldq};
 }
 

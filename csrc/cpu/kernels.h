@@ -16,7 +16,8 @@
 //       6% at g64), else float32 (SType); kernels widen them exactly
 //   zs: [G][Np] float32 z * s (int only; z = zero point in the code domain), or none for symmetric weights, whose
 //       zero point is the code offset zoff (8 for int4, 0 for int8): kernels then use zoff * s (exact: a power of
-//       two or zero times s, the value the stored z * s had), and read one stream less
+//       two or zero times s, the value the stored z * s had), and read one stream less; the int8-activation
+//       paths take the offset off their integer block sums instead (Weights::fold_offset)
 #pragma once
 
 #include <cstdint>
@@ -116,7 +117,7 @@ struct Weights {
   const char* scale_addr(int64_t g, int64_t n) const {
     return static_cast<const char*>(s) + (g * Np + n) * scale_bytes();
   }
-  // z * s of group g, row n (int weights); false when every z is 0 (symmetric int8): no zero-point term at all
+  // z * s of group g, row n (int weights)
   float zs_at(int64_t g, int64_t n) const { return zs ? zs[g * Np + n] : zoff * scale_at(g, n); }
   // Integer activation paths: the code offset taken off each block's exact dot product, sum (u - zoff) q =
   // sum u q - zoff * qsum in int32 (symmetric INT4; 0 otherwise), so that only asymmetric weights need z * s terms
@@ -139,7 +140,7 @@ struct QuantAct {
   const int8_t* q;      // [M or round_up(M, 16)][ldq] (+ 64 bytes)
   const float* xs;      // [M][NB] block scales
   const int32_t* qsum;  // [M][NB] block sums of q
-  const float* tg;      // [M][G]  sum over blocks b of group g of xs_b * qsum_b
+  const float* tg;      // [M][G]  sum over blocks b of group g of xs_b * qsum_b (asymmetric weights; else 0)
   int64_t M, ablk, NB, ldq;
 };
 

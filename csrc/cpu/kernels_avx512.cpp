@@ -192,8 +192,9 @@ void q8_rows(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m
         for (int p = 0; p < P; ++p) acc[r][p] = _mm512_sub_epi32(acc[r][p], corr);
       }
     }
+    const int64_t g = W.group_of(k0);
     __m512 srow[P];
-    for (int p = 0; p < P; ++p) srow[p] = avx512_scale_row(W, W.group_of(k0), t * 8 + 16 * p);
+    for (int p = 0; p < P; ++p) srow[p] = avx512_scale_row(W, g, t * 8 + 16 * p);
     for (int r = 0; r < R; ++r) {
       float* yr = y + (m0 + r) * W.Np + t * 8;
       const __m512 xs = _mm512_set1_ps(A.xs[(m0 + r) * A.NB + b]);
