@@ -11,10 +11,13 @@ the same load.
   1. INT4 g{--group} symmetric, M in 1, 16, 128: ours vs torch fp32 matmul, onnxruntime MatMulNBits accuracy_level 0
      and 4 (built with onnx.helper on the same packed weights), interleaved; torch._weight_int4pack_mm_for_cpu (300x
      slower at M=128) timed on its own after them.
+     At M=1 a bare read of as many bytes as our weights (`read_memory`, cache-warm like the weights) runs in the
+     same rounds: the floor for any kernel that reads them (4096 x 4096's 8.7 MB sit in a 32 MiB L3).
   2. Cache-cold GEMV (M = 1): weight copies rotated so that > 4x the last-level cache is touched between uses;
      bytes read / time as a fraction of the read bandwidth, measured in the same rounds: each round streams a 1 GiB
      buffer (2 threads, XOR of every word) and then runs one rotation of the copies; "of bw" is the median over
-     rounds of (the round's median GEMV GB/s) / (the round's probe GB/s).
+     rounds of (the round's median GEMV GB/s) / (the round's probe GB/s). Each round also reads a rotation of
+     plain buffers of the weights' size ("read"): what a short read of that size gets from the memory system.
   3. FP8 E4M3 (per-channel scales) GEMV vs torch fp32 matmul.
   4. End to end: greedy decode tokens/s of SmolLM2-135M W4 g64 RTN (compressor.load) vs the fp32 model.
 
@@ -120,6 +123,8 @@ class Int4Weight:
         self.scale = scale.to(torch.float16)
         self.dense = dequantize(codes, self.scale, None, group)  # fp32 [N, K]
         self.ours = repack_int(self.packed, self.scale, None, 4, (n, k), group)
+        layout = (self.ours.w, self.ours.scale, self.ours.zs)
+        self.nbytes = sum(t.numel() * t.element_size() for t in layout if t is not None)  # bytes a call reads
 
     def torch_int4(self):
         u = (self.packed.view(torch.uint8).reshape(self.n, -1).to(torch.int32) & 0xFF).contiguous()
@@ -164,6 +169,11 @@ class Int4Weight:
         return lambda x: sess.run(None, {"A": x.numpy()})[0]
 
 
+def read_buffer(nbytes: int) -> torch.Tensor:
+    """A written (not zero-page) float32 buffer of about nbytes, whole 256-byte runs, for `read_memory`."""
+    return torch.ones(max(64, nbytes // 256 * 64))
+
+
 def relerr(y, ref: torch.Tensor) -> float:
     y = torch.as_tensor(y).float()
     return float((y - ref).abs().max() / ref.abs().max())
@@ -187,6 +197,7 @@ def bench_int4(args) -> list[dict]:
             "ort4": wt.ort(4),
         }
         int4pack = wt.torch_int4()
+        same_bytes = read_buffer(wt.nbytes)
         for m in MS:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             ref = x @ wt.dense.t()
@@ -195,6 +206,8 @@ def bench_int4(args) -> list[dict]:
                 label: (lambda x=x, mode=mode, p=wt.ours: packed_matmul(x, p, mode)) for label, mode in modes.items()
             }
             fns.update({name: (lambda f=f, x=x: f(x)) for name, f in baselines.items()})
+            if m == 1:
+                fns["read"] = lambda b=same_bytes: torch.ops.compressor.read_memory(b)
             times = interleaved_ms(fns, args.runs)
             times["int4pack"] = median_ms(lambda x=x, f=int4pack: f(x), args.runs, warmup=1)
             err_acc4 = relerr(baselines["ort4"](x), ref)
@@ -202,11 +215,18 @@ def bench_int4(args) -> list[dict]:
                 ours_ms = times[label]
                 err_ours = relerr(packed_matmul(x, wt.ours, mode), ref)
                 base = {name: times[name] for name in ("fp32", "int4pack", "ort0", "ort4")}
+                if "read" in times:
+                    base["read"] = times["read"]
                 rows.append({"K": k, "N": n, "M": m, "ours": label, "ours_ms": ours_ms, **base})
                 ratios = "".join(f" {times[name] / ours_ms:8.2f}x" for name in ("int4pack", "ort0", "ort4"))
                 print(
                     f"{k:>6}x{n:<6} {m:>4} {label:>9} {ours_ms:9.3f} {times['fp32'] / ours_ms:6.2f}x{ratios}"
                     f"   {err_ours:8.1e} {err_acc4:8.1e}"
+                )
+            if "read" in times:
+                print(
+                    f"{'':>18} bare read of the same {wt.nbytes / 1e6:.1f} MB: {times['read']:.3f} ms; ours "
+                    f"{times['int8 act'] / times['read']:.2f}x, ort acc4 {times['ort4'] / times['read']:.2f}x its time"
                 )
     return rows
 
@@ -216,39 +236,45 @@ def bench_cold(args) -> None:
     probe = torch.ones(1 << 28)  # 1 GiB
     print(
         f"\n== cache-cold GEMV (M=1): rotating > 4 x LLC ({llc >> 20} MiB), {args.runs} rounds of (1 GiB probe read, "
-        "one rotation of ours, one of fp32); GB/s and 'of bw' are medians over rounds"
+        "one rotation of ours, of plain buffers of the same size (read), of fp32); GB/s, 'of bw' and 'of read' are "
+        "medians over rounds"
     )
     print(
-        f"{'K x N':>13} {'copies':>6} {'probe':>7} {'ours ms':>8} {'GB/s':>7} {'of bw':>6} {'fp32 ms':>8} {'GB/s':>7} "
-        f"{'of bw':>6}"
+        f"{'K x N':>13} {'copies':>6} {'probe':>7} {'ours ms':>8} {'GB/s':>7} {'of bw':>6} {'read GB/s':>9} "
+        f"{'of read':>7} {'fp32 ms':>8} {'GB/s':>7} {'of bw':>6}"
     )
     for k, n in SHAPES:
         wt = Int4Weight(k, n, args.group)
-        p = wt.ours
-        nbytes = sum(t.numel() * t.element_size() for t in (p.w, p.scale, p.zs) if t is not None)
+        nbytes = wt.nbytes
         copies = max(2, -(-4 * llc // nbytes) + 1)
         ws = [repack_int(wt.packed, wt.scale, None, 4, (n, k), args.group) for _ in range(copies)]
+        plain = [read_buffer(nbytes) for _ in range(copies)]
         dense_copies = max(2, -(-4 * llc // (n * k * 4)) + 1)
         dense = [wt.dense.clone() for _ in range(dense_copies)]
         x = torch.randn(1, k)
-        rounds: dict[str, list[float]] = {"probe": [], "ours": [], "fp32": [], "ours_bw": [], "fp32_bw": []}
+        keys = ("probe", "ours", "fp32", "ours_bw", "fp32_bw", "read", "of_read")
+        rounds: dict[str, list[float]] = {key: [] for key in keys}
         for r in range(args.runs + 1):  # round 0 warms up (first touch of every copy)
             t = time.perf_counter()
             torch.ops.compressor.read_memory(probe)
             gbs_probe = probe.numel() * 4 / (time.perf_counter() - t) / 1e9
             ours = statistics.median(_timed(lambda c=c, x=x: packed_matmul(x, c)) for c in ws)
+            read = statistics.median(_timed(lambda b=b: torch.ops.compressor.read_memory(b)) for b in plain)
             fp32 = statistics.median(_timed(lambda d=d, x=x: F.linear(x, d)) for d in dense)
             if r:
                 rounds["probe"].append(gbs_probe)
                 rounds["ours"].append(ours)
                 rounds["fp32"].append(fp32)
                 rounds["ours_bw"].append(nbytes / ours / 1e9 / gbs_probe)
+                rounds["read"].append(read)
+                rounds["of_read"].append(read / ours)
                 rounds["fp32_bw"].append(n * k * 4 / fp32 / 1e9 / gbs_probe)
         med = {key: statistics.median(v) for key, v in rounds.items()}
         gbs, gbs32 = nbytes / med["ours"] / 1e9, n * k * 4 / med["fp32"] / 1e9
         print(
             f"{k:>6}x{n:<6} {copies:>6} {med['probe']:7.1f} {med['ours'] * 1e3:8.3f} {gbs:7.1f} {med['ours_bw']:6.0%} "
-            f"{med['fp32'] * 1e3:8.3f} {gbs32:7.1f} {med['fp32_bw']:6.0%}"
+            f"{nbytes / med['read'] / 1e9:9.1f} {med['of_read']:7.0%} {med['fp32'] * 1e3:8.3f} {gbs32:7.1f} "
+            f"{med['fp32_bw']:6.0%}"
         )
 
 
