@@ -11,8 +11,10 @@ the same load.
   1. INT4 g{--group} symmetric, M in 1, 16, 128: ours vs torch fp32 matmul, onnxruntime MatMulNBits accuracy_level 0
      and 4 (built with onnx.helper on the same packed weights), interleaved; torch._weight_int4pack_mm_for_cpu (300x
      slower at M=128) timed on its own after them.
-     At M=1 a bare read of as many bytes as our weights (`read_memory`, cache-warm like the weights) runs in the
-     same rounds: the floor for any kernel that reads them (4096 x 4096's 8.7 MB sit in a 32 MiB L3).
+     At M=1 a plain read of as many bytes as our weights (`read_memory`: no software prefetch, cache-warm like the
+     weights) runs in the same rounds. Where the weights fit the last-level cache (4096 x 4096's 8.7 MB in a 32 MiB
+     L3) it is the floor of any kernel that reads them; larger ones partly come from DRAM, where our prefetching
+     GEMV can beat it.
   2. Cache-cold GEMV (M = 1): weight copies rotated so that > 4x the last-level cache is touched between uses;
      bytes read / time as a fraction of the read bandwidth, measured in the same rounds: each round streams a 1 GiB
      buffer (2 threads, XOR of every word) and then runs one rotation of the copies; "of bw" is the median over
