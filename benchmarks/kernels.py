@@ -238,12 +238,12 @@ def bench_cold(args) -> None:
     probe = torch.ones(1 << 28)  # 1 GiB
     print(
         f"\n== cache-cold GEMV (M=1): rotating > 4 x LLC ({llc >> 20} MiB), {args.runs} rounds of (1 GiB probe read, "
-        "one rotation of ours, of plain buffers of the same size (read), of fp32); GB/s, 'of bw' and 'of read' are "
-        "medians over rounds"
+        "one rotation of ours and of plain buffers of the same size (read), in alternating order, one of fp32); GB/s, "
+        "'of bw' and 'of read' are medians over rounds, 'rounds' the range of ours' 'of bw'"
     )
     print(
-        f"{'K x N':>13} {'copies':>6} {'probe':>7} {'ours ms':>8} {'GB/s':>7} {'of bw':>6} {'read GB/s':>9} "
-        f"{'of read':>7} {'fp32 ms':>8} {'GB/s':>7} {'of bw':>6}"
+        f"{'K x N':>13} {'copies':>6} {'probe':>7} {'ours ms':>8} {'GB/s':>7} {'of bw':>6} {'rounds':>9} "
+        f"{'read GB/s':>9} {'of read':>7} {'fp32 ms':>8} {'GB/s':>7} {'of bw':>6}"
     )
     for k, n in SHAPES:
         wt = Int4Weight(k, n, args.group)
@@ -260,8 +260,13 @@ def bench_cold(args) -> None:
             t = time.perf_counter()
             torch.ops.compressor.read_memory(probe)
             gbs_probe = probe.numel() * 4 / (time.perf_counter() - t) / 1e9
-            ours = statistics.median(_timed(lambda c=c, x=x: packed_matmul(x, c)) for c in ws)
-            read = statistics.median(_timed(lambda b=b: torch.ops.compressor.read_memory(b)) for b in plain)
+            rotations = {
+                "ours": (ws, lambda c, x=x: packed_matmul(x, c)),
+                "read": (plain, torch.ops.compressor.read_memory),
+            }
+            order = ("ours", "read") if r % 2 else ("read", "ours")  # a stretch of noise hits either one
+            took = {name: _rotation_s(*rotations[name]) for name in order}
+            ours, read = took["ours"], took["read"]
             fp32 = statistics.median(_timed(lambda d=d, x=x: F.linear(x, d)) for d in dense)
             if r:
                 rounds["probe"].append(gbs_probe)
@@ -273,11 +278,17 @@ def bench_cold(args) -> None:
                 rounds["fp32_bw"].append(n * k * 4 / fp32 / 1e9 / gbs_probe)
         med = {key: statistics.median(v) for key, v in rounds.items()}
         gbs, gbs32 = nbytes / med["ours"] / 1e9, n * k * 4 / med["fp32"] / 1e9
+        spread = f"{min(rounds['ours_bw']):.0%}-{max(rounds['ours_bw']):.0%}"
         print(
             f"{k:>6}x{n:<6} {copies:>6} {med['probe']:7.1f} {med['ours'] * 1e3:8.3f} {gbs:7.1f} {med['ours_bw']:6.0%} "
-            f"{nbytes / med['read'] / 1e9:9.1f} {med['of_read']:7.0%} {med['fp32'] * 1e3:8.3f} {gbs32:7.1f} "
-            f"{med['fp32_bw']:6.0%}"
+            f"{spread:>9} {nbytes / med['read'] / 1e9:9.1f} {med['of_read']:7.0%} {med['fp32'] * 1e3:8.3f} "
+            f"{gbs32:7.1f} {med['fp32_bw']:6.0%}"
         )
+
+
+def _rotation_s(items: list, call: Callable[[object], object]) -> float:
+    """Median seconds of `call` on each item in turn (one rotation through the copies)."""
+    return statistics.median(_timed(lambda item=item: call(item)) for item in items)
 
 
 def _timed(fn) -> float:
