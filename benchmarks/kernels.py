@@ -101,7 +101,7 @@ def median_ms(fn, runs: int, warmup: int = 2) -> float:
 
 def read_bandwidth_gbs(runs: int) -> float:
     """Read bandwidth of THREADS threads streaming a 1 GiB buffer (XOR of every word; median GB/s)."""
-    buf = torch.ones(1 << 28)
+    buf = read_buffer(1 << 30)
     ms = median_ms(lambda: torch.ops.compressor.read_memory(buf), runs)
     return buf.numel() * 4 / ms / 1e6
 
@@ -235,7 +235,7 @@ def bench_int4(args) -> list[dict]:
 
 def bench_cold(args) -> None:
     llc = llc_bytes()
-    probe = torch.ones(1 << 28)  # 1 GiB
+    probe = read_buffer(1 << 30)
     print(
         f"\n== cache-cold GEMV (M=1): rotating > 4 x LLC ({llc >> 20} MiB), {args.runs} rounds of (1 GiB probe read, "
         "one rotation of ours and of plain buffers of the same size (read), in alternating order, one of fp32); GB/s, "
@@ -254,20 +254,20 @@ def bench_cold(args) -> None:
         dense_copies = max(2, -(-4 * llc // (n * k * 4)) + 1)
         dense = [wt.dense.clone() for _ in range(dense_copies)]
         x = torch.randn(1, k)
+        rotations = {
+            "ours": (ws, lambda c, x=x: packed_matmul(x, c)),
+            "read": (plain, torch.ops.compressor.read_memory),
+            "fp32": (dense, lambda d, x=x: F.linear(x, d)),
+        }
         keys = ("probe", "ours", "fp32", "ours_bw", "fp32_bw", "read", "of_read")
         rounds: dict[str, list[float]] = {key: [] for key in keys}
         for r in range(args.runs + 1):  # round 0 warms up (first touch of every copy)
             t = time.perf_counter()
             torch.ops.compressor.read_memory(probe)
             gbs_probe = probe.numel() * 4 / (time.perf_counter() - t) / 1e9
-            rotations = {
-                "ours": (ws, lambda c, x=x: packed_matmul(x, c)),
-                "read": (plain, torch.ops.compressor.read_memory),
-            }
             order = ("ours", "read") if r % 2 else ("read", "ours")  # a stretch of noise hits either one
-            took = {name: _rotation_s(*rotations[name]) for name in order}
-            ours, read = took["ours"], took["read"]
-            fp32 = statistics.median(_timed(lambda d=d, x=x: F.linear(x, d)) for d in dense)
+            took = {name: _rotation_s(*rotations[name]) for name in (*order, "fp32")}
+            ours, read, fp32 = took["ours"], took["read"], took["fp32"]
             if r:
                 rounds["probe"].append(gbs_probe)
                 rounds["ours"].append(ours)
