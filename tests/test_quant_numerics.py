@@ -22,6 +22,16 @@ def test_packing_matches_compressed_tensors(bits, cols):
     assert torch.equal(unpack_from_int32(packed, bits, torch.Size([5, cols])), codes)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_packing_stays_on_the_codes_device(bits):
+    """On the meta device any CPU tensor mixed into the computation raises, as it would with CUDA codes (loading an
+    asymmetric artifact onto a GPU unpacks its zero points)."""
+    packed = pack_int32(torch.zeros(5, 37, dtype=torch.int8, device="meta"), bits)
+    assert packed.device.type == "meta" and packed.dtype == torch.int32 and packed.shape == (5, -(-37 * bits // 32))
+    codes = unpack_int32(packed, bits, 37)
+    assert codes.device.type == "meta" and codes.dtype == torch.int8 and codes.shape == (5, 37)
+
+
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_rtn_ragged_groups_match_float_reference(sym, bits):

@@ -19,15 +19,14 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     u = (codes.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
     n_words = math.ceil(cols * bits / 32)
-    start = torch.arange(cols, dtype=torch.int64) * bits
-    word = start // 32
-    offset = start % 32
-    out = torch.zeros(rows, n_words + 1, dtype=torch.int64)
-    out.index_add_(1, word, u << offset)
+    word, offset = _bit_positions(cols, bits)
     spill = offset + bits - 32
-    over = spill > 0
-    if over.any():
-        out.index_add_(1, word[over] + 1, u[:, over] >> (bits - spill[over]))
+    over = (spill > 0).nonzero().squeeze(1)  # columns that spill into the next word (CPU: they depend on cols, bits)
+    device = codes.device
+    out = torch.zeros(rows, n_words + 1, dtype=torch.int64, device=device)
+    out.index_add_(1, word.to(device), u << offset.to(device))
+    if len(over):
+        out.index_add_(1, (word[over] + 1).to(device), u[:, over.to(device)] >> (bits - spill[over]).to(device))
     out = out[:, :n_words] & 0xFFFFFFFF
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
@@ -35,11 +34,15 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of pack_int32: int32 words [R, W] -> int8 codes [R, cols]."""
     p = packed.to(torch.int64) & 0xFFFFFFFF
-    p = torch.cat([p, torch.zeros(p.shape[0], 1, dtype=torch.int64)], dim=1)
-    start = torch.arange(cols, dtype=torch.int64) * bits
-    word = start // 32
-    offset = start % 32
+    p = torch.cat([p, p.new_zeros(p.shape[0], 1)], dim=1)
+    word, offset = (t.to(packed.device) for t in _bit_positions(cols, bits))
     lo = p[:, word] >> offset
     hi = p[:, word + 1] << (32 - offset)
     u = (lo | torch.where(offset + bits > 32, hi, torch.zeros_like(hi))) & ((1 << bits) - 1)
     return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+def _bit_positions(cols: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit offset of each of `cols` codes in a row's bit stream (int64, CPU)."""
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    return start // 32, start % 32
