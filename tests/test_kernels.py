@@ -1,5 +1,6 @@
 """C++ kernels (torch.ops.compressor.*): every ISA path of this machine against the scalar reference (bit-exact)
-and against float dequantize-then-matmul references; FP8 decode against torch's float8_e4m3fn casts."""
+and against float dequantize-then-matmul references; FP8 decode against torch's float8_e4m3fn casts. The CUDA
+kernels get the same checks where a CUDA device and a CUDA build of the extension exist (skipped otherwise)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from compressor.quant.packing import pack_int32
 from compressor.quant.rtn import rtn_quantize
 from compressor.runtime import _ext
 from compressor.runtime.ops import dequantize_packed, packed_matmul
-from compressor.runtime.repack import kernel_scale_dtype, repack_fp8, repack_int
+from compressor.runtime.repack import PackedWeight, kernel_scale_dtype, repack_fp8, repack_int
 
 if os.environ.get("COMPRESSOR_NO_EXT") == "1":
     pytest.skip("extension disabled by COMPRESSOR_NO_EXT=1", allow_module_level=True)
@@ -332,3 +333,104 @@ def test_compressor_isa_environment_forces_a_path(name):
     else:  # unknown, or not supported by this CPU: one clear error naming the available paths
         assert run.returncode != 0 and f"COMPRESSOR_ISA={name} is not available" in run.stderr
         assert "available: " + ", ".join(ISAS) in run.stderr
+
+
+# ---- CUDA (csrc/cuda/kernels.cu) -------------------------------------------------------------------------------
+# Our machines have no GPU: these run only where torch sees a CUDA device and the extension was built against a
+# CUDA torch (setup.py adds the .cu sources then). The GEMV (M < 16) multiplies and sums in float32; the GEMM
+# (M >= 16) runs WMMA on x and the dequantized W rounded to fp16 (bf16 for bfloat16 x) with float32 sums, so it is
+# checked tightly against a reference with the same rounded operands and loosely against the float32 one.
+
+CUDA = torch.cuda.is_available() and _ext.kernels_for(torch.device("cuda"))
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension built against a CUDA torch")
+CUDA_MMA_TOL = 1e-4  # against the same fp16 / bf16 operands (float32 sums in another order)
+CUDA_ROUNDED_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # against float32 operands (measured: 4.3e-4, 2.4e-3)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _on_cuda(p: PackedWeight) -> PackedWeight:
+    return dataclasses.replace(p, w=p.w.cuda(), scale=p.scale.cuda(), zs=None if p.zs is None else p.zs.cuda())
+
+
+def _check_cuda(x: torch.Tensor, p: PackedWeight, weight: torch.Tensor) -> None:
+    """The CUDA op on x (CPU tensor, moved) and p against float references of the dequantized weight."""
+    y = packed_matmul(x.cuda(), _on_cuda(p))
+    assert y.is_cuda and y.dtype == torch.float32 and y.shape == (x.shape[0], weight.shape[0])
+    y, ref = y.cpu(), x.double() @ weight.double().t()
+    if x.shape[0] < 16:
+        assert _relerr(y, ref) < FLOAT_TOL
+        return
+    mma = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
+    assert _relerr(y, x.to(mma).double() @ weight.to(mma).double().t()) < CUDA_MMA_TOL
+    assert _relerr(y, ref) < CUDA_ROUNDED_TOL[mma]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_repack_and_dequantize_stay_on_the_weights_device(bits):
+    """What model.to("cuda") runs before the CUDA ops (repack, and the fallback's dequantization), on the meta device,
+    where any CPU tensor mixed in raises: so it runs on this machine too."""
+    n, k, group = 72, 200, 32
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    zeros = torch.randint(-8, 8, (k // group + 1, n), dtype=torch.int8)  # [G, N], packed along N as on disk
+    packed, zp = pack_int32(codes, bits).to("meta"), pack_int32(zeros, bits).t().contiguous().to("meta")
+    scale = torch.rand(n, k // group + 1).half().to("meta")
+    p = repack_int(packed, scale, zp, bits, (n, k), group)
+    assert {t.device.type for t in (p.w, p.scale, p.zs)} == {"meta"}
+    assert dequantize_packed(packed, scale, zp, bits, (n, k), group).device.type == "meta"
+    q, s = fp8_quantize(torch.randn(n, k), Fp8Format("block", (32, 64)))
+    p = repack_fp8(q.to("meta"), s.half().to("meta"), "block", (32, 64))  # 16-bit scales: no data-dependent check
+    assert {t.device.type for t in (p.w, p.scale)} == {"meta"}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 17, 128])
+@pytest.mark.parametrize("group", [12, 16, 32, 40, 64, 128, None])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_int_kernels_match_float_references(bits, symmetric, group, m, dtype):
+    p, weight = _int_case(bits, 72, 200, group, symmetric)  # N, K not multiples of 64, ragged last groups
+    _check_cuda(torch.randn(m, 200, generator=torch.Generator().manual_seed(1)).to(dtype), p, weight)
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_wide_layer(bits, m):
+    """2056 rows (33 streams, the last one mostly padding): many GEMV blocks and GEMM tiles, every row written."""
+    p, weight = _int_case(bits, 129 * 16 - 8, 256, 64, False, seed=7)
+    _check_cuda(torch.randn(m, 256, generator=torch.Generator().manual_seed(8)), p, weight)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 17, 128])
+@pytest.mark.parametrize(
+    "fmt", [Fp8Format("tensor"), Fp8Format("channel"), Fp8Format("block", (128, 128)), Fp8Format("block", (32, 64))]
+)
+def test_cuda_fp8_kernels_match_float_references(fmt, m, dtype):
+    p, weight = _fp8_case(150, 300, fmt)
+    _check_cuda(torch.randn(m, 300, generator=torch.Generator().manual_seed(3)).to(dtype), p, weight)
+
+
+@needs_cuda
+def test_cuda_fp8_decode_matches_torch_casts_for_every_byte():
+    """As on CPU: row r of W holds all 256 E4M3 bytes, x = identity rows (every E4M3 value is exact in fp16 and
+    bf16, so the tensor-core GEMM is exact too)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0
+    w = codes.view(torch.float8_e4m3fn).reshape(1, 256).repeat(16, 1)
+    p = _on_cuda(repack_fp8(w, torch.ones(1), "tensor", (128, 128)))
+    expected = w.to(torch.float32).t()
+    eye = torch.eye(256)
+    for dtype in DTYPES:
+        assert torch.equal(packed_matmul(eye.to(dtype).cuda(), p).cpu(), expected), dtype  # GEMM
+        gemv = torch.cat([packed_matmul(eye[r : r + 8].to(dtype).cuda(), p).cpu() for r in range(0, 256, 8)])
+        assert torch.equal(gemv, expected), dtype
+
+
+@needs_cuda
+def test_cuda_op_rejects_inputs_on_two_devices():
+    p, _ = _int_case(4, 72, 200, 32, True)
+    with pytest.raises(RuntimeError, match="same CUDA device"):
+        packed_matmul(torch.randn(1, 200), _on_cuda(p))
