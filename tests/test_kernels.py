@@ -335,6 +335,30 @@ def test_compressor_isa_environment_forces_a_path(name):
         assert "available: " + ", ".join(ISAS) in run.stderr
 
 
+@pytest.mark.parametrize("m", [1, 17])
+def test_ops_trace_under_torch_compile(m):
+    """The GEMM ops have fake (shape-only) kernels: torch.compile traces them in one graph, and the fake result has
+    the real one's shape and strides (an [M, N] view of [M, Np] when N is not a multiple of 64)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(m, 200, generator=torch.Generator().manual_seed(4))
+    int4, _ = _int_case(4, 72, 200, 32, False)
+    int8, _ = _int_case(8, 64, 200, 64, True)
+    fp8, _ = _fp8_case(72, 200, Fp8Format("channel"))
+    for p in (int4, int8, fp8):
+        y = packed_matmul(x, p)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, p=p: packed_matmul(x, p) * 2, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), y * 2), p.kind
+        with FakeTensorMode() as mode:
+            fake = packed_matmul(mode.from_tensor(x), _map_tensors(p, mode.from_tensor))
+        assert fake.shape == y.shape and fake.stride() == y.stride() and fake.dtype == y.dtype, p.kind
+
+
+def _map_tensors(p: PackedWeight, fn) -> PackedWeight:
+    return dataclasses.replace(p, w=fn(p.w), scale=fn(p.scale), zs=None if p.zs is None else fn(p.zs))
+
+
 # ---- CUDA (csrc/cuda/kernels.cu) -------------------------------------------------------------------------------
 # Our machines have no GPU: these run only where torch sees a CUDA device and the extension was built against a
 # CUDA torch (setup.py adds the .cu sources then). The GEMV (M < 16) multiplies and sums in float32; the GEMM
@@ -349,7 +373,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _on_cuda(p: PackedWeight) -> PackedWeight:
-    return dataclasses.replace(p, w=p.w.cuda(), scale=p.scale.cuda(), zs=None if p.zs is None else p.zs.cuda())
+    return _map_tensors(p, torch.Tensor.cuda)
 
 
 def _check_cuda(x: torch.Tensor, p: PackedWeight, weight: torch.Tensor) -> None:

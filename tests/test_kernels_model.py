@@ -85,6 +85,45 @@ def test_loaded_model_on_cuda_matches_cpu(artifact):
     torch.testing.assert_close(_logits(ours, prefill.cuda()).cpu(), _logits(reference, prefill), rtol=1e-2, atol=3e-3)
 
 
+def test_dtype_conversion_keeps_the_compressed_tensors(artifact):
+    """model.to(torch.bfloat16) converts the float tensors it owns (norms, embeddings, biases) but must not cast
+    the compressed ones: an FP8 weight turned bfloat16 could not be repacked, and rounded scales would change the
+    quantized model. The bfloat16 model then runs through the kernels, close to the float32 logits."""
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    model = compressor.load(artifact)
+    reference = _logits(model, ids)
+
+    def compressed_dtypes():
+        return {
+            (name, key): t.dtype
+            for name, m in model.named_modules()
+            if isinstance(m, QuantLinear)
+            for key, t in m.named_buffers()
+        }
+
+    before = compressed_dtypes()
+    model.to(torch.bfloat16)
+    assert compressed_dtypes() == before
+    assert all(m.packed_weight() is not None for m in _quant_linears(model))
+    logits = _logits(model, ids)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=3e-2, atol=3e-2)
+
+
+def test_loaded_model_compiles_in_one_graph(artifact):
+    """compressor.load makes the kernel layout (and a move remakes it at once), and the ops have fake kernels, so
+    torch.compile traces a loaded model in one graph; with the same kernels (aot_eager) the logits are the eager
+    ones."""
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    model = compressor.load(artifact).float()  # .float(): a move, which remakes the kernel layout
+    reference = _logits(model, ids)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    torch.testing.assert_close(_logits(torch.compile(model, backend="aot_eager"), ids), reference, rtol=0, atol=1e-6)
+
+
 def test_fallback_without_extension_is_announced_once(artifact, monkeypatch, caplog):
     if "asym" not in artifact.parent.name:
         pytest.skip("one artifact is enough")

@@ -16,6 +16,7 @@ def extension_available() -> bool:
     """True when `compressor._C` is built and registered `torch.ops.compressor.*` (announces the path once)."""
     try:
         importlib.import_module("compressor._C")  # registers the ops
+        _register_fake_kernels()
     except ImportError as err:
         log.warning(
             "compressor: C++ kernels not built (%s); quantized layers use the pure-torch fallback "
@@ -27,12 +28,29 @@ def extension_available() -> bool:
     return True
 
 
+def _register_fake_kernels() -> None:
+    """Shape-only versions of the GEMM ops, so that torch.compile / FakeTensor tracing can run through them: like
+    the kernels, an [M, out_features] view of a float32 [M, Np] buffer (Np = the scales' padded row count)."""
+
+    def int_gemm(x, w, scales, zeros, group_size, out_features, mode=0):
+        return x.new_empty((x.shape[0], scales.shape[1]), dtype=torch.float32).narrow(1, 0, out_features)
+
+    def fp8_gemm(x, w, scales, group_size, out_features, mode=0):
+        return x.new_empty((x.shape[0], scales.shape[1]), dtype=torch.float32).narrow(1, 0, out_features)
+
+    for name, fake in (("int4_gemm", int_gemm), ("int8_gemm", int_gemm), ("fp8_gemm", fp8_gemm)):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"compressor::{name}", "Meta"):
+            torch.library.register_fake(f"compressor::{name}", fake)
+
+
 def kernels_for(device: torch.device) -> bool:
     """True when the extension has kernels for tensors on this device (CPU always; CUDA when built with it)."""
     if not extension_available():
         return False
     if device.type == "cpu":
         return True
+    if device.type == "meta":  # shapes only (the ops' fake kernels): nothing to run
+        return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("compressor::int4_gemm", device.type.upper())
 
 

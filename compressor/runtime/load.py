@@ -107,6 +107,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
     if getattr(config, "tie_word_embeddings", False) and not per_layer.keys() & _embedding_names(model):
         model.tie_weights()
     _check_complete(model, result, set(per_layer), set(dense))
+    for module in model.modules():  # the kernels' layout, made once here rather than inside a first (traced) call
+        if type(module) is QuantLinear:
+            module.packed_weight()
     return model
 
 

@@ -42,7 +42,7 @@ def int_weight_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def packed_matmul(x: torch.Tensor, p: PackedWeight, mode: int = MODE_AUTO) -> torch.Tensor:
     """x [M, K] (float32/bfloat16/float16) @ W^T with W in kernel layout -> float32 [M, N] (extension op)."""
-    if not extension_available():
+    if not torch.compiler.is_compiling() and not extension_available():  # (torch.compile: checked when eager)
         raise RuntimeError("compressor._C is not built; reinstall with `pip install -e .` (or use the fallback)")
     ops = torch.ops.compressor
     if p.kind == "fp8":

@@ -1,6 +1,7 @@
 """QuantLinear / QuantEmbedding: layers that keep their weight compressed (packed INT or FP8).
 
-QuantLinear runs the C++ extension's ops on a kernel-layout copy of the weight (repacked once, on first use);
+QuantLinear runs the C++ extension's ops on a kernel-layout copy of the weight (repacked once: by
+`compressor.load`, on first use otherwise, and again after a move to another device);
 without the extension, or for formats the kernels do not cover (INT2/3, ...), it dequantizes and calls matmul.
 """
 
@@ -87,9 +88,25 @@ class QuantLinear(nn.Module):
             group,
         )
 
-    def _apply(self, fn, recurse=True):  # .to()/.half() etc.: drop the kernel-layout copy, remade on next use
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .half() etc.: the bias converts as usual; the compressed tensors (the buffers: packed
+        codes, FP8 weight, scales, zero points) only move to the new device, since casting them would change the
+        format (an FP8 weight turned bfloat16) or round the scales. The kernel-layout copy is then remade from the
+        moved tensors, at once if there was one (so that a torch.compile'd forward finds it made instead of
+        tracing the repack)."""
+        had_copy = self._packed_ready
         self._packed, self._packed_ready = None, False
-        return super()._apply(fn, recurse)
+        compressed, self._buffers = self._buffers, {}
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            self._buffers = compressed
+        for name, t in compressed.items():
+            if t is not None:  # to where fn sends a tensor like t (without its dtype change)
+                compressed[name] = t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
+        if had_copy:
+            self.packed_weight()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight() if self.use_kernels else None
