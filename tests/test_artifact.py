@@ -197,3 +197,8 @@ def test_embeddings_quantization(family, tiny_model_dir, calib_file, tmp_path):
     torch.testing.assert_close(ours.lm_head.weight, base.lm_head.weight)  # untied: lm_head kept in float
     a, b = _logits(ours, 300), _logits(base, 300)
     assert (a - b).abs().max() < 0.2 * b.abs().max()  # int8 embeddings: close to the original model
+    # a bfloat16 model gets bfloat16 rows, loaded so or converted (float32 rows failed in the next matmul)
+    for bf16 in (compressor.load(out, dtype=torch.bfloat16), compressor.load(out).to(torch.bfloat16)):
+        assert bf16.model.embed_tokens(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+        c = _logits(bf16, 300).float()
+        assert (c - a).abs().max() < 0.05 * a.abs().max()

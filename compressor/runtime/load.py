@@ -95,6 +95,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, nn.Embedding):
             new = QuantEmbedding.from_tensors(parts, None, scheme)
+            new.dtype = dtype
             new.padding_idx = module.padding_idx
             scale = getattr(module, "embed_scale", None)  # Gemma scales looked-up rows
             new.embed_scale = float(scale) if scale is not None else None

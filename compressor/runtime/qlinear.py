@@ -118,12 +118,19 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(QuantLinear):
     """An embedding table [vocab, hidden] stored like a quantized linear weight; only looked-up rows are dequantized.
 
-    `scale` multiplies the looked-up rows (Gemma's scaled embeddings).
+    `scale` multiplies the looked-up rows (Gemma's scaled embeddings). Rows come out in `dtype`, the dtype an
+    nn.Embedding of the model would have: set by `compressor.load(dtype=...)`, and changed like one by
+    `.to(dtype)` / `.half()` (the compressed table itself keeps its dtypes).
     """
 
     def __init__(self, in_features, out_features, bias, scheme, padding_idx=None, scale: float | None = None):
         super().__init__(in_features, out_features, bias, scheme)
         self.padding_idx, self.embed_scale = padding_idx, scale
+        self.dtype = torch.float32
+
+    def _apply(self, fn, recurse=True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # what the conversion does to a float tensor
+        return super()._apply(fn, recurse)
 
     def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Float32 rows [len(rows), hidden] of the table (same values as dequantized_weight()[rows])."""
@@ -152,7 +159,7 @@ class QuantEmbedding(QuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         out = self.dequantized_rows(flat).reshape(*ids.shape, self.in_features)
-        return out if self.embed_scale is None else out * self.embed_scale
+        return (out if self.embed_scale is None else out * self.embed_scale).to(self.dtype)
 
     def extra_repr(self) -> str:
         s = self.scheme
