@@ -340,7 +340,17 @@ def generate_fn(model, ids: torch.Tensor, new_tokens: int) -> Callable[[], objec
     return once
 
 
+def unshadow_kernels_package() -> None:
+    """Run as a script, this folder is sys.path[0], and this file's name shadows the `kernels` package (Hugging
+    Face's hub kernels) that transformers >= 5.25 imports when it is installed: 'cannot import name
+    CUDAProperties from kernels'. Drops the folder from the path before transformers is first imported."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    sys.modules.pop("kernels", None)
+
+
 def bench_e2e(args) -> None:
+    unshadow_kernels_package()
     import compressor
     from compressor.models.loading import load_model
 
