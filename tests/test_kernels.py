@@ -335,6 +335,14 @@ def test_compressor_isa_environment_forces_a_path(name):
         assert "available: " + ", ".join(ISAS) in run.stderr
 
 
+def test_set_isa_works_as_the_first_call():
+    """`_ext.set_isa` loads the extension itself (it used to need an op call first: 'no attribute set_isa')."""
+    code = "from compressor.runtime import _ext; print(_ext.set_isa('scalar'), _ext.current_isa())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [_ext.current_isa() if "COMPRESSOR_ISA" in os.environ else ISAS[-1], "scalar"]
+
+
 @pytest.mark.parametrize("m", [1, 17])
 def test_ops_trace_under_torch_compile(m):
     """The GEMM ops have fake (shape-only) kernels: torch.compile traces them in one graph, and the fake result has

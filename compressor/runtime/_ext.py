@@ -66,4 +66,6 @@ def available_isas() -> list[str]:
 
 def set_isa(name: str) -> str:
     """Switch the CPU kernel family (like COMPRESSOR_ISA); returns the previous one."""
+    if not extension_available():
+        raise RuntimeError("compressor: C++ kernels are not built, so there is no ISA to set: pip install -e .")
     return torch.ops.compressor.set_isa(name)
