@@ -40,12 +40,19 @@ inline __m256i load_tile_word(const uint32_t* tile, int64_t kw) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kw * kPairWordStride));
 }
 
-// Prefetch of the 256-byte run of word kw + kPrefetchWords of tile t's stream (its 4 pairs' lines): the first tile
-// of a stream to pass over a range of words calls it, the stream's other tiles then find the run in cache. Without
-// it the streams' layout (every tile reads 32 bytes of each run) left the hardware prefetcher behind: 4096 x 14336
+// The words of the weight stream that holds tile t (its 4 pairs' words kw are one 256-byte run at
+// + kw * kPairWordStride). Computed once per call: Weights::pair_words divides by the run-time codes per word, and
+// an integer division per word sat in the GEMV's loop while it prefetched.
+inline const uint32_t* stream_words(const Weights& W, int64_t t) {
+  return W.pair_words(t / (2 * kStreamPairs) * kStreamPairs);
+}
+
+// Prefetch of the 256-byte run of word kw + kPrefetchWords of a stream (its 4 pairs' lines): the first tile of a
+// stream to pass over a range of words calls it, the stream's other tiles then find the run in cache. Without it
+// the streams' layout (every tile reads 32 bytes of each run) left the hardware prefetcher behind: 4096 x 14336
 // and 8192 x 8192 M=1 GEMVs 1.1-1.5x slower than with one stream per pair.
-inline void prefetch_run(const Weights& W, int64_t t, int64_t kw) {
-  const uint32_t* run = W.pair_words(t / (2 * kStreamPairs) * kStreamPairs) + (kw + kPrefetchWords) * kPairWordStride;
+inline void prefetch_run(const uint32_t* stream, int64_t kw) {
+  const uint32_t* run = stream + (kw + kPrefetchWords) * kPairWordStride;
   for (int l = 0; l < kStreamPairs; ++l) _mm_prefetch(reinterpret_cast<const char*>(run + 16 * l), _MM_HINT_T0);
 }
 
@@ -81,80 +88,197 @@ inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
 
 // ---- int weights x int8 activations ---------------------------------------------------------------------
 
-// One 8-row tile against MB activation rows over activation blocks [b0, b1): each weight word is loaded and
-// unpacked once for all MB rows.
-template <WKind KIND, int MB>
-void q8_tile(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0, int64_t b0, int64_t b1) {
-  constexpr int KPW = kpw<KIND>();
-  const uint32_t* wt = W.tile_words(t);
+// y -= sum over groups of tg * z * s for the 8 rows of tile t and activation row m (asymmetric weights), after
+// every block of that row has been added (the scalar reference's order)
+inline void zero_point_terms8(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m) {
+  float* yr = y + m * W.Np + t * 8;
+  __m256 acc = _mm256_loadu_ps(yr);
+  for (int64_t g = 0; g < W.G; ++g) acc = _mm256_fnmadd_ps(zs_row8(W, g, t * 8), _mm256_set1_ps(A.tg[m * W.G + g]), acc);
+  _mm256_storeu_ps(yr, acc);
+}
+
+// y += (block sum) * s * xs for the 8 rows of tile t, activation row m, block b of group g: the one float update
+// per block that every path makes in the same order
+inline void add_block8(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m, int64_t b, int64_t g,
+                       __m256i isum) {
+  float* yr = y + m * W.Np + t * 8;
+  const __m256 sc = _mm256_mul_ps(scale_row8(W, g, t * 8), _mm256_set1_ps(A.xs[m * A.NB + b]));
+  _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, _mm256_loadu_ps(yr)));
+}
+
+// Small M (decode): the 8 tiles of one weight stream (t, a multiple of 8) against every activation row, one
+// activation block at a time. A block's words of the stream (256 bytes per word: 4 KiB for a 128-column int4
+// block) are read once from memory and stay in L1 while the rows and the stream's two halves use them; each
+// half (4 tiles, 128 bytes of each run) keeps 4 int16 and 4 int32 accumulators in registers, so the 4 chains
+// are independent and each activation broadcast serves 4 tiles. Until 2026-12-05 the AVX2 GEMV took the tiles
+// one at a time (one accumulator chain, a broadcast pair per tile and word, the block epilogue per 16 words):
+// 0.33-0.39 ms for an M=1 4096 x 4096 GEMV on 2 Zen 3 cores, 3.5x a plain read of its bytes.
+template <WKind KIND>
+void q8_stream(const Weights& W, const QuantAct& A, float* y, int64_t t) {
+  const uint32_t* stream = W.pair_words(t / 2);  // word kw of tile t + j at stream + kw * kPairWordStride + 8 j
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+  const int64_t per_group = W.G == 1 ? A.NB : W.group / A.ablk;  // blocks never straddle groups
+  for (int64_t b = 0, g = 0, in_group = 0; b < A.NB; ++b) {
+    const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+    const int64_t w0 = k0 / kpw<KIND>(), w1 = k1 / kpw<KIND>();
+    for (int64_t m = 0; m < A.M; ++m) {
+      const int8_t* q = A.q + m * A.ldq;
+      for (int h = 0; h < 2; ++h) {  // tiles 4h .. 4h + 3
+        const uint32_t* wh = stream + 32 * h;
+        const bool lead = m == 0 && h == 0;  // the first pass over this block's words: prefetch ahead of it
+        __m256i i32[4];
+        for (int j = 0; j < 4; ++j) i32[j] = _mm256_setzero_si256();
+        if constexpr (KIND == WKind::Int4) {
+          // int16 sums of 4 words (|sum| <= 4 * 2 * 2 * 15 * 127 < 2^15), widened once per 4 words; a block has
+          // a multiple of 4 words (blocks and Kp are multiples of 32 columns)
+          for (int64_t kw = w0; kw < w1; kw += 4) {
+            __m256i s16[4];
+            for (int j = 0; j < 4; ++j) s16[j] = _mm256_setzero_si256();
+            for (int64_t u = kw; u < kw + 4; ++u) {
+              if (lead) prefetch_run(stream, u);
+              const __m256i xe = _mm256_set1_epi32(load_i32(q + u * 8)), xo = _mm256_set1_epi32(load_i32(q + u * 8 + 4));
+              for (int j = 0; j < 4; ++j) {
+                const __m256i v = load_tile_word(wh + 8 * j, u);
+                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(lo, xe));
+                s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(hi, xo));
+              }
+            }
+            for (int j = 0; j < 4; ++j) i32[j] = _mm256_add_epi32(i32[j], _mm256_madd_epi16(s16[j], ones));
+          }
+          if (const int32_t fold = W.fold_offset()) {
+            const __m256i off = _mm256_set1_epi32(fold * A.qsum[m * A.NB + b]);
+            for (int j = 0; j < 4; ++j) i32[j] = _mm256_sub_epi32(i32[j], off);
+          }
+        } else {  // signed x signed: |w| as the unsigned operand, its sign moved onto x
+          for (int64_t kw = w0; kw < w1; ++kw) {
+            if (lead) prefetch_run(stream, kw);
+            const __m256i x = _mm256_set1_epi32(load_i32(q + kw * 4));
+            for (int j = 0; j < 4; ++j) {
+              const __m256i v = load_tile_word(wh + 8 * j, kw);
+              const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v));
+              i32[j] = _mm256_add_epi32(i32[j], _mm256_madd_epi16(p, ones));
+            }
+          }
+        }
+        for (int j = 0; j < 4; ++j) add_block8(W, A, y, t + 4 * h + j, m, b, g, i32[j]);
+      }
+    }
+    if (++in_group == per_group) {
+      in_group = 0;
+      g = std::min(g + 1, W.G - 1);
+    }
+  }
+  if (W.zero_terms())
+    for (int64_t m = 0; m < A.M; ++m)
+      for (int64_t j = 0; j < 8; ++j) zero_point_terms8(W, A, y, t + j, m);
+}
+
+void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; t += 2 * kStreamPairs)
+    if (W.kind == WKind::Int4)
+      q8_stream<WKind::Int4>(W, A, y, t);
+    else
+      q8_stream<WKind::Int8>(W, A, y, t);
+}
+
+// GEMM (M >= 16), int8 weights: one 8-row tile against MB activation rows over activation blocks [b0, b1); each
+// weight word is loaded once for the MB rows. Signed x signed: |q| is the unsigned operand, its sign moved to x.
+template <int MB>
+void q8_tile8(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0, int64_t b0, int64_t b1) {
+  const uint32_t* wt = W.tile_words(t);
+  const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* q[MB];
   for (int r = 0; r < MB; ++r) q[r] = A.q + (m0 + r) * A.ldq;
   const bool lead = m0 == 0 && t % (2 * kStreamPairs) == 0;  // the first pass over this range of the stream
+  const uint32_t* stream = stream_words(W, t);
   // float accumulators live in y (zero-initialised), touched once per block: keeps registers for the integer sums
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     __m256i iacc[MB];
     for (int r = 0; r < MB; ++r) iacc[r] = _mm256_setzero_si256();
-    if constexpr (KIND == WKind::Int4) {
-      for (int64_t kw = k0 / KPW; kw < k1 / KPW; kw += 4) {
-        __m256i s16[MB];
-        for (int r = 0; r < MB; ++r) s16[r] = _mm256_setzero_si256();
-        for (int u = 0; u < 4; ++u) {  // 4 words: |sum| <= 4 * 2 * 2 * 15 * 127 < 2^15, no int16 overflow
-          if (lead) prefetch_run(W, t, kw + u);
-          const __m256i v = load_tile_word(wt, kw + u);
-          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-          for (int r = 0; r < MB; ++r) {
-            const __m256i xe = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8));
-            const __m256i xo = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8 + 4));
-            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, xe));
-            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, xo));
-            keep_in_register(s16[r]);
-          }
-        }
-        for (int r = 0; r < MB; ++r) iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(s16[r], ones));
-      }
-      if (const int32_t fold = W.fold_offset())
-        for (int r = 0; r < MB; ++r)
-          iacc[r] = _mm256_sub_epi32(iacc[r], _mm256_set1_epi32(fold * A.qsum[(m0 + r) * A.NB + b]));
-    } else {
-      for (int64_t kw = k0 / KPW; kw < k1 / KPW; ++kw) {  // signed x signed: |q| unsigned, sign moved to x
-        if (lead) prefetch_run(W, t, kw);
-        const __m256i v = load_tile_word(wt, kw);
-        const __m256i av = _mm256_abs_epi8(v);
-        for (int r = 0; r < MB; ++r) {
-          const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(q[r] + kw * 4)), v);
-          iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
-        }
+    for (int64_t kw = k0 / 4; kw < k1 / 4; ++kw) {
+      if (lead) prefetch_run(stream, kw);
+      const __m256i v = load_tile_word(wt, kw);
+      const __m256i av = _mm256_abs_epi8(v);
+      for (int r = 0; r < MB; ++r) {
+        const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(q[r] + kw * 4)), v);
+        iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones));
       }
     }
-    const __m256 s = scale_row8(W, W.group_of(k0), t * 8);
-    for (int r = 0; r < MB; ++r) {
-      float* yr = y + (m0 + r) * W.Np + t * 8;
-      const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(A.xs[(m0 + r) * A.NB + b]));
-      _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sc, _mm256_loadu_ps(yr)));
-    }
+    const int64_t g = W.group_of(k0);
+    for (int r = 0; r < MB; ++r) add_block8(W, A, y, t, m0 + r, b, g, iacc[r]);
   }
-  if (b1 == A.NB && W.zero_terms()) {
-    for (int r = 0; r < MB; ++r) {
-      float* yr = y + (m0 + r) * W.Np + t * 8;
-      __m256 acc = _mm256_loadu_ps(yr);
-      for (int64_t g = 0; g < W.G; ++g)
-        acc = _mm256_fnmadd_ps(zs_row8(W, g, t * 8), _mm256_set1_ps(A.tg[(m0 + r) * W.G + g]), acc);
-      _mm256_storeu_ps(yr, acc);
-    }
-  }
+  if (b1 == A.NB && W.zero_terms())
+    for (int r = 0; r < MB; ++r) zero_point_terms8(W, A, y, t, m0 + r);
 }
 
-// The tiles of [t0, t1) over activation blocks taken in chunks: each (row, tile) still takes its blocks in order,
-// then the zero-point term, so the result is bit for bit that of one pass over all blocks. Two limits set the chunk:
-//  - the 8 tiles of a weight stream share each 256-byte run of its words (kernels.h), and run one after the other
-//    for a chunk: the stream's words for the chunk (64 rows x chunk/2 bytes for int4, 32 KiB) stay in L1/L2 while
-//    they do. One pass over all of K per tile read the stream 8 times (4096 x 14336 M=1 GEMV 1.3-1.4 ms before the
-//    streams of 4 pairs, 1.3-1.8 after, without chunks);
-//  - for M >= 16, the chunk's int8 rows (M x chunk bytes) stay in L2 while every tile of [t0, t1) uses them (the
-//    whole of q, M x K bytes, is 1.8 MB at M = 128, K = 14336: read from L3 once per tile it made the GEMM slower
-//    than onnxruntime's).
+// GEMM (M >= 16), int4: tiles t and t + 1 (one tile pair, t even) against MB activation rows over blocks [b0, b1),
+// as q8_tile but each row's broadcasts serve both tiles and the int32 sums live in L1 (Zen 3, M=128 K=4096,
+// 64 KiB of weights: 2.6 cycles per 8 rows x 8 words against 3.0 for q8_tile<Int4, 4>)
+template <int MB>
+void q8_pair4(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m0, int64_t b0, int64_t b1) {
+  const uint32_t* wp = W.tile_words(t);
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+  const int8_t* q[MB];
+  for (int r = 0; r < MB; ++r) q[r] = A.q + (m0 + r) * A.ldq;
+  const bool lead = m0 == 0 && t % (2 * kStreamPairs) == 0;  // the first pass over this range of the stream
+  const uint32_t* stream = stream_words(W, t);
+  alignas(32) int32_t isum[MB][2][8];
+  int32_t(*isum_mem)[2][8] = isum;
+  __asm__("" : "+r"(isum_mem));  // opaque to GCC: not promoted back into registers
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+    for (int r = 0; r < MB; ++r)
+      for (int p = 0; p < 2; ++p) _mm256_store_si256(reinterpret_cast<__m256i*>(isum_mem[r][p]), _mm256_setzero_si256());
+    for (int64_t kw = k0 / 8; kw < k1 / 8; kw += 4) {
+      __m256i s16[MB][2];
+      for (int r = 0; r < MB; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+      for (int u = 0; u < 4; ++u) {
+        if (lead) prefetch_run(stream, kw + u);
+        const __m256i v0 = load_tile_word(wp, kw + u), v1 = load_tile_word(wp + 8, kw + u);
+        const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+        const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        for (int r = 0; r < MB; ++r) {
+          const __m256i xe = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8));
+          const __m256i xo = _mm256_set1_epi32(load_i32(q[r] + (kw + u) * 8 + 4));
+          s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(lo0, xe));
+          s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(lo1, xe));
+          s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(hi0, xo));
+          s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(hi1, xo));
+          keep_in_register(s16[r][0]);
+          keep_in_register(s16[r][1]);
+        }
+      }
+      for (int r = 0; r < MB; ++r)
+        for (int p = 0; p < 2; ++p) {
+          __m256i* ptr = reinterpret_cast<__m256i*>(isum_mem[r][p]);
+          _mm256_store_si256(ptr, _mm256_add_epi32(_mm256_load_si256(ptr), _mm256_madd_epi16(s16[r][p], ones)));
+        }
+    }
+    const int64_t g = W.group_of(k0);
+    const int32_t fold = W.fold_offset();
+    for (int r = 0; r < MB; ++r) {
+      const __m256i off = _mm256_set1_epi32(fold * A.qsum[(m0 + r) * A.NB + b]);
+      for (int p = 0; p < 2; ++p)
+        add_block8(W, A, y, t + p, m0 + r, b, g,
+                   _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(isum_mem[r][p])), off));
+    }
+  }
+  if (b1 == A.NB && W.zero_terms())
+    for (int r = 0; r < MB; ++r)
+      for (int p = 0; p < 2; ++p) zero_point_terms8(W, A, y, t + p, m0 + r);
+}
+
+
+// GEMM driver: the tiles of [t0, t1) over activation blocks taken in chunks; each (row, tile) still takes its
+// blocks in order, then the zero-point term, so the result is bit for bit that of one pass over all blocks. Two
+// limits set the chunk:
+//  - the chunk's int8 rows (M x chunk bytes) stay in L2 while every tile of [t0, t1) uses them (the whole of q,
+//    M x K bytes, is 1.8 MB at M = 128, K = 14336: read from L3 once per tile it made the GEMM slower than
+//    onnxruntime's);
+//  - a tile pair's words for the chunk (16 rows x chunk / 2 bytes for int4: 8 KiB at the 32 KiB stream limit)
+//    stay in L1 while the M / 4 row groups use them.
 constexpr int64_t kQ8ChunkBytes = 128 << 10, kStreamChunkBytes = 32 << 10;
 
 template <WKind KIND>
@@ -162,26 +286,27 @@ void q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1)
   const int64_t stream_block_bytes = 16 * kStreamPairs * A.ablk / (KIND == WKind::Int4 ? 2 : 1);
   const int64_t chunk =
       std::max<int64_t>(1, std::min(kQ8ChunkBytes / (A.M * A.ablk), kStreamChunkBytes / stream_block_bytes));
-  // M < 16: stream by stream, its chunks in a row (the lead tile's prefetch runs on into the next chunk); M >= 16:
-  // chunk by chunk over all the streams of [t0, t1) (the chunk's activation rows stay in L2)
-  const int64_t span = A.M < 16 ? 2 * kStreamPairs : t1 - t0;
-  for (int64_t ts = t0; ts < t1; ts += span)
-    for (int64_t b0 = 0; b0 < A.NB; b0 += chunk) {
-      const int64_t b1 = std::min(A.NB, b0 + chunk);
-      for (int64_t t = ts; t < std::min(t1, ts + span); ++t) {
+  // chunk by chunk over all the streams of [t0, t1) (the chunk's activation rows stay in L2); t0 and t1 are whole
+  // streams, so int4 tiles go in pairs
+  for (int64_t b0 = 0; b0 < A.NB; b0 += chunk) {
+    const int64_t b1 = std::min(A.NB, b0 + chunk);
+    if constexpr (KIND == WKind::Int4) {
+      for (int64_t t = t0; t < t1; t += 2) {
         int64_t m = 0;
-        for (; m + 4 <= A.M; m += 4) q8_tile<KIND, 4>(W, A, y, t, m, b0, b1);
-        switch (A.M - m) {
-          case 3: q8_tile<KIND, 3>(W, A, y, t, m, b0, b1); break;
-          case 2: q8_tile<KIND, 2>(W, A, y, t, m, b0, b1); break;
-          case 1: q8_tile<KIND, 1>(W, A, y, t, m, b0, b1); break;
-          default: break;
-        }
+        for (; m + 4 <= A.M; m += 4) q8_pair4<4>(W, A, y, t, m, b0, b1);
+        for (; m < A.M; ++m) q8_pair4<1>(W, A, y, t, m, b0, b1);
+      }
+    } else {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t m = 0;
+        for (; m + 4 <= A.M; m += 4) q8_tile8<4>(W, A, y, t, m, b0, b1);
+        for (; m < A.M; ++m) q8_tile8<1>(W, A, y, t, m, b0, b1);
       }
     }
+  }
 }
 
-// every M (the GEMM slot of the table too)
+// M >= 16 (the GEMM slot of the table)
 void q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   if (W.kind == WKind::Int4)
     q8_t<WKind::Int4>(W, A, y, t0, t1);
@@ -226,8 +351,9 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
           __m256 c0[4], c1[4];
           for (int c = 0; c < 4; ++c) c0[c] = c1[c] = _mm256_setzero_ps();
           const bool lead = m == 0 && t == ts;  // the first pass over this group's words of the stream
+          const uint32_t* stream = stream_words(W, t);
           for (int64_t kw = kw0; kw < kw1; ++kw) {
-            if (lead) prefetch_run(W, t, kw);
+            if (lead) prefetch_run(stream, kw);
             fma_word<KIND>(load_tile_word(w0, kw), load_tile_word(w1, kw), x + kw * KPW, c0, c1);
           }
           __m256 a0 = c0[0], a1 = c1[0];
@@ -341,7 +467,7 @@ void gemm_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
   }
 }
 
-const KernelTable kTable{"avx2", q8, q8, gemv_f32, gemm_f32, scalar_quantize, scalar_read};
+const KernelTable kTable{"avx2", gemv_q8, q8, gemv_f32, gemm_f32, scalar_quantize, scalar_read};
 
 }  // namespace
 
