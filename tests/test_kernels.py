@@ -270,6 +270,21 @@ def test_ops_take_inputs_that_require_grad():
     assert torch.equal(y, packed_matmul(x, p, GEMV))
 
 
+@pytest.mark.parametrize("k", [203, 61])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activations_with_k_not_a_multiple_of_8(bits, m, k, isa):
+    """The SIMD activation quantizers load a block's last columns with a mask (K = 203: 75 columns in the last
+    128-column block, 3 in its last 8); codes, scales and sums must equal the scalar loop's, bit for bit."""
+    p, weight = _int_case(bits, 40, k, None, symmetric=bits == 4, seed=9)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(10)) * 3
+    out = _all_paths(isa, x, p, [Q8])
+    ref_q = _fake_quant_act(x, 128).double() @ weight.double().t()
+    for (name, mode), y in out.items():
+        assert torch.equal(y, out["scalar", mode]), name
+        assert _relerr(y, ref_q) < ACT_QUANT_TOL, name
+
+
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_wide_layer_every_row_once(bits, m, isa):
