@@ -107,62 +107,68 @@ inline void add_block8(const Weights& W, const QuantAct& A, float* y, int64_t t,
 }
 
 // Small M (decode): the 8 tiles of one weight stream (t, a multiple of 8) against every activation row, one
-// activation block at a time. A block's words of the stream (256 bytes per word: 4 KiB for a 128-column int4
-// block) are read once from memory and stay in L1 while the rows and the stream's two halves use them; each
-// half (4 tiles, 128 bytes of each run) keeps 4 int16 and 4 int32 accumulators in registers, so the 4 chains
-// are independent and each activation broadcast serves 4 tiles. Until 2026-12-05 the AVX2 GEMV took the tiles
-// one at a time (one accumulator chain, a broadcast pair per tile and word, the block epilogue per 16 words):
-// 0.33-0.39 ms for an M=1 4096 x 4096 GEMV on 2 Zen 3 cores, 3.5x a plain read of its bytes.
+// activation block at a time, all 8 tiles per word: each 256-byte run of the stream is read whole and in order,
+// and one activation broadcast pair serves the 8 tiles. The int4 path keeps 8 int16 chains in registers (widened
+// every 4 words) and the int32 block sums in L1; int8 keeps 8 int32 chains. The block's weights (4 KiB for a
+// 128-column int4 block) stay in L1 while the other rows use them. Zen 3, 2 threads:
+//  - until 2026-12-05 the tiles went one at a time (one chain, a broadcast pair per tile and word): M=1
+//    4096 x 4096 0.33-0.39 ms, 3.5x a plain read of its bytes;
+//  - then two halves of 4 tiles (4 chains each, the second half from L1): 0.17 ms, but from DRAM it read at
+//    0.63-0.73x the rate of a plain read (the demand stream took two lines of each run, then came back);
+//  - whole runs: 0.88-0.94x (C++ harness rotating 256 MiB of 4096 x 14336 copies), and 9% faster from L2.
 template <WKind KIND>
 void q8_stream(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   const uint32_t* stream = W.pair_words(t / 2);  // word kw of tile t + j at stream + kw * kPairWordStride + 8 j
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
   const int64_t per_group = W.G == 1 ? A.NB : W.group / A.ablk;  // blocks never straddle groups
+  alignas(32) int32_t isum[8][8];
+  int32_t(*isum_mem)[8] = isum;
+  __asm__("" : "+r"(isum_mem));  // opaque to GCC: kept in L1, not promoted into registers (see q8_pair4)
   for (int64_t b = 0, g = 0, in_group = 0; b < A.NB; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     const int64_t w0 = k0 / kpw<KIND>(), w1 = k1 / kpw<KIND>();
     for (int64_t m = 0; m < A.M; ++m) {
       const int8_t* q = A.q + m * A.ldq;
-      for (int h = 0; h < 2; ++h) {  // tiles 4h .. 4h + 3
-        const uint32_t* wh = stream + 32 * h;
-        const bool lead = m == 0 && h == 0;  // the first pass over this block's words: prefetch ahead of it
-        __m256i i32[4];
-        for (int j = 0; j < 4; ++j) i32[j] = _mm256_setzero_si256();
-        if constexpr (KIND == WKind::Int4) {
-          // int16 sums of 4 words (|sum| <= 4 * 2 * 2 * 15 * 127 < 2^15), widened once per 4 words; a block has
-          // a multiple of 4 words (blocks and Kp are multiples of 32 columns)
-          for (int64_t kw = w0; kw < w1; kw += 4) {
-            __m256i s16[4];
-            for (int j = 0; j < 4; ++j) s16[j] = _mm256_setzero_si256();
-            for (int64_t u = kw; u < kw + 4; ++u) {
-              if (lead) prefetch_run(stream, u);
-              const __m256i xe = _mm256_set1_epi32(load_i32(q + u * 8)), xo = _mm256_set1_epi32(load_i32(q + u * 8 + 4));
-              for (int j = 0; j < 4; ++j) {
-                const __m256i v = load_tile_word(wh + 8 * j, u);
-                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(lo, xe));
-                s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(hi, xo));
-              }
+      __m256i i32[8];
+      if constexpr (KIND == WKind::Int4) {
+        for (int j = 0; j < 8; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(isum_mem[j]), _mm256_setzero_si256());
+        // int16 sums of 4 words (|sum| <= 4 * 2 * 2 * 15 * 127 < 2^15); a block has a multiple of 4 words (blocks
+        // and Kp are multiples of 32 columns)
+        for (int64_t kw = w0; kw < w1; kw += 4) {
+          __m256i s16[8];
+          for (int j = 0; j < 8; ++j) s16[j] = _mm256_setzero_si256();
+          for (int64_t u = kw; u < kw + 4; ++u) {
+            if (m == 0) prefetch_run(stream, u);
+            const __m256i xe = _mm256_set1_epi32(load_i32(q + u * 8)), xo = _mm256_set1_epi32(load_i32(q + u * 8 + 4));
+            for (int j = 0; j < 8; ++j) {
+              const __m256i v = load_tile_word(stream + 8 * j, u);
+              const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+              s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(lo, xe));
+              s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(hi, xo));
+              keep_in_register(s16[j]);
             }
-            for (int j = 0; j < 4; ++j) i32[j] = _mm256_add_epi32(i32[j], _mm256_madd_epi16(s16[j], ones));
           }
-          if (const int32_t fold = W.fold_offset()) {
-            const __m256i off = _mm256_set1_epi32(fold * A.qsum[m * A.NB + b]);
-            for (int j = 0; j < 4; ++j) i32[j] = _mm256_sub_epi32(i32[j], off);
-          }
-        } else {  // signed x signed: |w| as the unsigned operand, its sign moved onto x
-          for (int64_t kw = w0; kw < w1; ++kw) {
-            if (lead) prefetch_run(stream, kw);
-            const __m256i x = _mm256_set1_epi32(load_i32(q + kw * 4));
-            for (int j = 0; j < 4; ++j) {
-              const __m256i v = load_tile_word(wh + 8 * j, kw);
-              const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v));
-              i32[j] = _mm256_add_epi32(i32[j], _mm256_madd_epi16(p, ones));
-            }
+          for (int j = 0; j < 8; ++j) {
+            __m256i* p = reinterpret_cast<__m256i*>(isum_mem[j]);
+            _mm256_store_si256(p, _mm256_add_epi32(_mm256_load_si256(p), _mm256_madd_epi16(s16[j], ones)));
           }
         }
-        for (int j = 0; j < 4; ++j) add_block8(W, A, y, t + 4 * h + j, m, b, g, i32[j]);
+        const __m256i off = _mm256_set1_epi32(W.fold_offset() * A.qsum[m * A.NB + b]);
+        for (int j = 0; j < 8; ++j)
+          i32[j] = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(isum_mem[j])), off);
+      } else {  // signed x signed: |w| as the unsigned operand, its sign moved onto x
+        for (int j = 0; j < 8; ++j) i32[j] = _mm256_setzero_si256();
+        for (int64_t kw = w0; kw < w1; ++kw) {
+          if (m == 0) prefetch_run(stream, kw);
+          const __m256i x = _mm256_set1_epi32(load_i32(q + kw * 4));
+          for (int j = 0; j < 8; ++j) {
+            const __m256i v = load_tile_word(stream + 8 * j, kw);
+            const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v));
+            i32[j] = _mm256_add_epi32(i32[j], _mm256_madd_epi16(p, ones));
+          }
+        }
       }
+      for (int j = 0; j < 8; ++j) add_block8(W, A, y, t + j, m, b, g, i32[j]);
     }
     if (++in_group == per_group) {
       in_group = 0;
