@@ -118,7 +118,7 @@ inline void add_block8(const Weights& W, const QuantAct& A, float* y, int64_t t,
 //  - whole runs: 0.88-0.94x (C++ harness rotating 256 MiB of 4096 x 14336 copies), and 9% faster from L2.
 template <WKind KIND>
 void q8_stream(const Weights& W, const QuantAct& A, float* y, int64_t t) {
-  const uint32_t* stream = W.pair_words(t / 2);  // word kw of tile t + j at stream + kw * kPairWordStride + 8 j
+  const uint32_t* stream = stream_words(W, t);  // word kw of tile t + j at stream + kw * kPairWordStride + 8 j
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
   const int64_t per_group = W.G == 1 ? A.NB : W.group / A.ablk;  // blocks never straddle groups
   alignas(32) int32_t isum[8][8];
