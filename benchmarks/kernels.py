@@ -346,7 +346,6 @@ def unshadow_kernels_package() -> None:
     CUDAProperties from kernels'. Drops the folder from the path before transformers is first imported."""
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    sys.modules.pop("kernels", None)
 
 
 def bench_e2e(args) -> None:
