@@ -60,8 +60,8 @@ inline void prefetch_run(const uint32_t* stream, int64_t kw) {
 // stream's last group: the next stream's first groups). A stream's 64 rows of one group are 128 or 256 bytes of a
 // [G, Np] row, the next group's Np entries further on: a stride the hardware prefetcher did not follow. Without
 // this every block of a cache-cold GEMV waited on its scale load (Zen 3, 2026-12-05: perf put half of q8_stream's
-// samples on it, and the cold GEMV read at 0.72-0.77x a plain read's rate against 0.86-0.95x in a harness whose
-// scales stayed cached; with it 0.87-0.97x).
+// samples on it, and the cold 14336 x 4096 GEMV read at 0.67-0.77x a plain read's rate against 0.86-0.95x in a
+// harness whose scales stayed cached; with it 0.87-0.93x).
 constexpr int64_t kScaleGroupsAhead = 2;
 inline void prefetch_scales(const Weights& W, int64_t g, int64_t t) {
   int64_t row = t / (2 * kStreamPairs) * kStreamRows;
@@ -117,7 +117,8 @@ inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
 inline void zero_point_terms8(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t m) {
   float* yr = y + m * W.Np + t * 8;
   __m256 acc = _mm256_loadu_ps(yr);
-  for (int64_t g = 0; g < W.G; ++g) acc = _mm256_fnmadd_ps(zs_row8(W, g, t * 8), _mm256_set1_ps(A.tg[m * W.G + g]), acc);
+  for (int64_t g = 0; g < W.G; ++g)
+    acc = _mm256_fnmadd_ps(zs_row8(W, g, t * 8), _mm256_set1_ps(A.tg[m * W.G + g]), acc);
   _mm256_storeu_ps(yr, acc);
 }
 
@@ -263,7 +264,8 @@ void q8_pair4(const Weights& W, const QuantAct& A, float* y, int64_t t, int64_t 
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
     for (int r = 0; r < MB; ++r)
-      for (int p = 0; p < 2; ++p) _mm256_store_si256(reinterpret_cast<__m256i*>(isum_mem[r][p]), _mm256_setzero_si256());
+      for (int p = 0; p < 2; ++p)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(isum_mem[r][p]), _mm256_setzero_si256());
     for (int64_t kw = k0 / 8; kw < k1 / 8; kw += 4) {
       __m256i s16[MB][2];
       for (int r = 0; r < MB; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
