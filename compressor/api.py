@@ -15,7 +15,7 @@ from .calibration.data import read_texts, sample_windows
 from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
 from .errors import RecipeError
 from .eval.metrics import evaluate_windows, text_windows
-from .models.loading import load_model, max_positions
+from .models.loading import base_model_hub_id, load_model, max_positions
 from .pipeline import run_passes
 from .plan import Plan
 from .recipe import Recipe, apply_overrides, load_recipe, parse_recipe
@@ -32,17 +32,25 @@ class CompressionResult:
     plan: Plan
     metrics: dict
     report: dict
+    hub_url: str | None = None
 
 
 def resolve_recipe(
     recipe: str | Path | dict | Recipe,
     model: str | None = None,
     output: str | Path | None = None,
+    push_to_hub: str | None = None,
     **overrides: Any,
 ) -> Recipe:
-    """Recipe from a path, dict or Recipe, with model/output and dotted (or '__'-separated) overrides applied."""
+    """Recipe from a path, dict or Recipe, with model/output/hub target and dotted (or '__'-separated) overrides.
+
+    `push_to_hub` sets `hub.repo_id` (keeping the recipe's other hub settings); dotted overrides apply after it.
+    """
     r = load_recipe(recipe) if isinstance(recipe, (str, Path)) else parse_recipe(recipe, "<recipe dict>")
-    changes = {k.replace("__", "."): v for k, v in overrides.items()}
+    changes: dict[str, Any] = {}
+    if push_to_hub is not None:
+        changes["hub"] = {**(r.hub.model_dump() if r.hub else {}), "repo_id": push_to_hub}
+    changes.update({k.replace("__", "."): v for k, v in overrides.items()})
     if model is not None:
         changes["model"] = str(model)
     if output is not None:
@@ -99,26 +107,32 @@ def compress(
     model: str | None = None,
     output: str | Path | None = None,
     *,
+    push_to_hub: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
     **overrides: Any,
 ) -> CompressionResult:
-    """Run a recipe: load, calibrate, run passes, evaluate, and write the artifact atomically.
+    """Run a recipe: load, calibrate, run passes, evaluate, write the artifact atomically, then upload it if the
+    recipe names a hub target (`hub:` or `push_to_hub=`).
 
-    User errors raise `CompressorError` (the CLI prints the same message and exits with code 2).
+    User errors raise `CompressorError` (the CLI prints the same message and exits with code 2). The hub token is
+    checked before the run; a failed upload leaves the local artifact complete and says how to retry it.
     """
     from exporters import EXPORTERS
     from exporters.atomic import atomic_directory, check_output
+    from exporters.hub import check_hub_target, push_artifact
     from exporters.report import summary_lines, write_model_card, write_report
 
     start = time.perf_counter()
     limit_malloc_fragmentation()
-    r = resolve_recipe(recipe, model, output, **overrides)
+    r = resolve_recipe(recipe, model, output, push_to_hub, **overrides)
     if not r.output:
         raise RecipeError("no output directory given", where="output", fix="pass --output DIR (or output= in the API)")
     out = Path(r.output).expanduser()
     check_output(out, overwrite)
     _validate_paths(r)
+    if r.hub is not None:  # fail now, not after hours of compression
+        check_hub_target(r.hub)
     torch.manual_seed(r.calibration.seed)
 
     timings: dict[str, float] = {}
@@ -164,6 +178,7 @@ def compress(
         "compressor_version": __version__,
         "model": {
             "source": r.model,
+            "base_model": base_model_hub_id(r.model),
             "family": loaded.adapter.family,
             "model_type": loaded.model.config.model_type,
         },
@@ -186,7 +201,7 @@ def compress(
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
             files.append(rel)
-        recipe_yaml = r.model_copy(update={"output": None}).to_yaml()  # location-independent copy
+        recipe_yaml = r.model_copy(update={"output": None, "hub": None}).to_yaml()  # location-independent copy
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         report["files"] = files
         report["size"] = _size_report(state, tmp)
@@ -198,4 +213,9 @@ def compress(
         write_model_card(report, recipe_yaml, tmp)
     for line in summary_lines(report):
         log.info(line)
-    return CompressionResult(out, state.plan, metrics, report)
+    hub_url = None
+    if r.hub is not None:
+        name = Path(r.model).name if r.model else out.name
+        hub_url = push_artifact(out, r.hub, commit_message=f"Upload {name} compressed with compressor {__version__}")
+        log.info(f"pushed to {hub_url}")
+    return CompressionResult(out, state.plan, metrics, report, hub_url)

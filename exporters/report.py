@@ -102,12 +102,19 @@ def write_report(report: dict, folder: Path) -> None:
 
 
 def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
-    """README.md model card: what was done, quality vs base, and the recipe that reproduces it."""
-    source = report["model"]["source"]
+    """README.md model card: hub metadata (base model when known), what was done, quality vs base, the recipe."""
+    from huggingface_hub import ModelCardData
+
+    source, base_model = report["model"]["source"], report["model"].get("base_model")
+    metadata = ModelCardData(
+        library_name="transformers",
+        tags=["compressed-tensors", "compressor", "quantized"],
+        base_model=base_model,
+        base_model_relation="quantized" if base_model else None,  # the hub's model tree links the two
+    )
     card = [
         "---",
-        "library_name: transformers",
-        "tags: [compressed-tensors, compressor, quantized]",
+        metadata.to_yaml(),
         "---",
         f"# {Path(source).name} (compressed)",
         "",

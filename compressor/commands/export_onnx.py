@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-import traceback
 
 import click
 from pydantic import ValidationError
 
-from ..errors import CompressorError
+from . import exit_on_error
 
 
 @click.command("export-onnx")
@@ -93,16 +92,6 @@ def export_onnx_command(
         problem = err.errors()[0]
         click.echo(f"error: --layer-accuracy-level: {problem['msg']}", err=True)
         sys.exit(2)
-    try:
+    with exit_on_error(debug):
         files = export_artifact(Path(artifact), Path(out), config, overwrite=overwrite)
-    except CompressorError as err:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except Exception as err:  # internal error
-        if debug:
-            traceback.print_exc()
-        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
     click.echo(f"wrote {out} ({', '.join(files)})")

