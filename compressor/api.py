@@ -217,5 +217,4 @@ def compress(
     if r.hub is not None:
         name = Path(r.model).name if r.model else out.name
         hub_url = push_artifact(out, r.hub, commit_message=f"Upload {name} compressed with compressor {__version__}")
-        log.info(f"pushed to {hub_url}")
     return CompressionResult(out, state.plan, metrics, report, hub_url)

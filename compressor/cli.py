@@ -9,7 +9,7 @@ import sys
 import click
 import yaml
 
-from .commands import exit_on_error
+from .commands import exit_on_error, quiet_client_loggers
 from .errors import CompressorError
 from .recipe import Recipe
 
@@ -49,9 +49,7 @@ def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, print_re
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; failures surface as one error
-    for client in ("httpx", "httpx2"):  # a line per HTTP request at INFO; failures surface as one error
-        logging.getLogger(client).setLevel(logging.WARNING)
+    quiet_client_loggers()
     with exit_on_error(debug):
         _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet)
 

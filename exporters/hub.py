@@ -2,27 +2,31 @@
 
 The token comes from the environment (HF_TOKEN) or huggingface_hub's login file; it never reaches a message,
 a log or a file. HF_ENDPOINT (read at call time) points the upload at another hub, such as a private mirror.
-A hub commit is all or nothing, so a failed or interrupted upload leaves the repository as it was.
+The commit is all or nothing: a failed or interrupted upload adds no partial commit (a repository or branch it
+had to create first stays). The repository's files become the artifact's: files of an earlier push that the
+artifact no longer has (say a single-file checkpoint replaced by shards) are deleted in the same commit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
+import shlex
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from compressor.errors import HubError
 from compressor.recipe import HubConfig
 
-_RETRY = "the artifact at '{folder}' is complete; upload it again with `compress push {folder} {repo}`"
+T = TypeVar("T")
 
 
 def artifact_files(folder: Path) -> list[str]:
     """The files of a complete artifact in `folder`, relative and sorted; raises HubError for anything less.
 
-    Complete means: a config.json, every shard an index names, and every safetensors / ONNX file readable.
+    Complete means: a config.json, every shard an index names, every safetensors / ONNX file readable, and every
+    external-data file an ONNX graph names.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -39,33 +43,46 @@ def artifact_files(folder: Path) -> list[str]:
             f"'{folder}' is not a compressor artifact (no config.json)",
             fix="push a directory written by `compress` or `compress export-onnx`",
         )
-    for index in (f for f in files if f.endswith(".safetensors.index.json")):
-        shards = set(json.loads((folder / index).read_text()).get("weight_map", {}).values())
-        missing = sorted(shards - set(files))
-        if missing:
-            raise HubError(f"'{folder}' lacks the shard {missing[0]} that {index} names", fix="rerun `compress`")
     for name in files:
-        _check_readable(folder, name)
+        missing = sorted(_files_named_by(folder, name) - set(files))
+        if missing:
+            raise HubError(f"'{folder}' lacks {missing[0]}, which {name} names", fix="rerun `compress`")
     return files
 
 
-def _check_readable(folder: Path, name: str) -> None:
+def _files_named_by(folder: Path, name: str) -> set[str]:
+    """Parse one artifact file; the other files it names (shards, ONNX external data), relative to `folder`.
+
+    HubError when the file does not parse.
+    """
     path = folder / name
+    named: list[str] = []
     try:
-        if name.endswith(".safetensors"):
+        if name.endswith(".safetensors.index.json"):
+            named = list(json.loads(path.read_text())["weight_map"].values())
+        elif name.endswith(".safetensors"):
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
         elif name.endswith(".onnx"):
             import onnx
+            from onnx.external_data_helper import uses_external_data
 
-            onnx.load(str(path), load_external_data=False)
+            graph = onnx.load(str(path), load_external_data=False).graph
+            named = [
+                entry.value
+                for tensor in graph.initializer
+                if uses_external_data(tensor)
+                for entry in tensor.external_data
+                if entry.key == "location"
+            ]
     except Exception as err:  # noqa: BLE001 - any parse failure means the file is damaged
+        detail = str(err).splitlines()[0] if str(err) else "unreadable"
         raise HubError(
-            f"'{path}' is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'})",
-            fix="rerun `compress` to write the artifact again",
+            f"'{path}' is damaged ({type(err).__name__}: {detail})", fix="rerun `compress` to write the artifact again"
         ) from None
+    return {(path.parent / other).relative_to(folder).as_posix() for other in named}
 
 
 def hub_token() -> str:
@@ -76,7 +93,12 @@ def hub_token() -> str:
 
     if hub_offline():
         raise HubError("HF_HUB_OFFLINE is set, so nothing can be uploaded", fix="unset HF_HUB_OFFLINE")
-    token = get_token()
+    try:
+        token = get_token()
+    except Exception as err:  # noqa: BLE001 - an OIDC exchange or a login refresh that failed
+        raise HubError(
+            f"cannot obtain a Hugging Face token ({type(err).__name__})", fix="export HF_TOKEN=<a write token>"
+        ) from None
     if not token:
         raise HubError(
             "no Hugging Face token found for the upload",
@@ -88,29 +110,52 @@ def hub_token() -> str:
 def _api(token: str):
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    return HfApi(endpoint=endpoint, token=token)
+
+
+def _full_repo_id(api, target: HubConfig) -> str:
+    """`target.repo_id` with its namespace ('name' lives under the token's account); refuses a read-only token."""
+    me = api.whoami()
+    if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise HubError(
+            "the Hugging Face token is read-only", fix="create a token with write access and set HF_TOKEN to it"
+        )
+    return target.repo_id if "/" in target.repo_id else f"{me['name']}/{target.repo_id}"
 
 
 def check_hub_target(target: HubConfig) -> str:
-    """Before a long run: the token exists and the hub accepts it. Returns the account name."""
+    """Before a long run: a token exists, the hub accepts it, and it may write. Returns the full repository id."""
     token = hub_token()
     api = _api(token)
-    with _hub_errors(target.repo_id, token, api.endpoint, retry=None):
-        return api.whoami()["name"]
+    return _call(lambda: _full_repo_id(api, target), target.repo_id, token, api.endpoint, retry=None)
+
+
+def retry_command(folder: Path, target: HubConfig) -> str:
+    """The `compress push` command line that uploads `folder` to `target` again."""
+    words = ["compress", "push", str(folder), target.repo_id]
+    if target.revision != "main":
+        words += ["--revision", target.revision]
+    if not target.private:
+        words.append("--public")
+    if target.commit_message:
+        words += ["-m", target.commit_message]
+    return shlex.join(words)
 
 
 def push_artifact(folder: Path, target: HubConfig, commit_message: str | None = None) -> str:
     """Upload the artifact in `folder` to `target` as one commit; returns the commit's URL."""
     folder = Path(folder)
-    files = artifact_files(folder)
-    token = hub_token()
-    api = _api(token)
-    retry = _RETRY.format(folder=folder, repo=target.repo_id)
-    message = target.commit_message or commit_message or f"Upload {folder.name} compressed with compressor"
-    with _hub_errors(target.repo_id, token, api.endpoint, retry):
-        try:
-            # a bare 'name' lives under the token's account: the hub says where, and later calls use that id
-            repo_id = api.create_repo(target.repo_id, private=target.private, exist_ok=True).repo_id
+    retry = f"the artifact at '{folder}' is complete; upload it again with `{retry_command(folder, target)}`"
+    try:
+        files = artifact_files(folder)
+        token = hub_token()
+        api = _api(token)
+        message = target.commit_message or commit_message or f"Upload {folder.name} compressed with compressor"
+
+        def upload() -> str:
+            repo_id = _full_repo_id(api, target)
+            api.create_repo(repo_id, private=target.private, exist_ok=True)
             if target.revision != "main":
                 api.create_branch(repo_id, branch=target.revision, exist_ok=True)
             info = api.upload_folder(
@@ -119,63 +164,92 @@ def push_artifact(folder: Path, target: HubConfig, commit_message: str | None = 
                 revision=target.revision,
                 commit_message=message,
                 allow_patterns=files,
+                delete_patterns="*",  # the repo holds exactly the artifact (.gitattributes is kept)
             )
-        except KeyboardInterrupt:
-            err = HubError("interrupted during the upload; the hub keeps no partial commit", fix=retry)
-            err.exit_code = 130
-            raise err from None
-    return info.commit_url
+            return info.commit_url
+
+        return _call(upload, target.repo_id, token, api.endpoint, retry)
+    except KeyboardInterrupt:
+        interrupted = HubError("interrupted during the upload; the hub got no partial commit", fix=retry)
+        interrupted.exit_code = 130
+    raise interrupted
 
 
-@contextlib.contextmanager
-def _hub_errors(repo_id: str, token: str, endpoint: str, retry: str | None) -> Iterator[None]:
-    """Turn the hub client's failures into one HubError naming the cause and the fix, with the token masked."""
+def _call(action: Callable[[], T], repo_id: str, token: str, endpoint: str, retry: str | None) -> T:
+    """Run a hub client action; its failure becomes one HubError with the token masked and no exception chain
+    (an HTTP error's request still carries the Authorization header)."""
+    try:
+        return action()
+    except (HubError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - everything the client raises is mapped (the action is only hub calls)
+        failure = _as_hub_error(err, repo_id, token, endpoint, retry)
+    raise failure
+
+
+def _as_hub_error(err: BaseException, repo_id: str, token: str, endpoint: str, retry: str | None) -> HubError:
     from huggingface_hub.errors import HfHubHTTPError
 
     def fix(first: str) -> str:
         return f"{first}; {retry}" if retry else first
 
     def masked(text: str) -> str:
-        return text.replace(token, "***")
+        return " ".join(text.replace(token, "***").split())[:300]
 
-    try:
-        yield
-    except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        said = masked((err.server_message or str(err)).strip().splitlines()[0])
+    chain = _chain(err)
+    http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
+    if http is not None:
+        status = http.response.status_code if http.response is not None else None
+        said = masked((http.server_message or str(http)).strip().splitlines()[0])
         if status == 401:
-            raise HubError(
-                "the hub rejected the token (401 Unauthorized)", fix=fix("set HF_TOKEN to a valid token")
-            ) from None
+            return HubError(
+                "the hub rejected the token (401 Unauthorized)",
+                fix=fix("set HF_TOKEN to a valid token (or run `hf auth login`)"),
+            )
         if status == 403:
-            raise HubError(
+            return HubError(
                 f"the token may not write to '{repo_id}' (403 Forbidden: {said})",
                 fix=fix("use a token with write access to that namespace, or a repository under your own"),
-            ) from None
+            )
+        if status == 429:
+            return HubError("the hub is rate-limiting this account (429)", fix=fix("wait a few minutes"))
         if status is not None and status >= 500:
-            raise HubError(f"the hub failed ({status}: {said})", fix=fix("try again later")) from None
-        raise HubError(
+            return HubError(f"the hub failed ({status}: {said})", fix=fix("try again later"))
+        return HubError(
             f"the hub refused the upload to '{repo_id}' ({status}: {said})",
             fix=fix("check the repository id and the revision"),
-        ) from None
-    except ValueError as err:
-        if not str(err).startswith("Invalid metadata in README.md"):
-            raise
-        raise HubError(
-            f"the hub rejected the model card's metadata ({masked(' '.join(str(err).split()[5:])) or 'no detail'})",
-            fix=fix("correct the front matter of README.md in the artifact"),
-        ) from None
-    except _transport_errors() as err:
-        raise HubError(
-            f"cannot reach the hub at {endpoint} ({masked(str(err)) or type(err).__name__})",
+        )
+    text = masked(str(err)) or "no detail"
+    if any(type(e).__module__.startswith("hf_xet") or "xet" in str(e).lower() for e in chain):
+        return HubError(
+            f"the upload to the hub's Xet storage failed ({type(err).__name__}: {text})",
+            fix=fix("try again; HF_HUB_DISABLE_XET=1 uploads over plain LFS instead"),
+        )
+    transport = next((e for e in chain if isinstance(e, _transport_errors())), None)
+    if transport is not None:
+        return HubError(
+            f"cannot reach the hub at {endpoint} ({masked(str(transport)) or type(transport).__name__})",
             fix=fix("check the network (or HF_ENDPOINT)"),
-        ) from None
+        )
+    if isinstance(err, ValueError) and text.startswith("Invalid metadata in README.md"):
+        return HubError(
+            f"the hub rejected the model card's metadata ({text})",
+            fix=fix("correct the front matter of README.md in the artifact"),
+        )
+    return HubError(f"the upload to '{repo_id}' failed ({type(err).__name__}: {text})", fix=fix("try again"))
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """The exception and its causes / contexts, outermost first (the client wraps HTTP errors in RuntimeError)."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level failures: httpx2's (huggingface_hub 2.x's client) and the OS's."""
-    try:
-        from httpx2 import TransportError
-    except ImportError:  # a client without httpx2: its errors surface as OS errors or internal errors
-        return (OSError,)
-    return (TransportError, OSError)
+    """Connection-level failures: httpx2's (huggingface_hub 2.x's client) and the OS's connection errors."""
+    from httpx2 import TransportError
+
+    return (TransportError, ConnectionError, TimeoutError)

