@@ -216,5 +216,6 @@ def compress(
     hub_url = None
     if r.hub is not None:
         name = Path(r.model).name if r.model else out.name
-        hub_url = push_artifact(out, r.hub, commit_message=f"Upload {name} compressed with compressor {__version__}")
+        message = f"Upload {name} compressed with compressor {__version__}"
+        hub_url = push_artifact(out, r.hub, commit_message=message, quiet=quiet)
     return CompressionResult(out, state.plan, metrics, report, hub_url)

@@ -34,7 +34,8 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     "--push-to-hub",
     "push_to_hub",
     metavar="REPO_ID",
-    help="Upload the artifact to this hub repository when the run succeeds (private unless --set hub.private=false).",
+    help="Upload the artifact to this hub repository as one commit when the run succeeds (private unless --set "
+    "hub.private=false; weight files the artifact lacks are deleted there, other files stay).",
 )
 @click.option("--print-recipe", is_flag=True, help="Print the fully-defaulted recipe and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; warnings only.")

@@ -39,3 +39,10 @@ class OutputError(CompressorError):
 
 class HubError(CompressorError):
     """The hub target is invalid, unreachable, or refused the upload."""
+
+
+class UploadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a hub upload; `str(err)` says what state the upload is in and how to retry it."""
+
+    def __init__(self, what: str, *, fix: str):
+        super().__init__(f"{what}. Fix: {fix}")

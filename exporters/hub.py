@@ -3,23 +3,29 @@
 The token comes from the environment (HF_TOKEN) or huggingface_hub's login file; it never reaches a message,
 a log or a file. HF_ENDPOINT (read at call time) points the upload at another hub, such as a private mirror.
 The commit is all or nothing: a failed or interrupted upload adds no partial commit (a repository or branch it
-had to create first stays). The repository's files become the artifact's: files of an earlier push that the
-artifact no longer has (say a single-file checkpoint replaced by shards) are deleted in the same commit.
+had to create first stays). Weight files (safetensors, shard indexes, ONNX and its data) already in the repository
+that the artifact lacks (say a single-file checkpoint replaced by shards) are deleted in the same commit; other
+files stay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from compressor.errors import HubError
+from compressor.errors import HubError, UploadInterrupted
 from compressor.recipe import HubConfig
 
 T = TypeVar("T")
+
+# files of an earlier artifact that a push deletes when this artifact lacks them (stale weights would load);
+# anything else in the repository (a LICENSE, evaluation files) stays
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".onnx", ".onnx.data")
 
 
 def artifact_files(folder: Path) -> list[str]:
@@ -115,13 +121,30 @@ def _api(token: str):
 
 
 def _full_repo_id(api, target: HubConfig) -> str:
-    """`target.repo_id` with its namespace ('name' lives under the token's account); refuses a read-only token."""
+    """`target.repo_id` with its namespace ('name' lives under the token's account).
+
+    Refuses, before anything is written, a read-only token and an organization the account may not write to.
+    """
     me = api.whoami()
     if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise HubError(
             "the Hugging Face token is read-only", fix="create a token with write access and set HF_TOKEN to it"
         )
-    return target.repo_id if "/" in target.repo_id else f"{me['name']}/{target.repo_id}"
+    user = me["name"]
+    namespace = target.repo_id.split("/")[0] if "/" in target.repo_id else user
+    if namespace != user and "orgs" in me:  # fine-grained scopes are left to the hub to judge at upload
+        role = next((org.get("roleInOrg") for org in me["orgs"] if org.get("name") == namespace), None)
+        if role is None:
+            raise HubError(
+                f"the token's account '{user}' is not a member of '{namespace}'",
+                fix="push under your own name or an organization you belong to",
+            )
+        if role == "read":
+            raise HubError(
+                f"'{user}' has the read role in '{namespace}', which cannot write",
+                fix=f"ask an admin of {namespace} for the contributor or write role, or push under your own name",
+            )
+    return f"{namespace}/{target.repo_id.split('/')[-1]}"
 
 
 def check_hub_target(target: HubConfig) -> str:
@@ -143,8 +166,11 @@ def retry_command(folder: Path, target: HubConfig) -> str:
     return shlex.join(words)
 
 
-def push_artifact(folder: Path, target: HubConfig, commit_message: str | None = None) -> str:
-    """Upload the artifact in `folder` to `target` as one commit; returns the commit's URL."""
+def push_artifact(folder: Path, target: HubConfig, commit_message: str | None = None, *, quiet: bool = False) -> str:
+    """Upload the artifact in `folder` to `target` as one commit; returns the commit's URL.
+
+    Ctrl-C raises UploadInterrupted (a KeyboardInterrupt, so it is never mistaken for a user error).
+    """
     folder = Path(folder)
     retry = f"the artifact at '{folder}' is complete; upload it again with `{retry_command(folder, target)}`"
     try:
@@ -154,25 +180,41 @@ def push_artifact(folder: Path, target: HubConfig, commit_message: str | None = 
         message = target.commit_message or commit_message or f"Upload {folder.name} compressed with compressor"
 
         def upload() -> str:
+            from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
             repo_id = _full_repo_id(api, target)
             api.create_repo(repo_id, private=target.private, exist_ok=True)
             if target.revision != "main":
                 api.create_branch(repo_id, branch=target.revision, exist_ok=True)
-            info = api.upload_folder(
-                folder_path=folder,
-                repo_id=repo_id,
-                revision=target.revision,
-                commit_message=message,
-                allow_patterns=files,
-                delete_patterns="*",  # the repo holds exactly the artifact (.gitattributes is kept)
-            )
+            remote = api.list_repo_files(repo_id, revision=target.revision)
+            stale = [path for path in remote if path not in files and path.endswith(WEIGHT_SUFFIXES)]
+            operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+            operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+            # create_commit, not upload_folder: the latter's pipelined Xet path may split a commit in parts
+            info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=target.revision)
             return info.commit_url
 
-        return _call(upload, target.repo_id, token, api.endpoint, retry)
+        with _progress_bars(not quiet):
+            return _call(upload, target.repo_id, token, api.endpoint, retry)
     except KeyboardInterrupt:
-        interrupted = HubError("interrupted during the upload; the hub got no partial commit", fix=retry)
-        interrupted.exit_code = 130
+        interrupted = UploadInterrupted(
+            "during the upload; the hub has all of the commit or none of it, never a part", fix=retry
+        )
     raise interrupted
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not shown:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not shown and not was_disabled:
+            enable_progress_bars()
 
 
 def _call(action: Callable[[], T], repo_id: str, token: str, endpoint: str, retry: str | None) -> T:

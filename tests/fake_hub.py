@@ -24,7 +24,15 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 USER = "tester"
+ORGS = [  # what whoami says of the account's organizations
+    {"name": "acme", "roleInOrg": "write"},
+    {"name": "someone-else", "roleInOrg": "contributor"},  # may create repos, yet the server refuses this one
+    {"name": "readers", "roleInOrg": "read"},
+]
 LFS_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".png")
+
+
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -43,7 +51,8 @@ class _QuietServer(ThreadingHTTPServer):
 @dataclass
 class Repo:
     private: bool
-    branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
+    # a new repository's first commit holds .gitattributes, as on the hub
+    branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {".gitattributes": GITATTRIBUTES}})
     commits: list[dict] = field(default_factory=list)
 
 
@@ -115,7 +124,8 @@ class FakeHub:
                 url = urlparse(self.path)
                 if url.path == "/api/whoami-v2":
                     role = "read" if hub.read_only else "write"
-                    return self.reply(200, {"name": USER, "type": "user", "auth": {"accessToken": {"role": role}}})
+                    me = {"name": USER, "type": "user", "orgs": ORGS, "auth": {"accessToken": {"role": role}}}
+                    return self.reply(200, me)
                 path = unquote(url.path.removeprefix("/api/models/"))
                 for action in ("/tree/", "/revision/", "/xet-write-token/"):
                     if action in path:
@@ -225,8 +235,11 @@ class FakeHub:
                         if value["oid"] not in hub.lfs_objects:
                             return self.reply(422, {"error": f"LFS object {value['oid']} was never uploaded"})
                         files[value["path"]] = hub.lfs_objects[value["oid"]]
-                    elif item["key"] in ("deletedFile", "deletedFolder"):
-                        files = {p: d for p, d in files.items() if p != value["path"]}
+                    elif item["key"] == "deletedFile":
+                        files.pop(value["path"], None)
+                    elif item["key"] == "deletedFolder":
+                        prefix = value["path"].rstrip("/") + "/"
+                        files = {p: d for p, d in files.items() if not p.startswith(prefix)}
                 changed = sorted(p for p in files if repo.branches[revision].get(p) != files[p])
                 deleted = sorted(set(repo.branches[revision]) - set(files))
                 repo.branches[revision] = files

@@ -9,10 +9,11 @@ import shutil
 
 import huggingface_hub.constants
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from conftest import small_recipe
-from fake_hub import USER, FakeHub, Repo
+from fake_hub import GITATTRIBUTES, USER, FakeHub, Repo
 from huggingface_hub import ModelCard
 
 import compressor
@@ -72,8 +73,9 @@ def test_compress_pushes_the_artifact_as_one_private_commit(hub, tmp_path, calib
     repo = hub.repos["acme/tiny-w4"]
     assert repo.private
     assert len(repo.commits) == 1 and repo.commits[0]["message"].startswith("Upload ")
-    assert repo.branches["main"] == local_files(out)  # every file, byte for byte
+    assert repo.branches["main"] == {".gitattributes": GITATTRIBUTES, **local_files(out)}  # byte for byte
     assert any(method == "PUT" for method, _ in hub.requests)  # the weights went through the LFS batch API
+    assert "LFS" not in err  # -q: no upload progress bars either
     assert stdout.count("pushed to") == 1 and f"pushed to {hub.url}/acme/tiny-w4/commit/" in stdout
     # the artifact's recipe reproduces the model, not the upload
     assert yaml.safe_load((out / "recipe.yaml").read_text()).get("hub") is None
@@ -88,24 +90,30 @@ def test_push_command_uploads_to_a_new_branch(hub, artifact, monkeypatch):
     assert repo.commits == [
         {"revision": "v1", "message": "first cut", "files": sorted(local_files(artifact)), "deleted": []}
     ]
-    assert repo.branches["main"] == {} and repo.branches["v1"] == local_files(artifact)
+    assert repo.branches["main"] == {".gitattributes": GITATTRIBUTES}
+    assert repo.branches["v1"] == {".gitattributes": GITATTRIBUTES, **local_files(artifact)}
     # the same artifact again: the hub already has every file, so there is nothing to commit, and no error
     code, err, stdout = run_cli("push", artifact, "acme/tiny", "--revision", "v1")
     assert code == 0 and "pushed" in stdout, err
     assert len(repo.commits) == 1
 
 
-def test_repush_deletes_files_the_artifact_no_longer_has(hub, artifact, tmp_path):
+def test_repush_deletes_stale_weights_and_keeps_other_files(hub, artifact, tmp_path):
+    from safetensors.torch import save_file
+
     first = tmp_path / "first"
     shutil.copytree(artifact, first)
-    (first / "notes").mkdir()
-    (first / "notes" / "old.txt").write_text("from an earlier layout")
-    assert run_cli("push", first, "acme/tiny")[0] == 0
-    code, err, _ = run_cli("push", artifact, "acme/tiny")
+    save_file({"w": torch.zeros(2)}, first / "old-layout.safetensors")  # weights of an earlier layout
+    (first / "LICENSE").write_text("apache-2.0")  # a file the user keeps in the repository
+    assert run_cli("push", first, "acme/tiny", "-q")[0] == 0
+    code, err, _ = run_cli("push", artifact, "acme/tiny", "-q")
     assert code == 0, err
     repo = hub.repos["acme/tiny"]
-    assert repo.commits[-1]["deleted"] == ["notes/old.txt"] and repo.commits[-1]["files"] == []
-    assert repo.branches["main"] == local_files(artifact)
+    assert len(repo.commits) == 2
+    assert repo.commits[-1]["deleted"] == ["old-layout.safetensors"] and repo.commits[-1]["files"] == []
+    assert repo.branches["main"] == {
+        ".gitattributes": GITATTRIBUTES, "LICENSE": b"apache-2.0", **local_files(artifact)
+    }  # fmt: skip
 
 
 def test_api_push_to_hub_under_the_users_namespace(hub, artifact):
@@ -114,7 +122,7 @@ def test_api_push_to_hub_under_the_users_namespace(hub, artifact):
 
     url = push_artifact(artifact, HubConfig(repo_id="tiny"))
     assert url.startswith(f"{hub.url}/{USER}/tiny/commit/")
-    assert hub.repos[f"{USER}/tiny"].branches["main"] == local_files(artifact)
+    assert hub.repos[f"{USER}/tiny"].branches["main"] == {".gitattributes": GITATTRIBUTES, **local_files(artifact)}
 
 
 def test_missing_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_file, tiny_model_dir):
@@ -126,17 +134,21 @@ def test_missing_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_fi
     assert not (tmp_path / "out").exists() and hub.requests == []
 
 
-@pytest.mark.parametrize("problem", ["rejected", "read-only"])
-def test_bad_token_fails_before_the_run(hub, monkeypatch, tmp_path, calib_file, tiny_model_dir, problem):
+@pytest.mark.parametrize("problem", ["rejected", "read-only", "org-read-role", "not-a-member"])
+def test_bad_token_or_namespace_fails_before_the_run(hub, monkeypatch, tmp_path, calib_file, tiny_model_dir, problem):
+    repo_id = {"org-read-role": "readers/x", "not-a-member": "strangers/x"}.get(problem, "acme/x")
+    needles = {
+        "rejected": ("rejected the token", "HF_TOKEN"),
+        "read-only": ("read-only", "write access"),
+        "org-read-role": ("read role in 'readers'", "contributor or write role"),
+        "not-a-member": (f"'{USER}' is not a member of 'strangers'", "your own name"),
+    }[problem]
     if problem == "rejected":
         monkeypatch.setenv("HF_TOKEN", TOKEN + "x")
-        needles = ("rejected the token", "HF_TOKEN")
-    else:
-        hub.read_only = True
-        needles = ("read-only", "write access")
+    hub.read_only = problem == "read-only"
     code, err, _ = run_cli(
         "--recipe", _recipe(tmp_path, calib_file), "--model", tiny_model_dir("llama"), "-o", tmp_path / "out",
-        "--push-to-hub", "acme/x",
+        "--push-to-hub", repo_id,
     )  # fmt: skip
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "out").exists()
@@ -173,21 +185,32 @@ def test_server_failure_after_the_run_keeps_the_artifact(hub, tmp_path, calib_fi
     assert f"compress push '{out}' acme/x --revision v2 --public`" in str(info.value)
     assert info.value.__context__ is None and info.value.__cause__ is None  # the HTTP error holds the token
     assert (out / "model.safetensors").is_file() and (out / "report.json").is_file()
-    assert hub.repos["acme/x"].commits == []
 
 
 def test_ctrl_c_during_the_upload(hub, artifact):
     hub.interrupt_commit = True  # the server sends SIGINT while the client waits on the commit
-    code, err, _ = run_cli("push", artifact, "acme/x", "-q")
-    assert_one_line_error(code, err, "interrupted during the upload", "no partial commit", exit_code=130)
-    assert hub.repos["acme/x"].commits == []
+    result = CliRunner().invoke(main, ["push", str(artifact), "acme/x", "-q"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 130 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("interrupted: during the upload") and "never a part" in lines[0]
+    assert f"compress push {artifact} acme/x" in lines[0]
+
+
+def test_ctrl_c_is_not_a_user_error_in_the_api(hub, artifact):
+    from compressor.errors import CompressorError
+    from compressor.recipe import HubConfig
+    from exporters.hub import push_artifact
+
+    hub.interrupt_commit = True
+    with pytest.raises(KeyboardInterrupt) as info:  # a loop that catches CompressorError must not swallow Ctrl-C
+        push_artifact(artifact, HubConfig(repo_id="acme/x"), quiet=True)
+    assert not isinstance(info.value, CompressorError)
 
 
 def test_xet_storage_failure_is_one_clear_error(hub, monkeypatch, artifact):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", False)  # the real hub's default path
     code, err, _ = run_cli("push", artifact, "acme/x", "-q")
     assert_one_line_error(code, err, "Xet storage failed", "403", "HF_HUB_DISABLE_XET=1", "compress push")
-    assert hub.repos["acme/x"].commits == []
 
 
 @pytest.mark.parametrize(

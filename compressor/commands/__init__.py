@@ -37,8 +37,8 @@ def exit_on_error(debug: bool, interrupted: str = "interrupted: nothing was writ
             traceback.print_exc()
         click.echo(_shown(f"error: {err}"), err=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo(interrupted, err=True)
+    except KeyboardInterrupt as err:  # an UploadInterrupted says what state the upload is in
+        click.echo(_shown(f"interrupted: {err}") if str(err) else interrupted, err=True)
         sys.exit(130)
     except Exception as err:  # internal error
         if debug:

@@ -22,20 +22,17 @@ from . import exit_on_error, quiet_client_loggers
 def push_command(artifact, repo_id, public, revision, commit_message, quiet, debug) -> None:
     """Upload ARTIFACT (a directory written by `compress`) to REPO_ID on the hub as one commit.
 
-    The token comes from HF_TOKEN (or `hf auth login`); HF_ENDPOINT selects another hub.
+    Weight files in the repository that ARTIFACT lacks (safetensors, shard indexes, ONNX) are deleted in that
+    commit; other files stay. The token comes from HF_TOKEN (or `hf auth login`); HF_ENDPOINT selects another hub.
     """
     from exporters.hub import push_artifact
 
     from ..recipe import parse_recipe
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
     quiet_client_loggers()
     with exit_on_error(debug, "interrupted: nothing was pushed"):
         hub = {"repo_id": repo_id, "private": not public, "revision": revision, "commit_message": commit_message}
         target = parse_recipe({"hub": hub}, "push").hub
-        url = push_artifact(Path(artifact), target)
+        url = push_artifact(Path(artifact), target, quiet=quiet)
     click.echo(f"pushed {artifact} to {url}")
