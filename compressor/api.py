@@ -14,7 +14,7 @@ from . import __version__
 from .calibration.data import read_texts, sample_windows
 from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
 from .errors import RecipeError
-from .eval.metrics import evaluate_windows, text_windows
+from .eval.metrics import evaluate_windows, greedy_sample, text_windows
 from .models.loading import base_model_hub_id, load_model, max_positions
 from .pipeline import run_passes
 from .plan import Plan
@@ -102,6 +102,24 @@ def _size_report(state: CompressionState, folder: Path | None) -> dict:
     return size
 
 
+def _samples(r: Recipe, loaded) -> bool:
+    """Whether the run takes greedy samples: an evaluated decoder whose artifact compressor.load can run."""
+    ev = r.evaluate
+    return ev is not None and ev.generate_tokens > 0 and loaded.adapter.decoder and "safetensors" in r.export
+
+
+def _artifact_sample(folder: Path, tokenizer, ev) -> dict:
+    """A greedy sample from the artifact just written, run the way users run it (compressor.load, int8 decode)."""
+    from .runtime.load import load as load_artifact
+
+    try:
+        model = load_artifact(folder, activations="int8-decode")
+        return greedy_sample(model, tokenizer, ev.prompt, ev.generate_tokens)
+    except Exception as err:  # the artifact is written either way; say why it could not be sampled
+        log.warning(f"warning: the artifact could not be sampled with compressor.load ({type(err).__name__}: {err})")
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
 def compress(
     recipe: str | Path | dict | Recipe,
     model: str | None = None,
@@ -170,6 +188,10 @@ def compress(
         metrics = evaluate_windows(
             state.full_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
         )
+        if base is not None and _samples(r, loaded):
+            metrics["base_sample"] = greedy_sample(
+                base, loaded.tokenizer, r.evaluate.prompt, r.evaluate.generate_tokens
+            )
         timings["evaluate"] = time.perf_counter() - t
         del base
 
@@ -205,7 +227,11 @@ def compress(
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         report["files"] = files
         report["size"] = _size_report(state, tmp)
-        timings["export"] = time.perf_counter() - t
+        if _samples(r, loaded):
+            sample_start = time.perf_counter()
+            metrics["sample"] = _artifact_sample(tmp, loaded.tokenizer, r.evaluate)
+            timings["sample"] = time.perf_counter() - sample_start
+        timings["export"] = time.perf_counter() - t - timings.get("sample", 0.0)
         timings["total"] = time.perf_counter() - start
         report["timings"] = {k: round(v, 2) for k, v in timings.items()}
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)

@@ -42,6 +42,13 @@ class EvaluateConfig(Strict):
     max_windows: int | None = Field(None, gt=0, description="evaluate only the first N windows (None: all)")
     kl: bool = Field(True, description="KL divergence and top-1 agreement against the uncompressed model")
     batch_size: int = Field(4, gt=0)
+    generate_tokens: int = Field(
+        32,
+        ge=0,
+        description="greedy-decode this many tokens from `prompt` with the written artifact as compressor.load runs "
+        "it (int8-decode), and with the base model: text and decode tokens/s go to the report; 0 skips",
+    )
+    prompt: str = Field("The history of the city", min_length=1, description="prompt for the greedy sample")
 
 
 class HubConfig(Strict):

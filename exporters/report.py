@@ -36,6 +36,16 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"perplexity: {metrics['perplexity']:.3f}{rel} on {metrics['eval_tokens']} tokens")
     if "kl_divergence" in metrics:
         lines.append(f"KL to base: {metrics['kl_divergence']:.5f}; top-1 agreement {metrics['top1_agreement']:.2%}")
+    sample, base_sample = metrics.get("sample"), metrics.get("base_sample")
+    if sample and sample.get("decode_tokens_per_s"):
+        rate = sample["decode_tokens_per_s"]
+        line = f"greedy sample: {rate:.1f} tok/s decode ({sample['new_tokens']} tokens, compressor.load int8-decode)"
+        if base_sample and base_sample.get("decode_tokens_per_s"):
+            base_rate = base_sample["decode_tokens_per_s"]
+            line += f"; base model {base_rate:.1f} tok/s ({rate / base_rate:.2f}x)"
+        lines.append(line)
+    elif sample and "error" in sample:
+        lines.append(f"greedy sample failed: {sample['error']}")
     t = report.get("timings", {})
     if t:
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
@@ -90,6 +100,24 @@ def allocation_table(report: dict) -> list[str]:
     return lines
 
 
+def sample_section(report: dict) -> list[str]:
+    """Markdown: the prompt and the greedy continuations of the compressed and the base model."""
+    metrics = report.get("metrics", {})
+    sample, base_sample = metrics.get("sample") or {}, metrics.get("base_sample") or {}
+    if "text" not in sample:
+        return []
+
+    def block(text: str) -> list[str]:
+        fence = "`" * 3
+        return [fence + "text", text.replace(fence, "'''").strip(), fence]
+
+    prompt = sample["prompt"].replace("`", "'")
+    lines = ["", "## Greedy sample", "", f"Prompt: `{prompt}`", "", "Compressed:", *block(sample["text"])]
+    if "text" in base_sample:
+        lines += ["", "Base model:", *block(base_sample["text"])]
+    return lines
+
+
 def write_report(report: dict, folder: Path) -> None:
     """report.json, summary.md and layers.png into `folder`."""
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -98,6 +126,7 @@ def write_report(report: dict, folder: Path) -> None:
     if has_plot:
         text += ["", "![format per layer](layers.png)"]
     text += allocation_table(report)
+    text += sample_section(report)
     (folder / "summary.md").write_text("\n".join(text) + "\n")
 
 
@@ -123,6 +152,8 @@ def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
         "",
         "## Summary",
         *[f"- {line}" for line in summary_lines(report)],
+        "",
+        *sample_section(report),
         "",
         "## Recipe",
         "```yaml",

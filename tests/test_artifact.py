@@ -53,6 +53,16 @@ def test_gptq_artifact_loads_in_transformers(family, tiny_model_dir, calib_file,
         "tokenizer_config.json",
     ):
         assert (out / name).is_file(), name
+    # the artifact itself was run for a greedy sample (compressor.load, int8 decode), beside the base model
+    if family == "bert":
+        assert "sample" not in result.metrics
+    else:
+        sample, base = result.metrics["sample"], result.metrics["base_sample"]
+        assert "error" not in sample, sample
+        assert sample["new_tokens"] == base["new_tokens"] == 32 and sample["decode_tokens_per_s"] > 0
+        assert "## Greedy sample" in (out / "summary.md").read_text()
+        assert "## Greedy sample" in (out / "README.md").read_text()
+        assert json.loads((out / "report.json").read_text())["metrics"]["sample"]["text"] == sample["text"]
 
 
 @pytest.mark.parametrize(

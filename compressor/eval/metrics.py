@@ -1,8 +1,9 @@
-"""Quality metrics over non-overlapping token windows, base and compressed model side by side."""
+"""Quality metrics over non-overlapping token windows, base and compressed model side by side; a greedy sample."""
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +63,35 @@ def evaluate_windows(
         result["kl_divergence"] = kl / positions
         result["top1_agreement"] = agree / positions
     return result
+
+
+@torch.inference_mode()
+def greedy_sample(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """Greedy continuation of `prompt` and the decode rate (tokens/s after the first, which pays the prefill).
+
+    The rate comes from two runs, one token and `new_tokens` tokens, so the prefill cancels out.
+    """
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run(n: int) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        return out[0, ids.shape[1] :], time.perf_counter() - start
+
+    _, first = run(1)
+    tokens, total = run(new_tokens)
+    decode_s = max(total - first, 1e-9)
+    return {
+        "prompt": prompt,
+        "text": tokenizer.decode(tokens, skip_special_tokens=True),
+        "new_tokens": int(tokens.numel()),
+        "decode_tokens_per_s": (tokens.numel() - 1) / decode_s if tokens.numel() > 1 else None,
+    }
