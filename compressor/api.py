@@ -86,19 +86,46 @@ def _validate_paths(r: Recipe) -> None:
         )
 
 
-def _size_report(state: CompressionState, folder: Path | None) -> dict:
+def _weight_roles(state: CompressionState) -> dict[str, str]:
+    """Module name -> its part of the artifact's size: quantized, embeddings (incl. a float head), float_linears."""
+    from transformers.pytorch_utils import Conv1D  # gpt2's linears
+
+    model = state.model
+    head = model.get_output_embeddings()
+    roles = {}
+    for name, module in model.named_modules():
+        if name in state.plan.layers:
+            roles[name] = "quantized"
+        elif isinstance(module, torch.nn.Embedding) or (head is not None and module is head):
+            roles[name] = "embeddings"
+        elif isinstance(module, (torch.nn.Linear, Conv1D)):
+            roles[name] = "float_linears"
+    return roles
+
+
+def _size_report(state: CompressionState, folder: Path, base_params: int) -> dict:
+    from exporters.safetensors_export import size_breakdown
+
     model, plan = state.model, state.plan
     total = sum(p.numel() for p in model.parameters())
     q_params = sum(lp.shape[0] * lp.shape[1] for lp in plan.layers.values())
     q_bits = sum(lp.storage_bits for lp in plan.layers.values())
+    dense_dtype = state.loaded.export_dtype
     size = {
         "total_params": int(total),
+        "base_params": int(base_params),
         "quantized_layers": len(plan.layers),
         "quantized_params": int(q_params),
         "quantized_bits_per_weight": (q_bits / q_params) if q_params else None,
+        "artifact_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
     }
-    if folder is not None:
-        size["artifact_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    onnx_files = [f for f in (folder / "onnx").glob("model.onnx*") if f.is_file()]
+    if onnx_files:  # graph + external weights
+        size["onnx_bytes"] = sum(f.stat().st_size for f in onnx_files)
+    if size["artifact_bytes"]:
+        size["breakdown_bytes"] = size_breakdown(folder, _weight_roles(state))
+        size["dense_dtype"] = str(dense_dtype).removeprefix("torch.")
+        size["base_bytes"] = int(base_params) * dense_dtype.itemsize  # the uncompressed model at the same dtype
     return size
 
 
@@ -157,6 +184,7 @@ def compress(
     t = time.perf_counter()
     loaded = load_model(r.model, r.trust_remote_code, quiet=quiet, stream=True)
     timings["load"] = time.perf_counter() - t
+    base_params = sum(p.numel() for p in loaded.model.parameters())  # before any pass removes or fuses blocks
     if "onnx" in r.export and r.onnx.accuracy_level_by_layer:  # fail before the passes, not after them
         from transformers.pytorch_utils import Conv1D  # gpt2's linears
 
@@ -226,7 +254,7 @@ def compress(
         recipe_yaml = r.model_copy(update={"output": None, "hub": None}).to_yaml()  # location-independent copy
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         report["files"] = files
-        report["size"] = _size_report(state, tmp)
+        report["size"] = _size_report(state, tmp, base_params)
         if _samples(r, loaded):
             sample_start = time.perf_counter()
             metrics["sample"] = _artifact_sample(tmp, loaded.tokenizer, r.evaluate)

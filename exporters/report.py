@@ -1,4 +1,4 @@
-"""The run report: report.json (stable keys), a human summary, a per-layer plot, and the model card."""
+"""The run report: report.json (stable keys), a human summary, plots, and the model card."""
 
 from __future__ import annotations
 
@@ -7,15 +7,63 @@ from pathlib import Path
 
 REPORT_VERSION = 1
 
+_PART_LABELS = {
+    "quantized_weights": "quantized weights",
+    "quantization_params": "scales and zero points",
+    "embeddings": "embeddings and head",
+    "float_linears": "float linears",
+    "other": "norms and biases",
+}
+_PLOTS = {  # file -> caption, in the order the summary and the model card show them
+    "size.png": "size by part",
+    "quality.png": "quality against the base model, per evaluation window",
+    "layers.png": "format per layer",
+    "scores.png": "block importance scores",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure (no software stamp, so same inputs give the same bytes) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None}, bbox_inches="tight")  # keeps a legend placed outside the axes
+    _pyplot().close(fig)
+
+
+def _file_sizes(size: dict) -> str:
+    written = [(size.get("artifact_bytes"), "safetensors"), (size.get("onnx_bytes"), "ONNX")]
+    return "; ".join(f"{label} {nbytes / 1e6:.1f} MB" for nbytes, label in written if nbytes) or "no weights written"
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction:.0%}" if fraction >= 0.005 else "<1%"
+
 
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable summary (printed at the end of a run and placed in the model card)."""
     size, metrics = report.get("size", {}), report.get("metrics", {})
     lines = [
         f"model: {report['model']['source']} ({report['model']['family']}, {size.get('total_params', 0):,} params)",
-        f"quantized layers: {size.get('quantized_layers', 0)} at {size.get('quantized_bits_per_weight', 0):.3f} "
-        f"bits/weight incl. scales; artifact {size.get('artifact_bytes', 0) / 1e6:.1f} MB",
+        f"quantized layers: {size.get('quantized_layers', 0)} at {size.get('quantized_bits_per_weight') or 0:.3f} "
+        "bits/weight incl. scales; " + _file_sizes(size),
     ]
+    if size.get("base_bytes") and size.get("artifact_bytes"):
+        parts, total = size["breakdown_bytes"], sum(size["breakdown_bytes"].values())
+        by_part = ", ".join(
+            f"{label} {_percent(parts[k] / total)}" for k, label in _PART_LABELS.items() if parts.get(k)
+        )
+        lines.append(
+            f"size: {size['base_bytes'] / size['artifact_bytes']:.2f}x smaller than the uncompressed model at "
+            f"{size['dense_dtype']} ({size['base_bytes'] / 1e6:.3g} MB); artifact by part: {by_part}"
+        )
     alloc = report.get("allocation")
     if alloc:
         counts: dict[str, int] = {}
@@ -54,14 +102,10 @@ def summary_lines(report: dict) -> list[str]:
 
 def plot_layers(report: dict, path: Path) -> bool:
     """Bits per weight of every quantized layer over depth, one marker series per layer type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layers = report.get("plan", {})
     if not layers:
         return False
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
     by_type: dict[str, list[tuple[int, float]]] = {}
     for i, (name, lp) in enumerate(layers.items()):
@@ -74,10 +118,69 @@ def plot_layers(report: dict, path: Path) -> bool:
     ax.set_ylabel("bits / weight (incl. scales)")
     ax.set_title("format per layer")
     ax.legend(fontsize=6, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    _save(fig, path)
     return True
+
+
+def plot_size(report: dict, path: Path) -> bool:
+    """Two stacked bars: the uncompressed model at the artifact's dense dtype, and the artifact by part."""
+    size = report.get("size", {})
+    parts = size.get("breakdown_bytes")
+    if not parts or not size.get("base_bytes"):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 2.6), dpi=100)
+    base_mb = size["base_bytes"] / 1e6
+    ax.barh([1], [base_mb], color="0.75")
+    ax.text(base_mb, 1, f" {base_mb:.1f} MB", va="center", fontsize=8)
+    left = 0.0
+    for key, label in _PART_LABELS.items():  # fixed order (report.json sorts its keys)
+        if parts.get(key):
+            ax.barh([0], [parts[key] / 1e6], left=left, label=label)
+            left += parts[key] / 1e6
+    ax.text(left, 0, f" {size['artifact_bytes'] / 1e6:.1f} MB", va="center", fontsize=8)
+    ax.set_yticks([0, 1], ["artifact", f"uncompressed\n({size['dense_dtype']})"])
+    ax.set_xlim(0, base_mb * 1.15)
+    ax.set_xlabel("MB (10^6 bytes)")
+    ax.set_title("size by part")
+    ax.legend(fontsize=7, ncol=len(parts), loc="upper center", bbox_to_anchor=(0.5, -0.45), frameon=False)
+    _save(fig, path)
+    return True
+
+
+def plot_quality(report: dict, path: Path) -> bool:
+    """Per evaluation window: perplexity change against the base (a point per window) and the spread of KL."""
+    windows = report.get("metrics", {}).get("windows", {})
+    panels = [k for k in ("base_perplexity", "kl_divergence") if windows.get(k)]
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=100, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "base_perplexity":
+            base = windows["base_perplexity"]
+            change = [(ours / b - 1) * 100 for ours, b in zip(windows["perplexity"], base)]
+            ax.scatter(base, change, s=6, alpha=0.6)
+            ax.axhline(0, color="0.4", lw=0.8, ls="--")
+            ax.set_xlabel("base model perplexity of the window")
+            ax.set_ylabel("compressed vs base (%)")
+            ax.set_title("perplexity change per window")
+        else:
+            kl = windows["kl_divergence"]
+            ax.hist(kl, bins=min(40, max(5, len(kl) // 3)))
+            median = sorted(kl)[len(kl) // 2]
+            ax.axvline(median, color="0.3", ls="--", lw=0.8, label=f"median {median:.4g}")
+            ax.set_xlabel("mean KL(base || compressed) in the window")
+            ax.set_ylabel("windows")
+            ax.set_title("KL to base per window")
+            ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def plot_sections(folder: Path) -> list[str]:
+    """Markdown image lines for the plots present in `folder` (the run's and a pass's, e.g. scores.png)."""
+    return [f"![{caption}]({name})" for name, caption in _PLOTS.items() if (folder / name).is_file()]
 
 
 def allocation_table(report: dict) -> list[str]:
@@ -119,15 +222,22 @@ def sample_section(report: dict) -> list[str]:
 
 
 def write_report(report: dict, folder: Path) -> None:
-    """report.json, summary.md and layers.png into `folder`."""
+    """report.json, summary.md and the plots (size.png, quality.png, layers.png) into `folder`."""
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    has_plot = plot_layers(report, folder / "layers.png")
+    plot_size(report, folder / "size.png")
+    plot_quality(report, folder / "quality.png")
+    plot_layers(report, folder / "layers.png")
     text = ["# Compression report", "", *[f"- {line}" for line in summary_lines(report)]]
-    if has_plot:
-        text += ["", "![format per layer](layers.png)"]
+    for image in plot_sections(folder):
+        text += ["", image]
     text += allocation_table(report)
     text += sample_section(report)
     (folder / "summary.md").write_text("\n".join(text) + "\n")
+
+
+def _plots_section(folder: Path) -> list[str]:
+    images = plot_sections(folder)
+    return ["", "## Plots", *[line for image in images for line in ("", image)]] if images else []
 
 
 def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
@@ -154,6 +264,8 @@ def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
         *[f"- {line}" for line in summary_lines(report)],
         "",
         *sample_section(report),
+        "",
+        *_plots_section(folder),
         "",
         "## Recipe",
         "```yaml",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,3 +127,37 @@ def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
     for f in files:
         (folder / f).chmod(0o644)
     return files
+
+
+SIZE_PARTS = ("quantized_weights", "quantization_params", "embeddings", "float_linears", "other")
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of every tensor in a safetensors file, read from its header (8-byte length, then JSON offsets)."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def size_breakdown(folder: Path, roles: dict[str, str]) -> dict[str, int]:
+    """Bytes of the written weights by part (SIZE_PARTS), from the shards' headers.
+
+    `roles` maps module names to "quantized", "embeddings" or "float_linears"; a quantized module's codes count as
+    quantized weights and its scales, zero points and shape as quantization parameters; tensors of modules
+    without a role (norms) and every bias count as "other".
+    """
+    parts = dict.fromkeys(SIZE_PARTS, 0)
+    for shard in sorted(folder.glob("*.safetensors")):
+        for key, nbytes in _tensor_bytes(shard).items():
+            owner, _, leaf = key.rpartition(".")
+            role = roles.get(owner)
+            if role == "quantized" and leaf in ("weight_packed", "weight"):
+                parts["quantized_weights"] += nbytes
+            elif role == "quantized" and leaf.startswith("weight_"):  # scale, zero point, shape
+                parts["quantization_params"] += nbytes
+            elif role in ("embeddings", "float_linears") and leaf == "weight":
+                parts[role] += nbytes
+            else:
+                parts["other"] += nbytes
+    return parts

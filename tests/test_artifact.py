@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -50,9 +51,12 @@ def test_gptq_artifact_loads_in_transformers(family, tiny_model_dir, calib_file,
         "summary.md",
         "README.md",
         "layers.png",
+        "size.png",
+        "quality.png",
         "tokenizer_config.json",
     ):
         assert (out / name).is_file(), name
+    _check_size_and_quality_report(result, out)
     # the artifact itself was run for a greedy sample (compressor.load, int8 decode), beside the base model
     if family == "bert":
         assert "sample" not in result.metrics
@@ -63,6 +67,33 @@ def test_gptq_artifact_loads_in_transformers(family, tiny_model_dir, calib_file,
         assert "## Greedy sample" in (out / "summary.md").read_text()
         assert "## Greedy sample" in (out / "README.md").read_text()
         assert json.loads((out / "report.json").read_text())["metrics"]["sample"]["text"] == sample["text"]
+
+
+def _check_size_and_quality_report(result, out) -> None:
+    """The size breakdown adds up to the written tensors; per-window figures average to the run's figures."""
+    tensors = load_file(str(out / "model.safetensors"))
+    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    size = result.report["size"]
+    parts = size["breakdown_bytes"]
+    assert sum(parts.values()) == sum(nbytes.values())
+    assert parts["quantized_weights"] == sum(v for k, v in nbytes.items() if k.endswith(".weight_packed"))
+    assert parts["quantization_params"] == sum(
+        v for k, v in nbytes.items() if k.rsplit(".", 1)[1] in ("weight_scale", "weight_zero_point", "weight_shape")
+    )
+    assert parts["embeddings"] > 0 and parts["other"] > 0  # every family has embeddings and norms
+    assert size["base_bytes"] == size["base_params"] * 4 > size["artifact_bytes"]  # float32 tiny models
+    windows = result.metrics["windows"]
+    kl = windows["kl_divergence"]
+    assert len(kl) == result.metrics["eval_windows"]
+    assert sum(kl) / len(kl) == pytest.approx(result.metrics["kl_divergence"], rel=1e-4, abs=1e-9)
+    if "perplexity" in result.metrics:  # equal windows: the overall perplexity is the windows' geometric mean
+        log_ppl = [math.log(p) for p in windows["perplexity"]]
+        assert math.exp(sum(log_ppl) / len(log_ppl)) == pytest.approx(result.metrics["perplexity"], rel=1e-4)
+    card = (out / "README.md").read_text()
+    for image in ("size.png", "quality.png", "layers.png"):
+        assert f"]({image})" in card and f"]({image})" in (out / "summary.md").read_text()
+        assert (out / image).read_bytes().startswith(b"\x89PNG")
+    assert "x smaller than the uncompressed model at float32" in card
 
 
 @pytest.mark.parametrize(

@@ -218,6 +218,10 @@ def test_matmulnbits_w4_gptq_is_bit_identical_and_matches(artifacts):
         assert torch.equal(nbits_codes(b, bits, k), codes), name  # bit-identical codes
         assert np.array_equal(scales, st[f"{name}.weight_scale"].float().numpy()), name  # fp16 scales, widened
     check_decoder(art)
+    size = json.loads((art / "report.json").read_text())["size"]  # the report counts the ONNX files too
+    assert size["onnx_bytes"] == sum(f.stat().st_size for f in (art / "onnx").glob("model.onnx*")) > 0
+    assert f"ONNX {size['onnx_bytes'] / 1e6:.1f} MB" in (art / "summary.md").read_text()
+    assert size["breakdown_bytes"]["quantized_weights"] > 0
 
 
 def test_export_onnx_command_matches_recipe_export(artifacts, tmp_path):

@@ -35,22 +35,30 @@ def evaluate_windows(
 ) -> dict:
     """Perplexity of `model` (and `base_model`) on the windows, plus KL(base || model) and top-1 agreement.
 
-    KL and top-1 are averaged over every predicted position; perplexity is exp(mean next-token NLL).
+    KL and top-1 are averaged over every predicted position; perplexity is exp(mean next-token NLL). The same
+    figures per window go under "windows" (the report plots them: where the compressed model loses, and how evenly).
     """
     nll = base_nll = kl = agree = 0.0
     count = 0
+    per_window: dict[str, list[float]] = {}
     for i in tqdm(range(0, windows.shape[0], batch_size), desc="evaluate", unit="batch", disable=quiet):
         ids = windows[i : i + batch_size]
         logits = _logits(model, ids)
         logp = F.log_softmax(logits, dim=-1)
         if causal:
             pred, target = logp[:, :-1], ids[:, 1:]
-            nll += -pred.gather(-1, target.unsqueeze(-1)).sum().item()
+            token_nll = -pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            nll += token_nll.sum().item()
+            per_window.setdefault("perplexity", []).extend(token_nll.mean(-1).exp().tolist())
         if base_model is not None:
             base_logp = F.log_softmax(_logits(base_model, ids), dim=-1)
             if causal:
-                base_nll += -base_logp[:, :-1].gather(-1, target.unsqueeze(-1)).sum().item()
-            kl += (base_logp.exp() * (base_logp - logp)).sum().item()
+                base_token_nll = -base_logp[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                base_nll += base_token_nll.sum().item()
+                per_window.setdefault("base_perplexity", []).extend(base_token_nll.mean(-1).exp().tolist())
+            token_kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+            kl += token_kl.sum().item()
+            per_window.setdefault("kl_divergence", []).extend(token_kl.mean(-1).tolist())
             agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
         count += ids.shape[0] * (ids.shape[1] - 1)
     positions = windows.numel()
@@ -62,6 +70,8 @@ def evaluate_windows(
             result["base_perplexity"] = math.exp(base_nll / count)
         result["kl_divergence"] = kl / positions
         result["top1_agreement"] = agree / positions
+    if per_window:
+        result["windows"] = {k: [float(f"{v:.6g}") for v in values] for k, values in per_window.items()}
     return result
 
 
