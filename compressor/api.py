@@ -19,6 +19,7 @@ from .models.loading import base_model_hub_id, load_model, max_positions
 from .pipeline import run_passes
 from .plan import Plan
 from .recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from .runtime.lora import LORA_DIR
 from .state import CompressionState
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,20 @@ def _size_report(state: CompressionState, folder: Path, base_params: int) -> dic
     model, plan = state.model, state.plan
     total = sum(p.numel() for p in model.parameters())
     q_params = sum(lp.shape[0] * lp.shape[1] for lp in plan.layers.values())
-    q_bits = sum(lp.storage_bits for lp in plan.layers.values())
+    q_bits = sum(lp.total_bits for lp in plan.layers.values())
+    lora_bits = sum(lp.compensation_bits for lp in plan.layers.values())
     dense_dtype = state.loaded.export_dtype
     size = {
         "total_params": int(total),
         "base_params": int(base_params),
         "quantized_layers": len(plan.layers),
         "quantized_params": int(q_params),
-        "quantized_bits_per_weight": (q_bits / q_params) if q_params else None,
-        "artifact_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        "quantized_bits_per_weight": (q_bits / q_params) if q_params else None,  # incl. the LoRA compensation
+        "artifact_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        + sum(f.stat().st_size for f in (folder / LORA_DIR).glob("*.safetensors")),
     }
+    if lora_bits:
+        size["compensation_bits_per_weight"] = lora_bits / q_params
     onnx_files = [f for f in (folder / "onnx").glob("model.onnx*") if f.is_file()]
     if onnx_files:  # graph + external weights
         size["onnx_bytes"] = sum(f.stat().st_size for f in onnx_files)

@@ -8,6 +8,7 @@ import torch
 
 from .quant.formats import Fp8Format, IntFormat
 from .quant.fp8 import fp8_dequantize
+from .quant.lowrank import LowRankFactors
 from .quant.packing import pack_int32, unpack_int32
 from .quant.rtn import dequantize
 
@@ -66,8 +67,10 @@ class LayerPlan:
     symmetric: bool
     strategy: str
     scale_dtype: str
-    storage_bits: int
+    storage_bits: int  # the quantized tensors: codes, scales, zero points
     note: str | None = None
+    compensation_rank: int | None = None  # rank of the low-rank correction of its quantization error, if any
+    compensation_bits: int = 0  # that correction's factors at the artifact's float dtype
 
     @classmethod
     def describe(
@@ -97,19 +100,35 @@ class LayerPlan:
         )
 
     @property
+    def total_bits(self) -> int:
+        return self.storage_bits + self.compensation_bits
+
+    @property
     def bits_per_weight(self) -> float:
-        return self.storage_bits / (self.shape[0] * self.shape[1])
+        return self.total_bits / (self.shape[0] * self.shape[1])
 
 
 @dataclass
 class Plan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    # low-rank corrections of quantization error (the `lowrank` pass), exported as a PEFT LoRA adapter
+    compensations: dict[str, LowRankFactors] = field(default_factory=dict)
 
-    def record(self, layer: LayerPlan, weight: QuantizedWeight) -> None:
+    def record(self, layer: LayerPlan, weight: QuantizedWeight, compensation: LowRankFactors | None = None) -> None:
         weight.compact()
         self.layers[layer.name] = layer
         self.weights[layer.name] = weight
+        if compensation is not None:
+            self.compensations[layer.name] = compensation
+        else:
+            self.compensations.pop(layer.name, None)
+
+    def effective_weight(self, name: str) -> torch.Tensor:
+        """The float32 [out, in] weight the layer computes with: dequantized, plus its correction if it has one."""
+        w = self.weights[name].dequantize()
+        comp = self.compensations.get(name)
+        return w if comp is None else w + comp.delta()
 
     def to_json(self) -> dict:
         return {name: asdict(lp) for name, lp in self.layers.items()}  # execution order

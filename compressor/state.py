@@ -9,7 +9,7 @@ import torch
 from .models.loading import LoadedModel
 from .plan import Plan
 from .recipe import Recipe
-from .schema import WeightScheme
+from .schema import LowRankPass, WeightScheme
 
 
 @dataclass
@@ -20,6 +20,8 @@ class CompressionState:
     plan: Plan = field(default_factory=Plan)
     # per-layer weight schemes chosen by `allocate_bits` (full module name -> WeightScheme, None = keep float)
     layer_schemes: dict[str, WeightScheme | None] = field(default_factory=dict)
+    # low-rank compensation requested by a `lowrank` pass, carried out by the next `quantize` pass
+    compensation: LowRankPass | None = None
     report: dict = field(default_factory=dict)  # pass-owned sections merged into report.json (e.g. "scores")
     extra_files: dict[str, bytes] = field(default_factory=dict)  # artifact-relative path -> bytes (plots)
     quiet: bool = False
@@ -62,7 +64,7 @@ class CompressionState:
         def provider_for(param: str):
             layer = param.rpartition(".")[0]
             module = model.get_submodule(layer)
-            return lambda: adapter.param_layout(module, plan.weights[layer].dequantize())
+            return lambda: adapter.param_layout(module, plan.effective_weight(layer))
 
         lazy.release([f"{name}.weight" for name in layers if name in plan.weights], provider_for)
 

@@ -13,6 +13,7 @@ _PART_LABELS = {
     "embeddings": "embeddings and head",
     "float_linears": "float linears",
     "other": "norms and biases",
+    "lowrank_compensation": "low-rank compensation (lora/)",
 }
 _PLOTS = {  # file -> caption, in the order the summary and the model card show them
     "size.png": "size by part",
@@ -53,7 +54,10 @@ def summary_lines(report: dict) -> list[str]:
     lines = [
         f"model: {report['model']['source']} ({report['model']['family']}, {size.get('total_params', 0):,} params)",
         f"quantized layers: {size.get('quantized_layers', 0)} at {size.get('quantized_bits_per_weight') or 0:.3f} "
-        "bits/weight incl. scales; " + _file_sizes(size),
+        "bits/weight incl. scales"
+        + (" and low-rank compensation" if report.get("lowrank") else "")
+        + "; "
+        + _file_sizes(size),
     ]
     if size.get("base_bytes") and size.get("artifact_bytes"):
         parts, total = size["breakdown_bytes"], sum(size["breakdown_bytes"].values())
@@ -72,6 +76,15 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"allocate_bits ({alloc['method']}): {alloc['used_bits_per_weight']:.3f} of "
             f"{alloc['budget_bits_per_weight']:.3f} bits/weight; " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+        )
+    if report.get("lowrank"):
+        fits = report["lowrank"]
+        removed = sorted(f["error_removed"] for f in fits)
+        ranks = sorted({f["rank"] for f in fits})
+        lines.append(
+            f"low-rank compensation: rank {'/'.join(map(str, ranks))} on {len(fits)} layers "
+            f"({size.get('compensation_bits_per_weight') or 0:.3f} bits/weight, PEFT LoRA in lora/); it removes a "
+            f"median {removed[len(removed) // 2]:.0%} of each layer's quantization output error on calibration data"
         )
     if report.get("awq"):
         scaled = [g for g in report["awq"] if g["alpha"] > 0]
@@ -110,12 +123,12 @@ def plot_layers(report: dict, path: Path) -> bool:
     by_type: dict[str, list[tuple[int, float]]] = {}
     for i, (name, lp) in enumerate(layers.items()):
         kind = name.rsplit(".", 1)[-1]
-        bpw = lp["storage_bits"] / (lp["shape"][0] * lp["shape"][1])
+        bpw = (lp["storage_bits"] + lp.get("compensation_bits", 0)) / (lp["shape"][0] * lp["shape"][1])
         by_type.setdefault(kind, []).append((i, bpw))
     for kind, pts in sorted(by_type.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, label=kind)
     ax.set_xlabel("layer (execution order)")
-    ax.set_ylabel("bits / weight (incl. scales)")
+    ax.set_ylabel("bits / weight (incl. scales, LoRA)")
     ax.set_title("format per layer")
     ax.legend(fontsize=6, ncol=4)
     _save(fig, path)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from compressor.runtime.lora import LORA_DIR, write_lora
 from compressor.state import CompressionState
 
 from .compressed_tensors import layer_tensors, quantization_config
@@ -124,12 +125,28 @@ def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
     if getattr(model, "generation_config", None) is not None and adapter.decoder:
         model.generation_config.save_pretrained(folder)
     state.loaded.tokenizer.save_pretrained(folder)
+    if state.plan.compensations:
+        files += write_lora(
+            folder,
+            {name: (c.down, c.up) for name, c in state.plan.compensations.items()},
+            dense_dtype,
+            task_type="CAUSAL_LM" if adapter.decoder else None,
+            fan_in_fan_out=adapter.family == "gpt2",
+            base_model=state.recipe.hub.repo_id if state.recipe.hub is not None else None,
+        )
     for f in files:
         (folder / f).chmod(0o644)
     return files
 
 
-SIZE_PARTS = ("quantized_weights", "quantization_params", "embeddings", "float_linears", "other")
+SIZE_PARTS = (
+    "quantized_weights",
+    "quantization_params",
+    "embeddings",
+    "float_linears",
+    "other",
+    "lowrank_compensation",
+)
 
 
 def _tensor_bytes(path: Path) -> dict[str, int]:
@@ -145,9 +162,11 @@ def size_breakdown(folder: Path, roles: dict[str, str]) -> dict[str, int]:
 
     `roles` maps module names to "quantized", "embeddings" or "float_linears"; a quantized module's codes count as
     quantized weights and its scales, zero points and shape as quantization parameters; tensors of modules
-    without a role (norms) and every bias count as "other".
+    without a role (norms) and every bias count as "other"; the LoRA adapter's factors as "lowrank_compensation".
     """
     parts = dict.fromkeys(SIZE_PARTS, 0)
+    for shard in sorted((folder / LORA_DIR).glob("*.safetensors")):
+        parts["lowrank_compensation"] += sum(_tensor_bytes(shard).values())
     for shard in sorted(folder.glob("*.safetensors")):
         for key, nbytes in _tensor_bytes(shard).items():
             owner, _, leaf = key.rpartition(".")

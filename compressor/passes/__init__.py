@@ -1,6 +1,6 @@
 """Compression passes: one class per pass type, registered by its recipe config type."""
 
-from . import allocate, structure  # noqa: F401  (registration)
+from . import allocate, lowrank, structure  # noqa: F401  (registration)
 from .base import PASSES, run_pass
 from .quantize import QuantizeRunner
 

@@ -25,7 +25,7 @@ from ..schema import AllocateBitsPass, QuantizePass, WeightScheme
 from ..schema.allocate import parse_candidate
 from ..state import CompressionState
 from ..structure.metrics import zd_score
-from .base import register
+from .base import following_quantize, register
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +119,7 @@ class AllocateBitsRunner:
 
     # ---- the problem ------------------------------------------------------------------------------
     def _following_quantize(self, state: CompressionState) -> QuantizePass:
-        passes = state.recipe.passes
-        mine = next(i for i, p in enumerate(passes) if p is self.cfg)
-        for p in passes[mine + 1 :]:
-            if p.type == "quantize":
-                return p
-        raise RecipeError(
-            "allocate_bits chooses formats for a later quantize pass, but none follows it",
-            where="passes",
-            fix="add a `- type: quantize` pass after allocate_bits",
-        )
+        return following_quantize(state, self.cfg, "allocate_bits", "chooses formats for")
 
     def _linears(self, state: CompressionState, quant: QuantizePass):
         model, adapter = state.full_model(), state.adapter

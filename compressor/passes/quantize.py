@@ -22,6 +22,7 @@ from ..quant.awq import awq_search
 from ..quant.formats import Fp8Format, IntFormat, resolve_format
 from ..quant.fp8 import fp8_quantize
 from ..quant.gptq import gptq_quantize
+from ..quant.lowrank import whitened_lowrank
 from ..quant.rtn import rtn_quantize
 from ..schema import QuantizePass, WeightScheme
 from ..state import CompressionState
@@ -61,12 +62,43 @@ class QuantizeRunner:
         return any(p.search(name) for p in self._ignore)
 
     # ---- committing a result ----------------------------------------------------------------------
-    def _commit(self, state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, note, method):
-        """Write the quantized weight back into the model (so later blocks see it) and record it in the plan."""
-        state.adapter.set_weight(module, qw.dequantize())
+    def _commit(
+        self,
+        state: CompressionState,
+        name: str,
+        module: nn.Module,
+        qw: QuantizedWeight,
+        note,
+        method,
+        original: torch.Tensor | None = None,
+        h: torch.Tensor | None = None,
+    ):
+        """Write the quantized weight back into the model (so later blocks see it) and record it in the plan.
+
+        With a `lowrank` compensation request, `original` and the input Gram matrix `h` give the layer's
+        correction: fitted here, rounded to the artifact's float dtype, and included in the weight written back.
+        """
         scheme = self.scheme_for(state, name) or self.cfg.weights
         requested = scheme.group_size if scheme.strategy == "group" else None
-        state.plan.record(LayerPlan.describe(name, qw, method, requested, note), qw)
+        layer = LayerPlan.describe(name, qw, method, requested, note)
+        deq = qw.dequantize()
+        comp = None
+        request = state.compensation
+        if request is not None and h is not None and original is not None and request.applies_to(name):
+            comp = whitened_lowrank(original.to(torch.float32) - deq, h, request.rank, request.damp)
+            dtype = state.loaded.export_dtype
+            comp.round_to(dtype)
+            layer.compensation_rank = comp.rank
+            layer.compensation_bits = comp.rank * sum(qw.shape) * dtype.itemsize * 8
+            state.report.setdefault("lowrank", []).append(
+                {
+                    "layer": name,
+                    "rank": comp.rank,
+                    "error_removed": 1.0 - comp.error_after / comp.error_before if comp.error_before else 0.0,
+                }
+            )
+        state.adapter.set_weight(module, deq if comp is None else deq + comp.delta())
+        state.plan.record(layer, qw, comp)
 
     def _quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
         if isinstance(fmt, Fp8Format):
@@ -80,7 +112,7 @@ class QuantizeRunner:
         model, adapter = state.model, state.adapter
         blocks = adapter.blocks(model)
         prefixes = adapter.block_prefixes(model)
-        if self.cfg.method == "gptq" or self.cfg.awq:
+        if self.cfg.method == "gptq" or self.cfg.awq or state.compensation is not None:
             self._run_calibrated(state, blocks, prefixes)
         else:
             for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
@@ -177,12 +209,14 @@ class QuantizeRunner:
         fmt, note = self.layer_format(weights[0].shape[1], scheme)
         if isinstance(fmt, Fp8Format) or cfg.method == "rtn":
             for n, m, w in zip(names, modules, weights):
-                self._commit(state, f"{prefix}.{n}", m, self._quantize_data_free(w, fmt), note, "rtn")
+                qw = self._quantize_data_free(w, fmt)
+                self._commit(state, f"{prefix}.{n}", m, qw, note, "rtn", original=w, h=stat.mean())
             return
         stacked = torch.cat(weights, dim=0)
+        h = stat.mean()
         codes, scale, zero = gptq_quantize(
             stacked,
-            stat.mean(),
+            h,
             fmt,
             scale_dtype=cfg.scale_dtype,
             block_size=cfg.gptq_block_size,
@@ -202,7 +236,7 @@ class QuantizeRunner:
                 None if zero is None else zero[rows].clone(),
                 cfg.scale_dtype,
             )
-            self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq")
+            self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq", original=w, h=h)
 
     # ---- activation-aware scaling -----------------------------------------------------------------
     def _activation_scale(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat):
@@ -242,7 +276,10 @@ class QuantizeRunner:
         s = found.scale
         if src_qw is not None:  # already quantized (v_proj, up_proj): rescale its rows through its scales
             src_qw.scale = _round_scale_rows(src_qw.scale / s[:, None], src_qw.scale_dtype)
-            adapter.set_weight(src_module, src_qw.dequantize())
+            if src_name in state.plan.compensations:  # its correction's output rows follow the same scaling
+                state.plan.compensations[src_name].scale_rows(s)
+                state.plan.compensations[src_name].round_to(state.loaded.export_dtype)
+            adapter.set_weight(src_module, state.plan.effective_weight(src_name))
             if getattr(src_module, "bias", None) is not None:
                 src_module.bias.data /= s.to(src_module.bias.dtype)
         else:

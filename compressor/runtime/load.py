@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..models.adapters import adapter_for
+from .lora import read_lora
 from .ops import ACTIVATION_MODES
 from .qlinear import QuantEmbedding, QuantLinear
 
@@ -108,6 +109,14 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
     if getattr(config, "tie_word_embeddings", False) and not per_layer.keys() & _embedding_names(model):
         model.tie_weights()
     _check_complete(model, result, set(per_layer), set(dense))
+    for name, (down, up) in read_lora(folder).items():
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            target = None
+        if type(target) is not QuantLinear:
+            raise ModelError(f"the LoRA adapter corrects '{name}', not a quantized linear", fix="re-run compress")
+        target.attach_correction(down.to(dtype), up.to(dtype))
     for module in model.modules():  # the kernels' layout, made once here rather than inside a first (traced) call
         if type(module) is QuantLinear:
             module.packed_weight()

@@ -32,6 +32,8 @@ class QuantLinear(nn.Module):
         self.kernel_mode = MODE_FLOAT
         self._packed: PackedWeight | None = None
         self._packed_ready = False
+        self.lora_down: nn.Parameter | None = None  # low-rank correction y += up (down x), see attach_correction
+        self.lora_up: nn.Parameter | None = None
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, scheme: dict) -> QuantLinear:
@@ -108,11 +110,24 @@ class QuantLinear(nn.Module):
             self.packed_weight()
         return out
 
+    def attach_correction(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Add a low-rank correction of the quantization error: y = W_q x + b + up @ (down @ x)."""
+        if down.shape[1] != self.in_features or up.shape[0] != self.out_features or up.shape[1] != down.shape[0]:
+            shapes = f"{tuple(down.shape)}, {tuple(up.shape)}"
+            raise ValueError(f"correction factors {shapes} do not fit a {self.in_features}->{self.out_features} linear")
+        self.lora_down = nn.Parameter(down.detach().clone(), requires_grad=False)
+        self.lora_up = nn.Parameter(up.detach().to(down.dtype).clone(), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight() if self.use_kernels else None
         if packed is None:
-            return int_weight_matmul(x, self.dequantized_weight(), self.bias)
-        return packed_linear(x, packed, self.bias, self.kernel_mode)
+            y = int_weight_matmul(x, self.dequantized_weight(), self.bias)
+        else:
+            y = packed_linear(x, packed, self.bias, self.kernel_mode)
+        if self.lora_down is None:
+            return y
+        low = x.to(self.lora_down.dtype) @ self.lora_down.t()
+        return y + (low @ self.lora_up.t()).to(y.dtype)
 
 
 class QuantEmbedding(QuantLinear):

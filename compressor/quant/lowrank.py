@@ -1,0 +1,76 @@
+"""Activation-whitened truncated SVD: the rank-r correction that best cancels a weight error on calibration inputs.
+
+For a weight error E [out, in] and the input Gram matrix H = X^T X of calibration inputs X [tokens, in], the output
+error of a correction C is ||(E - C) X^T||_F^2 = tr((E - C) H (E - C)^T). With H = S S^T (Cholesky), the best rank-r
+C is the truncated SVD of E S mapped back by S^-1 (SVD-LLM's whitening; EoRA/LQER apply it to quantization error):
+E S = U diag(s) V^T, C = U_r diag(s_r) V_r^T S^-1, and the remaining error is the sum of the dropped s_i^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LowRankFactors:
+    """C = up @ down: `down` [rank, in] then `up` [out, rank] (PEFT's lora_A and lora_B, with scaling 1)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    error_before: float  # tr(E H E^T) of the (dampened) H: the output error the correction works against
+    error_after: float  # the same after subtracting the correction
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """The [out, in] correction, float32."""
+        return (self.up.to(torch.float32) @ self.down.to(torch.float32)).contiguous()
+
+    def round_to(self, dtype: torch.dtype) -> None:
+        """Round both factors to the dtype they are stored in (kept float32 for compute)."""
+        self.down, self.up = (t.to(dtype).to(torch.float32) for t in (self.down, self.up))
+
+    def scale_rows(self, divisor: torch.Tensor) -> None:
+        """Follow an output-row rescaling W <- diag(1/divisor) W of the layer it corrects."""
+        self.up = self.up / divisor.to(self.up.dtype)[:, None]
+
+
+def whitening(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Lower-triangular S with S S^T = H + damp * mean(diag H) * I (float64); raises if H is not usable."""
+    h = h.to(torch.float64)
+    mean_diag = h.diagonal().mean()
+    if not torch.isfinite(mean_diag) or mean_diag <= 0:
+        raise ValueError("the input Gram matrix is empty or not finite; no calibration tokens reached this layer")
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(6):  # a rank-deficient H needs more than the requested dampening
+        factor, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean_diag * eye)
+        if int(info) == 0:
+            return factor
+    raise ValueError("the input Gram matrix is not positive definite even after dampening")
+
+
+def whitened_lowrank(error: torch.Tensor, h: torch.Tensor, rank: int, damp: float = 0.01) -> LowRankFactors:
+    """Rank-`rank` factors of the correction minimising tr((E - C) H (E - C)^T) for E = `error` [out, in].
+
+    The singular values are split evenly between the factors (sqrt on each side), which keeps both in a range
+    float16/bfloat16 storage holds. A rank above min(out, in) is capped there.
+    """
+    s = whitening(h, damp)
+    e = error.to(torch.float64)
+    u, sv, vh = torch.linalg.svd(e @ s, full_matrices=False)
+    r = min(rank, sv.numel())
+    root = sv[:r].sqrt()
+    up = u[:, :r] * root
+    # down = diag(root) V_r^T S^-1, i.e. solve S^T X = V_r for X = S^-T V_r, then transpose
+    down = torch.linalg.solve_triangular(s.T, vh[:r].T, upper=True).T * root[:, None]
+    energy = sv.square()
+    return LowRankFactors(
+        down=down.to(torch.float32).contiguous(),
+        up=up.to(torch.float32).contiguous(),
+        error_before=float(energy.sum()),
+        error_after=float(energy[r:].sum()),
+    )

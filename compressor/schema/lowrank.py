@@ -1,0 +1,49 @@
+"""Recipe schema of the `lowrank` pass: low-rank compensation of the quantization error."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .common import Strict
+
+
+class LowRankPass(Strict):
+    """Fit, for every quantized block linear, a rank-r correction of its quantization error (activation-whitened
+    SVD on the calibration inputs, as EoRA / LQER do) and ship it as a PEFT LoRA adapter beside the artifact.
+
+    The correction is fitted by the `quantize` pass that must follow, layer by layer with the same input
+    statistics GPTQ uses, so later blocks are calibrated on the corrected outputs.
+    """
+
+    type: Literal["lowrank"]
+    mode: Literal["compensate"] = Field(
+        "compensate", description="compensate: correct the quantization error of the following quantize pass"
+    )
+    rank: int = Field(32, ge=1, le=4096, description="rank of each layer's correction (capped at its width)")
+    targets: list[str] = Field(
+        default_factory=list,
+        description="module-name regexes of the quantized linears to correct; empty = every quantized block linear",
+    )
+    damp: float = Field(
+        0.01, gt=0, lt=1, description="dampening of the input Gram matrix, fraction of its mean diagonal"
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"targets: {pattern!r} is not a regular expression ({err})") from None
+        return v
+
+    def applies_to(self, name: str) -> bool:
+        return not self.targets or any(re.search(p, name) for p in self.targets)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True

@@ -1,0 +1,204 @@
+"""Low-rank compensation of quantization error: whitened-SVD numerics, the `lowrank` pass, and its LoRA adapter
+read back by transformers (PEFT integration) and compressor.load."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import small_recipe
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+import compressor
+from compressor.errors import RecipeError
+from compressor.quant.lowrank import whitened_lowrank
+from compressor.runtime.load import read_tensors
+from compressor.runtime.lora import LORA_DIR, read_lora
+from compressor.runtime.qlinear import QuantLinear
+
+
+def _problem(out_f=48, in_f=40, tokens=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_f, in_f, generator=g) * torch.logspace(0, -2, in_f)  # correlated, uneven inputs
+    x = torch.randn(tokens, in_f, generator=g) @ mix
+    e = torch.randn(out_f, in_f, generator=g) * 0.1
+    return e, x
+
+
+def _output_error(e: torch.Tensor, x: torch.Tensor) -> float:
+    return float((x.double() @ e.double().T).square().sum())
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_whitened_svd_is_the_best_rank_r_correction_on_the_inputs(rank):
+    e, x = _problem()
+    h = x.T @ x
+    f = whitened_lowrank(e, h, rank, damp=1e-9)
+    assert f.down.shape == (rank, 40) and f.up.shape == (48, rank)
+    got = _output_error(e - f.delta(), x)
+    # the remaining error is the sum of the dropped whitened singular values, as the factors report
+    assert got == pytest.approx(f.error_after, rel=1e-3)
+    assert _output_error(e, x) == pytest.approx(f.error_before, rel=1e-3)
+    # better than the plain (unwhitened) truncated SVD of the error, and than any random rank-r correction
+    u, s, vh = torch.linalg.svd(e.double(), full_matrices=False)
+    plain = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    assert got < _output_error(e - plain.float(), x)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        c = torch.randn(48, rank, generator=g) @ torch.randn(rank, 40, generator=g) * 0.01
+        assert got <= _output_error(e - c, x)
+
+
+def test_full_rank_recovers_the_error_and_rank_is_capped():
+    e, x = _problem(out_f=12, in_f=20)
+    f = whitened_lowrank(e, x.T @ x, rank=64)
+    assert f.rank == 12
+    torch.testing.assert_close(f.delta(), e, rtol=1e-4, atol=1e-5)
+
+
+def test_rank_deficient_inputs_still_factor():
+    """Fewer calibration tokens than input features: H is singular; dampening keeps the Cholesky defined."""
+    e, x = _problem(tokens=10)
+    f = whitened_lowrank(e, x.T @ x, rank=4)
+    assert torch.isfinite(f.delta()).all() and f.error_after < f.error_before
+
+
+def _lowrank_recipe(calib_file, rank=8, weights=None, **quant):
+    recipe = small_recipe(calib_file, weights or {"bits": 4, "group_size": 32})
+    recipe["passes"][0].update(quant)
+    recipe["passes"].insert(0, {"type": "lowrank", "rank": rank})
+    recipe["evaluate"]["kl"] = True
+    return recipe
+
+
+def _logits(model, vocab: int) -> torch.Tensor:
+    ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _dense_reference(out, family_dir) -> torch.nn.Module:
+    """A plain float model holding dequantized weights + B @ A, built from the artifact's files (no runtime)."""
+    plain = compressor.load(out)  # only for its dequantized weights: rebuilt below as nn.Linear
+    ref = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32)
+    state = ref.state_dict()
+    lora = read_lora(out)
+    for name, module in plain.named_modules():
+        if type(module) is QuantLinear:
+            w = module.dequantized_weight().float()
+            if name in lora:
+                down, up = lora[name]
+                w = w + up @ down
+            state[f"{name}.weight"] = w
+    for key, t in read_tensors(out).items():
+        compressed = key.endswith(".weight_scale") or t.dtype == torch.float8_e4m3fn
+        if key in state and t.is_floating_point() and not compressed:
+            state[key] = t.float()
+    ref.load_state_dict(state)
+    return ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases on q/k/v
+def test_compensated_artifact_loads_in_transformers_with_its_adapter(family, tiny_model_dir, calib_file, tmp_path):
+    src = tiny_model_dir(family)
+    plain = compressor.compress(small_recipe(calib_file), model=str(src), output=tmp_path / "plain", quiet=True)
+    out = tmp_path / "out"
+    result = compressor.compress(_lowrank_recipe(calib_file), model=str(src), output=out, quiet=True)
+
+    # every quantized block linear got a rank-8 correction that removes part of its output error
+    fits = result.report["lowrank"]
+    assert {f["layer"] for f in fits} == set(result.plan.layers)
+    assert all(f["rank"] == 8 and 0 < f["error_removed"] < 1 for f in fits)
+    assert all(lp.compensation_rank == 8 for lp in result.plan.layers.values())
+    # the codes are GPTQ's on the same statistics: compensation changes nothing in the compressed weights
+    assert (
+        load_file(str(out / "model.safetensors")).keys() == load_file(str(tmp_path / "plain/model.safetensors")).keys()
+    )
+    # ... and brings the model closer to the base one
+    assert result.metrics["kl_divergence"] < plain.metrics["kl_divergence"]
+
+    config = json.loads((out / LORA_DIR / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(result.plan.layers)
+
+    ours = compressor.load(out)
+    vocab = ours.config.vocab_size
+    # compressor.load = dequantized weights + B @ A, rebuilt independently from the files
+    torch.testing.assert_close(_logits(ours, vocab), _logits(_dense_reference(out, src), vocab), rtol=1e-4, atol=1e-4)
+
+    # transformers: compressed-tensors (dequantized on load) + the PEFT adapter
+    hf = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    without = _logits(hf, vocab)
+    hf.load_adapter(str(out / LORA_DIR))
+    with_adapter = _logits(hf, vocab)
+    torch.testing.assert_close(with_adapter, _logits(ours, vocab), rtol=1e-3, atol=2e-3)
+    assert (with_adapter - without).abs().max() > 10 * 2e-3  # the adapter is not a no-op
+
+    # size: the adapter's bytes are their own part and count in bits per weight
+    size = result.report["size"]
+    lora_bytes = sum(
+        t.numel() * t.element_size() for t in load_file(str(out / LORA_DIR / "adapter_model.safetensors")).values()
+    )
+    assert size["breakdown_bytes"]["lowrank_compensation"] == lora_bytes
+    extra = size["compensation_bits_per_weight"]
+    assert extra == pytest.approx(lora_bytes * 8 / size["quantized_params"])
+    assert size["quantized_bits_per_weight"] == pytest.approx(plain.report["size"]["quantized_bits_per_weight"] + extra)
+    summary = (out / "summary.md").read_text()
+    assert "low-rank compensation: rank 8" in summary and "lora/" in summary
+
+
+def test_compensation_follows_activation_scaling_and_rtn(tiny_model_dir, calib_file, tmp_path):
+    """AWQ rescales already-quantized source layers (v_proj, up_proj): their corrections must follow."""
+    src = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    recipe = _lowrank_recipe(calib_file, rank=4, method="rtn", awq=True)
+    result = compressor.compress(recipe, model=str(src), output=out, quiet=True)
+    assert any(g["alpha"] > 0 for g in result.report["awq"])
+    ours = compressor.load(out)
+    vocab = ours.config.vocab_size
+    torch.testing.assert_close(_logits(ours, vocab), _logits(_dense_reference(out, src), vocab), rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_and_targets(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    recipe = _lowrank_recipe(
+        calib_file, rank=4, weights={"format": "fp8", "bits": 8, "strategy": "channel"}, method="rtn"
+    )
+    recipe["passes"][0]["targets"] = [r"mlp\.down_proj$"]
+    result = compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    corrected = {f["layer"] for f in result.report["lowrank"]}
+    assert corrected and all(n.endswith("mlp.down_proj") for n in corrected)
+    assert set(read_lora(out)) == corrected
+    src = tiny_model_dir("llama")
+    ours = compressor.load(out)
+    vocab = ours.config.vocab_size
+    torch.testing.assert_close(_logits(ours, vocab), _logits(_dense_reference(out, src), vocab), rtol=1e-4, atol=1e-4)
+
+
+def test_same_recipe_gives_identical_adapter(tiny_model_dir, calib_file, tmp_path):
+    src = str(tiny_model_dir("qwen3"))
+    recipe = _lowrank_recipe(calib_file, rank=4)
+    for name in ("a", "b"):
+        compressor.compress(recipe, model=src, output=tmp_path / name, quiet=True)
+    digest = [
+        hashlib.sha256((tmp_path / n / LORA_DIR / "adapter_model.safetensors").read_bytes()).hexdigest() for n in "ab"
+    ]
+    assert digest[0] == digest[1]
+
+
+def test_lowrank_without_a_following_quantize_is_a_recipe_error(tiny_model_dir, calib_file, tmp_path):
+    recipe = small_recipe(calib_file)
+    recipe["passes"] = [{"type": "lowrank", "rank": 4}]
+    with pytest.raises(RecipeError, match="add a `- type: quantize` pass after lowrank"):
+        compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_targets_regex_names_the_field(calib_file):
+    recipe = small_recipe(calib_file)
+    recipe["passes"].insert(0, {"type": "lowrank", "targets": ["("]})
+    with pytest.raises(RecipeError, match="passes.0.targets"):
+        compressor.api.resolve_recipe(recipe, None, None, None)
