@@ -36,9 +36,11 @@ LAYERS_FILE = "onnx_export.json"
 def export_onnx(state: CompressionState, folder: Path) -> list[str]:
     """Write `onnx/` (model.onnx, config, tokenizer, layer report) into `folder`; returns the files written."""
     layers = {name: from_plan(qw) for name, qw in state.plan.weights.items()}
+    corrections = {name: (c.down, c.up) for name, c in state.plan.compensations.items()}
     out = folder / SUBDIR
     out.mkdir(parents=True, exist_ok=True)
-    files = export_model(state.full_model(), layers, out, state.recipe.onnx, decoder=state.adapter.decoder)
+    model = state.full_model()
+    files = export_model(model, layers, out, state.recipe.onnx, decoder=state.adapter.decoder, corrections=corrections)
     state.loaded.tokenizer.save_pretrained(out)
     return [f"{SUBDIR}/{f}" for f in files]
 
@@ -54,9 +56,12 @@ def export_artifact(src: str | Path, out: Path, config: OnnxExportConfig, overwr
     layers = {
         name: from_buffers(m) for name, m in model.named_modules() if hasattr(m, "scheme") and hasattr(m, "in_features")
     }
+    corrections = {
+        name: (m.lora_down, m.lora_up) for name, m in model.named_modules() if getattr(m, "lora_down", None) is not None
+    }
     decoder = adapter_for(model.config.model_type).decoder
     with atomic_directory(out, overwrite) as tmp:
-        files = export_model(model, layers, tmp, config, decoder=decoder)
+        files = export_model(model, layers, tmp, config, decoder=decoder, corrections=corrections)
         for extra in sorted(src.iterdir()):
             if extra.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and extra.is_file():
                 shutil.copy(extra, tmp / extra.name)
@@ -65,13 +70,21 @@ def export_artifact(src: str | Path, out: Path, config: OnnxExportConfig, overwr
 
 
 def export_model(
-    model: nn.Module, layers: dict[str, LayerWeights], out: Path, cfg: OnnxExportConfig, decoder: bool
+    model: nn.Module,
+    layers: dict[str, LayerWeights],
+    out: Path,
+    cfg: OnnxExportConfig,
+    decoder: bool,
+    corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[str]:
-    """Swap quantized layers for ONNX-op modules, trace, finalize; writes model, config and layer report."""
+    """Swap quantized layers for ONNX-op modules, trace, finalize; writes model, config and layer report.
+
+    `corrections` maps layers to the (down [r, K], up [N, r]) factors of their low-rank compensation.
+    """
     if next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()
     modules = dict(model.named_modules())
-    replacements, choices = _replacements(model, modules, layers, cfg)
+    replacements, choices = _replacements(model, modules, layers, cfg, corrections or {})
     graph = _graph_kind(model, cfg) if decoder else "traced"
     if graph == "fused":
         proto, placement = build_fused_decoder(model, replacements, cfg.opset)
@@ -99,7 +112,11 @@ def export_model(
 
 
 def _replacements(
-    model: nn.Module, modules: dict[str, nn.Module], layers: dict[str, LayerWeights], cfg: OnnxExportConfig
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    layers: dict[str, LayerWeights],
+    cfg: OnnxExportConfig,
+    corrections: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[dict[str, nn.Module], list[LayerChoice]]:
     embed = model.get_input_embeddings()
     replacements: dict[str, nn.Module] = {}
@@ -114,8 +131,10 @@ def _replacements(
             new, choice = embedding_module(lw, scale, quantized=cfg.embeddings == "quantized")
         else:
             bias = getattr(module, "bias", None)
-            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.level_for(name), cfg.block_size_max)
+            correction = corrections.get(name)
+            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.level_for(name), cfg.block_size_max, correction)
             choice = new.choice(name, lw, cfg.format)
+            choice.correction_rank = new.correction_rank
         choice.name = name
         replacements[name] = new
         choices.append(choice)
@@ -180,6 +199,7 @@ def _layer_report(cfg: OnnxExportConfig, graph: str, choices: list[LayerChoice])
                 "note": c.note,
                 "tensor": c.tensor,
                 "rows": c.rows,
+                **({"correction_rank": c.correction_rank} if c.correction_rank else {}),
             }
             for c in choices
         },

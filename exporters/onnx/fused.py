@@ -93,7 +93,8 @@ class _Graph:
 def _nbits_key(m: nn.Module) -> tuple | None:
     """Members with equal keys can be one MatMulNBits (concatenated along N)."""
     if isinstance(m, OnnxQuantLinear) and m.block is not None:
-        return ("nbits", m.bits, m.block, m.in_features, m.accuracy_level, m.nbits_zero_points is not None)
+        zp, corrected = m.nbits_zero_points is not None, m.correction_rank is not None
+        return ("nbits", m.bits, m.block, m.in_features, m.accuracy_level, zp, corrected)
     if isinstance(m, nn.Linear):
         return ("float", m.in_features)
     return None
@@ -132,6 +133,27 @@ class _Linears:
         return torch.cat([torch.zeros(w) if b is None else b.detach().float() for b, w in zip(biases, widths)])
 
     def _emit(self, x: str, names: list[str], mods: list[nn.Module], tensor: str) -> str:
+        y = self._matmul(x, names, mods, tensor)
+        return self._correct(x, y, mods, f"model.{tensor}")
+
+    def _correct(self, x: str, y: str, mods: list[nn.Module], prefix: str) -> str:
+        """y + (x down^T) up^T for members with a low-rank correction (all of a fused group have one, or none):
+        one MatMul into the members' concatenated ranks, then each member's up factor, concatenated."""
+        if getattr(mods[0], "correction_rank", None) is None:
+            return y
+        g = self.g
+        low = g.node("MatMul", [x, g.init(f"{prefix}.lora_down_t", torch.cat([m.lora_down_t for m in mods], 1))])
+        if len(mods) == 1:
+            return g.node("Add", [y, g.node("MatMul", [low, g.init(f"{prefix}.lora_up_t", mods[0].lora_up_t)])])
+        ranks = g.const(f"{prefix}.lora_ranks", [m.correction_rank for m in mods])
+        parts = g.node("Split", [low, ranks], n_out=len(mods), axis=-1)
+        ups = [
+            g.node("MatMul", [p, g.init(f"{prefix}.lora_up_t.{i}", m.lora_up_t)])
+            for i, (p, m) in enumerate(zip(parts, mods))
+        ]
+        return g.node("Add", [y, g.node("Concat", ups, axis=-1)])
+
+    def _matmul(self, x: str, names: list[str], mods: list[nn.Module], tensor: str) -> str:
         g, prefix = self.g, f"model.{tensor}"
         widths = [m.out_features for m in mods]
         offsets = np.cumsum([0, *widths]).tolist()

@@ -25,17 +25,29 @@ class LayerChoice:
     tensor: str | None = None  # the initializer holding its weight (fused linears share one)
     rows: list[int] | None = None  # [start, end) of its output rows (MatMulNBits) or columns (QDQ) in `tensor`
     accuracy_level: int | None = None  # MatMulNBits only
+    correction_rank: int | None = None  # low-rank compensation: y += (x A^T) B^T, two float MatMuls
 
 
 class OnnxQuantLinear(nn.Module):
-    """y = x W^T + b through one of the ONNX quantized-matmul custom ops (buffers hold the ONNX tensors)."""
+    """y = x W^T + b through one of the ONNX quantized-matmul custom ops (buffers hold the ONNX tensors), plus
+    (x down^T) up^T when the layer carries a low-rank correction of its quantization error."""
 
     def __init__(
-        self, lw: LayerWeights, bias: torch.Tensor | None, fmt: str, accuracy_level: int, max_block: int | None = None
+        self,
+        lw: LayerWeights,
+        bias: torch.Tensor | None,
+        fmt: str,
+        accuracy_level: int,
+        max_block: int | None = None,
+        correction: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.out_features, self.in_features = lw.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone(), False)
+        down, up = correction if correction is not None else (None, None)
+        # [K, r] and [r, N]: MatMul's layout
+        self.register_buffer("lora_down_t", None if down is None else down.detach().float().t().contiguous())
+        self.register_buffer("lora_up_t", None if up is None else up.detach().float().t().contiguous())
         self.block = nbits_block_size(lw, max_block=max_block) if fmt == "matmulnbits" else None
         if self.block is not None:
             b, scales, zp = nbits_tensors(lw, self.block)
@@ -70,7 +82,15 @@ class OnnxQuantLinear(nn.Module):
             )
         return LayerChoice(name, "DequantizeLinear+MatMul", wtype, self.block_size or None, note)
 
+    @property
+    def correction_rank(self) -> int | None:
+        return None if self.lora_down_t is None else int(self.lora_down_t.shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._quantized(x)
+        return y if self.lora_down_t is None else y + (x @ self.lora_down_t) @ self.lora_up_t
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         if self.block is not None:
             return ops.matmul_nbits(
                 x,
