@@ -20,12 +20,14 @@ from typing import TypeVar
 
 from compressor.errors import HubError, UploadInterrupted
 from compressor.recipe import HubConfig
+from compressor.runtime.lora import LORA_DIR
 
 T = TypeVar("T")
 
 # files of an earlier artifact that a push deletes when this artifact lacks them (stale weights would load);
 # anything else in the repository (a LICENSE, evaluation files) stays
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".onnx", ".onnx.data")
+STALE_FILES = (f"{LORA_DIR}/adapter_config.json",)  # an adapter config without its weights would fail to load
 
 
 def artifact_files(folder: Path) -> list[str]:
@@ -187,7 +189,9 @@ def push_artifact(folder: Path, target: HubConfig, commit_message: str | None = 
             if target.revision != "main":
                 api.create_branch(repo_id, branch=target.revision, exist_ok=True)
             remote = api.list_repo_files(repo_id, revision=target.revision)
-            stale = [path for path in remote if path not in files and path.endswith(WEIGHT_SUFFIXES)]
+            stale = [
+                path for path in remote if path not in files and (path.endswith(WEIGHT_SUFFIXES) or path in STALE_FILES)
+            ]
             operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
             operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
             # create_commit, not upload_folder: the latter's pipelined Xet path may split a commit in parts

@@ -253,6 +253,25 @@ def _plots_section(folder: Path) -> list[str]:
     return ["", "## Plots", *[line for image in images for line in ("", image)]] if images else []
 
 
+def _lora_usage(report: dict) -> list[str]:
+    """How to apply the low-rank compensation, when the artifact has one (without it the quality is lower)."""
+    if not report.get("lowrank"):
+        return []
+    return [
+        "",
+        "The quantization error is partly corrected by a LoRA adapter in `lora/` (PEFT layout); the figures below "
+        "include it. Apply it in transformers (with `peft` installed) or vLLM (`--enable-lora`); "
+        "`compressor.load` applies it itself:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, CompressedTensorsConfig",
+        "config = CompressedTensorsConfig(dequantize=True)  # PEFT wraps float linears",
+        "model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)",
+        'model.load_adapter(f"{path}/lora")',
+        "```",
+    ]
+
+
 def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
     """README.md model card: hub metadata (base model when known), what was done, quality vs base, the recipe."""
     from huggingface_hub import ModelCardData
@@ -272,6 +291,7 @@ def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
         "",
         f"Compressed from `{source}` with compressor {report['compressor_version']}. "
         "Loads with `transformers` (with `compressed-tensors` installed) and vLLM, or `compressor.load(path)`.",
+        *_lora_usage(report),
         "",
         "## Summary",
         *[f"- {line}" for line in summary_lines(report)],

@@ -104,13 +104,17 @@ def test_repush_deletes_stale_weights_and_keeps_other_files(hub, artifact, tmp_p
     first = tmp_path / "first"
     shutil.copytree(artifact, first)
     save_file({"w": torch.zeros(2)}, first / "old-layout.safetensors")  # weights of an earlier layout
+    (first / "lora").mkdir()  # an earlier run's LoRA compensation, which this artifact lacks
+    save_file({"w": torch.zeros(2)}, first / "lora" / "adapter_model.safetensors")
+    (first / "lora" / "adapter_config.json").write_text("{}")
     (first / "LICENSE").write_text("apache-2.0")  # a file the user keeps in the repository
     assert run_cli("push", first, "acme/tiny", "-q")[0] == 0
     code, err, _ = run_cli("push", artifact, "acme/tiny", "-q")
     assert code == 0, err
     repo = hub.repos["acme/tiny"]
     assert len(repo.commits) == 2
-    assert repo.commits[-1]["deleted"] == ["old-layout.safetensors"] and repo.commits[-1]["files"] == []
+    deleted = ["lora/adapter_config.json", "lora/adapter_model.safetensors", "old-layout.safetensors"]
+    assert sorted(repo.commits[-1]["deleted"]) == deleted and repo.commits[-1]["files"] == []
     assert repo.branches["main"] == {
         ".gitattributes": GITATTRIBUTES, "LICENSE": b"apache-2.0", **local_files(artifact)
     }  # fmt: skip

@@ -86,7 +86,7 @@ class QuantizeRunner:
         request = state.compensation
         if request is not None and h is not None and original is not None and request.applies_to(name):
             comp = whitened_lowrank(original.to(torch.float32) - deq, h, request.rank, request.damp)
-            dtype = state.loaded.export_dtype
+            dtype = request.storage_dtype(state.loaded.export_dtype)
             comp.round_to(dtype)
             layer.compensation_rank = comp.rank
             layer.compensation_bits = comp.rank * sum(qw.shape) * dtype.itemsize * 8
@@ -278,7 +278,7 @@ class QuantizeRunner:
             src_qw.scale = _round_scale_rows(src_qw.scale / s[:, None], src_qw.scale_dtype)
             if src_name in state.plan.compensations:  # its correction's output rows follow the same scaling
                 state.plan.compensations[src_name].scale_rows(s)
-                state.plan.compensations[src_name].round_to(state.loaded.export_dtype)
+                state.plan.compensations[src_name].round_to(state.compensation.storage_dtype(state.loaded.export_dtype))
             adapter.set_weight(src_module, state.plan.effective_weight(src_name))
             if getattr(src_module, "bias", None) is not None:
                 src_module.bias.data /= s.to(src_module.bias.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+import torch
 from pydantic import Field, field_validator
 
 from .common import Strict
@@ -27,6 +28,11 @@ class LowRankPass(Strict):
         default_factory=list,
         description="module-name regexes of the quantized linears to correct; empty = every quantized block linear",
     )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto",
+        description="dtype the factors are stored (and evaluated) in; auto = the artifact's float dtype when it is "
+        "16-bit, else float16",
+    )
     damp: float = Field(
         0.01, gt=0, lt=1, description="dampening of the input Gram matrix, fraction of its mean diagonal"
     )
@@ -40,6 +46,12 @@ class LowRankPass(Strict):
             except re.error as err:
                 raise ValueError(f"targets: {pattern!r} is not a regular expression ({err})") from None
         return v
+
+    def storage_dtype(self, artifact_dtype: torch.dtype) -> torch.dtype:
+        """The factors' dtype in an artifact whose dense tensors are `artifact_dtype`."""
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        return artifact_dtype if artifact_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
     def applies_to(self, name: str) -> bool:
         return not self.targets or any(re.search(p, name) for p in self.targets)
