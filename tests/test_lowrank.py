@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsC
 import compressor
 from compressor.errors import RecipeError
 from compressor.eval.metrics import evaluate_windows, text_windows
+from compressor.quant import lowrank
 from compressor.quant.lowrank import whitened_lowrank
 from compressor.runtime.load import read_tensors
 from compressor.runtime.lora import LORA_DIR, read_lora
@@ -56,6 +57,25 @@ def test_full_rank_recovers_the_error_and_rank_is_capped():
     f = whitened_lowrank(e, x.T @ x, rank=64)
     assert f.rank == 12
     torch.testing.assert_close(f.delta(), e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "decaying"])
+def test_randomized_svd_of_wide_layers_is_close_to_exact(spectrum, monkeypatch):
+    """Above EXACT_SVD_MAX the leading singular triplets come from a seeded randomized range finder: the energy
+    it captures is close to the exact optimum, and it is deterministic (same artifact for the same recipe)."""
+    monkeypatch.setattr(lowrank, "EXACT_SVD_MAX", 64)
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(600, 400, generator=g)
+    if spectrum == "decaying":
+        m = m * torch.logspace(0, -3, 400)
+    u, s, vh = lowrank.top_singular(m, 16)
+    best = torch.linalg.svdvals(m.double())[:16].square().sum()
+    residual = m.double() - (u * s).double() @ vh.double()
+    captured = float(m.double().square().sum() - residual.square().sum())  # energy the rank-16 product removes
+    assert captured <= float(best) * (1 + 1e-6)
+    assert captured >= float(best) * (0.97 if spectrum == "flat" else 0.999)
+    u2, s2, vh2 = lowrank.top_singular(m, 16)
+    assert torch.equal(u, u2) and torch.equal(s, s2) and torch.equal(vh, vh2)
 
 
 def test_rank_deficient_inputs_still_factor():
