@@ -57,6 +57,13 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=32, help="0: the whole file")
     ap.add_argument("--work", default="/tmp/bench-lowrank-smollm2")
     ap.add_argument("--no-layerwise", action="store_true", help="skip the size-matched layer-wise allocation")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="also run ranks allocated under this many bits/weight (e.g. 0.736, the rank-16 size)",
+    )
+    ap.add_argument("--configs", default=None, help="comma-separated subset of config names to run")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -72,6 +79,13 @@ def main() -> None:
     torch.set_num_threads(2)
     ranks = [int(r) for r in args.ranks.split(",") if r]
     configs = [("gptq", [GPTQ])] + [(f"gptq+r{r}", [{"type": "lowrank", "rank": r}, GPTQ]) for r in ranks]
+    if args.budget is not None:
+        configs.append(
+            (f"gptq+budget{args.budget:g}", [{"type": "lowrank", "budget_bits_per_weight": args.budget}, GPTQ])
+        )
+    if args.configs:
+        keep = set(args.configs.split(","))
+        configs = [c for c in configs if c[0] in keep]
     rows = []
 
     def measure(name: str, passes: list[dict]) -> dict:
@@ -85,7 +99,7 @@ def main() -> None:
 
     for name, passes in configs:
         measure(name, passes)
-    matched = next((r for r in rows if r["name"] == "gptq+r16"), None)
+    matched = next((r for r in rows if r["name"] == "gptq+r16"), None) if not args.configs else None
     if matched is not None and not args.no_layerwise:
         allocate = {
             "type": "allocate_bits",

@@ -22,6 +22,7 @@ class CompressionState:
     layer_schemes: dict[str, WeightScheme | None] = field(default_factory=dict)
     # low-rank compensation requested by a `lowrank` pass, carried out by the next `quantize` pass
     compensation: LowRankPass | None = None
+    compensation_ranks: dict[str, int] | None = None  # per-layer ranks when the request has a budget
     report: dict = field(default_factory=dict)  # pass-owned sections merged into report.json (e.g. "scores")
     extra_files: dict[str, bytes] = field(default_factory=dict)  # artifact-relative path -> bytes (plots)
     quiet: bool = False

@@ -80,9 +80,16 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("lowrank"):
         fits = report["lowrank"]
         removed = sorted(f["error_removed"] for f in fits)
-        ranks = sorted({f["rank"] for f in fits})
+        ranks = sorted(f["rank"] for f in fits)
+        shown = (
+            f"rank {ranks[0]}"
+            if ranks[0] == ranks[-1]
+            else f"ranks {ranks[0]}-{ranks[-1]} (median {ranks[len(ranks) // 2]})"
+        )
+        if report.get("lowrank_allocation"):
+            shown += f" allocated under {report['lowrank_allocation']['budget_bits_per_weight']:g} bits/weight"
         lines.append(
-            f"low-rank compensation: rank {'/'.join(map(str, ranks))} on {len(fits)} layers "
+            f"low-rank compensation: {shown} on {len(fits)} layers "
             f"({size.get('compensation_bits_per_weight') or 0:.3f} bits/weight, PEFT LoRA in lora/); it removes a "
             f"median {removed[len(removed) // 2]:.0%} of each layer's quantization output error on calibration data"
         )

@@ -260,3 +260,46 @@ def test_streamed_weights_come_back_with_their_correction(tiny_model_dir, calib_
         w = model.get_submodule(name).weight
         torch.testing.assert_close(w, state.plan.effective_weight(name), rtol=0, atol=0)
         assert not torch.equal(w, state.plan.weights[name].dequantize())
+
+
+def test_allocate_ranks_prefers_the_largest_share_per_stored_number():
+    from compressor.quant.lowrank import ErrorSpectrum, allocate_ranks
+
+    spectra = {
+        # a: error concentrated in few directions; b: flat; c: cheap per rank (narrow layer)
+        "a": ErrorSpectrum(torch.tensor([8.0, 1.0, 0.5, 0.5], dtype=torch.float64), 10.0, 100),
+        "b": ErrorSpectrum(torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64), 10.0, 100),
+        "c": ErrorSpectrum(torch.tensor([2.0, 2.0, 2.0, 2.0], dtype=torch.float64), 10.0, 50),
+    }
+    assert allocate_ranks(spectra, 0) == {"a": 0, "b": 0, "c": 0}
+    assert allocate_ranks(spectra, 100) == {"a": 1, "b": 0, "c": 0}  # 0.8 / 100 beats 0.2 / 50
+    assert allocate_ranks(spectra, 300) == {"a": 1, "b": 0, "c": 4}  # then c's 0.2 / 50 units
+    ranks = allocate_ranks(spectra, 10_000)
+    assert ranks == {"a": 4, "b": 4, "c": 4}  # everything fits: every unit taken
+    # never over the budget, and a budget between unit sizes is filled by smaller units
+    for budget in range(0, 1300, 37):
+        r = allocate_ranks(spectra, budget)
+        assert sum(r[n] * spectra[n].cost for n in r) <= budget
+
+
+def test_budget_allocates_ranks_and_meets_it(tiny_model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    recipe = _lowrank_recipe(calib_file)
+    recipe["passes"][0].update(budget_bits_per_weight=2.0, max_rank=16)
+    result = compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=out, quiet=True)
+    alloc = result.report["lowrank_allocation"]
+    ranks = alloc["ranks"]
+    assert set(ranks) == set(result.plan.layers) and max(ranks.values()) <= 16
+    assert len(set(ranks.values())) > 1  # not uniform
+    assert 0.9 * 2.0 <= alloc["used_bits_per_weight"] <= 2.0
+    # the quantize pass fitted exactly those ranks, and the artifact counts them
+    fitted = {f["layer"]: f["rank"] for f in result.report["lowrank"]}
+    assert fitted == {n: r for n, r in ranks.items() if r}
+    assert result.report["size"]["compensation_bits_per_weight"] == pytest.approx(alloc["used_bits_per_weight"])
+    config = json.loads((out / LORA_DIR / "adapter_config.json").read_text())
+    assert all(config["rank_pattern"].get(n, config["r"]) == r for n, r in fitted.items())
+    src = tiny_model_dir("llama")
+    ours = compressor.load(out)
+    vocab = ours.config.vocab_size
+    torch.testing.assert_close(_logits(ours, vocab), _logits(_dense_reference(out, src), vocab), rtol=1e-4, atol=1e-4)
+    assert "allocated under 2 bits/weight" in (out / "summary.md").read_text()

@@ -84,8 +84,9 @@ class QuantizeRunner:
         deq = qw.dequantize()
         comp = None
         request = state.compensation
-        if request is not None and h is not None and original is not None and request.applies_to(name):
-            comp = whitened_lowrank(original.to(torch.float32) - deq, h, request.rank, request.damp)
+        rank = self._compensation_rank(state, name) if h is not None and original is not None else 0
+        if rank:
+            comp = whitened_lowrank(original.to(torch.float32) - deq, h, rank, request.damp)
             dtype = request.storage_dtype(state.loaded.export_dtype)
             comp.round_to(dtype)
             layer.compensation_rank = comp.rank
@@ -100,7 +101,17 @@ class QuantizeRunner:
         state.adapter.set_weight(module, deq if comp is None else deq + comp.delta())
         state.plan.record(layer, qw, comp)
 
-    def _quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
+    @staticmethod
+    def _compensation_rank(state: CompressionState, name: str) -> int:
+        """The rank of the layer's low-rank correction (0: none)."""
+        request = state.compensation
+        if request is None or not request.applies_to(name):
+            return 0
+        if state.compensation_ranks is not None:
+            return state.compensation_ranks.get(name, 0)
+        return request.rank
+
+    def quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
         if isinstance(fmt, Fp8Format):
             codes, scale = fp8_quantize(w, fmt)
             return QuantizedWeight(fmt, codes, scale, None, "float32")
@@ -126,7 +137,7 @@ class QuantizeRunner:
                     module = block.get_submodule(local)
                     w = adapter.get_weight(module)
                     fmt, note = self.layer_format(w.shape[1], scheme)
-                    self._commit(state, name, module, self._quantize_data_free(w, fmt), note, "rtn")
+                    self._commit(state, name, module, self.quantize_data_free(w, fmt), note, "rtn")
                     names.append(name)
                 state.release_quantized(names)
         self._quantize_outer(state)
@@ -152,7 +163,7 @@ class QuantizeRunner:
         for module in wanted:
             w = module.weight.data.to(torch.float32)
             fmt, note = self.layer_format(w.shape[1])
-            self._commit(state, names[id(module)], module, self._quantize_data_free(w, fmt), note, "rtn")
+            self._commit(state, names[id(module)], module, self.quantize_data_free(w, fmt), note, "rtn")
         state.release_quantized([names[id(m)] for m in wanted])
 
     def _run_calibrated(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
@@ -209,7 +220,7 @@ class QuantizeRunner:
         fmt, note = self.layer_format(weights[0].shape[1], scheme)
         if isinstance(fmt, Fp8Format) or cfg.method == "rtn":
             for n, m, w in zip(names, modules, weights):
-                qw = self._quantize_data_free(w, fmt)
+                qw = self.quantize_data_free(w, fmt)
                 self._commit(state, f"{prefix}.{n}", m, qw, note, "rtn", original=w, h=stat.mean())
             return
         stacked = torch.cat(weights, dim=0)
@@ -262,7 +273,7 @@ class QuantizeRunner:
             w = adapter.get_weight(modules[n])
             fmt, _ = self.layer_format(w.shape[1], scheme)
             weights.append(w)
-            quantizers.append(lambda x, fmt=fmt: self._quantize_data_free(x, fmt).dequantize())
+            quantizers.append(lambda x, fmt=fmt: self.quantize_data_free(x, fmt).dequantize())
         found = awq_search(weights, quantizers, stat.mean(), stat.mean_abs(), self.cfg.awq_grid)
         state.report.setdefault("awq", []).append(
             {

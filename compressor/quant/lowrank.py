@@ -101,3 +101,47 @@ def whitened_lowrank(error: torch.Tensor, h: torch.Tensor, rank: int, damp: floa
         error_before=before,
         error_after=max(before - float(sv.double().square().sum()), 0.0),
     )
+
+
+@dataclass
+class ErrorSpectrum:
+    """How much of one layer's whitened output error each rank of a correction would remove."""
+
+    energy: torch.Tensor  # float64 [max_rank]: squared leading singular values of E S, decreasing
+    total: float  # tr(E H E^T): the whole output error
+    cost: int  # stored numbers per unit of rank: out + in
+
+
+def error_spectrum(error: torch.Tensor, h: torch.Tensor, max_rank: int, damp: float = 0.01) -> ErrorSpectrum:
+    """The leading `max_rank` whitened error energies of E = `error` [out, in] under the input Gram matrix `h`."""
+    m = error.to(torch.float32) @ whitening(h, damp).to(torch.float32)
+    _, sv, _ = top_singular(m, min(max_rank, *m.shape))
+    return ErrorSpectrum(sv.double().square(), float(m.double().square().sum()), sum(error.shape))
+
+
+def allocate_ranks(spectra: dict[str, ErrorSpectrum], budget: int) -> dict[str, int]:
+    """Per-layer ranks with sum(rank * cost) <= `budget` maximising the summed *share* of each layer's error
+    removed: a greedy over rank units by (energy / total) / cost. Within a layer the gains decrease, so the greedy
+    takes each layer's units in order; it solves the continuous relaxation exactly and the integer problem up to
+    the last unit that did not fit (later, smaller units still fill the budget). Ties break by name, so the result
+    is deterministic.
+
+    Shares, not absolute errors: a layer's output error is in its own units (a k_proj feeding attention scores is
+    not comparable to a down_proj feeding the residual stream); on SmolLM2 W4 the share allocation reached ~10%
+    lower KL than uniform ranks at the same size, absolute errors no better than uniform.
+    """
+    units = []
+    for name, sp in spectra.items():
+        if sp.total <= 0:
+            continue
+        for j, e in enumerate(sp.energy.tolist()):
+            units.append((-(e / sp.total) / sp.cost, name, j))
+    units.sort()
+    ranks = dict.fromkeys(spectra, 0)
+    spent = 0
+    for _, name, j in units:
+        cost = spectra[name].cost
+        if ranks[name] == j and spent + cost <= budget:
+            ranks[name] += 1
+            spent += cost
+    return ranks

@@ -23,7 +23,20 @@ class LowRankPass(Strict):
     mode: Literal["compensate"] = Field(
         "compensate", description="compensate: correct the quantization error of the following quantize pass"
     )
-    rank: int = Field(32, ge=1, le=4096, description="rank of each layer's correction (capped at its width)")
+    rank: int = Field(
+        32, ge=1, le=4096, description="rank of each layer's correction (capped at its width); unused with a budget"
+    )
+    budget_bits_per_weight: float | None = Field(
+        None,
+        gt=0,
+        le=32,
+        description="instead of `rank`: the bits per weight the corrections may add over the corrected layers, "
+        "ranks allocated per layer (the greatest share of each layer's error removed per stored number)",
+    )
+    max_rank: int = Field(128, ge=1, le=4096, description="budget: the largest rank one layer may get")
+    allocation_samples: int = Field(
+        16, gt=0, description="budget: calibration samples (the first N) in the sweep that measures error spectra"
+    )
     targets: list[str] = Field(
         default_factory=list,
         description="module-name regexes of the quantized linears to correct; empty = every quantized block linear",
