@@ -44,3 +44,26 @@ def small_recipe(calib_file: Path, weights: dict | None = None, method: str = "g
     for key, value in extra.items():
         recipe[key] = value
     return recipe
+
+
+@pytest.fixture(scope="session")
+def head32_model_dir(tmp_path_factory):
+    """Factory: tiny model of `family` with head_dim 32 (GroupQueryAttention on CPU needs a multiple of 16)."""
+    import torch
+    import transformers as tf
+    from tiny_models import make_tokenizer, tiny_config
+
+    cache = {}
+
+    def make(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny32-{family}")
+            tok = make_tokenizer(folder)
+            config = tiny_config(family, len(tok))
+            config.head_dim = 32  # q/k/v 128 wide on a 96-wide hidden state: o_proj has K = 128
+            torch.manual_seed(3)
+            tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+            cache[family] = folder
+        return cache[family]
+
+    return make

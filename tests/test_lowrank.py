@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import small_recipe
 from safetensors.torch import load_file
+from test_onnx import TOL, check_decoder, op_counts, torch_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 import compressor
+from compressor.cli import main
 from compressor.errors import RecipeError
 from compressor.eval.metrics import evaluate_windows, text_windows
 from compressor.quant import lowrank
@@ -303,3 +306,46 @@ def test_budget_allocates_ranks_and_meets_it(tiny_model_dir, calib_file, tmp_pat
     vocab = ours.config.vocab_size
     torch.testing.assert_close(_logits(ours, vocab), _logits(_dense_reference(out, src), vocab), rtol=1e-4, atol=1e-4)
     assert "allocated under 2 bits/weight" in (out / "summary.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_lowrank_compensation_in_fused_and_traced_graphs(head32_model_dir, calib_file, tmp_path):
+    """A `lowrank` correction becomes float MatMuls beside MatMulNBits: one into the fused members' stacked ranks,
+    split, each member's up factor, concatenated and added. Both graphs match compressor.load (which applies the
+    LoRA adapter) at accuracy_level 0, prefill and decode."""
+    recipe = small_recipe(calib_file, export=["safetensors", "onnx"], onnx={"accuracy_level": 0})
+    recipe["evaluate"] = None
+    recipe["passes"] = [
+        {"type": "lowrank", "rank": 4},
+        {"type": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 32}},
+    ]
+    out = tmp_path / "out"
+    compressor.compress(recipe, model=str(head32_model_dir("llama")), output=out, quiet=True)
+    report = json.loads((out / "onnx" / "onnx_export.json").read_text())
+    assert report["graph"] == "fused"
+    assert len(report["layers"]) == 3 * 7 and all(v["correction_rank"] == 4 for v in report["layers"].values())
+    counts = op_counts(out / "onnx" / "model.onnx")
+    # per block: q|k|v one down MatMul + 3 up, o 2, gate|up 1 + 2, down 2; plus the float lm_head
+    assert counts["MatMulNBits"] == 3 * 4 and counts["MatMul"] == 3 * 11 + 1
+    check_decoder(out)
+
+    # the correction is not negligible at this tolerance: without it the logits move well past it
+    model = torch_reference(out)
+    ids = torch.randint(5, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        corrected = model(ids).logits
+        for m in model.modules():
+            if getattr(m, "lora_down", None) is not None:
+                m.lora_down = m.lora_up = None
+        assert (model(ids).logits - corrected).abs().max() > 100 * TOL
+
+    traced = tmp_path / "traced"
+    result = CliRunner().invoke(
+        main, ["export-onnx", str(out), str(traced), "--graph", "traced", "--accuracy-level", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads((traced / "onnx_export.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]["correction_rank"]
+        == 4
+    )
+    check_decoder(out, traced)

@@ -347,28 +347,6 @@ def test_external_data_above_threshold(artifacts, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def head32_model_dir(tmp_path_factory):
-    """Factory: tiny model of `family` with head_dim 32 (GroupQueryAttention on CPU needs a multiple of 16)."""
-    import transformers as tf
-    from tiny_models import make_tokenizer, tiny_config
-
-    cache = {}
-
-    def make(family: str):
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(f"tiny32-{family}")
-            tok = make_tokenizer(folder)
-            config = tiny_config(family, len(tok))
-            config.head_dim = 32  # q/k/v 128 wide on a 96-wide hidden state: o_proj has K = 128
-            torch.manual_seed(3)
-            tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-            cache[family] = folder
-        return cache[family]
-
-    return make
-
-
-@pytest.fixture(scope="module")
 def fused_artifacts(head32_model_dir, calib_file, tmp_path_factory):
     cache = {}
 
@@ -575,45 +553,3 @@ def test_accuracy_level_by_layer_errors(fused_artifacts, head32_model_dir, calib
     with pytest.raises(RecipeError, match="o_prj"):
         compressor.compress(recipe, model=str(head32_model_dir("llama")), output=tmp_path / "r", quiet=True)
     assert not (tmp_path / "r").exists()
-
-
-def test_lowrank_compensation_in_fused_and_traced_graphs(head32_model_dir, calib_file, tmp_path):
-    """A `lowrank` correction becomes float MatMuls beside MatMulNBits: one into the fused members' stacked ranks,
-    split, each member's up factor, concatenated and added. Both graphs match compressor.load (which applies the
-    LoRA adapter) at accuracy_level 0, prefill and decode."""
-    recipe = small_recipe(calib_file, export=["safetensors", "onnx"], onnx={"accuracy_level": 0})
-    recipe["evaluate"] = None
-    recipe["passes"] = [
-        {"type": "lowrank", "rank": 4},
-        {"type": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 32}},
-    ]
-    out = tmp_path / "out"
-    compressor.compress(recipe, model=str(head32_model_dir("llama")), output=out, quiet=True)
-    report = json.loads((out / "onnx" / "onnx_export.json").read_text())
-    assert report["graph"] == "fused"
-    assert len(report["layers"]) == 3 * 7 and all(v["correction_rank"] == 4 for v in report["layers"].values())
-    counts = op_counts(out / "onnx" / "model.onnx")
-    # per block: q|k|v one down MatMul + 3 up, o 2, gate|up 1 + 2, down 2; plus the float lm_head
-    assert counts["MatMulNBits"] == 3 * 4 and counts["MatMul"] == 3 * 11 + 1
-    check_decoder(out)
-
-    # the correction is not negligible at this tolerance: without it the logits move well past it
-    model = torch_reference(out)
-    ids = torch.randint(5, 300, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        corrected = model(ids).logits
-        for m in model.modules():
-            if getattr(m, "lora_down", None) is not None:
-                m.lora_down = m.lora_up = None
-        assert (model(ids).logits - corrected).abs().max() > 100 * TOL
-
-    traced = tmp_path / "traced"
-    result = CliRunner().invoke(
-        main, ["export-onnx", str(out), str(traced), "--graph", "traced", "--accuracy-level", "0"]
-    )
-    assert result.exit_code == 0, result.output
-    assert (
-        json.loads((traced / "onnx_export.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]["correction_rank"]
-        == 4
-    )
-    check_decoder(out, traced)
