@@ -128,8 +128,7 @@ def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
     if state.plan.compensations:
         files += write_lora(
             folder,
-            {name: (c.down, c.up) for name, c in state.plan.compensations.items()},
-            state.compensation.storage_dtype(dense_dtype),
+            {name: (c.down.to(c.dtype), c.up.to(c.dtype)) for name, c in state.plan.compensations.items()},
             task_type="CAUSAL_LM" if adapter.decoder else None,
             fan_in_fan_out=adapter.family == "gpt2",
             base_model=state.recipe.hub.repo_id if state.recipe.hub is not None else None,

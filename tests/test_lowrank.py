@@ -306,6 +306,12 @@ def test_budget_allocates_ranks_and_meets_it(tiny_model_dir, calib_file, tmp_pat
     vocab = ours.config.vocab_size
     torch.testing.assert_close(_logits(ours, vocab), _logits(_dense_reference(out, src), vocab), rtol=1e-4, atol=1e-4)
     assert "allocated under 2 bits/weight" in (out / "summary.md").read_text()
+    # PEFT builds each layer at its own rank (rank_pattern) and gives the logits compressor.load gives
+    hf = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    hf.load_adapter(str(out / LORA_DIR))
+    torch.testing.assert_close(_logits(hf, vocab), _logits(ours, vocab), rtol=1e-3, atol=2e-3)
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -289,7 +289,6 @@ class QuantizeRunner:
             src_qw.scale = _round_scale_rows(src_qw.scale / s[:, None], src_qw.scale_dtype)
             if src_name in state.plan.compensations:  # its correction's output rows follow the same scaling
                 state.plan.compensations[src_name].scale_rows(s)
-                state.plan.compensations[src_name].round_to(state.compensation.storage_dtype(state.loaded.export_dtype))
             adapter.set_weight(src_module, state.plan.effective_weight(src_name))
             if getattr(src_module, "bias", None) is not None:
                 src_module.bias.data /= s.to(src_module.bias.dtype)

@@ -21,6 +21,7 @@ class LowRankFactors:
     up: torch.Tensor
     error_before: float  # tr(E H E^T) of the (dampened) H: the output error the correction works against
     error_after: float  # the same after subtracting the correction
+    dtype: torch.dtype = torch.float32  # the dtype the factors are stored in (their values are rounded to it)
 
     @property
     def rank(self) -> int:
@@ -31,12 +32,13 @@ class LowRankFactors:
         return (self.up.to(torch.float32) @ self.down.to(torch.float32)).contiguous()
 
     def round_to(self, dtype: torch.dtype) -> None:
-        """Round both factors to the dtype they are stored in (kept float32 for compute)."""
+        """Store both factors in `dtype` from now on: their values are rounded to it (kept float32 for compute)."""
+        self.dtype = dtype
         self.down, self.up = (t.to(dtype).to(torch.float32) for t in (self.down, self.up))
 
     def scale_rows(self, divisor: torch.Tensor) -> None:
-        """Follow an output-row rescaling W <- diag(1/divisor) W of the layer it corrects."""
-        self.up = self.up / divisor.to(self.up.dtype)[:, None]
+        """Follow an output-row rescaling W <- diag(1/divisor) W of the layer it corrects (rounded to `dtype`)."""
+        self.up = (self.up / divisor.to(self.up.dtype)[:, None]).to(self.dtype).to(torch.float32)
 
 
 def whitening(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -51,6 +53,12 @@ def whitening(h: torch.Tensor, damp: float) -> torch.Tensor:
         if int(info) == 0:
             return factor
     raise ValueError("the input Gram matrix is not positive definite even after dampening")
+
+
+def _whitened(error: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E S, S) in float32, S the Cholesky factor of the dampened H (taken in float64)."""
+    s = whitening(h, damp).to(torch.float32)
+    return error.to(torch.float32) @ s, s
 
 
 EXACT_SVD_MAX = 2048  # layers at most this narrow (min of out, in) get an exact SVD
@@ -86,8 +94,7 @@ def whitened_lowrank(error: torch.Tensor, h: torch.Tensor, rank: int, damp: floa
     split evenly between the factors (sqrt on each side), which keeps both in a range float16/bfloat16 storage
     holds. A rank above min(out, in) is capped there.
     """
-    s = whitening(h, damp).to(torch.float32)
-    m = error.to(torch.float32) @ s
+    m, s = _whitened(error, h, damp)
     r = min(rank, *m.shape)
     u, sv, vh = top_singular(m, r)
     root = sv.sqrt()
@@ -114,7 +121,7 @@ class ErrorSpectrum:
 
 def error_spectrum(error: torch.Tensor, h: torch.Tensor, max_rank: int, damp: float = 0.01) -> ErrorSpectrum:
     """The leading `max_rank` whitened error energies of E = `error` [out, in] under the input Gram matrix `h`."""
-    m = error.to(torch.float32) @ whitening(h, damp).to(torch.float32)
+    m, _ = _whitened(error, h, damp)
     _, sv, _ = top_singular(m, min(max_rank, *m.shape))
     return ErrorSpectrum(sv.double().square(), float(m.double().square().sum()), sum(error.shape))
 

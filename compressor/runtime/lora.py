@@ -30,19 +30,19 @@ def tensor_names(module: str) -> tuple[str, str]:
 def write_lora(
     folder: Path,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    dtype: torch.dtype,
     *,
     task_type: str | None,
     fan_in_fan_out: bool = False,
     base_model: str | None = None,
 ) -> list[str]:
-    """Write module -> (down [r, in], up [out, r]) as a PEFT LoRA adapter in `folder/lora`; returns the files."""
+    """Write module -> (down [r, in], up [out, r]) as a PEFT LoRA adapter in `folder/lora` (tensors kept in their
+    dtype); returns the files."""
     out = folder / LORA_DIR
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (down, up) in factors.items():
         a, b = tensor_names(name)
-        tensors[a], tensors[b] = down.to(dtype).contiguous(), up.to(dtype).contiguous()
+        tensors[a], tensors[b] = down.contiguous(), up.contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     ranks = {name: down.shape[0] for name, (down, _) in factors.items()}
     r = max(ranks.values())
