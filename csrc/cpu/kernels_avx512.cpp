@@ -57,7 +57,8 @@ inline void prefetch_ahead(const uint32_t* pair, int64_t kw) {
 // L2 kFarWords ahead (prefetcht2) and into L1 kNearWords ahead (prefetcht0), instead of once into L1
 // kPrefetchWords ahead. On a 2-core Xeon (Emerald Rapids, 2026-12-06) the cache-cold int4 GEMV read 73-81% of the
 // probe's bandwidth with the one-level prefetch and 84-97% with this (3 alternating processes of each build, all
-// four benchmark shapes; docs/kernels.md, "Xeon with AMX"). The AMD machines keep the one-level prefetch: it had
+// four benchmark shapes; docs/kernels.md, "Xeon with AMX"); with the weights in the L3 it costs 0-8%. The AMD
+// machines keep the one-level prefetch: it had
 // reached 86-107% there, and the hot L3-resident call, with the thinner margin, was tuned for it (not re-measured).
 constexpr int64_t kNearWords = 8, kFarWords = 64;
 
