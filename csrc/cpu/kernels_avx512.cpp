@@ -58,8 +58,8 @@ inline void prefetch_ahead(const uint32_t* pair, int64_t kw) {
 // kPrefetchWords ahead. On a 2-core Xeon (Emerald Rapids, 2026-12-06) the cache-cold int4 GEMV read 73-81% of the
 // probe's bandwidth with the one-level prefetch and 84-97% with this (3 alternating processes of each build, all
 // four benchmark shapes; docs/kernels.md, "Xeon with AMX"); with the weights in the L3 it costs 0-8%. The AMD
-// machines keep the one-level prefetch: it had
-// reached 86-107% there, and the hot L3-resident call, with the thinner margin, was tuned for it (not re-measured).
+// machines keep the one-level prefetch: it had reached 86-107% there, and the hot L3-resident call, with the
+// thinner margin, was tuned for it (not re-measured).
 constexpr int64_t kNearWords = 8, kFarWords = 64;
 
 template <bool TWO_LEVEL>
