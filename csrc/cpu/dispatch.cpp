@@ -37,6 +37,7 @@ uint64_t xgetbv0() {
 
 struct CpuFeatures {
   bool avx2 = false, avx512 = false, amx = false;
+  bool intel = false;  // cpuid vendor GenuineIntel (kernel tuning, not a path choice)
 };
 
 // Linux hands out the AMX tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA), once per
@@ -54,6 +55,8 @@ CpuFeatures detect() {
   CpuFeatures f;
 #ifdef COMPRESSOR_X86
   unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return f;
+  f.intel = b == 0x756E6547 && d == 0x49656E69 && c == 0x6C65746E;  // "Genu" "ineI" "ntel"
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
   if (!osxsave) return f;
@@ -293,6 +296,11 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
 }
 
 }  // namespace
+
+bool cpu_is_intel() {
+  static const bool intel = detect().intel;
+  return intel;
+}
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;

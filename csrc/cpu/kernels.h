@@ -176,6 +176,7 @@ const KernelTable* scalar_kernels();
 const KernelTable* avx2_kernels();    // nullptr when the TU was compiled without AVX2 support
 const KernelTable* avx512_kernels();  // nullptr when the TU was compiled without AVX-512 support
 const KernelTable* amx_kernels();     // nullptr without AMX-INT8 support in the build; the CPU check is the caller's
+bool cpu_is_intel();                  // cpuid vendor GenuineIntel, read once (dispatch.cpp)
 
 // Scalar reference pieces every table may reuse.
 void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q,

@@ -6,7 +6,6 @@
 #include "kernels.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX2__) && defined(__FMA__)
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -70,20 +69,6 @@ inline void prefetch_stream(const uint32_t* pair, int64_t kw) {
   } else {
     prefetch_ahead(pair, kw);
   }
-}
-
-// GenuineIntel (cpuid leaf 0), read once
-bool intel_cpu() {
-  static const bool intel = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    char vendor[13] = {};
-    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
-    std::memcpy(vendor, &b, 4);
-    std::memcpy(vendor + 4, &d, 4);
-    std::memcpy(vendor + 8, &c, 4);
-    return std::strcmp(vendor, "GenuineIntel") == 0;
-  }();
-  return intel;
 }
 
 template <WKind KIND, int P, bool TWO_LEVEL>
@@ -278,7 +263,7 @@ void gemm_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
 template <WKind KIND>
 void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   int64_t t = t0;
-  if (A.M == 1 && intel_cpu())
+  if (A.M == 1 && cpu_is_intel())
     for (; t < t1; t += 8) q8_pairs<KIND, 4, true>(W, A, y, t);
   else
     for (; t < t1; t += 8) q8_pairs<KIND, 4, false>(W, A, y, t);
