@@ -126,8 +126,9 @@ def hash_artifact(folder: Path) -> dict[str, str]:
 
 
 def run(work: Path, only: str | None, smollm2: bool) -> dict[str, dict[str, str]]:
-    import compressor
     from tiny_models import CORPUS, make_tiny_model
+
+    import compressor
 
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "calib.txt"
