@@ -6,9 +6,9 @@ A refactor that must not change behaviour is checked by running this before and 
     python benchmarks/artifact_hashes.py --out /tmp/after.json             # on the new one
     python benchmarks/artifact_hashes.py --compare /tmp/before.json /tmp/after.json
 
-`--smollm2` adds `recipes/w4-gptq.yaml` on the real model (~6 min on 2 cores). Models, calibration text and
-outputs live under `--work` (fixed paths: the recipe copy in an artifact names them). Files that carry timings
-(`report.json`, `summary.md`, the model card) are hashed after dropping timing fields; `report.json` is hashed
+`--smollm2` adds `recipes/w4-gptq.yaml` on the real model (~6 min on 2 cores). Tiny models and the
+calibration text live under `--work` (fixed paths: the recipe copy in an artifact names them; several runs may
+share it). Files that carry timings (`report.json`, `summary.md`, the model card) are hashed after dropping timing fields; `report.json` is hashed
 per top-level key so that a difference names its section.
 """
 
@@ -18,7 +18,9 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,29 +128,37 @@ def hash_artifact(folder: Path) -> dict[str, str]:
 
 
 def run(work: Path, only: str | None, smollm2: bool) -> dict[str, dict[str, str]]:
+    """Run the cases; models and calibration text are made once under `work` and reused (several processes may
+    share `work`: each writes its artifacts into a folder of its own, removed after hashing)."""
     from tiny_models import CORPUS, make_tiny_model
 
     import compressor
 
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "calib.txt"
-    calib.write_text(CORPUS)
+    if not calib.is_file() or calib.read_text() != CORPUS:
+        calib.write_text(CORPUS)
     results: dict[str, dict[str, str]] = {}
     models: dict[str, Path] = {}
-    for name, (family, recipe) in zoo(calib).items():
-        if only and not re.search(only, name):
-            continue
-        if family not in models:
-            models[family] = make_tiny_model(family, work / "models" / family)
-        out = work / "out" / name
-        compressor.compress(recipe, model=str(models[family]), output=out, overwrite=True, quiet=True)
-        results[name] = hash_artifact(out)
-        print(f"{name}: {len(results[name])} entries", flush=True)
-    if smollm2:
-        out = work / "out" / "smollm2-w4-gptq"
-        compressor.compress(ROOT / "recipes" / "w4-gptq.yaml", output=out, overwrite=True, quiet=True)
-        results["smollm2-w4-gptq"] = hash_artifact(out)
-        print("smollm2-w4-gptq done", flush=True)
+    outputs = Path(tempfile.mkdtemp(prefix="out-", dir=work))
+    try:
+        for name, (family, recipe) in zoo(calib).items():
+            if only and not re.search(only, name):
+                continue
+            if family not in models:
+                folder = work / "models" / family
+                models[family] = folder if (folder / "config.json").is_file() else make_tiny_model(family, folder)
+            out = outputs / name
+            compressor.compress(recipe, model=str(models[family]), output=out, quiet=True)
+            results[name] = hash_artifact(out)
+            print(f"{name}: {len(results[name])} entries", flush=True)
+        if smollm2:
+            out = outputs / "smollm2-w4-gptq"
+            compressor.compress(ROOT / "recipes" / "w4-gptq.yaml", output=out, quiet=True)
+            results["smollm2-w4-gptq"] = hash_artifact(out)
+            print("smollm2-w4-gptq done", flush=True)
+    finally:
+        shutil.rmtree(outputs, ignore_errors=True)
     return results
 
 
