@@ -1,10 +1,38 @@
-"""compressor: compress Hugging Face models into deployable compressed-tensors artifacts."""
+"""compressor: compress Hugging Face models into deployable compressed-tensors artifacts.
 
-__version__ = "0.1.0"
+The public names load on first use (PEP 562), so `import compressor.X` from any module below the API (exporters,
+the runtime) neither pulls in the API nor forms an import circle, and `compress --help` does not wait for torch.
+"""
 
-from .api import CompressionResult, compress  # noqa: E402
-from .errors import CompressorError  # noqa: E402
-from .recipe import Recipe, load_recipe  # noqa: E402
-from .runtime.load import load  # noqa: E402
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .version import __version__
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "CompressionResult": "compressor.api",
+    "compress": "compressor.api",
+    "CompressorError": "compressor.errors",
+    "Recipe": "compressor.recipe",
+    "load_recipe": "compressor.recipe",
+    "load": "compressor.runtime.load",
+}
 
 __all__ = ["CompressionResult", "CompressorError", "Recipe", "compress", "load", "load_recipe", "__version__"]
+
+if TYPE_CHECKING:  # static readers see the real names
+    from .api import CompressionResult, compress
+    from .errors import CompressorError
+    from .recipe import Recipe, load_recipe
+    from .runtime.load import load
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'compressor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .calibration.data import read_texts, sample_windows
 from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
 from .errors import RecipeError
@@ -21,6 +20,7 @@ from .plan import Plan
 from .recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 from .runtime.lora import LORA_DIR
 from .state import CompressionState
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

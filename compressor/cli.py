@@ -7,21 +7,10 @@ import os
 import sys
 
 import click
-import yaml
 
-from .commands import exit_on_error, quiet_client_loggers
+from .commands import exit_on_error, parse_set_options, quiet_client_loggers
 from .errors import CompressorError
 from .recipe import Recipe
-
-
-def _parse_sets(values: tuple[str, ...]) -> dict:
-    out = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CompressorError(f"--set expects KEY=VALUE, got {item!r}", fix="e.g. --set calibration.num_samples=32")
-        out[key] = yaml.safe_load(raw)
-    return out
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +47,7 @@ def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, print_re
 def _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet) -> None:
     from .api import compress, resolve_recipe
 
-    overrides = _parse_sets(sets)
+    overrides = parse_set_options(sets)
     if recipe_path is None:
         if print_recipe:
             click.echo(Recipe(passes=[{"type": "quantize"}]).to_yaml(), nl=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -12,18 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from compressor.runtime.lora import LORA_DIR, write_lora
+from compressor.schema.common import parse_size
 from compressor.state import CompressionState
 
 from .compressed_tensors import layer_tensors, quantization_config
-
-_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", text.upper())
-    if not m:
-        raise ValueError(f"cannot parse size {text!r} (use e.g. 500MB, 2GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
 
 
 def export_state_dict(state: CompressionState, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:

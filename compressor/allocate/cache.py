@@ -8,8 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-from .. import __version__
 from ..models.gguf import cache_root
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 

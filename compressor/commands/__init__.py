@@ -23,6 +23,19 @@ def quiet_client_loggers() -> None:
         logging.getLogger(client).setLevel(logging.WARNING)
 
 
+def parse_set_options(values: tuple[str, ...]) -> dict:
+    """`--set KEY=VALUE` options as {dotted key: YAML-parsed value}."""
+    import yaml
+
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CompressorError(f"--set expects KEY=VALUE, got {item!r}", fix="e.g. --set calibration.num_samples=32")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
 def _shown(text: str) -> str:
     return _HF_TOKEN.sub("hf_***", text)  # a token that reached a message from anywhere never reaches the terminal
 

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import exit_on_error
+from . import exit_on_error, parse_set_options
 
 
 @click.command("score")
@@ -40,7 +40,6 @@ def _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet
 
     from ..api import resolve_recipe
     from ..calibration.data import read_texts, sample_windows
-    from ..cli import _parse_sets
     from ..errors import RecipeError
     from ..models.loading import load_model, max_positions
     from ..recipe import Recipe
@@ -48,7 +47,7 @@ def _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet
     from ..structure.ops import score_model
 
     base = recipe_path if recipe_path else Recipe(passes=[{"type": "score"}])
-    recipe = resolve_recipe(base, model, **_parse_sets(sets))
+    recipe = resolve_recipe(base, model, **parse_set_options(sets))
     cfg = next((p for p in recipe.passes if isinstance(p, ScorePass)), ScorePass(type="score"))
     updates = {"max_samples": samples, "measure_samples": measure_samples}
     cfg = cfg.model_copy(update={k: v for k, v in updates.items() if v is not None})

@@ -23,6 +23,7 @@ from ..quant.gptq import gptq_dequantized_many
 from ..quant.rtn import rtn_quantize
 from ..schema import AllocateBitsPass, QuantizePass, WeightScheme
 from ..schema.allocate import parse_candidate
+from ..schema.common import parse_size
 from ..state import CompressionState
 from ..structure.metrics import zd_score
 from .base import following_quantize, register
@@ -149,8 +150,6 @@ class AllocateBitsRunner:
         if b.bits_per_weight is not None:
             return int(b.bits_per_weight * n_weights)
         if b.size is not None:
-            from exporters.safetensors_export import parse_size
-
             try:
                 return parse_size(b.size) * 8
             except ValueError as err:

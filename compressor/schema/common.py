@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a recipe size such as '500MB', '2GB' or '1.5GiB'; ValueError when it is not one."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", text.upper())
+    if not m:
+        raise ValueError(f"cannot parse size {text!r} (use e.g. 500MB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
 
 
 class Strict(BaseModel):

@@ -47,12 +47,13 @@ def export_onnx(state: CompressionState, folder: Path) -> list[str]:
 
 def export_artifact(src: str | Path, out: Path, config: OnnxExportConfig, overwrite: bool = False) -> list[str]:
     """Export a compressor artifact directory to ONNX in `out` (written atomically); returns the files."""
-    import compressor
-    from exporters.atomic import atomic_directory, check_output
+    from compressor.runtime.load import load
+
+    from ..atomic import atomic_directory, check_output
 
     src, out = Path(src), Path(out)
     check_output(out, overwrite)
-    model = compressor.load(src)
+    model = load(src)
     layers = {
         name: from_buffers(m) for name, m in model.named_modules() if hasattr(m, "scheme") and hasattr(m, "in_features")
     }
