@@ -87,23 +87,6 @@ def _validate_paths(r: Recipe) -> None:
         )
 
 
-def _weight_roles(state: CompressionState) -> dict[str, str]:
-    """Module name -> its part of the artifact's size: quantized, embeddings (incl. a float head), float_linears."""
-    from transformers.pytorch_utils import Conv1D  # gpt2's linears
-
-    model = state.model
-    head = model.get_output_embeddings()
-    roles = {}
-    for name, module in model.named_modules():
-        if name in state.plan.layers:
-            roles[name] = "quantized"
-        elif isinstance(module, torch.nn.Embedding) or (head is not None and module is head):
-            roles[name] = "embeddings"
-        elif isinstance(module, (torch.nn.Linear, Conv1D)):
-            roles[name] = "float_linears"
-    return roles
-
-
 def _size_report(state: CompressionState, folder: Path, base_params: int) -> dict:
     from exporters.safetensors_export import size_breakdown
 
@@ -112,7 +95,7 @@ def _size_report(state: CompressionState, folder: Path, base_params: int) -> dic
     q_params = sum(lp.shape[0] * lp.shape[1] for lp in plan.layers.values())
     q_bits = sum(lp.total_bits for lp in plan.layers.values())
     lora_bits = sum(lp.compensation_bits for lp in plan.layers.values())
-    dense_dtype = state.loaded.export_dtype
+    dense_dtype = plan.dtype
     size = {
         "total_params": int(total),
         "base_params": int(base_params),
@@ -128,7 +111,7 @@ def _size_report(state: CompressionState, folder: Path, base_params: int) -> dic
     if onnx_files:  # graph + external weights
         size["onnx_bytes"] = sum(f.stat().st_size for f in onnx_files)
     if size["artifact_bytes"]:
-        size["breakdown_bytes"] = size_breakdown(folder, _weight_roles(state))
+        size["breakdown_bytes"] = size_breakdown(folder, plan.size_roles())
         size["dense_dtype"] = str(dense_dtype).removeprefix("torch.")
         size["base_bytes"] = int(base_params) * dense_dtype.itemsize  # the uncompressed model at the same dtype
     return size
@@ -229,7 +212,7 @@ def compress(
         del base
 
     report = {
-        "report_version": 1,
+        "report_version": 2,  # 2: plan holds every decision (layers, ignore, blocks, awq, dtype)
         "compressor_version": __version__,
         "model": {
             "source": r.model,

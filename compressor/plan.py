@@ -1,16 +1,18 @@
-"""The plan: the single source of truth for what each layer became. Exporters read only this."""
+"""The plan: every decision of a run as typed values. Passes write it; the artifact writers and the report read
+only this (and the tensors), never the recipe or the passes."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from .quant.formats import Fp8Format, IntFormat
+from .quant.formats import Fp8Format, IntFormat, WeightFormatT
 from .quant.fp8 import fp8_dequantize
 from .quant.lowrank import LowRankFactors
 from .quant.packing import pack_int32, unpack_int32
 from .quant.rtn import dequantize
+from .schema import LowRankPass, WeightScheme
 
 
 class QuantizedWeight:
@@ -55,19 +57,14 @@ class QuantizedWeight:
 
 @dataclass
 class LayerPlan:
-    """What one linear became."""
+    """What one linear became: its format as a typed value, and how it was solved."""
 
     name: str
     shape: tuple[int, int]  # (out_features, in_features)
-    format: str  # label, e.g. int4-g64-sym, fp8-e4m3-channel
+    fmt: WeightFormatT
     method: str  # rtn | gptq
-    bits: int
-    group_size: int | None
-    requested_group_size: int | None
-    symmetric: bool
-    strategy: str
     scale_dtype: str
-    storage_bits: int  # the quantized tensors: codes, scales, zero points
+    requested_group_size: int | None  # the recipe's group size (differs from fmt's when it fell back)
     note: str | None = None
     compensation_rank: int | None = None  # rank of the low-rank correction of its quantization error, if any
     compensation_bits: int = 0  # that correction's factors at the artifact's float dtype
@@ -77,27 +74,36 @@ class LayerPlan:
         cls, name: str, qw: QuantizedWeight, method: str, requested_group_size: int | None, note: str | None
     ) -> LayerPlan:
         """The plan entry for a layer quantized into `qw`."""
-        fmt = qw.fmt
-        out_f, in_f = qw.shape
-        if isinstance(fmt, IntFormat):
-            bits, group, sym = fmt.bits, fmt.group_size, fmt.symmetric
-            strategy = "group" if fmt.group_size else "channel"
-        else:
-            bits, group, sym, strategy = 8, None, True, fmt.strategy
-        return cls(
-            name=name,
-            shape=(out_f, in_f),
-            format=fmt.label,
-            method=method,
-            bits=bits,
-            group_size=group,
-            requested_group_size=requested_group_size,
-            symmetric=sym,
-            strategy=strategy,
-            scale_dtype=qw.scale_dtype,
-            storage_bits=fmt.storage_bits(out_f, in_f, qw.scale_dtype),
-            note=note,
-        )
+        return cls(name, qw.shape, qw.fmt, method, qw.scale_dtype, requested_group_size, note)
+
+    @property
+    def format(self) -> str:
+        """The format's label, e.g. int4-g64-sym, fp8-e4m3-channel."""
+        return self.fmt.label
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits if isinstance(self.fmt, IntFormat) else 8
+
+    @property
+    def group_size(self) -> int | None:
+        return self.fmt.group_size if isinstance(self.fmt, IntFormat) else None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.fmt.symmetric if isinstance(self.fmt, IntFormat) else True
+
+    @property
+    def strategy(self) -> str:
+        """group | channel (int), tensor | channel | block (fp8): the compressed-tensors strategy."""
+        if isinstance(self.fmt, Fp8Format):
+            return self.fmt.strategy
+        return "group" if self.fmt.group_size else "channel"
+
+    @property
+    def storage_bits(self) -> int:
+        """The quantized tensors: codes, scales, zero points."""
+        return self.fmt.storage_bits(self.shape[0], self.shape[1], self.scale_dtype)
 
     @property
     def total_bits(self) -> int:
@@ -107,13 +113,67 @@ class LayerPlan:
     def bits_per_weight(self) -> float:
         return self.total_bits / (self.shape[0] * self.shape[1])
 
+    def to_json(self) -> dict:
+        """The report's record of this layer (the format both as its label and as its parts)."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "format": self.format,
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "requested_group_size": self.requested_group_size,
+            "symmetric": self.symmetric,
+            "strategy": self.strategy,
+            "scale_dtype": self.scale_dtype,
+            "storage_bits": self.storage_bits,
+            "note": self.note,
+            "compensation_rank": self.compensation_rank,
+            "compensation_bits": self.compensation_bits,
+            **({"block_structure": list(self.fmt.block)} if self.strategy == "block" else {}),
+        }
+
+
+@dataclass
+class CompensationRequest:
+    """The `lowrank` pass's decision: which layers get a low-rank correction of their quantization error, of which
+    rank, fitted how; carried out by the quantize pass, which fits each factor once the layer is solved."""
+
+    config: LowRankPass
+    ranks: dict[str, int] | None = None  # per-layer ranks allocated under a budget (None: config.rank everywhere)
+
+    def rank_for(self, name: str) -> int:
+        """The rank of `name`'s correction (0: none)."""
+        if not self.config.applies_to(name):
+            return 0
+        return self.config.rank if self.ranks is None else self.ranks.get(name, 0)
+
 
 @dataclass
 class Plan:
+    """Every decision of a run, as typed values: passes write it, the artifact writers and the report read it.
+
+    Decisions made before the quantize pass carries them out (`schemes` by `allocate_bits`, `compensation` by
+    `lowrank`) sit beside what each layer became (`layers`, `weights`, `compensations`); structural changes
+    (`blocks`) and activation-aware scaling folds (`awq`) are recorded as they happen; `finish` records the
+    artifact's layout (which linears stay float, in which dtype) once the passes are done.
+    """
+
+    dtype: torch.dtype = torch.float32  # the artifact's unquantized tensors
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     # low-rank corrections of quantization error (the `lowrank` pass), exported as a PEFT LoRA adapter
     compensations: dict[str, LowRankFactors] = field(default_factory=dict)
+    # per-layer weight schemes chosen by `allocate_bits` (full module name -> scheme, None = keep float)
+    schemes: dict[str, WeightScheme | None] = field(default_factory=dict)
+    compensation: CompensationRequest | None = None
+    blocks: list[dict] = field(default_factory=list)  # removed / fused / zeroed blocks, in the order done
+    awq: list[dict] = field(default_factory=list)  # per input group: alpha, and where the scale was folded
+    # the artifact's layout, recorded by `finish` once the passes are done
+    linears: list[str] = field(default_factory=list)  # the blocks' linears, then quantized ones outside the blocks
+    ignore: list[str] = field(default_factory=list)  # linears a loader must leave float (a float head Linear too)
+    embeddings: list[str] = field(default_factory=list)  # float input / output embeddings (a float head included)
+    float_linears: list[str] = field(default_factory=list)  # other linears kept float
 
     def record(self, layer: LayerPlan, weight: QuantizedWeight, compensation: LowRankFactors | None = None) -> None:
         weight.compact()
@@ -124,6 +184,24 @@ class Plan:
         else:
             self.compensations.pop(layer.name, None)
 
+    def finish(self, block_linears: list[str], head_linear: str | None, embeddings: list[str], floats: list[str]):
+        """Record the artifact's layout: its linears (the blocks' in order, then quantized ones outside the blocks),
+        which stay float (a float `head_linear` included, so loaders leave it alone), and the float embeddings and
+        other float linears (their part of the size report)."""
+        self.linears = block_linears + sorted(set(self.layers) - set(block_linears))
+        self.ignore = sorted(set(block_linears) - set(self.layers))
+        if head_linear is not None and head_linear not in self.layers:
+            self.ignore.append(head_linear)
+        self.embeddings = [n for n in embeddings if n not in self.layers]
+        self.float_linears = [n for n in floats if n not in self.layers and n not in self.embeddings]
+
+    def size_roles(self) -> dict[str, str]:
+        """Module name -> its part of the artifact's size: quantized, embeddings or float_linears."""
+        roles = dict.fromkeys(self.float_linears, "float_linears")
+        roles.update(dict.fromkeys(self.embeddings, "embeddings"))
+        roles.update(dict.fromkeys(self.layers, "quantized"))
+        return roles
+
     def effective_weight(self, name: str) -> torch.Tensor:
         """The float32 [out, in] weight the layer computes with: dequantized, plus its correction if it has one."""
         w = self.weights[name].dequantize()
@@ -131,4 +209,14 @@ class Plan:
         return w if comp is None else w + comp.delta()
 
     def to_json(self) -> dict:
-        return {name: asdict(lp) for name, lp in self.layers.items()}  # execution order
+        """The plan as report.json records it."""
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "layers": {name: lp.to_json() for name, lp in self.layers.items()},  # execution order
+            "ignore": self.ignore,
+            "blocks": self.blocks,
+            "awq": self.awq,
+            "compensation": None
+            if self.compensation is None
+            else {"rank": self.compensation.config.rank, "ranks": self.compensation.ranks},
+        }

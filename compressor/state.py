@@ -9,7 +9,6 @@ import torch
 from .models.loading import LoadedModel
 from .plan import Plan
 from .recipe import Recipe
-from .schema import LowRankPass, WeightScheme
 
 
 @dataclass
@@ -18,14 +17,12 @@ class CompressionState:
     recipe: Recipe
     calibration_ids: torch.Tensor | None = None
     plan: Plan = field(default_factory=Plan)
-    # per-layer weight schemes chosen by `allocate_bits` (full module name -> WeightScheme, None = keep float)
-    layer_schemes: dict[str, WeightScheme | None] = field(default_factory=dict)
-    # low-rank compensation requested by a `lowrank` pass, carried out by the next `quantize` pass
-    compensation: LowRankPass | None = None
-    compensation_ranks: dict[str, int] | None = None  # per-layer ranks when the request has a budget
     report: dict = field(default_factory=dict)  # pass-owned sections merged into report.json (e.g. "scores")
     extra_files: dict[str, bytes] = field(default_factory=dict)  # artifact-relative path -> bytes (plots)
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.plan.dtype = self.loaded.export_dtype  # the artifact keeps the source checkpoint's float dtype
 
     @property
     def model(self):
@@ -68,6 +65,22 @@ class CompressionState:
             return lambda: adapter.param_layout(module, plan.effective_weight(layer))
 
         lazy.release([f"{name}.weight" for name in layers if name in plan.weights], provider_for)
+
+    def finish_plan(self) -> None:
+        """Record the artifact's layout in the plan (which linears stay float, the embeddings) after the passes."""
+        from transformers.pytorch_utils import Conv1D  # gpt2's linears
+
+        model, adapter = self.model, self.adapter
+        head = model.get_output_embeddings()
+        block_linears = [f"{p}.{n}" for p in adapter.block_prefixes(model) for n in adapter.linear_names()]
+        embeddings, floats, head_linear = [], [], None
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Embedding) or (head is not None and module is head):
+                embeddings.append(name)
+                head_linear = name if module is head and isinstance(module, torch.nn.Linear) else head_linear
+            elif isinstance(module, (torch.nn.Linear, Conv1D)):
+                floats.append(name)
+        self.plan.finish(block_linears, head_linear, embeddings, floats)
 
     def calibration_chunks(self) -> list[torch.Tensor]:
         ids = self.calibration_ids

@@ -43,29 +43,24 @@ def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def _scheme(layer: LayerPlan) -> dict:
-    if layer.format.startswith("fp8"):
-        weights = {
-            "num_bits": 8,
-            "type": "float",
-            "symmetric": True,
-            "strategy": layer.strategy,
-            "dynamic": False,
-        }
-        if layer.strategy == "block":
-            m = re.search(r"block(\d+)x(\d+)", layer.format)
-            weights["block_structure"] = [int(m.group(1)), int(m.group(2))]
-        fmt = "float-quantized"
+    """The compressed-tensors quantization scheme of one planned layer."""
+    fmt = layer.fmt
+    if isinstance(fmt, Fp8Format):
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": fmt.strategy, "dynamic": False}
+        if fmt.strategy == "block":
+            weights["block_structure"] = list(fmt.block)
+        kind = "float-quantized"
     else:
         weights = {
-            "num_bits": layer.bits,
+            "num_bits": fmt.bits,
             "type": "int",
-            "symmetric": layer.symmetric,
+            "symmetric": fmt.symmetric,
             "strategy": layer.strategy,
-            "group_size": layer.group_size,
+            "group_size": fmt.group_size,
             "dynamic": False,
         }
-        fmt = "pack-quantized"
-    return {"weights": weights, "input_activations": None, "output_activations": None, "format": fmt}
+        kind = "pack-quantized"
+    return {"weights": weights, "input_activations": None, "output_activations": None, "format": kind}
 
 
 def _targets(names: list[str], all_linear_names: list[str]) -> list[str]:
@@ -84,8 +79,8 @@ def _targets(names: list[str], all_linear_names: list[str]) -> list[str]:
     return targets
 
 
-def quantization_config(plan: Plan, all_linear_names: list[str], ignore: list[str]) -> dict:
-    """The `quantization_config` entry of config.json for this plan."""
+def quantization_config(plan: Plan) -> dict:
+    """The `quantization_config` entry of config.json for this plan (its layers, linears and ignore list)."""
     groups: dict[str, list[str]] = defaultdict(list)
     schemes: dict[str, dict] = {}
     for name, layer in sorted(plan.layers.items()):
@@ -95,14 +90,14 @@ def quantization_config(plan: Plan, all_linear_names: list[str], ignore: list[st
         groups[key].append(name)
     config_groups = {}
     for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
-        config_groups[f"group_{i}"] = {"targets": _targets(names, all_linear_names), **schemes[key]}
+        config_groups[f"group_{i}"] = {"targets": _targets(names, plan.linears), **schemes[key]}
     formats = {g["format"] for g in config_groups.values()}
     return {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": config_groups,
-        "ignore": sorted(ignore),
+        "ignore": sorted(plan.ignore),
         "kv_cache_scheme": None,
         "sparsity_config": {},
     }

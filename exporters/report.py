@@ -122,7 +122,7 @@ def summary_lines(report: dict) -> list[str]:
 
 def plot_layers(report: dict, path: Path) -> bool:
     """Bits per weight of every quantized layer over depth, one marker series per layer type."""
-    layers = report.get("plan", {})
+    layers = report.get("plan", {}).get("layers", {})
     if not layers:
         return False
     plt = _pyplot()

@@ -89,26 +89,13 @@ def write_shards(
 
 def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
     """Write weights, config (with quantization_config), generation config and tokenizer into `folder`."""
-    model, adapter = state.model, state.adapter
-    dense_dtype = state.loaded.export_dtype
-    tensors = export_state_dict(state, dense_dtype)
+    model, adapter, plan = state.model, state.adapter, state.plan
+    tensors = export_state_dict(state, plan.dtype)
     lazy = state.loaded.lazy
     files = write_shards(tensors, folder, parse_size(state.recipe.max_shard_size), lazy.tensor if lazy else None)
-
-    blocks = adapter.blocks(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    head = model.get_output_embeddings()
-    head_name = names[id(head)] if head is not None else None
-    block_linears = [
-        f"{adapter.block_prefix(model, i)}.{n}" for i in range(len(blocks)) for n in adapter.linear_names()
-    ]
-    outer = sorted(set(state.plan.layers) - set(block_linears))
-    ignore = sorted(set(block_linears) - set(state.plan.layers))
-    if head_name and head_name not in state.plan.layers and isinstance(head, torch.nn.Linear):
-        ignore.append(head_name)
     config = model.config
-    config.quantization_config = quantization_config(state.plan, block_linears + outer, ignore)
-    config.dtype = dense_dtype
+    config.quantization_config = quantization_config(plan)
+    config.dtype = plan.dtype
     try:
         config.save_pretrained(folder)
     finally:

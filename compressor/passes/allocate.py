@@ -83,7 +83,7 @@ class AllocateBitsRunner:
             timings["search"] = time.perf_counter() - t
 
         for n, u in zip(names, units.unit_of):
-            state.layer_schemes[n] = self.schemes[int(choice[u])]
+            state.plan.schemes[n] = self.schemes[int(choice[u])]
         spent, predicted = total(units.costs, units.values, choice)
         n_weights = sum(weights[n].numel() for n in names)
         timings["total"] = time.perf_counter() - started
@@ -109,7 +109,7 @@ class AllocateBitsRunner:
         }
         counts: dict[str, int] = {}
         for n in names:
-            label = self.cfg.candidates[self.schemes.index(state.layer_schemes[n])]
+            label = self.cfg.candidates[self.schemes.index(state.plan.schemes[n])]
             counts[label] = counts.get(label, 0) + 1
         log.info(
             "allocate_bits: %.3f bits/weight of %.3f allowed; %s",
@@ -140,7 +140,7 @@ class AllocateBitsRunner:
     def _cost(self, shape, scheme: WeightScheme | None, quant: QuantizePass, state: CompressionState) -> int:
         out_f, in_f = shape
         if scheme is None:
-            return out_f * in_f * _DENSE_BITS.get(state.loaded.export_dtype, 32)
+            return out_f * in_f * _DENSE_BITS.get(state.plan.dtype, 32)
         fmt, _ = resolve_format(scheme, in_f, quant.group_policy)
         return fmt.storage_bits(out_f, in_f, quant.scale_dtype)
 

@@ -16,6 +16,7 @@ import math
 from tqdm.auto import tqdm
 
 from ..calibration.engine import capture_block_inputs, resolve_compute_dtype, return_free_memory, run_block_lockstep
+from ..plan import CompensationRequest
 from ..quant.lowrank import ErrorSpectrum, allocate_ranks, error_spectrum
 from ..schema import LowRankPass, QuantizePass
 from ..state import CompressionState
@@ -32,19 +33,18 @@ class LowRankRunner:
 
     def run(self, state: CompressionState) -> None:
         quant = following_quantize(state, self.cfg, "lowrank", "corrects the quantization error of")
-        state.compensation = self.cfg
+        state.plan.compensation = CompensationRequest(self.cfg)
         if self.cfg.budget_bits_per_weight is None:
-            state.compensation_ranks = None
             log.info(
                 "lowrank: the quantize pass (%s) fits rank-%d corrections of its error", quant.method, self.cfg.rank
             )
             return
         spectra = self._spectra(state, quant)
-        bits = self.cfg.storage_dtype(state.loaded.export_dtype).itemsize * 8
+        bits = self.cfg.storage_dtype(state.plan.dtype).itemsize * 8
         weights = sum(_numel(state, name) for name in spectra)
         budget_units = int(self.cfg.budget_bits_per_weight * weights / bits)  # stored numbers
         ranks = allocate_ranks(spectra, budget_units)
-        state.compensation_ranks = ranks
+        state.plan.compensation.ranks = ranks
         used = sum(r * spectra[n].cost for n, r in ranks.items()) * bits
         state.report["lowrank_allocation"] = {
             "budget_bits_per_weight": self.cfg.budget_bits_per_weight,

@@ -48,8 +48,8 @@ class QuantizeRunner:
     # ---- format per layer -------------------------------------------------------------------------
     def scheme_for(self, state: CompressionState, name: str) -> WeightScheme | None:
         """The layer's weight scheme: an `allocate_bits` decision if there is one, else the pass's; None = keep."""
-        if name in state.layer_schemes:
-            return state.layer_schemes[name]
+        if name in state.plan.schemes:
+            return state.plan.schemes[name]
         return None if self._ignored(name) else self.cfg.weights
 
     def layer_format(
@@ -83,11 +83,11 @@ class QuantizeRunner:
         layer = LayerPlan.describe(name, qw, method, requested, note)
         deq = qw.dequantize()
         comp = None
-        request = state.compensation
-        rank = self._compensation_rank(state, name) if h is not None and original is not None else 0
+        request = state.plan.compensation
+        rank = request.rank_for(name) if request is not None and h is not None and original is not None else 0
         if rank:
-            comp = whitened_lowrank(original.to(torch.float32) - deq, h, rank, request.damp)
-            dtype = request.storage_dtype(state.loaded.export_dtype)
+            comp = whitened_lowrank(original.to(torch.float32) - deq, h, rank, request.config.damp)
+            dtype = request.config.storage_dtype(state.plan.dtype)
             comp.round_to(dtype)
             layer.compensation_rank = comp.rank
             layer.compensation_bits = comp.rank * sum(qw.shape) * dtype.itemsize * 8
@@ -101,16 +101,6 @@ class QuantizeRunner:
         state.adapter.set_weight(module, deq if comp is None else deq + comp.delta())
         state.plan.record(layer, qw, comp)
 
-    @staticmethod
-    def _compensation_rank(state: CompressionState, name: str) -> int:
-        """The rank of the layer's low-rank correction (0: none)."""
-        request = state.compensation
-        if request is None or not request.applies_to(name):
-            return 0
-        if state.compensation_ranks is not None:
-            return state.compensation_ranks.get(name, 0)
-        return request.rank
-
     def quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
         if isinstance(fmt, Fp8Format):
             codes, scale = fp8_quantize(w, fmt)
@@ -123,7 +113,7 @@ class QuantizeRunner:
         model, adapter = state.model, state.adapter
         blocks = adapter.blocks(model)
         prefixes = adapter.block_prefixes(model)
-        if self.cfg.method == "gptq" or self.cfg.awq or state.compensation is not None:
+        if self.cfg.method == "gptq" or self.cfg.awq or state.plan.compensation is not None:
             self._run_calibrated(state, blocks, prefixes)
         else:
             for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
@@ -284,6 +274,7 @@ class QuantizeRunner:
         )
         if found.alpha == 0.0:
             return None
+        state.plan.awq.append({"group": f"{prefix}.{group[0]}", "alpha": found.alpha, "folded_into": src_name})
         s = found.scale
         if src_qw is not None:  # already quantized (v_proj, up_proj): rescale its rows through its scales
             src_qw.scale = _round_scale_rows(src_qw.scale / s[:, None], src_qw.scale_dtype)

@@ -13,8 +13,13 @@ from .base import register
 log = logging.getLogger(__name__)
 
 
+_DECISIONS = ("removed_blocks", "kept_blocks", "zeroed", "merged_windows", "depth_before", "depth_after")
+
+
 def _record(state: CompressionState, entry: dict) -> None:
+    """The pass's details go to the report; what it changed in the model to the plan."""
     state.report.setdefault("structure", []).append(entry)
+    state.plan.blocks.append({"pass": entry["pass"], **{k: entry[k] for k in _DECISIONS if k in entry}})
 
 
 @register(ScorePass)
