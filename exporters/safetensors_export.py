@@ -108,7 +108,7 @@ def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
             folder,
             {name: (c.down.to(c.dtype), c.up.to(c.dtype)) for name, c in state.plan.compensations.items()},
             task_type="CAUSAL_LM" if adapter.decoder else None,
-            fan_in_fan_out=adapter.family == "gpt2",
+            fan_in_fan_out=adapter.fan_in_fan_out,
             base_model=state.recipe.hub.repo_id if state.recipe.hub is not None else None,
         )
     for f in files:

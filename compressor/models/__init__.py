@@ -1,1 +1,1 @@
-"""Model sources (directory, hub id, GGUF) and per-family adapters."""
+"""Model sources (directory, hub id, GGUF) and the model families (`families/`: one adapter module per family)."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import is_conv1d
+from .families import is_conv1d
+from .families import norm_offset as family_norm_offset
 
 
 def can_fold_into(module: nn.Module) -> bool:
@@ -20,15 +21,18 @@ def can_fold_into(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def fold_divisor(module: nn.Module, divisor: torch.Tensor) -> None:
-    """Make `module`'s output equal to its old output / divisor (per output channel)."""
+def fold_divisor(module: nn.Module, divisor: torch.Tensor, norm_offset: float | None = None) -> None:
+    """Make `module`'s output equal to its old output / divisor (per output channel).
+
+    A norm that scales by (c + weight) takes `norm_offset` c (the adapter's `norm_offset(module)`; None asks
+    every family)."""
     d = divisor.to(torch.float32)
     if isinstance(module, nn.Linear):
         module.weight.copy_((module.weight.float() / d[:, None]).to(module.weight.dtype))
     elif is_conv1d(module):
         module.weight.copy_((module.weight.float() / d[None, :]).to(module.weight.dtype))
-    elif "Gemma" in type(module).__name__:  # Gemma norms scale by (1 + weight)
-        module.weight.copy_(((1.0 + module.weight.float()) / d - 1.0).to(module.weight.dtype))
+    elif offset := (family_norm_offset(module) if norm_offset is None else norm_offset):
+        module.weight.copy_(((offset + module.weight.float()) / d - offset).to(module.weight.dtype))
     else:
         module.weight.copy_((module.weight.float() / d).to(module.weight.dtype))
     bias = getattr(module, "bias", None)

@@ -68,17 +68,39 @@ def float_checkpoint(gguf_path: Path, quiet: bool = False) -> Path:
 
 def _convert(gguf_path: Path, out: Path, quiet: bool) -> None:
     from gguf import GGUFReader, dequantize
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
         read_field,
     )
 
     out.mkdir(parents=True)
+    config, parsed = _write_config_and_tokenizer(gguf_path, out)
+    reader = GGUFReader(str(gguf_path))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    key_map = get_gguf_hf_weights_map(skeleton, processor)
+
+    shards = _ShardWriter(out)
+    for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=quiet):
+        weights = dequantize(t.data, t.tensor_type)
+        result = processor.process(weights=weights, name=t.name, tensor_key_mapping=key_map, parsed_parameters=parsed)
+        if result.name not in key_map:
+            continue
+        dtype = _NATIVE_FLOAT.get(t.tensor_type.name, torch.float32)
+        shards.add(key_map[result.name], torch.from_numpy(np.ascontiguousarray(result.weights)).to(dtype))
+    shards.close(gguf_path)
+
+
+def _write_config_and_tokenizer(gguf_path: Path, out: Path) -> tuple:
+    """Save the float config and the tokenizer read from the GGUF file; returns (config, parsed GGUF checkpoint)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -91,43 +113,43 @@ def _convert(gguf_path: Path, out: Path, quiet: bool) -> None:
     config.dtype = "float32"
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return config, parsed
 
-    reader = GGUFReader(str(gguf_path))
-    architecture = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    key_map = get_gguf_hf_weights_map(skeleton, processor)
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    written: list[str] = []
-    weight_map: dict[str, str] = {}
+class _ShardWriter:
+    """Collects tensors into safetensors shards of at most `SHARD_BYTES` (one held in memory), then the index."""
 
-    def flush() -> None:
-        index = len(written) + 1
-        file = f"model-{index:05d}.safetensors"
-        save_file(shards[-1], str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shards[-1], file))
-        written.append(file)
-        shards[-1] = {}
+    def __init__(self, out: Path):
+        self.out = out
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[str] = []
+        self.weight_map: dict[str, str] = {}
 
-    for t in tqdm(reader.tensors, desc=f"converting {name}", unit="tensor", disable=quiet):
-        weights = dequantize(t.data, t.tensor_type)
-        result = processor.process(weights=weights, name=t.name, tensor_key_mapping=key_map, parsed_parameters=parsed)
-        if result.name not in key_map:
-            continue
-        dtype = _NATIVE_FLOAT.get(t.tensor_type.name, torch.float32)
-        tensor = torch.from_numpy(np.ascontiguousarray(result.weights)).to(dtype)
+    def add(self, key: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            flush()
-            size = 0
-        shards[-1][key_map[result.name]] = tensor
-        size += nbytes
-    if shards[-1]:
-        flush()
-    total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "complete.json").write_text(json.dumps({"source": str(gguf_path.resolve()), "shards": written}) + "\n")
+        if self.shard and self.size + nbytes > SHARD_BYTES:
+            self._flush()
+            self.size = 0
+        self.shard[key] = tensor
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file = f"model-{len(self.written) + 1:05d}.safetensors"
+        save_file(self.shard, str(self.out / file), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.shard, file))
+        self.written.append(file)
+        self.shard = {}
+
+    def close(self, gguf_path: Path) -> None:
+        """Write the last shard, the index and `complete.json` (which marks the conversion done)."""
+        if self.shard:
+            self._flush()
+        out = self.out
+        total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        source = {"source": str(gguf_path.resolve()), "shards": self.written}
+        (out / "complete.json").write_text(json.dumps(source) + "\n")

@@ -27,18 +27,19 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from .graph import decoder_io, kv_spec
+from compressor.models.adapters import FUSED_GRAPH_TYPES, adapter_for
+
+from .graph import KvSpec, decoder_io, kv_spec
 from .modules import OnnxQuantEmbedding, OnnxQuantLinear
 
-FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 MS = "com.microsoft"
 
 
 def fused_unsupported(model: nn.Module) -> str | None:
-    """Why `model` cannot take the fused graph (None: it can)."""
+    """Why `model` cannot take the fused graph (None: it can); the family adapter says which model types may."""
     cfg = model.config
-    if cfg.model_type not in FUSED_MODEL_TYPES:
-        return f"model type {cfg.model_type!r} (fused graph: {', '.join(FUSED_MODEL_TYPES)})"
+    if not adapter_for(cfg.model_type).fused_graph(cfg.model_type):
+        return f"model type {cfg.model_type!r} (fused graph: {', '.join(FUSED_GRAPH_TYPES)})"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r}"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
@@ -238,64 +239,18 @@ def build_fused_decoder(
     model: nn.Module, replacements: dict[str, nn.Module], opset: int
 ) -> tuple[onnx.ModelProto, dict]:
     """The fused graph of a llama-style decoder; returns the model and each layer's placement (tensor, rows)."""
-    cfg = model.config
-    spec = kv_spec(cfg)
-    heads = cfg.num_attention_heads
+    spec = kv_spec(model.config)
     modules = dict(model.named_modules())
     names = {id(m): n for n, m in modules.items()}
     g = _Graph()
     lin = _Linears(g, modules, replacements)
-    inputs, outputs = decoder_io(spec)
-
-    # per step: GroupQueryAttention's lengths from the mask
-    valid = g.node("ReduceSum", ["attention_mask", g.const("axis1", [1])], keepdims=0)
-    seqlens_k = g.node("Cast", [g.node("Sub", [valid, g.const("one", 1)])], to=TensorProto.INT32)
-    total = g.node("Shape", ["attention_mask"], start=1, end=2)
-    total = g.node("Cast", [g.node("Squeeze", [total, g.const("axis0", [0])])], to=TensorProto.INT32)
-    cos, sin = _rotary_caches(model, spec.head_dim)
-    cos, sin = g.init("rotary.cos_cache", cos), g.init("rotary.sin_cache", sin)
-
-    embed = model.get_input_embeddings()
-    embed_name = names[id(embed)]
-    new = replacements.get(embed_name, embed)
-    if isinstance(new, OnnxQuantEmbedding):
-        attrs = dict(bits=new.bits, block_size=new.block, gather_axis=0, quantize_axis=1)
-        data = g.init(f"model.{embed_name}.gbq_data", new.gbq_data)
-        scales = g.init(f"model.{embed_name}.gbq_scales", new.gbq_scales)
-        hidden = g.node("GatherBlockQuantized", [data, "input_ids", scales], domain=MS, **attrs)
-        lin.placement[embed_name] = {"tensor": data, "rows": [0, int(new.gbq_data.shape[0])]}
-    else:
-        table = new.emb.weight if hasattr(new, "emb") else new.weight
-        hidden = g.node("Gather", [g.init(f"model.{embed_name}.weight", table.detach().float()), "input_ids"])
-
+    step = _step_inputs(g, model, spec)
+    hidden = _embedding(g, lin, model, names)
     blocks = model.base_model.layers
     normed = _rms_norm(g, hidden, blocks[0].input_layernorm, f"model.{names[id(blocks[0].input_layernorm)]}")
     residual = hidden
     for i, block in enumerate(blocks):
-        p = names[id(block)]
-        attn = block.self_attn
-        qkv = lin.group(normed, [f"{p}.self_attn.{n}_proj" for n in "qkv"], f"{p}.self_attn.qkv_proj")
-        q, k, v = (qkv, "", "") if isinstance(qkv, str) else qkv
-        attn_out, _, _ = g.named(
-            "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos, sin],
-            [f"{p}.attn/out", f"present.{i}.key", f"present.{i}.value"],
-            domain=MS,
-            num_heads=heads,
-            kv_num_heads=spec.kv_heads,
-            scale=float(attn.scaling),
-            do_rotary=1,
-            rotary_interleaved=0,
-        )
-        o = lin.one(attn_out, f"{p}.self_attn.o_proj")
-        normed, residual = _skip_norm(g, o, residual, block.post_attention_layernorm, f"model.{p}.post_norm")
-        gu = lin.group(normed, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
-        if isinstance(gu, str):
-            gate, up = g.node("Split", [gu, g.const(f"{p}.split", [cfg.intermediate_size] * 2)], n_out=2, axis=-1)
-        else:
-            gate, up = gu
-        act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
-        down = lin.one(act, f"{p}.mlp.down_proj")
+        down, residual = _block(g, lin, model, spec, step, i, block, names[id(block)], normed, residual)
         nxt = blocks[i + 1].input_layernorm if i + 1 < len(blocks) else model.base_model.norm
         normed, residual = _skip_norm(g, down, residual, nxt, f"model.{names[id(nxt)]}")
 
@@ -303,7 +258,79 @@ def build_fused_decoder(
     head = lin.module(head_name)
     logits = lin.one(normed, head_name)
     g.named("Identity", [logits], ["logits"])
+    graph_inputs, graph_outputs = _graph_io(spec, head.out_features)
+    graph = helper.make_graph(g.nodes, "decoder", graph_inputs, graph_outputs, g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
+    return proto, lin.placement
 
+
+def _step_inputs(g: _Graph, model: nn.Module, spec: KvSpec) -> list[str]:
+    """GroupQueryAttention's per-step inputs: seqlens_k and total length (from the mask), cos and sin caches."""
+    valid = g.node("ReduceSum", ["attention_mask", g.const("axis1", [1])], keepdims=0)
+    seqlens_k = g.node("Cast", [g.node("Sub", [valid, g.const("one", 1)])], to=TensorProto.INT32)
+    total = g.node("Shape", ["attention_mask"], start=1, end=2)
+    total = g.node("Cast", [g.node("Squeeze", [total, g.const("axis0", [0])])], to=TensorProto.INT32)
+    cos, sin = _rotary_caches(model, spec.head_dim)
+    return [seqlens_k, total, g.init("rotary.cos_cache", cos), g.init("rotary.sin_cache", sin)]
+
+
+def _embedding(g: _Graph, lin: _Linears, model: nn.Module, names: dict[int, str]) -> str:
+    """The looked-up hidden states: GatherBlockQuantized for a quantized table, else Gather."""
+    embed = model.get_input_embeddings()
+    embed_name = names[id(embed)]
+    new = lin.replacements.get(embed_name, embed)
+    if isinstance(new, OnnxQuantEmbedding):
+        attrs = dict(bits=new.bits, block_size=new.block, gather_axis=0, quantize_axis=1)
+        data = g.init(f"model.{embed_name}.gbq_data", new.gbq_data)
+        scales = g.init(f"model.{embed_name}.gbq_scales", new.gbq_scales)
+        hidden = g.node("GatherBlockQuantized", [data, "input_ids", scales], domain=MS, **attrs)
+        lin.placement[embed_name] = {"tensor": data, "rows": [0, int(new.gbq_data.shape[0])]}
+        return hidden
+    table = new.emb.weight if hasattr(new, "emb") else new.weight
+    return g.node("Gather", [g.init(f"model.{embed_name}.weight", table.detach().float()), "input_ids"])
+
+
+def _block(
+    g: _Graph,
+    lin: _Linears,
+    model: nn.Module,
+    spec: KvSpec,
+    step: list[str],
+    i: int,
+    block: nn.Module,
+    p: str,
+    normed: str,
+    residual: str,
+) -> tuple[str, str]:
+    """Block `i` (module name `p`) up to its down projection; returns (down's output, the residual stream)."""
+    qkv = lin.group(normed, [f"{p}.self_attn.{n}_proj" for n in "qkv"], f"{p}.self_attn.qkv_proj")
+    q, k, v = (qkv, "", "") if isinstance(qkv, str) else qkv
+    attn_out, _, _ = g.named(
+        "GroupQueryAttention",
+        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *step],
+        [f"{p}.attn/out", f"present.{i}.key", f"present.{i}.value"],
+        domain=MS,
+        num_heads=model.config.num_attention_heads,
+        kv_num_heads=spec.kv_heads,
+        scale=float(block.self_attn.scaling),
+        do_rotary=1,
+        rotary_interleaved=0,
+    )
+    o = lin.one(attn_out, f"{p}.self_attn.o_proj")
+    normed, residual = _skip_norm(g, o, residual, block.post_attention_layernorm, f"model.{p}.post_norm")
+    gu = lin.group(normed, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
+    if isinstance(gu, str):
+        split = g.const(f"{p}.split", [model.config.intermediate_size] * 2)
+        gate, up = g.node("Split", [gu, split], n_out=2, axis=-1)
+    else:
+        gate, up = gu
+    act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
+    return lin.one(act, f"{p}.mlp.down_proj"), residual
+
+
+def _graph_io(spec: KvSpec, vocab: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """The decoder's inputs and outputs (optimum's names; past/present [batch, kv_heads, seq, head_dim])."""
+    inputs, outputs = decoder_io(spec)
     f32 = TensorProto.FLOAT
     kv = ["batch_size", spec.kv_heads, "past_sequence_length", spec.head_dim]
     present = ["batch_size", spec.kv_heads, "total_sequence_length", spec.head_dim]
@@ -312,9 +339,6 @@ def build_fused_decoder(
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
     ] + [helper.make_tensor_value_info(n, f32, kv) for n in inputs[3:]]
-    vocab = head.out_features
     graph_outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab])]
     graph_outputs += [helper.make_tensor_value_info(n, f32, present) for n in outputs[1:]]
-    graph = helper.make_graph(g.nodes, "decoder", graph_inputs, graph_outputs, g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
-    return proto, lin.placement
+    return graph_inputs, graph_outputs

@@ -16,6 +16,8 @@ import onnx
 import torch
 from torch import nn
 
+from compressor.models.adapters import adapter_for
+
 from .ops import TRANSLATIONS
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,9 @@ class KvSpec:
 
 
 def kv_spec(config) -> KvSpec:
-    """Cache geometry of a decoder config (llama/qwen/mistral/gemma3/opt/gpt2 spellings)."""
+    """Cache geometry of a decoder config, read in its family's spelling (the adapter's `cache_geometry`)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return KvSpec(layers, kv_heads, head_dim)
+    return KvSpec(*adapter_for(cfg.model_type).cache_geometry(cfg))
 
 
 class DecoderWithCache(nn.Module):
