@@ -62,23 +62,21 @@ def collect_fisher(
     `groups` are the adapter's input-sharing linear groups (names relative to a block). Statistics are in the
     [out, in] orientation whatever the module stores (GPT-2's Conv1D hooks see the same x and y). With
     `backward=False` only the forward runs and only the LIM scores are filled.
+
+    Steps: hooks on the linears (H and G, with `backward`) and on the blocks (LIM); every parameter frozen (the
+    gradient flows from the embeddings' output instead); per sample a forward, plus a backward of the log-probability
+    of tokens sampled from the model itself; then the sums divided by the token count.
     """
     stats = FisherStats()
     h_stats: dict[str, GramStat] = {}
     gen = torch.Generator().manual_seed(seed)
-    handles = []
     cosines = [CosineMean() for _ in blocks]
-    for bi, block in enumerate(blocks):
-        for group in groups if backward else ():
-            key = f"{prefixes[bi]}.{group[0]}"
-            for local in group:
-                name = f"{prefixes[bi]}.{local}"
-                stats.h_key[name] = key
-                hook = _linear_hook(stats, h_stats, name, key, token_clip, compute_dtype)
-                handles.append(block.get_submodule(local).register_forward_hook(hook))
-        handles.append(block.register_forward_hook(_lim_hook(cosines[bi]), with_kwargs=True))
-    embed = model.get_input_embeddings()
+    handles = []
     if backward:
+        handles += _register_linear_hooks(blocks, prefixes, groups, stats, h_stats, token_clip, compute_dtype)
+    handles += [block.register_forward_hook(_lim_hook(c), with_kwargs=True) for block, c in zip(blocks, cosines)]
+    if backward:
+        embed = model.get_input_embeddings()
         handles.append(embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True)))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -86,31 +84,62 @@ def collect_fisher(
     try:
         for row in tqdm(ids, desc="sensitivity (fisher)", unit="sample", disable=quiet):
             x = row.unsqueeze(0)
-            if not backward:
+            if backward:
+                _forward_backward(model, x, gen, compute_dtype)
+                return_free_memory()  # the sample's activations are gone: keep them from ratcheting the resident set
+            else:
                 with torch.inference_mode():
                     model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
-                stats.tokens += x.numel()
-                continue
-            with torch.enable_grad():
-                with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                sampled = _sample_tokens(logp.detach(), gen)
-                logp.gather(1, sampled).sum().backward()
-            del logits, logp
-            return_free_memory()  # the sample's activations are gone: keep them from ratcheting the resident set
             stats.tokens += x.numel()
     finally:
         for h in handles:
             h.remove()
         for p in params:
             p.requires_grad_(True)
+    _normalise(stats, h_stats)
+    stats.lim = [lim_score(c.cosine) for c in cosines]
+    return stats
+
+
+def _register_linear_hooks(
+    blocks: nn.ModuleList,
+    prefixes: list[str],
+    groups: list[tuple[str, ...]],
+    stats: FisherStats,
+    h_stats: dict[str, GramStat],
+    token_clip: float | None,
+    compute_dtype: torch.dtype,
+) -> list:
+    """A `_linear_hook` on every grouped linear of every block (recording which H each one reads); the handles."""
+    handles = []
+    for bi, block in enumerate(blocks):
+        for group in groups:
+            key = f"{prefixes[bi]}.{group[0]}"
+            for local in group:
+                name = f"{prefixes[bi]}.{local}"
+                stats.h_key[name] = key
+                hook = _linear_hook(stats, h_stats, name, key, token_clip, compute_dtype)
+                handles.append(block.get_submodule(local).register_forward_hook(hook))
+    return handles
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor, gen: torch.Generator, compute_dtype: torch.dtype) -> None:
+    """One sample's forward, and the backward of the log-probability of tokens drawn from the model's own output
+    distribution (the hooks collect the statistics on the way)."""
+    with torch.enable_grad():
+        with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        sampled = _sample_tokens(logp.detach(), gen)
+        logp.gather(1, sampled).sum().backward()
+
+
+def _normalise(stats: FisherStats, h_stats: dict[str, GramStat]) -> None:
+    """The swept sums as per-token means: H from the Gram statistics (float32), G in place (bfloat16)."""
     for k, stat in h_stats.items():
         stats.h[k] = stat.h / max(stats.tokens, 1)
     for k in stats.g:  # one float32 temporary at a time: G stays bfloat16 (half the memory of the sweep's result)
         stats.g[k] = (stats.g[k].float() / max(stats.tokens, 1)).to(torch.bfloat16)
-    stats.lim = [lim_score(c.cosine) for c in cosines]
-    return stats
 
 
 def _linear_hook(

@@ -225,48 +225,116 @@ def run_block_lockstep(
     with autocast off, so they and the weight write-backs stay float32) and returns bfloat16 outputs; statistics
     are summed in float32. With `consume_inputs`, each chunk's input is dropped from `hidden` (set to None) once its
     output exists, so a sweep does not hold every input and every output at once.
+
+    The steps:
+      1. `_Lockstep` holds the shared state; a forward pre-hook on every linear of every group gathers the chunk's
+         input into the group's `GramStat`, solves the group on the last chunk's arrival, and pauses the chunk.
+      2. with a narrower `compute_dtype`, norm outputs and the float call arguments are cast to it.
+      3. `_chunk_greenlets` makes one greenlet per chunk; `_take_turns` switches to them in order, round after
+         round, until every forward has finished.
+      4. the hooks go, unfinished greenlets are unwound, and a group no chunk reached is an error.
     """
-    from greenlet import getcurrent, greenlet
-
     n = len(hidden)
-    scheduler = getcurrent()
-    running = [0]  # index of the chunk whose greenlet runs now
-    stats: dict[int, GramStat] = {}
-    done: set[int] = set()
-    divisors: dict[int, torch.Tensor] = {}
+    lockstep = _Lockstep(groups, solve, n, token_clip, compute_dtype, track_abs)
     outputs: list[torch.Tensor | None] = [None] * n
-
-    def scaled(gi: int, inputs: tuple):
-        d = divisors.get(gi)
-        return None if d is None else (inputs[0] / d.to(inputs[0].dtype), *inputs[1:])
-
-    def hook_for(gi: int):
-        def pre_hook(module, inputs):
-            if gi in done:
-                return scaled(gi, inputs)
-            x = inputs[0]
-            stat = stats.setdefault(gi, GramStat(x.shape[-1], token_clip, compute_dtype, track_abs))
-            stat.add(x)
-            if running[0] == n - 1:  # every chunk has contributed: solve before anyone goes on
-                with torch.autocast(x.device.type, enabled=False):  # solves stay float32 under a bf16 forward
-                    divisor = solve(groups[gi], stat)
-                if divisor is not None:
-                    divisors[gi] = divisor
-                done.add(gi)
-                del stats[gi]
-            scheduler.switch()  # next chunk's turn
-            return scaled(gi, inputs)
-
-        return pre_hook
-
-    handles = []
-    for gi, names in enumerate(groups):
-        for name in names:
-            handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(gi)))
+    handles = _register_group_hooks(block, groups, lockstep)
     if compute_dtype != torch.float32:
         handles += _narrow_norm_outputs(block, compute_dtype)
         args = [_cast_floats(a, compute_dtype) for a in args]
         kwargs = [_cast_floats(k, compute_dtype) for k in kwargs]
+    chunks = _chunk_greenlets(block, hidden, args, kwargs, outputs, compute_dtype, consume_inputs)
+    try:
+        # grad / inference mode and autocast are per-thread state: entered once here, shared by every chunk
+        with torch.inference_mode(), _autocast(hidden[0].device, compute_dtype):
+            _take_turns(chunks, lockstep)
+    finally:
+        for h in handles:
+            h.remove()
+        del chunks  # unfinished greenlets are unwound (GreenletExit) and their activations freed
+    lockstep.check_all_solved()
+    return [o for o in outputs if o is not None]
+
+
+class _Lockstep:
+    """The state the chunks of one `run_block_lockstep` share: whose turn it is, the statistics of the groups not
+    solved yet, the solved groups and the input divisors their solves returned."""
+
+    def __init__(
+        self,
+        groups: Sequence[tuple[str, ...]],
+        solve: SolveFn,
+        n_chunks: int,
+        token_clip: float | None,
+        compute_dtype: torch.dtype,
+        track_abs: bool,
+    ):
+        from greenlet import getcurrent
+
+        self.groups, self.solve, self.n_chunks = groups, solve, n_chunks
+        self.token_clip, self.compute_dtype, self.track_abs = token_clip, compute_dtype, track_abs
+        self.scheduler = getcurrent()  # the greenlet that runs `_take_turns`
+        self.running = 0  # index of the chunk whose greenlet runs now
+        self.stats: dict[int, GramStat] = {}
+        self.done: set[int] = set()
+        self.divisors: dict[int, torch.Tensor] = {}
+
+    def pre_hook(self, gi: int) -> Callable:
+        """Forward pre-hook of group `gi`'s linears: until the group is solved, gather the input and yield to the
+        next chunk; returns the input divided by the group's divisor when its solve returned one."""
+
+        def pre_hook(module, inputs):
+            if gi not in self.done:
+                self._gather(gi, inputs[0])
+                self.scheduler.switch()  # next chunk's turn
+            return self._scaled(gi, inputs)
+
+        return pre_hook
+
+    def _gather(self, gi: int, x: torch.Tensor) -> None:
+        """Add a chunk's input to the group's statistics; the last chunk solves the group before anyone goes on."""
+        stat = self.stats.setdefault(gi, GramStat(x.shape[-1], self.token_clip, self.compute_dtype, self.track_abs))
+        stat.add(x)
+        if self.running == self.n_chunks - 1:  # every chunk has contributed
+            self._solve(gi, stat, x.device.type)
+
+    def _solve(self, gi: int, stat: GramStat, device_type: str) -> None:
+        with torch.autocast(device_type, enabled=False):  # solves stay float32 under a bf16 forward
+            divisor = self.solve(self.groups[gi], stat)
+        if divisor is not None:
+            self.divisors[gi] = divisor
+        self.done.add(gi)
+        del self.stats[gi]
+
+    def _scaled(self, gi: int, inputs: tuple) -> tuple | None:
+        d = self.divisors.get(gi)
+        return None if d is None else (inputs[0] / d.to(inputs[0].dtype), *inputs[1:])
+
+    def check_all_solved(self) -> None:
+        missing = [self.groups[gi] for gi in range(len(self.groups)) if gi not in self.done]
+        if missing:
+            raise RuntimeError(f"calibration never reached linears {missing}; the adapter's names are wrong")
+
+
+def _register_group_hooks(block: nn.Module, groups: Sequence[tuple[str, ...]], lockstep: _Lockstep) -> list:
+    """The lockstep pre-hook on every linear of every group; returns the handles."""
+    handles = []
+    for gi, names in enumerate(groups):
+        for name in names:
+            handles.append(block.get_submodule(name).register_forward_pre_hook(lockstep.pre_hook(gi)))
+    return handles
+
+
+def _chunk_greenlets(
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    args: list[tuple],
+    kwargs: list[dict],
+    outputs: list[torch.Tensor | None],
+    compute_dtype: torch.dtype,
+    consume_inputs: bool,
+) -> list:
+    """One greenlet per chunk, each running the block on its chunk and storing the output in `outputs`."""
+    from greenlet import greenlet
 
     def work(i: int) -> None:
         out = block(hidden[i], *args[i], **kwargs[i])
@@ -274,24 +342,17 @@ def run_block_lockstep(
             hidden[i] = None
         outputs[i] = (out[0] if isinstance(out, tuple) else out).to(compute_dtype)
 
-    chunks = [greenlet(lambda i=i: work(i)) for i in range(n)]
-    try:
-        # grad / inference mode and autocast are per-thread state: entered once here, shared by every chunk
-        with torch.inference_mode(), _autocast(hidden[0].device, compute_dtype):
-            live = list(range(n))
-            while live:
-                for i in live:
-                    running[0] = i
-                    chunks[i].switch()  # an exception (or Ctrl-C) in a chunk surfaces here
-                live = [i for i in live if not chunks[i].dead]
-    finally:
-        for h in handles:
-            h.remove()
-        del chunks  # unfinished greenlets are unwound (GreenletExit) and their activations freed
-    missing = [groups[gi] for gi in range(len(groups)) if gi not in done]
-    if missing:
-        raise RuntimeError(f"calibration never reached linears {missing}; the adapter's names are wrong")
-    return [o for o in outputs if o is not None]
+    return [greenlet(lambda i=i: work(i)) for i in range(len(hidden))]
+
+
+def _take_turns(chunks: list, lockstep: _Lockstep) -> None:
+    """Switch to every live chunk in order, round after round, until each one's forward has finished."""
+    live = list(range(len(chunks)))
+    while live:
+        for i in live:
+            lockstep.running = i
+            chunks[i].switch()  # an exception (or Ctrl-C) in a chunk surfaces here
+        live = [i for i in live if not chunks[i].dead]
 
 
 def _cast_floats(obj, dtype: torch.dtype, memo: dict | None = None):

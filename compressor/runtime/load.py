@@ -56,15 +56,37 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
     logits are those of the dequantized model (what transformers computes from the artifact); "int8-decode"
     quantizes them to int8 per block for batches of fewer than 16 rows (faster decode, about 0.5% relative
     error per layer, like onnxruntime's accuracy_level 4 or llama.cpp); "int8" does so for every batch size.
-    """
-    from transformers import AutoConfig
 
+    Steps: the model built from config.json; its compressed layers swapped for quantized modules made from their
+    tensors; every other tensor loaded as a dense state dict (and tied embeddings re-tied); the LoRA compensation
+    attached; the kernels' weight layout prepared.
+    """
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations={activations!r}: expected one of {sorted(ACTIVATION_MODES)}")
+    folder = Path(path)
+    model, config, qcfg = _empty_model(folder, dtype)
+    tensors = read_tensors(folder)
+    per_layer = _pop_compressed(tensors)
+    _replace_compressed(model, per_layer, tensors, qcfg, dtype, activations)
+    dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    result = model.load_state_dict(dense, strict=False)
+    if getattr(config, "tie_word_embeddings", False) and not per_layer.keys() & _embedding_names(model):
+        model.tie_weights()
+    _check_complete(model, result, set(per_layer), set(dense))
+    _attach_lora(model, folder, dtype)
+    for module in model.modules():  # the kernels' layout, made once here rather than inside a first (traced) call
+        if type(module) is QuantLinear:
+            module.packed_weight()
+    return model
+
+
+def _empty_model(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object, dict]:
+    """The model of the artifact's config.json, freshly initialised in `dtype` (eval mode, no gradients), its
+    config (without the quantization config) and the quantization config."""
+    from transformers import AutoConfig
 
     from ..models.loading import _model_class
 
-    folder = Path(path)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise ModelError(f"'{folder}' holds no config.json", fix="point at a directory written by compress")
@@ -76,13 +98,30 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
     adapter = adapter_for(config.model_type)
     model = _model_class(adapter, config).from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
+    return model, config, qcfg
 
-    tensors = read_tensors(folder)
+
+def _pop_compressed(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Take the compressed tensors (packed codes, scales, shapes, zero points, fp8 weights) out of `tensors`,
+    grouped by the module that owns them."""
     per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key in list(tensors):
         owner, _, leaf = key.rpartition(".")
         if leaf in _QUANT_LEAVES or (leaf == "weight" and tensors[key].dtype == torch.float8_e4m3fn):
             per_layer[owner][leaf] = tensors.pop(key)
+    return per_layer
+
+
+def _replace_compressed(
+    model: nn.Module,
+    per_layer: dict[str, dict[str, torch.Tensor]],
+    tensors: dict[str, torch.Tensor],
+    qcfg: dict,
+    dtype: torch.dtype,
+    activations: str,
+) -> None:
+    """Put a quantized module in place of every module with compressed tensors, under the scheme of the config
+    group that targets it; the biases of those modules are popped from `tensors`."""
     modules = dict(model.named_modules())
     for name, parts in per_layer.items():
         module = modules.get(name)
@@ -94,21 +133,32 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
             bias = bias.to(dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(module, nn.Embedding):
-            new = QuantEmbedding.from_tensors(parts, None, scheme)
-            new.dtype = dtype
-            new.padding_idx = module.padding_idx
-            scale = getattr(module, "embed_scale", None)  # Gemma scales looked-up rows
-            new.embed_scale = float(scale) if scale is not None else None
-        else:
-            new = QuantLinear.from_tensors(parts, bias, scheme)
-            new.kernel_mode = ACTIVATION_MODES[activations]
-        setattr(parent, child, new)
-    dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    result = model.load_state_dict(dense, strict=False)
-    if getattr(config, "tie_word_embeddings", False) and not per_layer.keys() & _embedding_names(model):
-        model.tie_weights()
-    _check_complete(model, result, set(per_layer), set(dense))
+        setattr(parent, child, _quantized_module(module, parts, bias, scheme, dtype, activations))
+
+
+def _quantized_module(
+    module: nn.Module,
+    parts: dict[str, torch.Tensor],
+    bias: torch.Tensor | None,
+    scheme: dict,
+    dtype: torch.dtype,
+    activations: str,
+) -> nn.Module:
+    """The QuantEmbedding (for an embedding) or QuantLinear that replaces `module`, made of its compressed parts."""
+    if isinstance(module, nn.Embedding):
+        new = QuantEmbedding.from_tensors(parts, None, scheme)
+        new.dtype = dtype
+        new.padding_idx = module.padding_idx
+        scale = getattr(module, "embed_scale", None)  # Gemma scales looked-up rows
+        new.embed_scale = float(scale) if scale is not None else None
+        return new
+    new = QuantLinear.from_tensors(parts, bias, scheme)
+    new.kernel_mode = ACTIVATION_MODES[activations]
+    return new
+
+
+def _attach_lora(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """Attach the artifact's LoRA compensation (lora/, when present) to the quantized linears it corrects."""
     for name, (down, up) in read_lora(folder).items():
         try:
             target = model.get_submodule(name)
@@ -117,10 +167,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
         if type(target) is not QuantLinear:
             raise ModelError(f"the LoRA adapter corrects '{name}', not a quantized linear", fix="re-run compress")
         target.attach_correction(down.to(dtype), up.to(dtype))
-    for module in model.modules():  # the kernels' layout, made once here rather than inside a first (traced) call
-        if type(module) is QuantLinear:
-            module.packed_weight()
-    return model
 
 
 def _embedding_names(model: nn.Module) -> set[str]:

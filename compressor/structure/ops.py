@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..errors import RecipeError
 from ..models.adapters import Adapter
 from ..schema.structure import FuseBlocksPass, RemoveBlocksPass, ScorePass
-from .family import branch_module, check_block_surgery, structure_info
+from .family import StructureInfo, branch_module, check_block_surgery, structure_info
 from .fuse import fuse_window
 from .greedy import greedy_remove
 from .metrics import best_window, least_important
@@ -143,34 +143,16 @@ def _windows_by_angle(distances: list[float], size: int, merges: int, depth: int
 
 def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: FuseBlocksPass, quiet: bool) -> dict:
     """Choose windows, merge each (top-down, so every merge's calibration input is still exact), delete the
-    absorbed blocks; returns what changed."""
+    absorbed blocks; returns what changed.
+
+    Windows come from `cfg.start`, the smallest angular distances (`select: angular`; merged after choosing), or a
+    LaCo walk down from the top (each trial merge kept when the final hidden states stay close enough).
+    """
     check_block_surgery(adapter, model)
     depth = len(adapter.blocks(model))
     m = cfg.group_size
     info = structure_info(adapter, model)
-    if cfg.start is not None:
-        if cfg.start + m > depth:
-            raise RecipeError(
-                f"a merge of {m} blocks from block {cfg.start} runs past the last block ({depth - 1})",
-                where="fuse_blocks.start",
-                fix=f"start at most at block {depth - m}",
-            )
-        merges = 1
-    else:
-        removed = cfg.amount(depth)
-        if removed % (m - 1):
-            raise RecipeError(
-                f"merging groups of {m} removes {m - 1} blocks each, so {removed} blocks cannot be removed",
-                where="fuse_blocks.count",
-                fix=f"use a count that is a multiple of {m - 1}",
-            )
-        merges = removed // (m - 1)
-        if removed >= depth or merges * m > depth:
-            raise RecipeError(
-                f"{merges} merges of {m} blocks do not fit in {depth} blocks",
-                where="fuse_blocks.count",
-                fix="fuse fewer blocks or use a smaller group_size",
-            )
+    merges = _merge_count(cfg, depth)
     correct = cfg.correct and info.linear_branches
     if cfg.correct and not correct:
         log.warning(
@@ -180,21 +162,7 @@ def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: Fuse
     ridge = cfg.ridge if correct else None
     details: dict = {"group_size": m, "corrected": correct}
     if cfg.start is not None or cfg.select == "angular":
-        # the correction fits on the statistics windows (no reference logits needed here)
-        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
-        if cfg.start is not None:
-            starts = [cfg.start]
-        else:
-            table = ScoreTable(depth=depth)
-            activation_scores(runner, table, m, False, quiet)
-            starts = _windows_by_angle(table.angular[m], m, merges, depth)
-            if len(starts) < merges:
-                raise RecipeError(f"found only {len(starts)} non-overlapping windows", where="fuse_blocks")
-        states = runner.inputs(last=max(starts))
-        fits = []
-        for start in tqdm(sorted(starts, reverse=True), desc="fuse", unit="merge", disable=quiet):
-            fits.append(fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge))
-        details["fits"] = sorted(fits, key=lambda f: f["start"])  # per window: starting point, r, held-out error
+        starts, details["fits"] = _fuse_chosen_windows(model, adapter, ids, cfg, info, depth, merges, ridge, quiet)
     else:
         runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
         starts = _laco_walk(runner, adapter, info, m, merges, cfg.threshold, ridge, quiet)
@@ -203,6 +171,65 @@ def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: Fuse
     details["merged_windows"] = [[s, s + m - 1] for s in sorted(starts)]
     details.update(apply_removal(model, adapter, [(i, "block") for i in absorbed]))
     return details
+
+
+def _merge_count(cfg: FuseBlocksPass, depth: int) -> int:
+    """How many windows of `cfg.group_size` blocks to merge (1 with a fixed start); refuses counts that do not fit."""
+    m = cfg.group_size
+    if cfg.start is not None:
+        if cfg.start + m > depth:
+            raise RecipeError(
+                f"a merge of {m} blocks from block {cfg.start} runs past the last block ({depth - 1})",
+                where="fuse_blocks.start",
+                fix=f"start at most at block {depth - m}",
+            )
+        return 1
+    removed = cfg.amount(depth)
+    if removed % (m - 1):
+        raise RecipeError(
+            f"merging groups of {m} removes {m - 1} blocks each, so {removed} blocks cannot be removed",
+            where="fuse_blocks.count",
+            fix=f"use a count that is a multiple of {m - 1}",
+        )
+    merges = removed // (m - 1)
+    if removed >= depth or merges * m > depth:
+        raise RecipeError(
+            f"{merges} merges of {m} blocks do not fit in {depth} blocks",
+            where="fuse_blocks.count",
+            fix="fuse fewer blocks or use a smaller group_size",
+        )
+    return merges
+
+
+def _fuse_chosen_windows(
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor,
+    cfg: FuseBlocksPass,
+    info: StructureInfo,
+    depth: int,
+    merges: int,
+    ridge: float | str | None,
+    quiet: bool,
+) -> tuple[list[int], list[dict]]:
+    """Merge the window at `cfg.start`, or the `merges` non-overlapping windows of smallest angular distance,
+    top-down; returns their starts and per window its fit (starting point, r, held-out error), by start."""
+    m = cfg.group_size
+    # the correction fits on the statistics windows (no reference logits needed here)
+    runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
+    if cfg.start is not None:
+        starts = [cfg.start]
+    else:
+        table = ScoreTable(depth=depth)
+        activation_scores(runner, table, m, False, quiet)
+        starts = _windows_by_angle(table.angular[m], m, merges, depth)
+        if len(starts) < merges:
+            raise RecipeError(f"found only {len(starts)} non-overlapping windows", where="fuse_blocks")
+    states = runner.inputs(last=max(starts))
+    fits = []
+    for start in tqdm(sorted(starts, reverse=True), desc="fuse", unit="merge", disable=quiet):
+        fits.append(fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge))
+    return starts, sorted(fits, key=lambda f: f["start"])
 
 
 def _laco_walk(runner: BlockRunner, adapter, info, m: int, merges: int, threshold: float, ridge, quiet) -> list[int]:
