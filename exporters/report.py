@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: `plan` holds every decision of the run (layers, ignore, blocks, awq, dtype)
 
 _PART_LABELS = {
     "quantized_weights": "quantized weights",
@@ -49,9 +49,34 @@ def _percent(fraction: float) -> str:
 
 
 def summary_lines(report: dict) -> list[str]:
-    """A short human-readable summary (printed at the end of a run and placed in the model card)."""
+    """A short human-readable summary (printed at the end of a run and placed in the model card).
+
+    One line per part the run has: model and quantized size, size against the base, bit allocation, low-rank
+    compensation, activation-aware scaling, group-size fallbacks, perplexity, KL, the greedy sample, timings.
+    """
     size, metrics = report.get("size", {}), report.get("metrics", {})
-    lines = [
+    lines = _model_lines(report, size)
+    if size.get("base_bytes") and size.get("artifact_bytes"):
+        lines.append(_size_line(size))
+    if report.get("allocation"):
+        lines.append(_allocation_line(report["allocation"]))
+    if report.get("lowrank"):
+        lines.append(_lowrank_line(report, size))
+    if report.get("awq"):
+        scaled = [g for g in report["awq"] if g["alpha"] > 0]
+        lines.append(f"activation-aware scaling: {len(scaled)} of {len(report['awq'])} input groups scaled")
+    if report.get("group_fallbacks"):
+        lines.append(f"group-size fallbacks: {len(report['group_fallbacks'])} layers (see report.json)")
+    lines += _quality_lines(metrics)
+    t = report.get("timings", {})
+    if t:
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return lines
+
+
+def _model_lines(report: dict, size: dict) -> list[str]:
+    """The model (source, family, parameters), and its quantized layers with their bits per weight and files."""
+    return [
         f"model: {report['model']['source']} ({report['model']['family']}, {size.get('total_params', 0):,} params)",
         f"quantized layers: {size.get('quantized_layers', 0)} at {size.get('quantized_bits_per_weight') or 0:.3f} "
         "bits/weight incl. scales"
@@ -59,45 +84,51 @@ def summary_lines(report: dict) -> list[str]:
         + "; "
         + _file_sizes(size),
     ]
-    if size.get("base_bytes") and size.get("artifact_bytes"):
-        parts, total = size["breakdown_bytes"], sum(size["breakdown_bytes"].values())
-        by_part = ", ".join(
-            f"{label} {_percent(parts[k] / total)}" for k, label in _PART_LABELS.items() if parts.get(k)
-        )
-        lines.append(
-            f"size: {size['base_bytes'] / size['artifact_bytes']:.2f}x smaller than the uncompressed model at "
-            f"{size['dense_dtype']} ({size['base_bytes'] / 1e6:.3g} MB); artifact by part: {by_part}"
-        )
-    alloc = report.get("allocation")
-    if alloc:
-        counts: dict[str, int] = {}
-        for unit in alloc["units"]:
-            counts[unit["format"]] = counts.get(unit["format"], 0) + 1
-        lines.append(
-            f"allocate_bits ({alloc['method']}): {alloc['used_bits_per_weight']:.3f} of "
-            f"{alloc['budget_bits_per_weight']:.3f} bits/weight; " + ", ".join(f"{k} x{v}" for k, v in counts.items())
-        )
-    if report.get("lowrank"):
-        fits = report["lowrank"]
-        removed = sorted(f["error_removed"] for f in fits)
-        ranks = sorted(f["rank"] for f in fits)
-        shown = (
-            f"rank {ranks[0]}"
-            if ranks[0] == ranks[-1]
-            else f"ranks {ranks[0]}-{ranks[-1]} (median {ranks[len(ranks) // 2]})"
-        )
-        if report.get("lowrank_allocation"):
-            shown += f" allocated under {report['lowrank_allocation']['budget_bits_per_weight']:g} bits/weight"
-        lines.append(
-            f"low-rank compensation: {shown} on {len(fits)} layers "
-            f"({size.get('compensation_bits_per_weight') or 0:.3f} bits/weight, PEFT LoRA in lora/); it removes a "
-            f"median {removed[len(removed) // 2]:.0%} of each layer's quantization output error on calibration data"
-        )
-    if report.get("awq"):
-        scaled = [g for g in report["awq"] if g["alpha"] > 0]
-        lines.append(f"activation-aware scaling: {len(scaled)} of {len(report['awq'])} input groups scaled")
-    if report.get("group_fallbacks"):
-        lines.append(f"group-size fallbacks: {len(report['group_fallbacks'])} layers (see report.json)")
+
+
+def _size_line(size: dict) -> str:
+    """Compression against the uncompressed model, and the artifact's bytes by part."""
+    parts, total = size["breakdown_bytes"], sum(size["breakdown_bytes"].values())
+    by_part = ", ".join(f"{label} {_percent(parts[k] / total)}" for k, label in _PART_LABELS.items() if parts.get(k))
+    return (
+        f"size: {size['base_bytes'] / size['artifact_bytes']:.2f}x smaller than the uncompressed model at "
+        f"{size['dense_dtype']} ({size['base_bytes'] / 1e6:.3g} MB); artifact by part: {by_part}"
+    )
+
+
+def _allocation_line(alloc: dict) -> str:
+    """Bits used of the budget, and how many units took each format."""
+    counts: dict[str, int] = {}
+    for unit in alloc["units"]:
+        counts[unit["format"]] = counts.get(unit["format"], 0) + 1
+    return (
+        f"allocate_bits ({alloc['method']}): {alloc['used_bits_per_weight']:.3f} of "
+        f"{alloc['budget_bits_per_weight']:.3f} bits/weight; " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+    )
+
+
+def _lowrank_line(report: dict, size: dict) -> str:
+    """The LoRA compensation's ranks, cost and the median share of quantization error it removes."""
+    fits = report["lowrank"]
+    removed = sorted(f["error_removed"] for f in fits)
+    ranks = sorted(f["rank"] for f in fits)
+    shown = (
+        f"rank {ranks[0]}"
+        if ranks[0] == ranks[-1]
+        else f"ranks {ranks[0]}-{ranks[-1]} (median {ranks[len(ranks) // 2]})"
+    )
+    if report.get("lowrank_allocation"):
+        shown += f" allocated under {report['lowrank_allocation']['budget_bits_per_weight']:g} bits/weight"
+    return (
+        f"low-rank compensation: {shown} on {len(fits)} layers "
+        f"({size.get('compensation_bits_per_weight') or 0:.3f} bits/weight, PEFT LoRA in lora/); it removes a "
+        f"median {removed[len(removed) // 2]:.0%} of each layer's quantization output error on calibration data"
+    )
+
+
+def _quality_lines(metrics: dict) -> list[str]:
+    """Perplexity (against the base), KL to the base, and the greedy sample's decode speed (or its failure)."""
+    lines = []
     if "perplexity" in metrics:
         base = metrics.get("base_perplexity")
         rel = f" ({(metrics['perplexity'] / base - 1) * 100:+.1f}% vs base {base:.3f})" if base else ""
@@ -114,9 +145,6 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(line)
     elif sample and "error" in sample:
         lines.append(f"greedy sample failed: {sample['error']}")
-    t = report.get("timings", {})
-    if t:
-        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return lines
 
 
