@@ -18,10 +18,8 @@ from collections import defaultdict
 import torch
 
 from compressor.plan import LayerPlan, Plan, QuantizedWeight
-from compressor.quant.formats import Fp8Format
-from compressor.quant.packing import pack_int32
-
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from compressor.quant.formats import SCALE_DTYPES, Fp8Format
+from compressor.quant.packing import pack_int32, pack_zero_points
 
 
 def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -33,12 +31,12 @@ def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     bits = qw.fmt.bits
     tensors = {
         f"{name}.weight_packed": qw.packed if qw.packed is not None else pack_int32(qw.codes, bits),
-        f"{name}.weight_scale": qw.scale.to(_SCALE_DTYPES[qw.scale_dtype]).contiguous(),
+        f"{name}.weight_scale": qw.scale.to(SCALE_DTYPES[qw.scale_dtype]).contiguous(),
         f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
     }
     if qw.zero is not None:
         z = qw.zero.to(torch.int8)
-        tensors[f"{name}.weight_zero_point"] = pack_int32(z.t().contiguous(), bits).t().contiguous()
+        tensors[f"{name}.weight_zero_point"] = pack_zero_points(z, bits)
     return tensors
 
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from compressor.quant.formats import Fp8Format, IntFormat, fallback_group_size
+from compressor.quant.formats import SCALE_BITS, SCALE_DTYPES, Fp8Format, IntFormat, fallback_group_size, round_scale
 from compressor.quant.fp8 import fp8_dequantize, fp8_quantize
 from compressor.quant.gptq import gptq_dequantized_many, gptq_quantize
-from compressor.quant.packing import pack_int32, unpack_int32
-from compressor.quant.rtn import dequantize, find_qparams, rtn_quantize
+from compressor.quant.linalg import damped_cholesky_factors
+from compressor.quant.packing import pack_int32, pack_zero_points, unpack_int32, unpack_zero_points
+from compressor.quant.rtn import dequantize, expand_groups, find_qparams, rtn_quantize
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -165,3 +166,64 @@ def test_stacked_gptq_equals_one_format_at_a_time():
     for fmt, got in zip(fmts, many):
         codes, scale, zero = gptq_quantize(w, h, fmt, scale_dtype="float16", act_order=True)
         torch.testing.assert_close(got, dequantize(codes, scale, zero, fmt.effective_group(80)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_zero_points_pack_along_the_rows_like_compressed_tensors(bits):
+    g = torch.Generator().manual_seed(bits)
+    zero = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (37, 5), generator=g, dtype=torch.int8)
+    packed = pack_zero_points(zero, bits)
+    assert torch.equal(packed, pack_to_int32(zero, bits, packed_dim=0))
+    assert torch.equal(unpack_zero_points(packed, bits, 37), zero)
+
+
+def test_scale_dtypes_and_rounding():
+    assert {name: torch.finfo(dtype).bits for name, dtype in SCALE_DTYPES.items()} == SCALE_BITS
+    s = torch.tensor([1 / 3, 0.0, -7.1])
+    for name, dtype in SCALE_DTYPES.items():
+        got = round_scale(s, name)
+        assert got.dtype == torch.float32 and torch.equal(got, s.to(dtype).to(torch.float32))
+    w = torch.zeros(2, 8)
+    w[0] = 1.0
+    scale, _ = find_qparams(w, IntFormat(4, None, True), "float16")
+    assert scale[1, 0] == 1.0  # an all-zero group gets scale 1, round_scale keeps a zero
+
+
+def test_damped_cholesky_raises_damping_until_positive_definite():
+    h = torch.diag(torch.tensor([1.0, -0.5], dtype=torch.float64))
+    factors = damped_cholesky_factors(h, 0.01, 1.0)  # damping 0.01, 0.1 fail, 1 (the third attempt) works
+    torch.testing.assert_close(next(factors), torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64)).sqrt())
+    assert len(list(damped_cholesky_factors(-torch.eye(3), 0.01, 1.0, attempts=2))) == 0
+
+
+def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ without blocking, scales fixed from w: quantize each column, spread its error over every later column."""
+    w = w.clone()
+    k = w.shape[1]
+    scale, zero = find_qparams(w, fmt)
+    s = expand_groups(scale, k, fmt.effective_group(k))
+    z = torch.zeros_like(s) if zero is None else expand_groups(zero, k, fmt.effective_group(k))
+    lam = damp * torch.diag(h).mean().item()
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h + lam * torch.eye(k))), upper=True)
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    for i in range(k):
+        q = torch.clamp(torch.round(w[:, i] / s[:, i]) + z[:, i], fmt.qmin, fmt.qmax)
+        codes[:, i] = q.to(torch.int8)
+        e = (w[:, i] - (q - z[:, i]) * s[:, i]) / hinv[i, i]
+        w[:, i:] -= e.unsqueeze(1) * hinv[i, i:].unsqueeze(0)
+    return codes
+
+
+@pytest.mark.parametrize("fmt", [IntFormat(4, 16, True), IntFormat(3, None, False), IntFormat(2, 24, False)])
+def test_gptq_sweep_is_textbook_gptq(fmt):
+    """One block spanning K: exactly the textbook updates; smaller blocks (and the sub-blocked sweep of
+    gptq_dequantized_many) change only the float rounding of the error feedback."""
+    x = _correlated_inputs(256, 72, seed=7)
+    h = x.t() @ x
+    w = torch.randn(20, 72, generator=torch.Generator().manual_seed(7))
+    ref = _textbook_gptq(w, h, fmt)
+    assert torch.equal(gptq_quantize(w, h, fmt, static_groups=True, block_size=128)[0], ref)
+    codes, scale, zero = gptq_quantize(w, h, fmt, static_groups=True, block_size=20)
+    assert (codes != ref).float().mean() < 0.01
+    (many,) = gptq_dequantized_many(w, h, [fmt], block_size=20)
+    assert torch.equal(many, dequantize(codes, scale, zero, fmt.effective_group(72)))

@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
+import torch
+
+# the dtypes scales may be stored in (a recipe's `scale_dtype`), and their width
+SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCALE_BITS: dict[str, int] = {name: torch.finfo(dtype).bits for name, dtype in SCALE_DTYPES.items()}
+
+
+def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """`scale` rounded to the storage dtype named `scale_dtype` (a SCALE_DTYPES key), returned as float32."""
+    return scale.to(SCALE_DTYPES[scale_dtype]).to(torch.float32)
 
 
 @dataclass(frozen=True)

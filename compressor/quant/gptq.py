@@ -1,32 +1,33 @@
 """GPTQ (Frantar et al. 2022): column-by-column quantization with second-order error feedback.
 
 Statistics (the input Gram matrix H = sum x x^T) are gathered elsewhere; this module only solves.
-Rows are independent given H, so linears that share an input (q/k/v, gate/up) are solved as one matrix.
+Rows are independent given H, so linears that share an input (q/k/v, gate/up) are solved as one matrix, and so are
+the candidate formats of one weight (`gptq_dequantized_many`): both entry points run the same column sweep (`_Sweep`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .formats import IntFormat
+from .linalg import damped_cholesky_factors
 from .rtn import expand_groups, find_qparams
+
+QParams = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising dampening until it is positive definite."""
-    k = h.shape[0]
     diag_mean = torch.mean(torch.diag(h)).item()
-    eye = torch.eye(k, dtype=h.dtype)
-    for attempt in range(6):
-        lam = damp * (10**attempt) * max(diag_mean, 1e-8)
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+    for chol in damped_cholesky_factors(h, damp, max(diag_mean, 1e-8)):
+        chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
         if info.item() == 0:
-            hinv = torch.cholesky_inverse(chol)
-            chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info.item() == 0:
-                return chol_inv
+            return chol_inv
     raise RuntimeError("GPTQ: Hessian is not positive definite even after raising dampening")
 
 
@@ -40,6 +41,157 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _prepared(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 copies of w [N, K] and h [K, K] with the dead inputs (diag H = 0) taken out: weight 0, H diagonal 1."""
+    w = w.to(torch.float32).clone()
+    h = h.to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
+def _order(h: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order the columns are processed in (decreasing diag H with act_order) and the upper Cholesky factor of
+    the inverse of the so permuted (dampened) H."""
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
+    return perm, _inverse_hessian_cholesky(h[perm][:, perm], damp)
+
+
+@dataclass
+class _Grid:
+    """The quantization grid of every processed column: scale and zero point rows [groups, rows] (zero None:
+    symmetric), the row each processed column uses, and the code range (numbers, or per-row tensors).
+
+    With `refit` the grid is dynamic: at each `group`-th column the group's row is fitted to the group's current
+    (error-updated) weights."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    group_of: list[int]
+    lo: float | torch.Tensor
+    hi: float | torch.Tensor
+    refit: Callable[[torch.Tensor], QParams] | None = None
+    group: int = 0
+
+    def refits(self, col: int) -> bool:
+        return self.refit is not None and col % self.group == 0
+
+    def fit(self, col: int, current: torch.Tensor) -> None:
+        """Refit the row of column `col` to the current weights [rows, <= group] of its group."""
+        s, z = self.refit(current)
+        g = self.group_of[col]
+        self.scale[g] = s[:, 0]
+        if self.zero is not None:
+            self.zero[g] = z[:, 0]
+
+    def at(self, col: int) -> QParams:
+        g = self.group_of[col]
+        return self.scale[g], None if self.zero is None else self.zero[g]
+
+
+def _quantize_column(
+    wc: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor | None,
+    lo: float | torch.Tensor,
+    hi: float | torch.Tensor,
+    q: torch.Tensor,
+    dq: torch.Tensor,
+) -> None:
+    """Codes q = clamp(round(wc / s) + z, lo, hi) and dequantized values dq = (q - z) * s of one column, in place."""
+    torch.div(wc, s, out=q).round_()
+    if z is not None:
+        q.add_(z)
+    q.clamp_(lo, hi)
+    if z is None:
+        torch.mul(q, s, out=dq)
+    else:
+        torch.sub(q, z, out=dq).mul_(s)
+
+
+class _Sweep:
+    """GPTQ's column sweep: the columns of w [rows, K] (float32, processing order) are quantized one by one on a
+    `_Grid`, each column's error fed to the later columns through hinv (upper Cholesky factor of H^-1). Codes go to
+    `codes` (int8) and dequantized values to `deq` (float32), both [K, rows] and optional.
+
+    Blocks of `block_size` columns are swept on a column-major copy (a column is contiguous); a block's error reaches
+    the columns after it by one product. Inside a block the rank-1 updates span `inner`-column sub-blocks (None: the
+    whole block) and one product per sub-block carries its error to the rest of the block: the same updates
+    mathematically, in a quarter of the elementwise work at block 128 and inner 32, but not the same rounding.
+    With `inner` None the updates are those of the textbook loop (a rounded product, then a subtraction).
+    """
+
+    def __init__(
+        self,
+        hinv: torch.Tensor,
+        grid: _Grid,
+        codes: torch.Tensor | None,
+        deq: torch.Tensor | None,
+        block_size: int,
+        inner: int | None = None,
+    ):
+        self.hinv, self.grid, self.codes, self.deq = hinv, grid, codes, deq
+        self.block_size, self.inner = block_size, inner
+
+    def run(self, w: torch.Tensor) -> None:
+        """Sweep w (updated in place)."""
+        rows, k = w.shape
+        b = min(self.block_size, k)
+        self._buffers(rows, b)
+        product = torch.empty(rows * (k - b))  # the largest block-to-rest update
+        for i1 in range(0, k, self.block_size):
+            i2 = min(i1 + self.block_size, k)
+            err1 = self._block(w, i1, i2)
+            if i2 < k:
+                out = product[: rows * (k - i2)].view(rows, -1)
+                w[:, i2:] -= torch.mm(self._row_major(err1.t()), self.hinv[i1:i2, i2:], out=out)
+
+    def _buffers(self, rows: int, b: int) -> None:
+        """Work buffers, made once (fresh multi-MB tensors for every block would cost page faults)."""
+        self._q, self._dq = torch.empty(rows), torch.empty(rows)
+        self._outer = torch.empty(min(self.inner or b, b), rows)
+        self._rows, self._w1, self._err1 = torch.empty(rows * b), torch.empty(b, rows), torch.empty(b, rows)
+
+    def _row_major(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of the [rows, width] tensor t, in the staging buffer."""
+        return self._rows[: t.numel()].view(t.shape).copy_(t)
+
+    def _block(self, w: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+        """Sweep columns i1..i2-1 of w; returns their scaled errors [i2 - i1, rows]."""
+        width = i2 - i1
+        w1 = self._w1[:width].copy_(self._row_major(w[:, i1:i2]).t())  # (via a contiguous copy: a faster transpose)
+        err1 = self._err1[:width]
+        hinv1 = self.hinv[i1:i2, i1:i2]
+        step = self.inner or width
+        for j1 in range(0, width, step):
+            j2 = min(j1 + step, width)
+            for i in range(j1, j2):
+                if self.grid.refits(i1 + i):
+                    self.grid.fit(i1 + i, _group_weights(w1, i, w, i2, self.grid.group))
+                self._column(w1, err1, hinv1, i, j2, i1 + i)
+            if j2 < width:
+                w1[j2:].addmm_(hinv1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
+        return err1
+
+    def _column(self, w1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, i: int, j2: int, col: int) -> None:
+        """Quantize block column i (matrix column `col`) and spread its error over block columns i..j2-1."""
+        s, z = self.grid.at(col)
+        q, dq = self._q, self._dq if self.deq is None else self.deq[col]
+        _quantize_column(w1[i], s, z, self.grid.lo, self.grid.hi, q, dq)
+        if self.codes is not None:
+            self.codes[col].copy_(q)
+        e = torch.sub(w1[i], dq, out=err1[i]).div_(hinv1[i, i])
+        outer = torch.mul(hinv1[i, i:j2].unsqueeze(1), e, out=self._outer[: j2 - i])
+        w1[i:j2].sub_(outer)
+
+
+def _group_weights(w1: torch.Tensor, i: int, w: torch.Tensor, i2: int, group: int) -> torch.Tensor:
+    """The current weights [rows, <= group] of the group starting at block column i (columns past the block: w's)."""
+    inside = w1[i : i + group].t()
+    return torch.cat([inside, w[:, i2 : i2 + group - inside.shape[1]]], dim=1)
 
 
 def gptq_quantize(
@@ -61,68 +213,32 @@ def gptq_quantize(
     diag(H) and therefore uses static groups (scales fixed from the unquantized weight), so no g_idx
     permutation has to be stored.
     """
-    w = w.to(torch.float32).clone()
-    h = h.to(torch.float32).clone()
+    w, h = _prepared(w, h)
     n, k = w.shape
-    group = fmt.effective_group(k)
-    grouped = fmt.group_size is not None
-    static = static_groups or act_order or not grouped
+    perm, hinv = _order(h, damp, act_order)
+    static = static_groups or act_order or fmt.group_size is None
+    grid = _format_grid(w, fmt, perm, static, scale_dtype, clip_search)
+    codes = torch.empty(k, n, dtype=torch.int8)
+    with _one_thread():
+        _Sweep(hinv, grid, codes, None, block_size).run(w[:, perm])
+    zero = None if grid.zero is None else grid.zero.t().contiguous()
+    return codes[torch.argsort(perm)].t().contiguous(), grid.scale.t().contiguous(), zero
 
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
 
-    n_groups = fmt.num_groups(k)
-    scale = torch.empty(n, n_groups)
-    zero = None if fmt.symmetric else torch.empty(n, n_groups)
+def _format_grid(
+    w: torch.Tensor, fmt: IntFormat, perm: torch.Tensor, static: bool, scale_dtype: str, clip_search: bool
+) -> _Grid:
+    """The grid of one format: scales fitted to w now (static), or one row per group fitted during the sweep."""
+    n, k = w.shape
+    group_of = (perm // fmt.effective_group(k)).tolist()
     if static:
         s, z = find_qparams(w, fmt, scale_dtype, clip_search)
-        scale.copy_(s)
-        if zero is not None:
-            zero.copy_(z)
-
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    group_of = perm // group  # group index (original order) of each processed column
-    hinv = _inverse_hessian_cholesky(h, damp)
-
-    codes = torch.empty(n, k, dtype=torch.int8)
-    with _one_thread():
-        _sweep_columns(w, hinv, codes, scale, zero, group_of, fmt, group, static, block_size, scale_dtype, clip_search)
-    inv = torch.argsort(perm)
-    return codes[:, inv].contiguous(), scale, zero
-
-
-def _sweep_columns(w, hinv, codes, scale, zero, group_of, fmt, group, static, block_size, scale_dtype, clip_search):
-    n, k = w.shape
-    qmin, qmax = fmt.qmin, fmt.qmax
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = int(group_of[col])
-            if not static and col % group == 0:
-                cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                s, z = find_qparams(cols, IntFormat(fmt.bits, None, fmt.symmetric), scale_dtype, clip_search)
-                scale[:, g] = s[:, 0]
-                if zero is not None:
-                    zero[:, g] = z[:, 0]
-            s_col = scale[:, g]
-            wc = w1[:, i]
-            q = torch.round(wc / s_col)
-            if zero is not None:
-                q = q + zero[:, g]
-            q = torch.clamp(q, qmin, qmax)
-            codes[:, col] = q.to(torch.int8)
-            dq = (q - zero[:, g]) * s_col if zero is not None else q * s_col
-            e = (wc - dq) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        return _Grid(s.t().contiguous(), None if z is None else z.t().contiguous(), group_of, fmt.qmin, fmt.qmax)
+    g = fmt.num_groups(k)
+    zero = None if fmt.symmetric else torch.empty(g, n)
+    channel = IntFormat(fmt.bits, None, fmt.symmetric)
+    refit = functools.partial(find_qparams, fmt=channel, scale_dtype=scale_dtype, clip_search=clip_search)
+    return _Grid(torch.empty(g, n), zero, group_of, fmt.qmin, fmt.qmax, refit, fmt.group_size)
 
 
 def gptq_dequantized_many(
@@ -139,61 +255,34 @@ def gptq_dequantized_many(
     """GPTQ of one weight into several formats at once (static scales), returned dequantized [N, K] each.
 
     The formats' copies of w are stacked as rows (rows are independent given H), each row with its own scale
-    per column and its own code range, so one column sweep serves every candidate. Equal to `gptq_quantize`
-    with static groups for each format (dequantized).
+    per column and its own code range, so one column sweep serves every candidate. The same sweep as
+    `gptq_quantize` with static groups, with the rank-1 updates in 32-column sub-blocks: equal up to float
+    rounding in the error feedback (which can move a rare code by one step).
     """
-    w = w.to(torch.float32)
-    h = h.to(torch.float32).clone()
+    w, h = _prepared(w, h)
     n, k = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w = w.clone()
-    w[:, dead] = 0.0
-    scales, zeros, lo, hi = [], [], [], []
+    perm, hinv = _order(h, damp, act_order)
+    grid = _stacked_grid(w, fmts, perm, scale_dtype, clip_search)
+    deq = torch.empty(k, n * len(fmts))
+    with _one_thread():
+        _Sweep(hinv, grid, None, deq, block_size, inner=32).run(torch.cat([w] * len(fmts))[:, perm])
+    out = deq[torch.argsort(perm)].t()
+    return [part.contiguous() for part in out.split(n)]
+
+
+def _stacked_grid(
+    w: torch.Tensor, fmts: list[IntFormat], perm: torch.Tensor, scale_dtype: str, clip_search: bool
+) -> _Grid:
+    """One static grid for w stacked once per format: a scale row per processed column (each format's groups
+    expanded), zero points (0 on symmetric formats' rows; None if every format is symmetric), per-row code ranges."""
+    n, k = w.shape
+    scales, zeros = [], []
     for fmt in fmts:
         s, z = find_qparams(w, fmt, scale_dtype, clip_search)
         g = fmt.effective_group(k)
         scales.append(expand_groups(s, k, g))
         zeros.append(torch.zeros(n, k) if z is None else expand_groups(z, k, g))
-        lo.append(torch.full((n,), float(fmt.qmin)))
-        hi.append(torch.full((n,), float(fmt.qmax)))
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    # column-major copies ([K, rows]): the sweep reads and writes whole columns, contiguous this way
-    stacked_t = torch.cat([w] * len(fmts)).t()[perm].contiguous()
-    scale_t, zero_t = torch.cat(scales).t()[perm].contiguous(), torch.cat(zeros).t()[perm].contiguous()
-    qmin, qmax = torch.cat(lo), torch.cat(hi)
-    hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)
-    out_t = torch.empty_like(stacked_t)
-    with _one_thread():
-        _sweep_stacked(stacked_t, hinv, scale_t, zero_t, qmin, qmax, out_t, block_size)
-    out = out_t[torch.argsort(perm)].t()
-    return [part.contiguous() for part in out.split(n)]
-
-
-def _sweep_stacked(wt, hinv, scale_t, zero_t, qmin, qmax, out_t, block_size, inner: int = 32) -> None:
-    """The column sweep on transposed matrices (wt, scale_t, zero_t, out_t: [K, rows], column c = row c), blocked
-    twice: rank-1 updates only inside `inner`-column sub-blocks, the rest of the block and of the matrix updated by
-    products (mathematically the same updates as one rank-1 update per column over the whole block, in a quarter
-    of the elementwise work at block 128; only the float rounding differs)."""
-    k = wt.shape[0]
-    q = torch.empty(wt.shape[1])
-    e = torch.empty_like(q)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = wt[i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for j1 in range(0, i2 - i1, inner):
-            j2 = min(j1 + inner, i2 - i1)
-            for i in range(j1, j2):
-                col = i1 + i
-                s_col, z_col, dq = scale_t[col], zero_t[col], out_t[col]
-                torch.div(w1[i], s_col, out=q).round_().add_(z_col)
-                torch.clamp(q, qmin, qmax, out=q)
-                torch.mul(q.sub_(z_col), s_col, out=dq)
-                torch.sub(w1[i], dq, out=e).div_(hinv1[i, i])
-                w1[i:j2].addr_(hinv1[i, i:j2], e, alpha=-1.0)
-                err1[i] = e
-            if j2 < i2 - i1:
-                w1[j2:].addmm_(hinv1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
-        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
+    zero = None if all(f.symmetric for f in fmts) else torch.cat(zeros).t()[perm].contiguous()
+    lo = torch.cat([torch.full((n,), float(f.qmin)) for f in fmts])
+    hi = torch.cat([torch.full((n,), float(f.qmax)) for f in fmts])
+    return _Grid(torch.cat(scales).t()[perm].contiguous(), zero, list(range(k)), lo, hi)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import damped_cholesky_factors
+
 
 @dataclass
 class LowRankFactors:
@@ -47,12 +49,10 @@ def whitening(h: torch.Tensor, damp: float) -> torch.Tensor:
     mean_diag = h.diagonal().mean()
     if not torch.isfinite(mean_diag) or mean_diag <= 0:
         raise ValueError("the input Gram matrix is empty or not finite; no calibration tokens reached this layer")
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(6):  # a rank-deficient H needs more than the requested dampening
-        factor, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean_diag * eye)
-        if int(info) == 0:
-            return factor
-    raise ValueError("the input Gram matrix is not positive definite even after dampening")
+    factor = next(damped_cholesky_factors(h, damp, mean_diag.item()), None)
+    if factor is None:
+        raise ValueError("the input Gram matrix is not positive definite even after dampening")
+    return factor
 
 
 def _whitened(error: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

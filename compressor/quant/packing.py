@@ -46,3 +46,13 @@ def _bit_positions(cols: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Word index and bit offset of each of `cols` codes in a row's bit stream (int64, CPU)."""
     start = torch.arange(cols, dtype=torch.int64) * bits
     return start // 32, start % 32
+
+
+def pack_zero_points(zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed zero points [N, G] packed along N, the compressed-tensors layout: int32 [ceil(N*bits/32), G]."""
+    return pack_int32(zero.t().contiguous(), bits).t().contiguous()
+
+
+def unpack_zero_points(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of pack_zero_points: int8 zero points [rows, G] (a transposed view)."""
+    return unpack_int32(packed.t().contiguous(), bits, rows).t()

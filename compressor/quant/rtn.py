@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import IntFormat
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from .formats import IntFormat, round_scale
 
 
 def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
@@ -14,9 +12,10 @@ def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.T
     return t.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
-def _round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    s = scale.to(_DTYPES[scale_dtype]).to(torch.float32)
-    return torch.where(s != 0, s, torch.ones_like(s))  # all-zero groups: any scale works
+def _nonzero_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """`round_scale`, with 1 for a zero scale (an all-zero group: any scale works)."""
+    s = round_scale(scale, scale_dtype)
+    return torch.where(s != 0, s, torch.ones_like(s))
 
 
 def qparams_from_range(
@@ -31,10 +30,10 @@ def qparams_from_range(
     """
     if fmt.symmetric:
         extreme = torch.where(wmax >= -wmin, wmax, wmin)
-        return _round_scale(extreme / fmt.qmin, scale_dtype), None
+        return _nonzero_scale(extreme / fmt.qmin, scale_dtype), None
     wmin = torch.clamp(wmin, max=0)
     wmax = torch.clamp(wmax, min=0)
-    scale = _round_scale((wmax - wmin) / (fmt.qmax - fmt.qmin), scale_dtype)
+    scale = _nonzero_scale((wmax - wmin) / (fmt.qmax - fmt.qmin), scale_dtype)
     zero = torch.clamp(torch.round(fmt.qmin - wmin / scale), fmt.qmin, fmt.qmax)
     return scale, zero
 

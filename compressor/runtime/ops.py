@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.packing import unpack_int32
+from ..quant.packing import unpack_int32, unpack_zero_points
 from ..quant.rtn import dequantize
 from ._ext import extension_available
 from .repack import PackedWeight
@@ -25,13 +25,10 @@ def dequantize_packed(
     shape: tuple[int, int],
     group_size: int,
 ) -> torch.Tensor:
-    """Float32 [N, K] weight from the pack-quantized tensors (ragged last group allowed)."""
+    """Float32 [N, K] weight from the pack-quantized tensors (ragged last group allowed): unpacked, `dequantize`d."""
     n, k = shape
-    codes = unpack_int32(packed, bits, k)
-    zero = None
-    if zero_packed is not None:
-        zero = unpack_int32(zero_packed.t().contiguous(), bits, n).t()
-    return dequantize(codes, scale, zero, group_size)
+    zero = None if zero_packed is None else unpack_zero_points(zero_packed, bits, n)
+    return dequantize(unpack_int32(packed, bits, k), scale, zero, group_size)
 
 
 def int_weight_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

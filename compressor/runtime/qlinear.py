@@ -11,11 +11,16 @@ import torch
 from torch import nn
 
 from ..quant.formats import Fp8Format
-from ..quant.fp8 import fp8_dequantize
-from ..quant.packing import pack_int32, unpack_int32
+from ..quant.fp8 import expand_blocks, fp8_dequantize
+from ..quant.packing import pack_zero_points, unpack_zero_points
 from ._ext import kernels_for
 from .ops import MODE_FLOAT, dequantize_packed, int_weight_matmul, packed_linear
 from .repack import PackedWeight, repack_fp8, repack_int
+
+
+def fp8_format(scheme: dict) -> Fp8Format:
+    """The Fp8Format of a compressed-tensors FP8 weight scheme (2-D blocks default to 128 x 128)."""
+    return Fp8Format(scheme["strategy"], tuple(scheme.get("block_structure") or (128, 128)))
 
 
 class QuantLinear(nn.Module):
@@ -50,8 +55,7 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         s = self.scheme
         if s["type"] == "float":
-            fmt = Fp8Format(s["strategy"], tuple(s.get("block_structure") or (128, 128)))
-            return fp8_dequantize(self.weight, self.weight_scale, fmt)
+            return fp8_dequantize(self.weight, self.weight_scale, fp8_format(s))
         group = s.get("group_size") or self.in_features
         if s["strategy"] == "channel":
             group = self.in_features
@@ -75,20 +79,23 @@ class QuantLinear(nn.Module):
     def _repack(self) -> PackedWeight | None:
         s = self.scheme
         if s["type"] == "float":
-            return repack_fp8(
-                self.weight, self.weight_scale, s["strategy"], tuple(s.get("block_structure") or (128, 128))
-            )
+            fmt = fp8_format(s)
+            return repack_fp8(self.weight, self.weight_scale, fmt.strategy, fmt.block)
         if s["num_bits"] not in (4, 8):
             return None
-        group = self.in_features if s["strategy"] in ("channel", "tensor") else s.get("group_size") or self.in_features
         return repack_int(
             self.weight_packed,
             self.weight_scale,
             getattr(self, "weight_zero_point", None),
             s["num_bits"],
             (self.out_features, self.in_features),
-            group,
+            self._int_group(),
         )
+
+    def _int_group(self) -> int:
+        """Columns per scale of an INT weight (the whole input for channel / tensor scales)."""
+        s = self.scheme
+        return self.in_features if s["strategy"] in ("channel", "tensor") else s.get("group_size") or self.in_features
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half() etc.: the bias converts as usual; the compressed tensors (the buffers: packed
@@ -151,24 +158,22 @@ class QuantEmbedding(QuantLinear):
         """Float32 rows [len(rows), hidden] of the table (same values as dequantized_weight()[rows])."""
         s = self.scheme
         if s["type"] == "float":
-            fmt = Fp8Format(s["strategy"], tuple(s.get("block_structure") or (128, 128)))
+            fmt = fp8_format(s)
             scale = self.weight_scale
-            if fmt.strategy == "block":
-                scale = scale.repeat_interleave(fmt.block[0], 0)[rows]
+            if fmt.strategy == "block":  # the rows' block rows of scales: 1-row blocks
+                scale = expand_blocks(scale, (self.out_features, scale.shape[1]), (fmt.block[0], 1))[rows]
                 fmt = Fp8Format("block", (1, fmt.block[1]))
             elif fmt.strategy == "channel":
                 scale = scale[rows]
             return fp8_dequantize(self.weight[rows], scale, fmt)
-        group = self.in_features if s["strategy"] in ("channel", "tensor") else s.get("group_size") or self.in_features
         bits = s["num_bits"]
         scale = self.weight_scale
         scale = scale.reshape(1, 1).expand(self.out_features, 1) if scale.numel() == 1 else scale
         zero = getattr(self, "weight_zero_point", None)
         if zero is not None:  # packed along the vocab: unpack all (small: [vocab, groups]), take the rows, repack
-            codes = unpack_int32(zero.t().contiguous(), bits, self.out_features).t()[rows]
-            zero = pack_int32(codes.t().contiguous(), bits).t().contiguous()
+            zero = pack_zero_points(unpack_zero_points(zero, bits, self.out_features)[rows], bits)
         return dequantize_packed(
-            self.weight_packed[rows], scale[rows], zero, bits, (len(rows), self.in_features), group
+            self.weight_packed[rows], scale[rows], zero, bits, (len(rows), self.in_features), self._int_group()
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

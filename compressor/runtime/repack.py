@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.fp8 import expand_blocks
-from ..quant.packing import unpack_int32
+from ..quant.packing import unpack_zero_points
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def repack_int(
     zs = None  # symmetric: the kernels use the code offset (int4 codes stay unsigned, u = q + 8; int8 are signed)
     if zero_packed is not None:
         offset = 8 if bits == 4 else 0
-        z = unpack_int32(zero_packed.t().contiguous(), bits, n).t().to(torch.float32) + offset
+        z = unpack_zero_points(zero_packed, bits, n).to(torch.float32) + offset
         zs = s.to(torch.float32) * _per_group(z, n)
     return PackedWeight(f"int{bits}", w, s, zs, group_size if s.shape[0] > 1 else k, n, k)
 
@@ -107,7 +107,7 @@ def repack_fp8(weight: torch.Tensor, scale: torch.Tensor, strategy: str, block: 
     dtype = kernel_scale_dtype(scale)
     scale = scale.to(torch.float32)
     if strategy == "block":
-        rows = expand_blocks(scale, (n, scale.shape[1] * block[1]), block)[:, :: block[1]]  # [N, Gk]
+        rows = expand_blocks(scale, (n, scale.shape[1]), (block[0], 1))  # [N, Gk]: each block row's scales
         return PackedWeight("fp8", w, _per_group(rows, n, dtype), None, block[1] if rows.shape[1] > 1 else k, n, k)
     rows = scale.reshape(-1, 1).expand(n, 1) if scale.numel() == 1 else scale.reshape(n, 1)
     return PackedWeight("fp8", w, _per_group(rows, n, dtype), None, k, n, k)

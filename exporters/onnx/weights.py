@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from compressor.plan import QuantizedWeight
-from compressor.quant.formats import Fp8Format
-from compressor.quant.packing import unpack_int32
+from compressor.quant.formats import SCALE_DTYPES, Fp8Format
+from compressor.quant.fp8 import expand_blocks, fp8_dequantize
+from compressor.quant.packing import unpack_int32, unpack_zero_points
+from compressor.quant.rtn import dequantize, expand_groups
+from compressor.runtime.qlinear import fp8_format
 
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 NBITS_BLOCK_MAX = 128  # largest MatMulNBits block chosen when a layer's group is wider (channel-wise scales)
 
 
@@ -42,21 +44,10 @@ class LayerWeights:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [N, K] weight (reference for every layout below)."""
-        n, k = self.shape
         if self.is_fp8:
-            s = self.scale.to(torch.float32)
-            if self.fp8_block is not None:
-                bn, bk = self.fp8_block
-                s = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
-            return self.codes.to(torch.float32) * s
-        q = self.codes.to(torch.float32)
-        if self.zero is not None:
-            q = q - _expand(self.zero.to(torch.float32), k, self.group)
-        return q * _expand(self.scale.to(torch.float32), k, self.group)
-
-
-def _expand(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
-    return t.repeat_interleave(group, dim=1)[:, :k]
+            strategy = "block" if self.fp8_block is not None else "channel" if self.scale.numel() > 1 else "tensor"
+            return fp8_dequantize(self.codes, self.scale, Fp8Format(strategy, self.fp8_block or (128, 128)))
+        return dequantize(self.codes, self.scale, self.zero, self.group)
 
 
 def from_plan(qw: QuantizedWeight) -> LayerWeights:
@@ -65,7 +56,7 @@ def from_plan(qw: QuantizedWeight) -> LayerWeights:
         block = tuple(qw.fmt.block) if qw.fmt.strategy == "block" else None
         return LayerWeights(qw.codes, qw.scale.to(torch.float32), None, 8, None, block)  # type: ignore[arg-type]
     k = qw.codes.shape[1]
-    scale = qw.scale.to(_SCALE_DTYPES[qw.scale_dtype])
+    scale = qw.scale.to(SCALE_DTYPES[qw.scale_dtype])
     zero = None if qw.zero is None else qw.zero.to(torch.int8)
     return LayerWeights(qw.codes.to(torch.int8), scale, zero, qw.fmt.bits, qw.fmt.effective_group(k))
 
@@ -74,14 +65,15 @@ def from_buffers(module: torch.nn.Module) -> LayerWeights:
     """The layer held by a `compressor.load` QuantLinear/QuantEmbedding (its compressed-tensors buffers)."""
     s = module.scheme
     if s["type"] == "float":
-        block = tuple(s.get("block_structure") or (128, 128)) if s["strategy"] == "block" else None
+        fmt = fp8_format(s)
+        block = fmt.block if fmt.strategy == "block" else None
         return LayerWeights(module.weight, module.weight_scale.to(torch.float32), None, 8, None, block)
     n, k = (int(v) for v in module.weight_shape.tolist())
     bits = int(s["num_bits"])
     codes = unpack_int32(module.weight_packed, bits, k)
     group = k if s["strategy"] == "channel" or not s.get("group_size") else int(s["group_size"])
     zp = getattr(module, "weight_zero_point", None)
-    zero = None if zp is None else unpack_int32(zp.t().contiguous(), bits, n).t().contiguous()
+    zero = None if zp is None else unpack_zero_points(zp, bits, n).contiguous()
     return LayerWeights(codes, module.weight_scale, zero, bits, group)
 
 
@@ -136,10 +128,10 @@ def nbits_tensors(lw: LayerWeights, block: int) -> tuple[torch.Tensor, torch.Ten
     pad = k_blocks * block - k
     u = lw.codes.to(torch.int32) + offset
     reps = lw.group // block
-    scales = lw.scale.to(torch.float32).repeat_interleave(reps, dim=1)[:, :k_blocks].contiguous()
+    scales = expand_groups(lw.scale.to(torch.float32), k_blocks, reps).contiguous()  # a group = reps blocks
     zp = None
     if lw.zero is not None:
-        zu = lw.zero.to(torch.int32).repeat_interleave(reps, dim=1)[:, :k_blocks] + offset
+        zu = expand_groups(lw.zero.to(torch.int32), k_blocks, reps) + offset
         per = 8 // bits
         zu = torch.nn.functional.pad(zu, (0, (-k_blocks) % per), value=0)
         zp = _pack_low_first(zu, bits)
@@ -184,7 +176,7 @@ def qdq_tensors(lw: LayerWeights) -> QdqTensors:
         s = lw.scale.to(torch.float32)
         if lw.fp8_block is not None:  # 2-D blocks -> blocks along K, the block row's scale repeated over N
             bn, bk = lw.fp8_block
-            s = s.repeat_interleave(bn, 0)[:n].t().contiguous()
+            s = expand_blocks(s, (n, s.shape[1]), (bn, 1)).t().contiguous()
             return QdqTensors(wt, s, None, 0, bk, False)
         if s.numel() == 1:
             return QdqTensors(wt, s.reshape(()), None, 0, 0, False)
