@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +151,43 @@ def compress(
     User errors raise `CompressorError` (the CLI prints the same message and exits with code 2). The hub token is
     checked before the run; a failed upload leaves the local artifact complete and says how to retry it.
     """
-    from exporters import EXPORTERS
-    from exporters.atomic import atomic_directory, check_output
-    from exporters.hub import check_hub_target, push_artifact
-    from exporters.report import summary_lines, write_model_card, write_report
+    from exporters.hub import push_artifact
+    from exporters.report import summary_lines
 
-    start = time.perf_counter()
+    run = _Run(time.perf_counter(), {})
     limit_malloc_fragmentation()
+    r, out = _checked_recipe(recipe, model, output, push_to_hub, overwrite, overrides)
+    state, base_params, windows = _load(r, quiet, run)
+    metrics = _compress_and_evaluate(state, windows, quiet, run)
+    report = _report(state, metrics, run)
+    _write_artifact(state, out, overwrite, report, base_params, run)
+    for line in summary_lines(report):
+        log.info(line)
+    hub_url = None
+    if r.hub is not None:
+        name = Path(r.model).name if r.model else out.name
+        message = f"Upload {name} compressed with compressor {__version__}"
+        hub_url = push_artifact(out, r.hub, commit_message=message, quiet=quiet)
+    return CompressionResult(out, state.plan, metrics, report, hub_url)
+
+
+@dataclass
+class _Run:
+    """When the run started, and how long each of its steps took (report.json `timings`)."""
+
+    start: float
+    timings: dict[str, float]
+    pass_timings: list[dict] = field(default_factory=list)
+
+    def timed(self, step: str, since: float) -> None:
+        self.timings[step] = time.perf_counter() - since
+
+
+def _checked_recipe(recipe, model, output, push_to_hub, overwrite: bool, overrides: dict) -> tuple[Recipe, Path]:
+    """The resolved recipe and its output folder, after every check that can fail before any work starts."""
+    from exporters.atomic import check_output
+    from exporters.hub import check_hub_target
+
     r = resolve_recipe(recipe, model, output, push_to_hub, **overrides)
     if not r.output:
         raise RecipeError("no output directory given", where="output", fix="pass --output DIR (or output= in the API)")
@@ -167,11 +197,14 @@ def compress(
     if r.hub is not None:  # fail now, not after hours of compression
         check_hub_target(r.hub)
     torch.manual_seed(r.calibration.seed)
+    return r, out
 
-    timings: dict[str, float] = {}
+
+def _load(r: Recipe, quiet: bool, run: _Run) -> tuple[CompressionState, int, torch.Tensor | None]:
+    """The model (streamed), its state, its parameter count before any pass, and the evaluation windows."""
     t = time.perf_counter()
     loaded = load_model(r.model, r.trust_remote_code, quiet=quiet, stream=True)
-    timings["load"] = time.perf_counter() - t
+    run.timed("load", t)
     base_params = sum(p.numel() for p in loaded.model.parameters())  # before any pass removes or fuses blocks
     if "onnx" in r.export and r.onnx.accuracy_level_by_layer:  # fail before the passes, not after them
         from transformers.pytorch_utils import Conv1D  # gpt2's linears
@@ -182,37 +215,44 @@ def compress(
         check_level_patterns(r.onnx, linears)
     state = CompressionState(loaded, r, quiet=quiet)
     windows = _eval_windows(r, loaded)
-    compare = windows is not None and r.evaluate.kl
-    if compare:
+    if windows is not None and r.evaluate.kl:
         loaded.keep_base_copy()  # only when the model cannot be re-read from its checkpoint
+    return state, base_params, windows
 
+
+def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None, quiet: bool, run: _Run) -> dict:
+    """Calibration windows, the passes, then perplexity / KL against the base (and the base's greedy sample)."""
+    r, loaded = state.recipe, state.loaded
     if r.needs_calibration():
         t = time.perf_counter()
         state.calibration_ids = sample_windows(
             loaded.tokenizer, read_texts(r.calibration), r.calibration, max_positions(loaded.model.config)
         )
-        timings["calibration_data"] = time.perf_counter() - t
-
+        run.timed("calibration_data", t)
     t = time.perf_counter()
-    pass_timings = run_passes(state)
-    timings["passes"] = time.perf_counter() - t
-
+    run.pass_timings = run_passes(state)
+    run.timed("passes", t)
     metrics: dict = {}
-    if windows is not None:
-        t = time.perf_counter()
-        base = loaded.base_model() if compare else None
-        metrics = evaluate_windows(
-            state.full_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
-        )
-        if base is not None and _samples(r, loaded):
-            metrics["base_sample"] = greedy_sample(
-                base, loaded.tokenizer, r.evaluate.prompt, r.evaluate.generate_tokens
-            )
-        timings["evaluate"] = time.perf_counter() - t
-        del base
+    if windows is None:
+        return metrics
+    t = time.perf_counter()
+    base = loaded.base_model() if r.evaluate.kl else None
+    metrics = evaluate_windows(
+        state.full_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
+    )
+    if base is not None and _samples(r, loaded):
+        metrics["base_sample"] = greedy_sample(base, loaded.tokenizer, r.evaluate.prompt, r.evaluate.generate_tokens)
+    run.timed("evaluate", t)
+    return metrics
 
-    report = {
-        "report_version": 2,  # 2: plan holds every decision (layers, ignore, blocks, awq, dtype)
+
+def _report(state: CompressionState, metrics: dict, run: _Run) -> dict:
+    """report.json's content known before the artifact is written (size, files and timings follow)."""
+    from exporters.report import REPORT_VERSION
+
+    r, loaded = state.recipe, state.loaded
+    return {
+        "report_version": REPORT_VERSION,
         "compressor_version": __version__,
         "model": {
             "source": r.model,
@@ -220,7 +260,7 @@ def compress(
             "family": loaded.adapter.family,
             "model_type": loaded.model.config.model_type,
         },
-        "passes": pass_timings,
+        "passes": run.pass_timings,
         "plan": state.plan.to_json(),
         "group_fallbacks": [
             {"layer": lp.name, "requested": lp.requested_group_size, "used": lp.group_size}
@@ -230,11 +270,21 @@ def compress(
         "metrics": metrics,
         **state.report,
     }
+
+
+def _write_artifact(state: CompressionState, out: Path, overwrite: bool, report: dict, base_params: int, run: _Run):
+    """Every export, the recipe copy, the report and the model card, in a temporary folder renamed into place."""
+    from exporters import EXPORTERS
+    from exporters.atomic import atomic_directory
+    from exporters.report import write_model_card, write_report
+    from exporters.source import ArtifactSource
+
+    r, loaded, metrics = state.recipe, state.loaded, report["metrics"]
     t = time.perf_counter()
     with atomic_directory(out, overwrite) as tmp:
-        files = []
+        files, source = [], ArtifactSource.of(state)
         for name in r.export:
-            files += EXPORTERS[name](state, tmp)
+            files += EXPORTERS[name](source, tmp)
         for rel, data in state.extra_files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
@@ -246,18 +296,10 @@ def compress(
         if _samples(r, loaded):
             sample_start = time.perf_counter()
             metrics["sample"] = _artifact_sample(tmp, loaded.tokenizer, r.evaluate)
-            timings["sample"] = time.perf_counter() - sample_start
-        timings["export"] = time.perf_counter() - t - timings.get("sample", 0.0)
-        timings["total"] = time.perf_counter() - start
-        report["timings"] = {k: round(v, 2) for k, v in timings.items()}
+            run.timed("sample", sample_start)
+        run.timings["export"] = time.perf_counter() - t - run.timings.get("sample", 0.0)
+        run.timed("total", run.start)
+        report["timings"] = {k: round(v, 2) for k, v in run.timings.items()}
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_report(report, tmp)
         write_model_card(report, recipe_yaml, tmp)
-    for line in summary_lines(report):
-        log.info(line)
-    hub_url = None
-    if r.hub is not None:
-        name = Path(r.model).name if r.model else out.name
-        message = f"Upload {name} compressed with compressor {__version__}"
-        hub_url = push_artifact(out, r.hub, commit_message=message, quiet=quiet)
-    return CompressionResult(out, state.plan, metrics, report, hub_url)

@@ -1,4 +1,5 @@
-"""Artifact writers. Each reads the plan (never re-derives a decision) and writes into a given directory."""
+"""Artifact writers. Each reads an `ArtifactSource` (the plan and the tensors; it never re-derives a decision)
+and writes into a given directory."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _safetensors(state, folder: Path) -> list[str]:
+def _safetensors(source, folder: Path) -> list[str]:
     from .safetensors_export import export_safetensors
 
-    return export_safetensors(state, folder)
+    return export_safetensors(source, folder)
 
 
-def _onnx(state, folder: Path) -> list[str]:
+def _onnx(source, folder: Path) -> list[str]:
     from .onnx import export_onnx
 
-    return export_onnx(state, folder)
+    return export_onnx(source, folder)
 
 
-# recipe `export:` name -> writer(state, folder) returning the files written, relative to folder
+# recipe `export:` name -> writer(ArtifactSource, folder) returning the files written, relative to folder
 EXPORTERS: dict[str, Callable[..., list[str]]] = {"safetensors": _safetensors, "onnx": _onnx}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,18 +11,18 @@ from safetensors.torch import save_file
 
 from compressor.runtime.lora import LORA_DIR, write_lora
 from compressor.schema.common import parse_size
-from compressor.state import CompressionState
 
 from .compressed_tensors import layer_tensors, quantization_config
+from .source import ArtifactSource, Fetch
 
 
-def export_state_dict(state: CompressionState, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def export_state_dict(source: ArtifactSource, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Model tensors with every planned layer replaced by its compressed tensors; tied copies dropped.
 
     Parameters of a streamed model that are still on disk come back as meta tensors (shape and dtype only);
     `write_shards` reads them from the checkpoint when it writes their shard.
     """
-    model, plan = state.model, state.plan
+    model, plan = source.model, source.plan
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     quantized = set(plan.layers)
@@ -42,9 +41,6 @@ def export_state_dict(state: CompressionState, dense_dtype: torch.dtype) -> dict
             t = t.to(dense_dtype)
         out[key] = t if t.is_meta else t.contiguous()
     return out
-
-
-Fetch = Callable[[str], torch.Tensor]
 
 
 def write_shards(
@@ -87,12 +83,11 @@ def write_shards(
     return names
 
 
-def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
+def export_safetensors(source: ArtifactSource, folder: Path) -> list[str]:
     """Write weights, config (with quantization_config), generation config and tokenizer into `folder`."""
-    model, adapter, plan = state.model, state.adapter, state.plan
-    tensors = export_state_dict(state, plan.dtype)
-    lazy = state.loaded.lazy
-    files = write_shards(tensors, folder, parse_size(state.recipe.max_shard_size), lazy.tensor if lazy else None)
+    model, adapter, plan = source.model, source.adapter, source.plan
+    tensors = export_state_dict(source, plan.dtype)
+    files = write_shards(tensors, folder, parse_size(source.max_shard_size), source.fetch)
     config = model.config
     config.quantization_config = quantization_config(plan)
     config.dtype = plan.dtype
@@ -102,14 +97,14 @@ def export_safetensors(state: CompressionState, folder: Path) -> list[str]:
         del config.quantization_config
     if getattr(model, "generation_config", None) is not None and adapter.decoder:
         model.generation_config.save_pretrained(folder)
-    state.loaded.tokenizer.save_pretrained(folder)
-    if state.plan.compensations:
+    source.tokenizer.save_pretrained(folder)
+    if plan.compensations:
         files += write_lora(
             folder,
-            {name: (c.down.to(c.dtype), c.up.to(c.dtype)) for name, c in state.plan.compensations.items()},
+            {name: (c.down.to(c.dtype), c.up.to(c.dtype)) for name, c in plan.compensations.items()},
             task_type="CAUSAL_LM" if adapter.decoder else None,
             fan_in_fan_out=adapter.fan_in_fan_out,
-            base_model=state.recipe.hub.repo_id if state.recipe.hub is not None else None,
+            base_model=source.hub_repo_id,
         )
     for f in files:
         (folder / f).chmod(0o644)

@@ -51,6 +51,7 @@ def _structure_artifact(recipe: dict, model_dir, out) -> dict:
     from compressor.recipe import parse_recipe
     from compressor.state import CompressionState
     from exporters import EXPORTERS
+    from exporters.source import ArtifactSource
 
     r = parse_recipe(recipe)
     loaded = load_model(str(model_dir))
@@ -58,7 +59,7 @@ def _structure_artifact(recipe: dict, model_dir, out) -> dict:
     state.calibration_ids = sample_windows(loaded.tokenizer, read_texts(r.calibration), r.calibration, 256)
     run_passes(state)
     out.mkdir()
-    EXPORTERS["safetensors"](state, out)
+    EXPORTERS["safetensors"](ArtifactSource.of(state), out)
     return state.report
 
 

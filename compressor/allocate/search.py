@@ -15,24 +15,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import Fp8Format, resolve_format
-from ..quant.fp8 import fp8_quantize
-from ..quant.rtn import rtn_quantize
+from ..quant.formats import resolve_format
+from ..techniques import RtnConfig, quantize_data_free
 
 log = logging.getLogger(__name__)
 
 
 def _dequantized(w: torch.Tensor, scheme, quant) -> torch.Tensor:
-    from ..plan import QuantizedWeight
-
+    """What RTN (or FP8 scaling) makes of w under `scheme`, dequantized (w itself for a float candidate)."""
     if scheme is None:
         return w
     fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
-    if isinstance(fmt, Fp8Format):
-        codes, scale = fp8_quantize(w, fmt)
-        return QuantizedWeight(fmt, codes, scale).dequantize()
-    codes, scale, zero = rtn_quantize(w, fmt, quant.scale_dtype, quant.clip_search)
-    return QuantizedWeight(fmt, codes, scale, zero, quant.scale_dtype).dequantize()
+    return quantize_data_free(w, fmt, RtnConfig.of(quant)).dequantize()
 
 
 def refine_by_kl(state, units, schemes, quant, choice: np.ndarray, budget: int, cfg, weights) -> np.ndarray:

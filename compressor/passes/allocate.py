@@ -16,16 +16,13 @@ from ..allocate.fisher import FisherStats, collect_fisher, predicted_kl
 from ..allocate.solver import InfeasibleBudget, solve_exact, solve_greedy, solve_ordering, total
 from ..calibration.engine import resolve_compute_dtype
 from ..errors import RecipeError
-from ..plan import QuantizedWeight
-from ..quant.formats import Fp8Format, IntFormat, resolve_format
-from ..quant.fp8 import fp8_quantize
-from ..quant.gptq import gptq_dequantized_many
-from ..quant.rtn import rtn_quantize
+from ..quant.formats import IntFormat, resolve_format
 from ..schema import AllocateBitsPass, QuantizePass, WeightScheme
 from ..schema.allocate import parse_candidate
 from ..schema.common import parse_size
 from ..state import CompressionState
 from ..structure.metrics import zd_score
+from ..techniques import GptqConfig, RtnConfig, gptq_candidates, quantize_data_free
 from .base import following_quantize, register
 
 log = logging.getLogger(__name__)
@@ -84,10 +81,24 @@ class AllocateBitsRunner:
 
         for n, u in zip(names, units.unit_of):
             state.plan.schemes[n] = self.schemes[int(choice[u])]
-        spent, predicted = total(units.costs, units.values, choice)
-        n_weights = sum(weights[n].numel() for n in names)
         timings["total"] = time.perf_counter() - started
-        state.report["allocation"] = {
+        n_weights = sum(weights[n].numel() for n in names)
+        state.report["allocation"] = self._record(units, choice, lim, budget, n_weights, timings)
+        counts: dict[str, int] = {}
+        for n in names:
+            label = self.cfg.candidates[self.schemes.index(state.plan.schemes[n])]
+            counts[label] = counts.get(label, 0) + 1
+        log.info(
+            "allocate_bits: %.3f bits/weight of %.3f allowed; %s",
+            state.report["allocation"]["used_bits_per_weight"],
+            budget / n_weights,
+            ", ".join(f"{c}: {k}" for c, k in counts.items()),
+        )
+
+    def _record(self, units: Units, choice, lim, budget: int, n_weights: int, timings: dict[str, float]) -> dict:
+        """The report's record of the allocation: budget, spend, and each unit's choice and sensitivities."""
+        spent, predicted = total(units.costs, units.values, choice)
+        return {
             "method": self.cfg.method,
             "granularity": self.cfg.granularity,
             "candidates": self.cfg.candidates,
@@ -107,16 +118,6 @@ class AllocateBitsRunner:
             ],
             "timings": {k: round(v, 2) for k, v in timings.items()},
         }
-        counts: dict[str, int] = {}
-        for n in names:
-            label = self.cfg.candidates[self.schemes.index(state.plan.schemes[n])]
-            counts[label] = counts.get(label, 0) + 1
-        log.info(
-            "allocate_bits: %.3f bits/weight of %.3f allowed; %s",
-            spent / n_weights,
-            budget / n_weights,
-            ", ".join(f"{c}: {k}" for c, k in counts.items()),
-        )
 
     # ---- the problem ------------------------------------------------------------------------------
     def _following_quantize(self, state: CompressionState) -> QuantizePass:
@@ -274,24 +275,11 @@ class AllocateBitsRunner:
             if scheme is None:
                 continue
             fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
-            if isinstance(fmt, Fp8Format):
-                codes, scale = fp8_quantize(w, fmt)
-                out[ci] = QuantizedWeight(fmt, codes, scale).dequantize()
-            elif method == "gptq":
+            if method == "gptq" and isinstance(fmt, IntFormat):
                 gptq_jobs.append((ci, fmt))
             else:
-                codes, scale, zero = rtn_quantize(w, fmt, quant.scale_dtype, quant.clip_search)
-                out[ci] = QuantizedWeight(fmt, codes, scale, zero, quant.scale_dtype).dequantize()
+                out[ci] = quantize_data_free(w, fmt, RtnConfig.of(quant)).dequantize()
         if gptq_jobs:
-            solved = gptq_dequantized_many(
-                w,
-                h,
-                [fmt for _, fmt in gptq_jobs],
-                scale_dtype=quant.scale_dtype,
-                block_size=quant.gptq_block_size,
-                damp=quant.damp,
-                act_order=quant.act_order,
-                clip_search=quant.clip_search,
-            )
+            solved = gptq_candidates(w, h, [fmt for _, fmt in gptq_jobs], GptqConfig.of(quant))
             out.update({ci: deq for (ci, _), deq in zip(gptq_jobs, solved)})
         return out

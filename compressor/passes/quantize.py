@@ -1,4 +1,9 @@
-"""The `quantize` pass: RTN, GPTQ or FP8 for every linear of every block (and optionally lm_head)."""
+"""The `quantize` pass: every linear of every block (and optionally lm_head / embeddings) into its planned format.
+
+It walks the blocks and composes the technique handlers of `compressor.techniques`: per group of linears sharing
+an input, activation-aware scaling (AWQ) if asked, then the solver (GPTQ, or data-free RTN / FP8), then the low-rank
+correction a `lowrank` pass planned; each result is written back into the model (so later blocks calibrate on it)
+and recorded in the plan."""
 
 from __future__ import annotations
 
@@ -16,16 +21,20 @@ from ..calibration.engine import (
     return_free_memory,
     run_block_lockstep,
 )
-from ..models.folding import can_fold_into, fold_divisor, scale_input_columns
 from ..plan import LayerPlan, QuantizedWeight
-from ..quant.awq import awq_search
 from ..quant.formats import Fp8Format, IntFormat, resolve_format
-from ..quant.fp8 import fp8_quantize
-from ..quant.gptq import gptq_quantize
-from ..quant.lowrank import whitened_lowrank
-from ..quant.rtn import rtn_quantize
 from ..schema import QuantizePass, WeightScheme
 from ..state import CompressionState
+from ..techniques import (
+    AwqConfig,
+    GptqConfig,
+    RtnConfig,
+    fit_compensation,
+    quantize_data_free,
+    scale_inputs,
+    solve_gptq,
+)
+from ..techniques.awq import InputGroup
 from .base import register
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,9 @@ def untie_embeddings(model: nn.Module) -> None:
 class QuantizeRunner:
     def __init__(self, config: QuantizePass):
         self.cfg = config
+        self.rtn = RtnConfig.of(config)
+        self.gptq = GptqConfig.of(config)
+        self.awq = AwqConfig.of(config) if config.awq else None
         self._ignore = [re.compile(p) for p in config.ignore]
 
     # ---- format per layer -------------------------------------------------------------------------
@@ -86,27 +98,18 @@ class QuantizeRunner:
         request = state.plan.compensation
         rank = request.rank_for(name) if request is not None and h is not None and original is not None else 0
         if rank:
-            comp = whitened_lowrank(original.to(torch.float32) - deq, h, rank, request.config.damp)
             dtype = request.config.storage_dtype(state.plan.dtype)
-            comp.round_to(dtype)
+            comp = fit_compensation(original, deq, h, rank, request.config, dtype)
             layer.compensation_rank = comp.rank
             layer.compensation_bits = comp.rank * sum(qw.shape) * dtype.itemsize * 8
-            state.report.setdefault("lowrank", []).append(
-                {
-                    "layer": name,
-                    "rank": comp.rank,
-                    "error_removed": 1.0 - comp.error_after / comp.error_before if comp.error_before else 0.0,
-                }
-            )
+            removed = 1.0 - comp.error_after / comp.error_before if comp.error_before else 0.0
+            state.report.setdefault("lowrank", []).append({"layer": name, "rank": comp.rank, "error_removed": removed})
         state.adapter.set_weight(module, deq if comp is None else deq + comp.delta())
         state.plan.record(layer, qw, comp)
 
     def quantize_data_free(self, w: torch.Tensor, fmt) -> QuantizedWeight:
-        if isinstance(fmt, Fp8Format):
-            codes, scale = fp8_quantize(w, fmt)
-            return QuantizedWeight(fmt, codes, scale, None, "float32")
-        codes, scale, zero = rtn_quantize(w, fmt, self.cfg.scale_dtype, self.cfg.clip_search)
-        return QuantizedWeight(fmt, codes, scale, zero, self.cfg.scale_dtype)
+        """w in `fmt` by RTN (or FP8 scaling) with this pass's scale settings."""
+        return quantize_data_free(w, fmt, self.rtn)
 
     # ---- the pass ---------------------------------------------------------------------------------
     def run(self, state: CompressionState) -> None:
@@ -116,21 +119,26 @@ class QuantizeRunner:
         if self.cfg.method == "gptq" or self.cfg.awq or state.plan.compensation is not None:
             self._run_calibrated(state, blocks, prefixes)
         else:
-            for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
-                state.load_block(prefixes[i])
-                names = []
-                for local in adapter.linear_names():
-                    name = f"{prefixes[i]}.{local}"
-                    scheme = self.scheme_for(state, name)
-                    if scheme is None:
-                        continue
-                    module = block.get_submodule(local)
-                    w = adapter.get_weight(module)
-                    fmt, note = self.layer_format(w.shape[1], scheme)
-                    self._commit(state, name, module, self.quantize_data_free(w, fmt), note, "rtn")
-                    names.append(name)
-                state.release_quantized(names)
+            self._run_data_free(state, blocks, prefixes)
         self._quantize_outer(state)
+
+    def _run_data_free(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
+        """RTN / FP8 block by block, without calibration data."""
+        adapter = state.adapter
+        for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
+            state.load_block(prefixes[i])
+            names = []
+            for local in adapter.linear_names():
+                name = f"{prefixes[i]}.{local}"
+                scheme = self.scheme_for(state, name)
+                if scheme is None:
+                    continue
+                module = block.get_submodule(local)
+                w = adapter.get_weight(module)
+                fmt, note = self.layer_format(w.shape[1], scheme)
+                self._commit(state, name, module, self.quantize_data_free(w, fmt), note, "rtn")
+                names.append(name)
+            state.release_quantized(names)
 
     def _quantize_outer(self, state: CompressionState) -> None:
         """RTN for the input embeddings / lm_head when the recipe asks (they sit outside the blocks)."""
@@ -176,7 +184,7 @@ class QuantizeRunner:
             groups = [g for g in groups if g]
 
             def solve(names: tuple[str, ...], stat: GramStat, block=block, prefix=prefixes[i]):
-                divisor = self._activation_scale(state, block, prefix, names, stat) if cfg.awq else None
+                divisor = self._activation_scale(state, block, prefix, names, stat) if self.awq else None
                 # linears sharing an input share H; those with the same format are solved as one stacked matrix
                 by_scheme: dict[str, list[str]] = {}
                 for n in names:
@@ -213,84 +221,21 @@ class QuantizeRunner:
                 qw = self.quantize_data_free(w, fmt)
                 self._commit(state, f"{prefix}.{n}", m, qw, note, "rtn", original=w, h=stat.mean())
             return
-        stacked = torch.cat(weights, dim=0)
         h = stat.mean()
-        codes, scale, zero = gptq_quantize(
-            stacked,
-            h,
-            fmt,
-            scale_dtype=cfg.scale_dtype,
-            block_size=cfg.gptq_block_size,
-            damp=cfg.damp,
-            act_order=cfg.act_order,
-            static_groups=cfg.static_groups,
-            clip_search=cfg.clip_search,
-        )
-        row = 0
-        for n, m, w in zip(names, modules, weights):
-            rows = slice(row, row + w.shape[0])
-            row += w.shape[0]
-            qw = QuantizedWeight(
-                fmt,
-                codes[rows].clone(),
-                scale[rows].clone(),
-                None if zero is None else zero[rows].clone(),
-                cfg.scale_dtype,
-            )
+        for n, m, w, qw in zip(names, modules, weights, solve_gptq(weights, h, fmt, self.gptq)):
             self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq", original=w, h=h)
 
     # ---- activation-aware scaling -----------------------------------------------------------------
     def _activation_scale(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat):
-        """Search and apply an AWQ scale for the input shared by `names`; returns the input divisor or None."""
+        """Search and fold an AWQ scale for the input shared by `names`; returns the input divisor or None."""
         adapter = state.adapter
         group = next(g for g in adapter.linear_groups if names[0] in g)  # every consumer, quantized or not
-        source = adapter.scale_source(block, group)
-        if source is None or not getattr(state.model.config, "do_layer_norm_before", True):
-            return None
-        src_path, src_module = source
-        src_name = f"{prefix}.{src_path}"
-        src_qw = state.plan.weights.get(src_name)
-        if not can_fold_into(src_module) or (
-            isinstance(src_qw, QuantizedWeight)
-            and isinstance(src_qw.fmt, Fp8Format)
-            and src_qw.fmt.strategy != "channel"
-        ):
-            return None
-        modules = {n: block.get_submodule(n) for n in group}
-        weights, quantizers = [], []
-        for n in names:
-            scheme = self.scheme_for(state, f"{prefix}.{n}")
-            w = adapter.get_weight(modules[n])
-            fmt, _ = self.layer_format(w.shape[1], scheme)
-            weights.append(w)
-            quantizers.append(lambda x, fmt=fmt: self.quantize_data_free(x, fmt).dequantize())
-        found = awq_search(weights, quantizers, stat.mean(), stat.mean_abs(), self.cfg.awq_grid)
-        state.report.setdefault("awq", []).append(
-            {
-                "group": f"{prefix}.{group[0]}",
-                "alpha": found.alpha,
-                "output_error_ratio": found.error / found.error_unscaled if found.error_unscaled else 1.0,
-            }
-        )
-        if found.alpha == 0.0:
-            return None
-        state.plan.awq.append({"group": f"{prefix}.{group[0]}", "alpha": found.alpha, "folded_into": src_name})
-        s = found.scale
-        if src_qw is not None:  # already quantized (v_proj, up_proj): rescale its rows through its scales
-            src_qw.scale = _round_scale_rows(src_qw.scale / s[:, None], src_qw.scale_dtype)
-            if src_name in state.plan.compensations:  # its correction's output rows follow the same scaling
-                state.plan.compensations[src_name].scale_rows(s)
-            adapter.set_weight(src_module, state.plan.effective_weight(src_name))
-            if getattr(src_module, "bias", None) is not None:
-                src_module.bias.data /= s.to(src_module.bias.dtype)
-        else:
-            fold_divisor(src_module, s)
-        for m in modules.values():
-            scale_input_columns(m, s)
-        stat.rescale_inputs(s)
-        return s
 
+        def format_of(name: str, in_features: int):
+            return self.layer_format(in_features, self.scheme_for(state, f"{prefix}.{name}"))[0]
 
-def _round_scale_rows(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-    return scale.to(dtypes.get(scale_dtype, torch.float32)).to(torch.float32)
+        g = InputGroup(adapter, state.model.config, block, prefix, group, names)
+        divisor, record = scale_inputs(g, format_of, stat, state.plan, self.rtn, self.awq)
+        if record is not None:
+            state.report.setdefault("awq", []).append(record)
+        return divisor

@@ -19,8 +19,8 @@ from torch import nn
 from compressor.errors import ModelError, RecipeError
 from compressor.models.adapters import adapter_for
 from compressor.schema.onnx import OnnxExportConfig
-from compressor.state import CompressionState
 
+from ..source import ArtifactSource
 from .fused import build_fused_decoder, fused_unsupported
 from .graph import IR_VERSION, export_decoder, export_encoder, finalize, retype_int4
 from .modules import LayerChoice, OnnxQuantLinear, embedding_module, swapped
@@ -33,15 +33,15 @@ MODEL_FILE = "model.onnx"
 LAYERS_FILE = "onnx_export.json"
 
 
-def export_onnx(state: CompressionState, folder: Path) -> list[str]:
+def export_onnx(source: ArtifactSource, folder: Path) -> list[str]:
     """Write `onnx/` (model.onnx, config, tokenizer, layer report) into `folder`; returns the files written."""
-    layers = {name: from_plan(qw) for name, qw in state.plan.weights.items()}
-    corrections = {name: (c.down, c.up) for name, c in state.plan.compensations.items()}
+    layers = {name: from_plan(qw) for name, qw in source.plan.weights.items()}
+    corrections = {name: (c.down, c.up) for name, c in source.plan.compensations.items()}
     out = folder / SUBDIR
     out.mkdir(parents=True, exist_ok=True)
-    model = state.full_model()
-    files = export_model(model, layers, out, state.recipe.onnx, decoder=state.adapter.decoder, corrections=corrections)
-    state.loaded.tokenizer.save_pretrained(out)
+    model = source.full_model()
+    files = export_model(model, layers, out, source.onnx, decoder=source.adapter.decoder, corrections=corrections)
+    source.tokenizer.save_pretrained(out)
     return [f"{SUBDIR}/{f}" for f in files]
 
 

@@ -1,0 +1,65 @@
+"""GPTQ as a handler: linears that share an input share its Gram matrix H and are solved as one stacked matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import QuantizedWeight
+from ..quant.formats import IntFormat
+from ..quant.gptq import gptq_dequantized_many, gptq_quantize
+from ..schema import QuantizePass
+from .data_free import RtnConfig
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """The solver's settings (the statistics' token clip belongs to their gathering, not here)."""
+
+    rtn: RtnConfig
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    static_groups: bool = False
+
+    @classmethod
+    def of(cls, cfg: QuantizePass) -> GptqConfig:
+        return cls(RtnConfig.of(cfg), cfg.gptq_block_size, cfg.damp, cfg.act_order, cfg.static_groups)
+
+
+def solve_gptq(weights: list[torch.Tensor], h: torch.Tensor, fmt: IntFormat, cfg: GptqConfig) -> list[QuantizedWeight]:
+    """Each weight [out_i, in] quantized into `fmt` by one GPTQ sweep over their stacked rows."""
+    scale_dtype = cfg.rtn.scale_dtype
+    codes, scale, zero = gptq_quantize(
+        torch.cat(weights, dim=0),
+        h,
+        fmt,
+        scale_dtype=scale_dtype,
+        block_size=cfg.block_size,
+        damp=cfg.damp,
+        act_order=cfg.act_order,
+        static_groups=cfg.static_groups,
+        clip_search=cfg.rtn.clip_search,
+    )
+    out, row = [], 0
+    for w in weights:
+        rows = slice(row, row + w.shape[0])
+        row += w.shape[0]
+        part_zero = None if zero is None else zero[rows].clone()
+        out.append(QuantizedWeight(fmt, codes[rows].clone(), scale[rows].clone(), part_zero, scale_dtype))
+    return out
+
+
+def gptq_candidates(w: torch.Tensor, h: torch.Tensor, fmts: list[IntFormat], cfg: GptqConfig) -> list[torch.Tensor]:
+    """What GPTQ (static groups) makes of w in each of `fmts`, dequantized: one sweep serves every candidate."""
+    return gptq_dequantized_many(
+        w,
+        h,
+        fmts,
+        scale_dtype=cfg.rtn.scale_dtype,
+        block_size=cfg.block_size,
+        damp=cfg.damp,
+        act_order=cfg.act_order,
+        clip_search=cfg.rtn.clip_search,
+    )
