@@ -8,8 +8,8 @@ A refactor that must not change behaviour is checked by running this before and 
 
 `--smollm2` adds `recipes/w4-gptq.yaml` on the real model (~6 min on 2 cores). Tiny models and the
 calibration text live under `--work` (fixed paths: the recipe copy in an artifact names them; several runs may
-share it). Files that carry timings (`report.json`, `summary.md`, the model card) are hashed after dropping timing fields; `report.json` is hashed
-per top-level key so that a difference names its section.
+share it). Files that carry timings (`report.json`, `summary.md`, the model card) are hashed after dropping timing
+fields; `report.json` is hashed per top-level key so that a difference names its section.
 """
 
 from __future__ import annotations
