@@ -6,7 +6,7 @@ A refactor that must not change behaviour is checked by running this before and 
     python benchmarks/artifact_hashes.py --out /tmp/after.json             # on the new one
     python benchmarks/artifact_hashes.py --compare /tmp/before.json /tmp/after.json
 
-`--smollm2` adds `recipes/w4-gptq.yaml` on the real model (~6 min on 2 cores). Tiny models and the
+`--smollm2 [RECIPE ...]` adds bundled recipes (default `w4-gptq`) on the real model (minutes each). Tiny models and the
 calibration text live under `--work` (fixed paths: the recipe copy in an artifact names them; several runs may
 share it). Files that carry timings (`report.json`, `summary.md`, the model card) are hashed after dropping timing
 fields; `report.json` is hashed per top-level key so that a difference names its section.
@@ -127,7 +127,7 @@ def hash_artifact(folder: Path) -> dict[str, str]:
     return out
 
 
-def run(work: Path, only: str | None, smollm2: bool) -> dict[str, dict[str, str]]:
+def run(work: Path, only: str | None, smollm2: list[str]) -> dict[str, dict[str, str]]:
     """Run the cases; models and calibration text are made once under `work` and reused (several processes may
     share `work`: each writes its artifacts into a folder of its own, removed after hashing)."""
     from tiny_models import CORPUS, make_tiny_model
@@ -152,11 +152,11 @@ def run(work: Path, only: str | None, smollm2: bool) -> dict[str, dict[str, str]
             compressor.compress(recipe, model=str(models[family]), output=out, quiet=True)
             results[name] = hash_artifact(out)
             print(f"{name}: {len(results[name])} entries", flush=True)
-        if smollm2:
-            out = outputs / "smollm2-w4-gptq"
-            compressor.compress(ROOT / "recipes" / "w4-gptq.yaml", output=out, quiet=True)
-            results["smollm2-w4-gptq"] = hash_artifact(out)
-            print("smollm2-w4-gptq done", flush=True)
+        for name in smollm2:
+            out = outputs / f"smollm2-{name}"
+            compressor.compress(ROOT / "recipes" / f"{name}.yaml", output=out, quiet=True)
+            results[f"smollm2-{name}"] = hash_artifact(out)
+            print(f"smollm2-{name} done", flush=True)
     finally:
         shutil.rmtree(outputs, ignore_errors=True)
     return results
@@ -180,12 +180,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the hashes here (JSON)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/artifact-hashes"), help="models and outputs")
     ap.add_argument("--only", help="regex: run only the matching cases")
-    ap.add_argument("--smollm2", action="store_true", help="also SmolLM2 with recipes/w4-gptq.yaml")
+    ap.add_argument(
+        "--smollm2",
+        nargs="*",
+        metavar="RECIPE",
+        help="also SmolLM2 with these bundled recipes (names under recipes/; none given: w4-gptq)",
+    )
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     args = ap.parse_args()
     if args.compare:
         sys.exit(1 if compare(*(json.loads(p.read_text()) for p in args.compare)) else 0)
-    results = run(args.work, args.only, args.smollm2)
+    smollm2 = [] if args.smollm2 is None else (args.smollm2 or ["w4-gptq"])
+    results = run(args.work, args.only, smollm2)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print("command: python benchmarks/artifact_hashes.py " + " ".join(sys.argv[1:]))

@@ -1,7 +1,8 @@
 """compressor: compress Hugging Face models into deployable compressed-tensors artifacts.
 
 The public names load on first use (PEP 562), so `import compressor.X` from any module below the API (exporters,
-the runtime) neither pulls in the API nor forms an import circle, and `compress --help` does not wait for torch.
+the runtime) neither pulls in the API nor forms an import circle. Submodules (`compressor.api`, ...) load on first
+attribute access too.
 """
 
 from __future__ import annotations
@@ -31,8 +32,18 @@ if TYPE_CHECKING:  # static readers see the real names
 
 
 def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'compressor' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -3,7 +3,7 @@ only this (and the tensors), never the recipe or the passes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -149,6 +149,39 @@ class CompensationRequest:
         return self.config.rank if self.ranks is None else self.ranks.get(name, 0)
 
 
+@dataclass(frozen=True)
+class AwqFold:
+    """Activation-aware scaling of one input group: columns of its linears times s, `folded_into` divided by s."""
+
+    group: str  # the group's first linear
+    alpha: float  # s = mean|x|^alpha (normalised)
+    folded_into: str  # the norm or linear that produces the group's input
+
+
+@dataclass(frozen=True)
+class BlockChange:
+    """What a structural pass did to the decoder blocks (indices at the time of the pass)."""
+
+    pass_name: str  # remove_blocks | fuse_blocks
+    depth_before: int
+    depth_after: int
+    removed_blocks: tuple[int, ...] = ()  # deleted (fuse_blocks: absorbed into the block before them)
+    merged_windows: tuple[tuple[int, int], ...] = ()  # fuse_blocks: first and last block of each merge
+    zeroed: tuple[str, ...] = ()  # branches whose output projection was zeroed (attention- / MLP-only removal)
+
+    @classmethod
+    def of(cls, pass_name: str, done: dict) -> BlockChange:
+        """From a structural pass's record (see compressor.structure.ops)."""
+        return cls(
+            pass_name,
+            done["depth_before"],
+            done["depth_after"],
+            tuple(done.get("removed_blocks", ())),
+            tuple(tuple(w) for w in done.get("merged_windows", ())),
+            tuple(done.get("zeroed", ())),
+        )
+
+
 @dataclass
 class Plan:
     """Every decision of a run, as typed values: passes write it, the artifact writers and the report read it.
@@ -167,13 +200,14 @@ class Plan:
     # per-layer weight schemes chosen by `allocate_bits` (full module name -> scheme, None = keep float)
     schemes: dict[str, WeightScheme | None] = field(default_factory=dict)
     compensation: CompensationRequest | None = None
-    blocks: list[dict] = field(default_factory=list)  # removed / fused / zeroed blocks, in the order done
-    awq: list[dict] = field(default_factory=list)  # per input group: alpha, and where the scale was folded
+    blocks: list[BlockChange] = field(default_factory=list)  # removed / fused / zeroed blocks, in the order done
+    awq: list[AwqFold] = field(default_factory=list)  # activation-aware scales folded, per input group
     # the artifact's layout, recorded by `finish` once the passes are done
     linears: list[str] = field(default_factory=list)  # the blocks' linears, then quantized ones outside the blocks
     ignore: list[str] = field(default_factory=list)  # linears a loader must leave float (a float head Linear too)
     embeddings: list[str] = field(default_factory=list)  # float input / output embeddings (a float head included)
     float_linears: list[str] = field(default_factory=list)  # other linears kept float
+    sealed: bool = False  # `finish` ran: the layout above is recorded
 
     def record(self, layer: LayerPlan, weight: QuantizedWeight, compensation: LowRankFactors | None = None) -> None:
         weight.compact()
@@ -194,6 +228,7 @@ class Plan:
             self.ignore.append(head_linear)
         self.embeddings = [n for n in embeddings if n not in self.layers]
         self.float_linears = [n for n in floats if n not in self.layers and n not in self.embeddings]
+        self.sealed = True
 
     def size_roles(self) -> dict[str, str]:
         """Module name -> its part of the artifact's size: quantized, embeddings or float_linears."""
@@ -214,8 +249,8 @@ class Plan:
             "dtype": str(self.dtype).removeprefix("torch."),
             "layers": {name: lp.to_json() for name, lp in self.layers.items()},  # execution order
             "ignore": self.ignore,
-            "blocks": self.blocks,
-            "awq": self.awq,
+            "blocks": [asdict(b) for b in self.blocks],
+            "awq": [asdict(f) for f in self.awq],
             "compensation": None
             if self.compensation is None
             else {"rank": self.compensation.config.rank, "ranks": self.compensation.ranks},

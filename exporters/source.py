@@ -33,7 +33,11 @@ class ArtifactSource:
 
     @classmethod
     def of(cls, state) -> ArtifactSource:
-        """The source for a `compressor.state.CompressionState` (duck-typed: writers do not import the state)."""
+        """The source for a `compressor.state.CompressionState` (duck-typed: writers do not import the state).
+
+        The plan's layout is recorded first if the passes ran outside the pipeline (which records it)."""
+        if not state.plan.sealed:
+            state.finish_plan()
         lazy, recipe = state.loaded.lazy, state.recipe
         return cls(
             plan=state.plan,

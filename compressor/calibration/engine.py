@@ -250,7 +250,9 @@ def run_block_lockstep(
     finally:
         for h in handles:
             h.remove()
-        del chunks  # unfinished greenlets are unwound (GreenletExit) and their activations freed
+        # unfinished greenlets are unwound (GreenletExit) and their activations freed now; clear() rather than del:
+        # on an error the traceback still holds _take_turns' frame, which holds this list
+        chunks.clear()
     lockstep.check_all_solved()
     return [o for o in outputs if o is not None]
 

@@ -27,7 +27,6 @@ from .base import following_quantize, register
 
 log = logging.getLogger(__name__)
 
-_DENSE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16}
 
 
 @dataclass
@@ -141,7 +140,7 @@ class AllocateBitsRunner:
     def _cost(self, shape, scheme: WeightScheme | None, quant: QuantizePass, state: CompressionState) -> int:
         out_f, in_f = shape
         if scheme is None:
-            return out_f * in_f * _DENSE_BITS.get(state.plan.dtype, 32)
+            return out_f * in_f * state.plan.dtype.itemsize * 8
         fmt, _ = resolve_format(scheme, in_f, quant.group_policy)
         return fmt.storage_bits(out_f, in_f, quant.scale_dtype)
 

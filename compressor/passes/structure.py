@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ..plan import BlockChange
 from ..schema import FuseBlocksPass, RemoveBlocksPass, ScorePass
 from ..state import CompressionState
 from ..structure.ops import apply_removal, choose_removal, fuse_blocks, score_model
@@ -13,13 +14,10 @@ from .base import register
 log = logging.getLogger(__name__)
 
 
-_DECISIONS = ("removed_blocks", "kept_blocks", "zeroed", "merged_windows", "depth_before", "depth_after")
-
-
 def _record(state: CompressionState, entry: dict) -> None:
     """The pass's details go to the report; what it changed in the model to the plan."""
     state.report.setdefault("structure", []).append(entry)
-    state.plan.blocks.append({"pass": entry["pass"], **{k: entry[k] for k in _DECISIONS if k in entry}})
+    state.plan.blocks.append(BlockChange.of(entry["pass"], entry))
 
 
 @register(ScorePass)

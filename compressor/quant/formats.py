@@ -60,6 +60,11 @@ class Fp8Format:
     strategy: str  # tensor | channel | block
     block: tuple[int, int] = (128, 128)
 
+    @classmethod
+    def of_scheme(cls, scheme: dict) -> Fp8Format:
+        """The format of a compressed-tensors FP8 weight scheme (2-D blocks default to 128 x 128)."""
+        return cls(scheme["strategy"], tuple(scheme.get("block_structure") or (128, 128)))
+
     @property
     def label(self) -> str:
         s = f"block{self.block[0]}x{self.block[1]}" if self.strategy == "block" else self.strategy

@@ -141,11 +141,17 @@ class _Sweep:
         rows, k = w.shape
         b = min(self.block_size, k)
         self._buffers(rows, b)
-        product = torch.empty(rows * (k - b))  # the largest block-to-rest update
+        # the textbook loop rounds the block-to-rest product before subtracting it (one buffer, reused); the
+        # sub-blocked sweep (many stacked candidate rows) updates in place, with no [rows, K] temporary
+        product = torch.empty(rows * (k - b)) if self.inner is None else None
         for i1 in range(0, k, self.block_size):
             i2 = min(i1 + self.block_size, k)
             err1 = self._block(w, i1, i2)
-            if i2 < k:
+            if i2 >= k:
+                continue
+            if product is None:
+                w[:, i2:].addmm_(self._row_major(err1.t()), self.hinv[i1:i2, i2:], alpha=-1.0)
+            else:
                 out = product[: rows * (k - i2)].view(rows, -1)
                 w[:, i2:] -= torch.mm(self._row_major(err1.t()), self.hinv[i1:i2, i2:], out=out)
 
@@ -184,7 +190,10 @@ class _Sweep:
         if self.codes is not None:
             self.codes[col].copy_(q)
         e = torch.sub(w1[i], dq, out=err1[i]).div_(hinv1[i, i])
-        outer = torch.mul(hinv1[i, i:j2].unsqueeze(1), e, out=self._outer[: j2 - i])
+        if self.inner is not None:  # the sub-blocked sweep: one fused rank-1 update
+            w1[i:j2].addr_(hinv1[i, i:j2], e, alpha=-1.0)
+            return
+        outer = torch.mul(hinv1[i, i:j2].unsqueeze(1), e, out=self._outer[: j2 - i])  # textbook: rounded, then
         w1[i:j2].sub_(outer)
 
 

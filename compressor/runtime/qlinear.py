@@ -18,11 +18,6 @@ from .ops import MODE_FLOAT, dequantize_packed, int_weight_matmul, packed_linear
 from .repack import PackedWeight, repack_fp8, repack_int
 
 
-def fp8_format(scheme: dict) -> Fp8Format:
-    """The Fp8Format of a compressed-tensors FP8 weight scheme (2-D blocks default to 128 x 128)."""
-    return Fp8Format(scheme["strategy"], tuple(scheme.get("block_structure") or (128, 128)))
-
-
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as compressed-tensors tensors (pack-quantized INT or FP8 E4M3)."""
 
@@ -55,7 +50,7 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         s = self.scheme
         if s["type"] == "float":
-            return fp8_dequantize(self.weight, self.weight_scale, fp8_format(s))
+            return fp8_dequantize(self.weight, self.weight_scale, Fp8Format.of_scheme(s))
         group = s.get("group_size") or self.in_features
         if s["strategy"] == "channel":
             group = self.in_features
@@ -79,7 +74,7 @@ class QuantLinear(nn.Module):
     def _repack(self) -> PackedWeight | None:
         s = self.scheme
         if s["type"] == "float":
-            fmt = fp8_format(s)
+            fmt = Fp8Format.of_scheme(s)
             return repack_fp8(self.weight, self.weight_scale, fmt.strategy, fmt.block)
         if s["num_bits"] not in (4, 8):
             return None
@@ -158,7 +153,7 @@ class QuantEmbedding(QuantLinear):
         """Float32 rows [len(rows), hidden] of the table (same values as dequantized_weight()[rows])."""
         s = self.scheme
         if s["type"] == "float":
-            fmt = fp8_format(s)
+            fmt = Fp8Format.of_scheme(s)
             scale = self.weight_scale
             if fmt.strategy == "block":  # the rows' block rows of scales: 1-row blocks
                 scale = expand_blocks(scale, (self.out_features, scale.shape[1]), (fmt.block[0], 1))[rows]

@@ -1,8 +1,9 @@
 """One handler per quantization technique, composed by the `quantize` pass (and reused by `allocate_bits` and
 `lowrank` to predict what the pass will make of a weight).
 
-Each handler takes a typed config of its own (built from the recipe's `quantize` pass), the weights and the
-statistics it needs, and calls the pure numerics of `compressor.quant`:
+Each handler takes a typed config of its own (`RtnConfig`, `GptqConfig`, `AwqConfig`, built from the recipe's
+`quantize` section; the low-rank fit takes the `lowrank` section), the weights and the statistics it needs, and
+calls the pure numerics of `compressor.quant`:
 
 - `data_free.py`: round-to-nearest (INT) and FP8, which need no statistics;
 - `gptq.py`: GPTQ, given the input Gram matrix;

@@ -13,7 +13,7 @@ from torch import nn
 from ..calibration.engine import GramStat
 from ..models.adapters import Adapter
 from ..models.folding import can_fold_into, fold_divisor, scale_input_columns
-from ..plan import Plan
+from ..plan import AwqFold, Plan
 from ..quant.awq import awq_search
 from ..quant.formats import Fp8Format, WeightFormatT, round_scale
 from ..schema import QuantizePass
@@ -66,7 +66,7 @@ def scale_inputs(
     }
     if found.alpha == 0.0:
         return None, record
-    plan.awq.append({"group": record["group"], "alpha": found.alpha, "folded_into": src_name})
+    plan.awq.append(AwqFold(record["group"], found.alpha, src_name))
     _fold(g.adapter, src_name, src_module, found.scale, plan)
     for n in g.group:
         scale_input_columns(g.block.get_submodule(n), found.scale)

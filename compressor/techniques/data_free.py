@@ -1,4 +1,4 @@
-"""Data-free quantization: round-to-nearest for INT formats, scaling into E4M3 for FP8."""
+"""The data-free handlers: round-to-nearest for INT formats, scaling into E4M3 for FP8."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import QuantizedWeight
-from ..quant.formats import Fp8Format, WeightFormatT
+from ..quant.formats import Fp8Format, IntFormat, WeightFormatT
 from ..quant.fp8 import fp8_quantize
 from ..quant.rtn import rtn_quantize
 from ..schema import QuantizePass
@@ -25,10 +25,18 @@ class RtnConfig:
         return cls(cfg.scale_dtype, cfg.clip_search)
 
 
-def quantize_data_free(w: torch.Tensor, fmt: WeightFormatT, cfg: RtnConfig) -> QuantizedWeight:
-    """w [out, in] quantized into `fmt` without calibration data (FP8 scales are always float32)."""
-    if isinstance(fmt, Fp8Format):
-        codes, scale = fp8_quantize(w, fmt)
-        return QuantizedWeight(fmt, codes, scale, None, "float32")
+def rtn_weight(w: torch.Tensor, fmt: IntFormat, cfg: RtnConfig) -> QuantizedWeight:
+    """w [out, in] rounded to the nearest point of the INT grid `fmt`."""
     codes, scale, zero = rtn_quantize(w, fmt, cfg.scale_dtype, cfg.clip_search)
     return QuantizedWeight(fmt, codes, scale, zero, cfg.scale_dtype)
+
+
+def fp8_weight(w: torch.Tensor, fmt: Fp8Format) -> QuantizedWeight:
+    """w [out, in] scaled into E4M3 (scales are always float32)."""
+    codes, scale = fp8_quantize(w, fmt)
+    return QuantizedWeight(fmt, codes, scale, None, "float32")
+
+
+def quantize_data_free(w: torch.Tensor, fmt: WeightFormatT, cfg: RtnConfig) -> QuantizedWeight:
+    """w [out, in] quantized into `fmt` without calibration data: FP8 scaling or INT round-to-nearest."""
+    return fp8_weight(w, fmt) if isinstance(fmt, Fp8Format) else rtn_weight(w, fmt, cfg)

@@ -18,7 +18,6 @@ from compressor.quant.formats import SCALE_DTYPES, Fp8Format
 from compressor.quant.fp8 import expand_blocks, fp8_dequantize
 from compressor.quant.packing import unpack_int32, unpack_zero_points
 from compressor.quant.rtn import dequantize, expand_groups
-from compressor.runtime.qlinear import fp8_format
 
 NBITS_BLOCK_MAX = 128  # largest MatMulNBits block chosen when a layer's group is wider (channel-wise scales)
 
@@ -65,7 +64,7 @@ def from_buffers(module: torch.nn.Module) -> LayerWeights:
     """The layer held by a `compressor.load` QuantLinear/QuantEmbedding (its compressed-tensors buffers)."""
     s = module.scheme
     if s["type"] == "float":
-        fmt = fp8_format(s)
+        fmt = Fp8Format.of_scheme(s)
         block = fmt.block if fmt.strategy == "block" else None
         return LayerWeights(module.weight, module.weight_scale.to(torch.float32), None, 8, None, block)
     n, k = (int(v) for v in module.weight_shape.tolist())
