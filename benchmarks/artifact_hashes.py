@@ -53,8 +53,11 @@ def zoo(calib: Path) -> dict[str, tuple[str, dict]]:
     for fam in ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt", "gpt2", "bert"):
         cases[f"{fam}-gptq"] = (fam, _small(calib, [_q()]))
         cases[f"{fam}-rtn-asym"] = (fam, _small(calib, [_q("rtn", symmetric=False)]))
-    for fam in ("llama", "opt", "gpt2"):
+    for fam in ("llama", "opt", "gpt2", "gemma3"):
         cases[f"{fam}-gptq-awq"] = (fam, _small(calib, [{**_q(), "awq": True}]))
+    cases["llama-gptq-static-clip"] = ("llama", _small(calib, [{**_q(), "static_groups": True, "clip_search": True}]))
+    cases["llama-fp8-tensor"] = ("llama", _small(calib, [_q("rtn", format="fp8", bits=8, strategy="tensor")]))
+    cases["gpt2-lowrank"] = ("gpt2", _small(calib, [{"type": "lowrank", "rank": 4}, _q()]))
     cases["llama-gptq-dyn"] = ("llama", _small(calib, [{**_q(symmetric=False), "act_order": False}]))
     cases["llama-gptq-g40-ragged"] = ("llama", _small(calib, [{**_q(group_size=40), "group_policy": "ragged"}]))
     cases["llama-gptq-g40-fallback"] = ("llama", _small(calib, [_q(group_size=40)]))
