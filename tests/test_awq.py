@@ -51,7 +51,7 @@ def test_folding_keeps_the_float_model_exact(family, tiny_model_dir):
             first = block.get_submodule(group[0])
             width = first.weight.shape[0] if type(first).__name__ == "Conv1D" else first.weight.shape[1]
             s = torch.rand(width, generator=torch.Generator().manual_seed(folded)) * 3 + 0.25
-            fold_divisor(source[1], s)
+            fold_divisor(source[1], s, adapter.norm_offset(source[1]))
             for name in group:
                 scale_input_columns(block.get_submodule(name), s)
             folded += 1

@@ -14,7 +14,6 @@ from .families import (
     StructureInfo,
     adapter_for,
     is_conv1d,
-    norm_offset,
 )
 
 __all__ = [
@@ -26,5 +25,4 @@ __all__ = [
     "StructureInfo",
     "adapter_for",
     "is_conv1d",
-    "norm_offset",
 ]

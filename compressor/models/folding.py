@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .families import is_conv1d
-from .families import norm_offset as family_norm_offset
 
 
 def can_fold_into(module: nn.Module) -> bool:
@@ -21,18 +20,17 @@ def can_fold_into(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def fold_divisor(module: nn.Module, divisor: torch.Tensor, norm_offset: float | None = None) -> None:
+def fold_divisor(module: nn.Module, divisor: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Make `module`'s output equal to its old output / divisor (per output channel).
 
-    A norm that scales by (c + weight) takes `norm_offset` c (the adapter's `norm_offset(module)`; None asks
-    every family)."""
+    A norm that scales by (c + weight) takes `norm_offset` c: the model family's `adapter.norm_offset(module)`."""
     d = divisor.to(torch.float32)
     if isinstance(module, nn.Linear):
         module.weight.copy_((module.weight.float() / d[:, None]).to(module.weight.dtype))
     elif is_conv1d(module):
         module.weight.copy_((module.weight.float() / d[None, :]).to(module.weight.dtype))
-    elif offset := (family_norm_offset(module) if norm_offset is None else norm_offset):
-        module.weight.copy_(((offset + module.weight.float()) / d - offset).to(module.weight.dtype))
+    elif norm_offset:
+        module.weight.copy_(((norm_offset + module.weight.float()) / d - norm_offset).to(module.weight.dtype))
     else:
         module.weight.copy_((module.weight.float() / d).to(module.weight.dtype))
     bias = getattr(module, "bias", None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ...errors import ModelError
 from .base import NO_BRANCHES, Adapter, StructureInfo, is_conv1d
 from .bert import BERT
@@ -20,7 +18,6 @@ __all__ = [
     "StructureInfo",
     "adapter_for",
     "is_conv1d",
-    "norm_offset",
 ]
 
 ADAPTERS: tuple[Adapter, ...] = (LLAMA, OPT, GPT2, BERT)
@@ -40,7 +37,3 @@ def adapter_for(model_type: str) -> Adapter:
         fix=f"use a model of a supported family: {', '.join(SUPPORTED_MODEL_TYPES)}",
     )
 
-
-def norm_offset(norm: nn.Module) -> float:
-    """The (c + weight) offset of a norm module, from whichever family declares one (0.0: a plain norm)."""
-    return next((offset for a in ADAPTERS if (offset := a.norm_offset(norm))), 0.0)
