@@ -5,24 +5,5 @@ The generic `Adapter` lives in `families/base.py`; each family's knowledge in it
 
 from __future__ import annotations
 
-from .families import (
-    ADAPTERS,
-    FUSED_GRAPH_TYPES,
-    NO_BRANCHES,
-    SUPPORTED_MODEL_TYPES,
-    Adapter,
-    StructureInfo,
-    adapter_for,
-    is_conv1d,
-)
-
-__all__ = [
-    "ADAPTERS",
-    "FUSED_GRAPH_TYPES",
-    "NO_BRANCHES",
-    "SUPPORTED_MODEL_TYPES",
-    "Adapter",
-    "StructureInfo",
-    "adapter_for",
-    "is_conv1d",
-]
+from .families import *  # noqa: F403  (re-export)
+from .families import __all__  # noqa: F401
