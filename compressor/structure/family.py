@@ -1,5 +1,5 @@
-"""Structural surgery's questions to a model's family: what a block's residual branches end in, which config
-fields are per-layer lists, and what a family cannot do without custom modeling code.
+"""Structural surgery's questions to a model's family: what a block's residual branches end in and what a family
+cannot do without custom modeling code (the adapter also slices per-layer config entries: `slice_layer_config`).
 
 The answers are the family adapters' (compressor/models/families/); `StructureInfo` is re-exported here.
 """
@@ -11,10 +11,7 @@ from torch import nn
 from ..errors import RecipeError
 from ..models.adapters import Adapter, StructureInfo
 
-__all__ = ["PER_LAYER_LISTS", "StructureInfo", "branch_module", "check_block_surgery", "structure_info"]
-
-# config attributes that hold one entry per decoder layer (sliced on removal)
-PER_LAYER_LISTS = ("layer_types", "sliding_window_layers", "no_rope_layers", "swa_layers")
+__all__ = ["StructureInfo", "branch_module", "check_block_surgery", "structure_info"]
 
 
 def structure_info(adapter: Adapter, model: nn.Module) -> StructureInfo:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..models.adapters import Adapter
-from .family import PER_LAYER_LISTS, branch_module, check_block_surgery
+from .family import branch_module, check_block_surgery
 
 
 def depth(adapter: Adapter, model: nn.Module) -> int:
@@ -48,16 +48,6 @@ def _set_num_layers(config, n: int) -> None:
             setattr(config, key, n)
 
 
-def _slice_config(config, keep: list[int], old_depth: int) -> None:
-    for key in PER_LAYER_LISTS:
-        value = getattr(config, key, None)
-        if isinstance(value, (list, tuple)) and len(value) == old_depth:
-            setattr(config, key, [value[i] for i in keep])
-    mwl = getattr(config, "max_window_layers", None)
-    if isinstance(mwl, int):  # qwen2/3: layers below max_window_layers use full attention
-        config.max_window_layers = sum(1 for i in keep if i < mwl)
-
-
 def reindex_layers(blocks: nn.ModuleList) -> None:
     """Give every module with a `layer_idx` (attention: KV-cache slot) the index of its block."""
     for i, block in enumerate(blocks):
@@ -76,7 +66,7 @@ def keep_blocks(model: nn.Module, adapter: Adapter, keep: list[int]) -> None:
     parent = model.base_model.get_submodule(parent_name) if parent_name else model.base_model
     setattr(parent, leaf, kept)
     _set_num_layers(model.config, len(keep))
-    _slice_config(model.config, keep, old)
+    adapter.slice_layer_config(model.config, keep, old)
     reindex_layers(kept)
 
 

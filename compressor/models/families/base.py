@@ -13,6 +13,9 @@ from torch import nn
 
 from ...errors import ModelError
 
+# config attributes that hold one entry per decoder layer (sliced on removal), across transformers families
+PER_LAYER_LISTS = ("layer_types", "sliding_window_layers", "no_rope_layers", "swa_layers")
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style Conv1D keeps its weight as [in, out]."""
@@ -127,6 +130,13 @@ class Adapter:
 
     def check_block_surgery(self, config) -> None:
         """Raise a RecipeError where removing blocks would change the model in a way a reload would not keep."""
+
+    def slice_layer_config(self, config, keep: list[int], old_depth: int) -> None:
+        """Keep the per-layer config entries of the blocks `keep` (original indices) after block removal."""
+        for key in PER_LAYER_LISTS:
+            value = getattr(config, key, None)
+            if isinstance(value, (list, tuple)) and len(value) == old_depth:
+                setattr(config, key, [value[i] for i in keep])
 
     def fused_graph(self, model_type: str) -> bool:
         """Whether the fused ONNX decoder graph supports `model_type`."""

@@ -16,6 +16,13 @@ class LlamaAdapter(Adapter):
         """Gemma norms scale by (1 + weight)."""
         return 1.0 if "Gemma" in type(norm).__name__ else 0.0
 
+    def slice_layer_config(self, config, keep: list[int], old_depth: int) -> None:
+        """Also qwen2/3's `max_window_layers`: the layers below it use full attention."""
+        super().slice_layer_config(config, keep, old_depth)
+        mwl = getattr(config, "max_window_layers", None)
+        if isinstance(mwl, int):
+            config.max_window_layers = sum(1 for i in keep if i < mwl)
+
 
 LLAMA = LlamaAdapter(
     "llama",
