@@ -166,15 +166,17 @@ def run(work: Path, only: str | None, smollm2: list[str]) -> dict[str, dict[str,
 
 
 def compare(a: dict, b: dict) -> int:
-    """Print every case and entry that differs; returns the count."""
+    """Print every entry that differs in the cases both runs have (and the cases only one has); returns the count."""
     diffs = 0
-    for case in sorted(set(a) | set(b)):
-        ea, eb = a.get(case, {}), b.get(case, {})
+    for case in sorted(set(a) ^ set(b)):
+        print(f"ONLY IN {'BEFORE' if case in a else 'AFTER'}: {case}")
+    for case in sorted(set(a) & set(b)):
+        ea, eb = a[case], b[case]
         for key in sorted(set(ea) | set(eb)):
             if ea.get(key) != eb.get(key):
                 diffs += 1
                 print(f"DIFF {case} {key}: {ea.get(key)} -> {eb.get(key)}")
-    print(f"{diffs} differing entries over {len(set(a) | set(b))} cases")
+    print(f"{diffs} differing entries over {len(set(a) & set(b))} cases")
     return diffs
 
 
