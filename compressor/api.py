@@ -157,6 +157,7 @@ def compress(
     run = _Run(time.perf_counter(), {})
     limit_malloc_fragmentation()
     r, out = _checked_recipe(recipe, model, output, push_to_hub, overwrite, overrides)
+    torch.manual_seed(r.calibration.seed)
     state, base_params, windows = _load(r, quiet, run)
     metrics = _compress_and_evaluate(state, windows, quiet, run)
     report = _report(state, metrics, run)
@@ -196,7 +197,6 @@ def _checked_recipe(recipe, model, output, push_to_hub, overwrite: bool, overrid
     _validate_paths(r)
     if r.hub is not None:  # fail now, not after hours of compression
         check_hub_target(r.hub)
-    torch.manual_seed(r.calibration.seed)
     return r, out
 
 
