@@ -154,7 +154,7 @@ def compress(
     from exporters.hub import push_artifact
     from exporters.report import summary_lines
 
-    run = _Run(time.perf_counter(), {})
+    run = _Run(time.perf_counter())
     limit_malloc_fragmentation()
     r, out = _checked_recipe(recipe, model, output, push_to_hub, overwrite, overrides)
     torch.manual_seed(r.calibration.seed)
@@ -177,7 +177,7 @@ class _Run:
     """When the run started, and how long each of its steps took (report.json `timings`)."""
 
     start: float
-    timings: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
     pass_timings: list[dict] = field(default_factory=list)
 
     def timed(self, step: str, since: float) -> None:

@@ -186,8 +186,8 @@ class BlockChange:
 class Plan:
     """Every decision of a run, as typed values: passes write it, the artifact writers and the report read it.
 
-    Decisions made before the quantize pass carries them out (`schemes` by `allocate_bits`, `compensation` by
-    `lowrank`) sit beside what each layer became (`layers`, `weights`, `compensations`); structural changes
+    Decisions made before the quantize pass carries them out (`schemes` by `allocate_bits`, `lowrank` by the
+    `lowrank` pass) sit beside what each layer became (`layers`, `weights`, `compensations`); structural changes
     (`blocks`) and activation-aware scaling folds (`awq`) are recorded as they happen; `finish` records the
     artifact's layout (which linears stay float, in which dtype) once the passes are done.
     """
@@ -199,7 +199,7 @@ class Plan:
     compensations: dict[str, LowRankFactors] = field(default_factory=dict)
     # per-layer weight schemes chosen by `allocate_bits` (full module name -> scheme, None = keep float)
     schemes: dict[str, WeightScheme | None] = field(default_factory=dict)
-    compensation: CompensationRequest | None = None
+    lowrank: CompensationRequest | None = None  # the corrections the `lowrank` pass asks the quantize pass for
     blocks: list[BlockChange] = field(default_factory=list)  # removed / fused / zeroed blocks, in the order done
     awq: list[AwqFold] = field(default_factory=list)  # activation-aware scales folded, per input group
     # the artifact's layout, recorded by `finish` once the passes are done
@@ -251,7 +251,7 @@ class Plan:
             "ignore": self.ignore,
             "blocks": [asdict(b) for b in self.blocks],
             "awq": [asdict(f) for f in self.awq],
-            "compensation": None
-            if self.compensation is None
-            else {"rank": self.compensation.config.rank, "ranks": self.compensation.ranks},
+            "lowrank": None
+            if self.lowrank is None
+            else {"rank": self.lowrank.config.rank, "ranks": self.lowrank.ranks},
         }

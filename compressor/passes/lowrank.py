@@ -33,7 +33,7 @@ class LowRankRunner:
 
     def run(self, state: CompressionState) -> None:
         quant = following_quantize(state, self.cfg, "lowrank", "corrects the quantization error of")
-        state.plan.compensation = CompensationRequest(self.cfg)
+        state.plan.lowrank = CompensationRequest(self.cfg)
         if self.cfg.budget_bits_per_weight is None:
             log.info(
                 "lowrank: the quantize pass (%s) fits rank-%d corrections of its error", quant.method, self.cfg.rank
@@ -44,7 +44,7 @@ class LowRankRunner:
         weights = sum(_numel(state, name) for name in spectra)
         budget_units = int(self.cfg.budget_bits_per_weight * weights / bits)  # stored numbers
         ranks = allocate_ranks(spectra, budget_units)
-        state.plan.compensation.ranks = ranks
+        state.plan.lowrank.ranks = ranks
         used = sum(r * spectra[n].cost for n, r in ranks.items()) * bits
         state.report["lowrank_allocation"] = {
             "budget_bits_per_weight": self.cfg.budget_bits_per_weight,

@@ -95,7 +95,7 @@ class QuantizeRunner:
         layer = LayerPlan.describe(name, qw, method, requested, note)
         deq = qw.dequantize()
         comp = None
-        request = state.plan.compensation
+        request = state.plan.lowrank
         rank = request.rank_for(name) if request is not None and h is not None and original is not None else 0
         if rank:
             dtype = request.config.storage_dtype(state.plan.dtype)
@@ -116,7 +116,7 @@ class QuantizeRunner:
         model, adapter = state.model, state.adapter
         blocks = adapter.blocks(model)
         prefixes = adapter.block_prefixes(model)
-        if self.cfg.method == "gptq" or self.cfg.awq or state.plan.compensation is not None:
+        if self.cfg.method == "gptq" or self.cfg.awq or state.plan.lowrank is not None:
             self._run_calibrated(state, blocks, prefixes)
         else:
             self._run_data_free(state, blocks, prefixes)
