@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 from .schema import OnnxExportConfig, PassConfig, QuantizePass, Strict, WeightScheme
+from .schema.targets import implied_target
 
 __all__ = ["CalibrationConfig", "EvaluateConfig", "HubConfig", "QuantizePass", "Recipe", "WeightScheme", "load_recipe"]
 
@@ -86,6 +87,18 @@ class Recipe(Strict):
     output: str | None = None
     hub: HubConfig | None = Field(None, description="upload the artifact to the hub when the run succeeds")
 
+    @model_validator(mode="after")
+    def _allocations_fit_their_targets(self) -> Recipe:
+        """`allocate_bits.target: auto` means what the exports imply; refuse candidates the target cannot run."""
+        for i, p in enumerate(self.passes):
+            if p.type != "allocate_bits":
+                continue
+            p.imply_target(implied_target(self.export))
+            refusals = p.target_refusals()
+            if refusals:
+                raise ValueError(f"passes.{i}.candidates: {refusals[0]}")
+        return self
+
     def to_yaml(self) -> str:
         """The fully defaulted recipe as YAML."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -106,6 +119,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         return f"unknown key '{loc}'"
     if first["type"] == "union_tag_invalid" or first["type"] == "union_tag_not_found":
         return f"at '{loc}': unknown pass {bad!r} ({msg})"
+    if not loc:  # a check across sections names its own place
+        return msg.removeprefix("Value error, ")
     shown = repr(bad) if not isinstance(bad, dict) else "{...}"
     return f"at '{loc}': {msg} (got {shown})"
 

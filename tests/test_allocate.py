@@ -3,19 +3,23 @@
 import itertools
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import small_recipe
 from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor.allocate import solver
 from compressor.errors import RecipeError
+from compressor.recipe import parse_recipe
 from compressor.schema.allocate import parse_candidate
 
 CANDIDATES = ["int2 g32", "int4 g32", "int8 channel"]
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _brute_force(costs, values, budget):
@@ -244,3 +248,52 @@ def test_search_never_ends_worse_than_its_start(tiny_model_dir, calib_file, tmp_
     alloc, search = result.report["allocation"], result.report["allocation_search"]
     assert alloc["used_bits"] <= alloc["budget_bits"]
     assert search["steps"] >= 1 and 0 <= search["held_out_kl"] <= search["start_kl"]
+
+
+@pytest.mark.parametrize(
+    "target, candidate, runs",
+    [
+        ("compressor", "int3 g64", True),
+        ("compressor", "int2 g40 asym", True),
+        ("compressor", "fp8 block", True),
+        ("vllm", "int4 g128", True),
+        ("vllm", "int4 g64 asym", True),
+        ("vllm", "int8 channel", True),
+        ("vllm", "fp8 channel", True),
+        ("vllm", "int3 g64", False),  # no 3-bit weight kernel in vLLM
+        ("vllm", "int4 g256", False),  # Marlin takes groups of 32, 64, 128 or channel
+        ("vllm", "int8 g128 asym", False),
+        ("vllm", "fp8 block", False),
+        ("onnxruntime", "int2 g32", True),
+        ("onnxruntime", "int4 g16 asym", True),
+        ("onnxruntime", "int8 channel", True),
+        ("onnxruntime", "int4 g48", False),  # MatMulNBits blocks are powers of two >= 16
+        ("onnxruntime", "int3 g64", False),
+        ("onnxruntime", "fp8 channel", False),
+        ("llama.cpp", "int4 g32", True),  # Q4_0
+        ("llama.cpp", "int4 g32 asym", True),  # Q4_1
+        ("llama.cpp", "int8 g32", True),  # Q8_0
+        ("llama.cpp", "int4 g64", False),
+        ("llama.cpp", "int8 channel", False),
+    ],
+)
+def test_each_target_takes_only_what_its_kernels_run(target, candidate, runs):
+    data = yaml.safe_load((RECIPES_DIR / "w4-layerwise.yaml").read_text())
+    data["passes"][0].update(candidates=[candidate, "keep"], target=target)
+    if runs:
+        assert parse_recipe(data).passes[0].runtime.name == target
+    else:
+        with pytest.raises(RecipeError, match=rf"passes\.0\.candidates: candidate '{candidate}' .* target {target}"):
+            parse_recipe(data)
+
+
+def test_auto_target_is_what_the_exports_imply():
+    data = yaml.safe_load((RECIPES_DIR / "w4-layerwise.yaml").read_text())
+    recipe = parse_recipe(data)
+    assert recipe.passes[0].target == "auto" and recipe.passes[0].runtime.name == "compressor"
+    assert "target: auto" in recipe.to_yaml()  # the dumped recipe keeps `auto`: it follows a changed export list
+    data["export"] = ["safetensors", "onnx"]
+    with pytest.raises(RecipeError, match="int3 g64.*no fast kernel on target onnxruntime, which takes int2/int4/int8"):
+        parse_recipe(data)
+    data["passes"][0]["target"] = "compressor"  # explicit: the ONNX file is a by-product
+    assert parse_recipe(data).passes[0].runtime.name == "compressor"

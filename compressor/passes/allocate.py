@@ -28,7 +28,6 @@ from .base import following_quantize, register
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Units:
     """The allocation problem: the linears, and per unit (linear or block) x candidate its cost and value."""
@@ -100,6 +99,7 @@ class AllocateBitsRunner:
         return {
             "method": self.cfg.method,
             "granularity": self.cfg.granularity,
+            "target": self.cfg.runtime.name,
             "candidates": self.cfg.candidates,
             "budget_bits": int(budget),
             "budget_bits_per_weight": budget / n_weights,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from .common import Strict
 from .quantize import WeightScheme
+from .targets import TARGETS, RuntimeTarget
 
 KEEP = "keep"
 _CANDIDATE = re.compile(
@@ -75,6 +76,11 @@ class AllocateBitsPass(Strict):
         description="formats a layer may take: 'int<b> g<size>|channel [asym]', 'fp8 channel|block', 'keep'",
     )
     budget: Budget
+    target: Literal["auto", "compressor", "vllm", "onnxruntime", "llama.cpp"] = Field(
+        "auto",
+        description="runtime the mix is made for; candidates it has no fast kernel for are refused. auto: "
+        "onnxruntime when the recipe exports ONNX, else compressor (compressor.load's kernels)",
+    )
     method: Literal["measured", "lim", "zd", "search"] = Field(
         "measured",
         description="measured: Fisher-weighted error per layer and candidate + exact knapsack; lim / zd: the seed "
@@ -102,11 +108,27 @@ class AllocateBitsPass(Strict):
             raise ValueError("candidates must not repeat")
         return v
 
+    _implied_target: str = PrivateAttr("compressor")  # set by the Recipe from its exports (target: auto)
+
     @model_validator(mode="after")
     def _orderings_need_blocks(self) -> AllocateBitsPass:
         if self.method == "lim" and self.granularity != "block":
             raise ValueError("method lim scores whole blocks; set granularity: block")
         return self
+
+    def imply_target(self, name: str) -> None:
+        """Record the target that `target: auto` stands for in this recipe."""
+        self._implied_target = name
+
+    @property
+    def runtime(self) -> RuntimeTarget:
+        """The target the allocation is made for (auto resolved)."""
+        return TARGETS[self._implied_target if self.target == "auto" else self.target]
+
+    def target_refusals(self) -> list[str]:
+        """Why candidates cannot run on the target: one line per refused candidate (empty when all can)."""
+        refusals = (self.runtime.refusal(c, s) for c, s in zip(self.candidates, self.schemes()))
+        return [r for r in refusals if r]
 
     def schemes(self) -> list[WeightScheme | None]:
         return [parse_candidate(c) for c in self.candidates]

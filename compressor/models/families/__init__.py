@@ -36,4 +36,3 @@ def adapter_for(model_type: str) -> Adapter:
         f"unsupported architecture '{model_type}'",
         fix=f"use a model of a supported family: {', '.join(SUPPORTED_MODEL_TYPES)}",
     )
-
