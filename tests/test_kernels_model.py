@@ -152,3 +152,34 @@ def test_load_rejects_unknown_activation_mode(artifact):
     with pytest.raises(ValueError, match="int8-decode"):
         compressor.load(artifact, activations="int4")
     assert all(m.kernel_mode == MODE_FLOAT for m in _quant_linears(compressor.load(artifact)))
+
+
+def test_siblings_share_one_kernel_call_with_identical_outputs(artifact, monkeypatch):
+    """q|k|v and gate|up of a block (same input, same format) run as one kernel call after compressor.load: 4 calls
+    per llama block instead of 7, with bit-identical logits (eager), and each layer still runs alone (torch.compile,
+    or after a move)."""
+    from compressor.runtime import ops, siblings
+
+    mode = "float" if "fp8" in artifact.parent.name else "int8-decode"
+    fused = compressor.load(artifact, activations=mode)
+    plain = compressor.load(artifact, activations=mode, fuse_siblings=False)
+    joined = [m for m in _quant_linears(fused) if m._siblings is not None]
+    assert len(joined) == 5 * len(fused.model.layers)
+    calls = []
+    for module in (ops, siblings):
+        monkeypatch.setattr(module, "packed_matmul", lambda *a, f=module.packed_matmul: calls.append(1) or f(*a))
+    prefill = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    for ids in (prefill, prefill[:1, :1]):
+        calls.clear()
+        assert torch.equal(_logits(fused, ids), _logits(plain, ids))
+        assert len(calls) == 4 * len(fused.model.layers) + 7 * len(plain.model.layers)
+    with torch.no_grad():
+        generated = [m.generate(prefill[:1, :5], max_new_tokens=6, do_sample=False) for m in (fused, plain)]
+    assert torch.equal(*generated)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fused)(input_ids=prefill)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    fused.float()  # a move: every layer remakes its own kernel weight and runs alone
+    assert all(m._siblings is None for m in _quant_linears(fused))
+    assert torch.equal(_logits(fused, prefill), _logits(plain, prefill))

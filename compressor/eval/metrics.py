@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -76,10 +77,11 @@ def evaluate_windows(
 
 
 @torch.inference_mode()
-def greedy_sample(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+def greedy_sample(model, tokenizer, prompt: str, new_tokens: int, repeats: int = 3) -> dict:
     """Greedy continuation of `prompt` and the decode rate (tokens/s after the first, which pays the prefill).
 
-    The rate comes from two runs, one token and `new_tokens` tokens, so the prefill cancels out.
+    The rate comes from pairs of runs, one token and `new_tokens` tokens, so the prefill cancels out; the median
+    of `repeats` pairs, so that one slow moment of the machine does not decide a comparison with the base model.
     """
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -96,12 +98,14 @@ def greedy_sample(model, tokenizer, prompt: str, new_tokens: int) -> dict:
         )
         return out[0, ids.shape[1] :], time.perf_counter() - start
 
-    _, first = run(1)
-    tokens, total = run(new_tokens)
-    decode_s = max(total - first, 1e-9)
+    rates = []
+    for _ in range(repeats):
+        _, first = run(1)
+        tokens, total = run(new_tokens)
+        rates.append((tokens.numel() - 1) / max(total - first, 1e-9))
     return {
         "prompt": prompt,
         "text": tokenizer.decode(tokens, skip_special_tokens=True),
         "new_tokens": int(tokens.numel()),
-        "decode_tokens_per_s": (tokens.numel() - 1) / decode_s if tokens.numel() > 1 else None,
+        "decode_tokens_per_s": statistics.median(rates) if tokens.numel() > 1 else None,
     }

@@ -16,6 +16,7 @@ from ..models.adapters import adapter_for
 from .lora import read_lora
 from .ops import ACTIVATION_MODES
 from .qlinear import QuantEmbedding, QuantLinear
+from .siblings import fuse_siblings
 
 _QUANT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -49,7 +50,9 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str = "float") -> nn.Module:
+def load(
+    path: str | Path, dtype: torch.dtype = torch.float32, activations: str = "float", fuse_siblings: bool = True
+) -> nn.Module:
     """Load a compressed artifact: quantized linears become QuantLinear modules (packed weights kept).
 
     `activations` picks how the C++ kernels treat activations: "float" (default) keeps them in float32, so the
@@ -57,9 +60,12 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
     quantizes them to int8 per block for batches of fewer than 16 rows (faster decode, about 0.5% relative
     error per layer, like onnxruntime's accuracy_level 4 or llama.cpp); "int8" does so for every batch size.
 
+    `fuse_siblings`: linears of a block that read the same input and share a kernel format (q|k|v, gate|up) run
+    as one kernel call (runtime/siblings.py; bit-identical outputs, fewer per-call costs when decoding).
+
     Steps: the model built from config.json; its compressed layers swapped for quantized modules made from their
     tensors; every other tensor loaded as a dense state dict (and tied embeddings re-tied); the LoRA compensation
-    attached; the kernels' weight layout prepared.
+    attached; the kernels' weight layout prepared, and siblings joined.
     """
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations={activations!r}: expected one of {sorted(ACTIVATION_MODES)}")
@@ -77,7 +83,27 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, activations: str 
     for module in model.modules():  # the kernels' layout, made once here rather than inside a first (traced) call
         if type(module) is QuantLinear:
             module.packed_weight()
+    if fuse_siblings:
+        join_siblings(model, adapter_for(config.model_type))
     return model
+
+
+def join_siblings(model: nn.Module, adapter) -> int:
+    """Join the quantized linears that share an input within each block (the adapter's linear groups)."""
+    groups = []
+    for block in adapter.blocks(model):
+        for names in adapter.linear_groups:
+            members = [_submodule(block, n) for n in names]
+            if all(type(m) is QuantLinear for m in members):
+                groups.append(members)
+    return fuse_siblings(groups)
+
+
+def _submodule(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _empty_model(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object, dict]:

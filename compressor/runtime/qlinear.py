@@ -34,6 +34,8 @@ class QuantLinear(nn.Module):
         self._packed_ready = False
         self.lora_down: nn.Parameter | None = None  # low-rank correction y += up (down x), see attach_correction
         self.lora_up: nn.Parameter | None = None
+        self._siblings = None  # a SiblingGroup (runtime/siblings.py) this layer's kernel call is shared with
+        self._sibling_index = 0
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, scheme: dict) -> QuantLinear:
@@ -99,7 +101,7 @@ class QuantLinear(nn.Module):
         moved tensors, at once if there was one (so that a torch.compile'd forward finds it made instead of
         tracing the repack)."""
         had_copy = self._packed_ready
-        self._packed, self._packed_ready = None, False
+        self._packed, self._packed_ready, self._siblings = None, False, None  # (a moved layer runs alone)
         compressed, self._buffers = self._buffers, {}
         try:
             out = super()._apply(fn, recurse)
@@ -120,10 +122,20 @@ class QuantLinear(nn.Module):
         self.lora_down = nn.Parameter(down.detach().clone(), requires_grad=False)
         self.lora_up = nn.Parameter(up.detach().to(down.dtype).clone(), requires_grad=False)
 
+    def join_siblings(self, group, index: int, view: PackedWeight) -> None:
+        """Share kernel calls with the linears of `group` (eager mode); `view` becomes this layer's kernel weight."""
+        self._siblings, self._sibling_index = group, index
+        self._packed, self._packed_ready = view, True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight() if self.use_kernels else None
         if packed is None:
             y = int_weight_matmul(x, self.dequantized_weight(), self.bias)
+        elif self._siblings is not None and not torch.compiler.is_compiling():
+            y = self._siblings.output(self._sibling_index, x, self.kernel_mode)
+            if self.bias is not None:
+                y = y + self.bias.to(torch.float32)
+            y = y.contiguous().reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = packed_linear(x, packed, self.bias, self.kernel_mode)
         if self.lora_down is None:
