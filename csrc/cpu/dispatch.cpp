@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -110,6 +111,37 @@ int64_t act_block(const Weights& W) {
   return 0;
 }
 
+// Contention guard (2026-12-07). When another process keeps a core busy, a worker of ours waits for its time slice
+// (milliseconds) before it joins a parallel region, and the region ends only once it has: a decode step makes
+// ~120 such calls, so every one of them would wait. A worker that joins more than kLateNs after the region began
+// therefore switches the ops to the calling thread alone for kSerialNs; the next region after that probes again.
+// On an idle machine workers join within a few microseconds and nothing changes. COMPRESSOR_CONTENTION_GUARD=0
+// turns the guard off.
+constexpr int64_t kLateNs = 200'000;       // 0.2 ms: far above an idle wake-up, far below a time slice
+constexpr int64_t kSerialNs = 250'000'000;  // 0.25 s of calling-thread-only calls per stall seen
+std::atomic<int64_t> g_serial_until{0};
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool contention_guard_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("COMPRESSOR_CONTENTION_GUARD");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+bool run_serially() { return contention_guard_on() && now_ns() < g_serial_until.load(std::memory_order_relaxed); }
+
+void note_join(int64_t region_start) {
+  if (!contention_guard_on()) return;
+  const int64_t now = now_ns();
+  if (now - region_start > kLateNs) g_serial_until.store(now + kSerialNs, std::memory_order_relaxed);
+}
+
 struct Prepared {
   at::Tensor xpad, xsum, workspace;
   FloatAct fa{};
@@ -152,9 +184,13 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
   int32_t* qsum = reinterpret_cast<int32_t*>(base + q_bytes + xs_bytes);
   float* tg = reinterpret_cast<float*>(base + q_bytes + 2 * xs_bytes);
   const bool perm = W.kind == WKind::Int4;
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+  const auto quantize_rows = [&](int64_t m0, int64_t m1) {
     T->quantize(xp, K, W.Kp, ldq, ablk, perm, q, xs, qsum, m0, m1);
-  });
+  };
+  if (run_serially())
+    quantize_rows(0, M);
+  else
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), quantize_rows);
   if (W.zero_terms())  // only z * s rows use the group sums (symmetric INT4 folds its offset into the integers)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t b = 0; b < NB; ++b)
@@ -180,7 +216,7 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
 template <typename F>
 void for_each_chunk(int64_t n, const F& fn) {
   const int64_t workers = std::max(1, at::get_num_threads());
-  if (workers == 1 || n <= kStreamPairs) {
+  if (workers == 1 || n <= kStreamPairs || run_serially()) {
     if (n > 0) fn(0, n);
     return;
   }
@@ -211,7 +247,9 @@ void for_each_chunk(int64_t n, const F& fn) {
       if (shares[v].range.compare_exchange_weak(cur, next, std::memory_order_relaxed)) return true;
     }
   };
+  const int64_t region_start = now_ns();
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    note_join(region_start);
     for (int64_t w = w0; w < w1; ++w) {
       int64_t b = 0, e = 0;
       while (take(w, true, b, e)) fn(b, e);
