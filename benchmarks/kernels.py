@@ -1,4 +1,4 @@
-"""INT4 / FP8 weight kernels (torch.ops.compressor.*) against baselines measured in the same process.
+"""INT4 / INT3 / INT2 / FP8 weight kernels (torch.ops.compressor.*) against baselines measured in the same process.
 
 2 threads everywhere (--threads), median of --runs (>= 7) timed calls, wall clock; with --threads 1 --cpu-time the
 clock is the calling thread's CPU time, which on a machine shared with other jobs counts only the cycles this
@@ -21,10 +21,14 @@ the same load.
      rounds of (the round's median GEMV GB/s) / (the round's probe GB/s). Each round also reads a rotation of
      plain buffers of the weights' size ("read"): what a short read of that size gets from the memory system.
   3. FP8 E4M3 (per-channel scales) GEMV vs torch fp32 matmul.
+  3b. INT3 / INT2 GEMV (M = 1, g{--group} symmetric) as a ratio of the INT4 kernel's time on the same shape,
+     interleaved in the same rounds, with int8 activations (the "int8-decode" default for M < 16) and float32
+     activations (`--only lowbit`).
   4. End to end: greedy decode tokens/s of SmolLM2-135M W4 g64 RTN (compressor.load) vs the fp32 model.
 
     python benchmarks/kernels.py [--runs 9] [--group 128] [--skip-e2e] [--work /tmp/bench-kernels]
     python benchmarks/kernels.py --threads 1 --cpu-time
+    python benchmarks/kernels.py --only lowbit --shapes 4096x4096,4096x11008
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from compressor.quant.fp8 import fp8_quantize
 from compressor.quant.packing import pack_int32
 from compressor.quant.rtn import dequantize, rtn_quantize
 from compressor.runtime import _ext
-from compressor.runtime.ops import MODE_AUTO, MODE_INT8, packed_matmul
+from compressor.runtime.ops import MODE_AUTO, MODE_FLOAT, MODE_INT8, packed_matmul
 from compressor.runtime.repack import repack_fp8, repack_int
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # K x N
@@ -313,6 +317,34 @@ def bench_fp8(args) -> None:
         print(f"{k:>6}x{n:<6} {ours:8.3f} {fp32:8.3f} {fp32 / ours:6.2f}x {err:8.1e}")
 
 
+def int_weight(bits: int, k: int, n: int, group: int):
+    """A random [N, K] weight, RTN symmetric with fp16 group scales, in kernel layout; and the bytes a call reads."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    codes, scale, _ = rtn_quantize(w, IntFormat(bits, group, True), "float16")
+    p = repack_int(pack_int32(codes, bits), scale.to(torch.float16), None, bits, (n, k), group)
+    return p, sum(t.numel() * t.element_size() for t in (p.w, p.scale))
+
+
+def bench_lowbit(args) -> None:
+    print(
+        f"\n== INT3 / INT2 g{args.group} symmetric GEMV (M=1) vs the INT4 kernel, median of {args.runs} interleaved "
+        "rounds; ratio = time / INT4's time (below 1: faster)"
+    )
+    head = f"{'K x N':>13} {'act':>5} {'int4 ms':>8} {'int3 ms':>8} {'ratio':>6} {'int2 ms':>8} {'ratio':>6}"
+    print(f"{head} {'MB 4/3/2':>15}")
+    for k, n in SHAPES:
+        weights = {bits: int_weight(bits, k, n, args.group) for bits in (4, 3, 2)}
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+        mb = "/".join(f"{nbytes / 1e6:.1f}" for _, nbytes in weights.values())
+        for act, mode in (("int8", MODE_AUTO), ("fp32", MODE_FLOAT)):
+            fns = {bits: (lambda p=p, x=x, mode=mode: packed_matmul(x, p, mode)) for bits, (p, _) in weights.items()}
+            t = interleaved_ms(fns, args.runs)
+            print(
+                f"{k:>6}x{n:<6} {act:>5} {t[4]:8.3f} {t[3]:8.3f} {t[3] / t[4]:6.2f} {t[2]:8.3f} {t[2] / t[4]:6.2f} "
+                f"{mb:>15}"
+            )
+
+
 def smollm2_artifact(work: Path, lm_head: bool) -> Path:
     out = work / f"smollm2-w4g64-rtn{'-lmhead' if lm_head else ''}"
     if (out / "config.json").is_file():
@@ -385,7 +417,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", default="/tmp/bench-kernels")
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--only", default="int4,cold,fp8,e2e", help="comma list of sections")
+    ap.add_argument("--only", default="int4,cold,fp8,lowbit,e2e", help="comma list of sections")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="K x N list")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument(
@@ -418,6 +450,8 @@ def main() -> None:
         bench_cold(args)
     if "fp8" in sections:
         bench_fp8(args)
+    if "lowbit" in sections:
+        bench_lowbit(args)
     if "e2e" in sections and not args.skip_e2e:
         bench_e2e(args)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

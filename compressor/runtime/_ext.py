@@ -38,7 +38,8 @@ def _register_fake_kernels() -> None:
     def fp8_gemm(x, w, scales, group_size, out_features, mode=0):
         return x.new_empty((x.shape[0], scales.shape[1]), dtype=torch.float32).narrow(1, 0, out_features)
 
-    for name, fake in (("int4_gemm", int_gemm), ("int8_gemm", int_gemm), ("fp8_gemm", fp8_gemm)):
+    int_ops = ("int2_gemm", "int3_gemm", "int4_gemm", "int8_gemm")
+    for name, fake in [(op, int_gemm) for op in int_ops] + [("fp8_gemm", fp8_gemm)]:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"compressor::{name}", "Meta"):
             torch.library.register_fake(f"compressor::{name}", fake)
 

@@ -44,7 +44,7 @@ def packed_matmul(x: torch.Tensor, p: PackedWeight, mode: int = MODE_AUTO) -> to
     ops = torch.ops.compressor
     if p.kind == "fp8":
         return ops.fp8_gemm(x, p.w, p.scale, p.group_size, p.out_features, mode)
-    op = ops.int4_gemm if p.kind == "int4" else ops.int8_gemm
+    op = {"int2": ops.int2_gemm, "int3": ops.int3_gemm, "int4": ops.int4_gemm, "int8": ops.int8_gemm}[p.kind]
     return op(x, p.w, p.scale, p.zs, p.group_size, p.out_features, mode)
 
 

@@ -183,7 +183,7 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
   float* xs = reinterpret_cast<float*>(base + q_bytes);
   int32_t* qsum = reinterpret_cast<int32_t*>(base + q_bytes + xs_bytes);
   float* tg = reinterpret_cast<float*>(base + q_bytes + 2 * xs_bytes);
-  const bool perm = W.kind == WKind::Int4;
+  const ActPerm perm = act_perm(W.kind);
   const auto quantize_rows = [&](int64_t m0, int64_t m1) {
     T->quantize(xp, K, W.Kp, ldq, ablk, perm, q, xs, qsum, m0, m1);
   };
@@ -191,7 +191,7 @@ void prepare_quant(const KernelTable* T, const Weights& W, const at::Tensor& x, 
     quantize_rows(0, M);
   else
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), quantize_rows);
-  if (W.zero_terms())  // only z * s rows use the group sums (symmetric INT4 folds its offset into the integers)
+  if (W.zero_terms())  // only z * s rows use the group sums (symmetric weights fold their offset into the integers)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t b = 0; b < NB; ++b)
         tg[m * W.G + W.group_of(b * ablk)] += xs[m * NB + b] * static_cast<float>(qsum[m * NB + b]);
@@ -279,7 +279,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
               "scales must be float32, float16 or bfloat16 [G, Np], got ", s.scalar_type(), " ", s.sizes());
   Weights W{};
   W.kind = kind;
-  W.zoff = kind == WKind::Int4 ? 8.f : 0.f;
+  W.zoff = code_offset(kind);
   W.w = reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
   W.s = s.data_ptr();
   W.stype = s.scalar_type() == at::kHalf ? SType::F16 : s.scalar_type() == at::kBFloat16 ? SType::BF16 : SType::F32;
@@ -306,7 +306,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   auto result = [&] { return W.N == W.Np ? y : y.narrow(1, 0, W.N); };
   if (M == 0) return result();
 
-  const bool simd_ok = W.G == 1 || W.group % W.kpw() == 0;
+  const bool simd_ok = W.G == 1 || W.group % W.block_cols() == 0;
   const KernelTable* T = simd_ok ? active() : scalar_kernels();
   const int64_t ablk = kind == WKind::Fp8 ? 0 : act_block(W);
   TORCH_CHECK(mode >= kAuto && mode <= kGemmF32, "compressor ops: unknown mode ", mode);
@@ -377,6 +377,16 @@ at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
 at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                          const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode) {
   return run(x, w, scales, zeros ? &*zeros : nullptr, group_size, out_features, mode, WKind::Int8);
+}
+
+at::Tensor int2_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode) {
+  return run(x, w, scales, zeros ? &*zeros : nullptr, group_size, out_features, mode, WKind::Int2);
+}
+
+at::Tensor int3_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode) {
+  return run(x, w, scales, zeros ? &*zeros : nullptr, group_size, out_features, mode, WKind::Int3);
 }
 
 at::Tensor fp8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,

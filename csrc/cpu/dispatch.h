@@ -26,6 +26,11 @@ at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
                          const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
 at::Tensor int8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                          const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
+// int2 / int3: the same arguments on the low-bit layouts of kernels.h (zero point offsets 2 and 4).
+at::Tensor int2_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
+at::Tensor int3_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
 at::Tensor fp8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
                         int64_t out_features, int64_t mode);
 

@@ -11,13 +11,23 @@
 //      int4: 8 unsigned nibbles u (value (u - z) * s), nibble i at bits 4i  -> kpw = 8
 //      int8: 4 signed bytes q (value (q - z) * s), byte i at bits 8i         -> kpw = 4
 //      fp8:  4 E4M3 bytes e (value e * s), byte i at bits 8i                  -> kpw = 4
+//      int2: 16 unsigned 2-bit codes u (value (u - z) * s), code i at bits 2i -> kpw = 16 (the on-disk word)
+//      int3: bit planes, 3 words per 32 columns (a word block; exactly 3 bits per weight): words 3b and 3b + 1
+//            hold the low 2 bits of columns 32b .. 32b+15 and 32b+16 .. 32b+31 in the int2 layout, word 3b + 2
+//            their high bits: the high bit of column 32b + 16w + 4j + r (w < 2, j < 4, r < 4) at bit
+//            8j + int3_high_bit(w, r), i.e. byte j holds the 8 columns whose low bits sit in byte j of the two
+//            low words, placed so that the int8-activation kernels move it next to a column's low bits with
+//            one shift per 4 columns (kernels_avx512.cpp); u = low + 4 * high
+//      A word block is the layout's unit along K: block_cols columns in block_words words (kpw columns in one
+//      word, except int3: 32 in 3).
 //   s:  [G][Np] group scales (G groups of `group` columns along K, the last one may be shorter), stored as the
 //       artifact's float16 or bfloat16 when it has them (half the scale bytes; 3% of an int4 g128 GEMV's reads,
 //       6% at g64), else float32 (SType); kernels widen them exactly
 //   zs: [G][Np] float32 z * s (int only; z = zero point in the code domain), or none for symmetric weights, whose
-//       zero point is the code offset zoff (8 for int4, 0 for int8): kernels then use zoff * s (exact: a power of
-//       two or zero times s, the value the stored z * s had), and read one stream less; the int8-activation
-//       paths take the offset off their integer block sums instead (Weights::fold_offset)
+//       zero point is the code offset zoff (8 for int4, 2 for int2, 4 for int3, 0 for int8): kernels then use
+//       zoff * s (exact: a power of two or zero times s, the value the stored z * s had), and read one stream
+//       less; the int8-activation paths take the offset off their integer block sums instead
+//       (Weights::fold_offset)
 #pragma once
 
 #include <cstdint>
@@ -27,7 +37,7 @@
 
 namespace compressor {
 
-enum class WKind : int { Int4 = 0, Int8 = 1, Fp8 = 2 };
+enum class WKind : int { Int4 = 0, Int8 = 1, Fp8 = 2, Int2 = 3, Int3 = 4 };
 
 // Storage type of the group scales.
 enum class SType : int { F32 = 0, F16 = 1, BF16 = 2 };
@@ -70,10 +80,36 @@ constexpr int64_t kPairWordStride = kStreamRows;     // one word per row of the 
 // 8 / 12 / 16.)
 constexpr int64_t kPrefetchWords = 32;
 
-// Codes per 32-bit word of a weight kind (Weights::kpw() as a compile-time constant).
+// Columns and words of a word block (the layout's unit along K), and the code offset of symmetric int weights
+// (the unsigned code of a zero weight: 2^(bits - 1); int8 codes are stored signed, offset 0).
+constexpr int block_cols(WKind kind) {
+  return kind == WKind::Int4 ? 8 : kind == WKind::Int2 ? 16 : kind == WKind::Int3 ? 32 : 4;
+}
+constexpr int block_words(WKind kind) { return kind == WKind::Int3 ? 3 : 1; }
+constexpr float code_offset(WKind kind) {
+  return kind == WKind::Int4 ? 8.f : kind == WKind::Int2 ? 2.f : kind == WKind::Int3 ? 4.f : 0.f;
+}
+constexpr bool is_low_bit(WKind kind) { return kind == WKind::Int2 || kind == WKind::Int3; }
+
+// Codes per 32-bit word of a one-word-block kind (all but int3), as a compile-time constant.
 template <WKind KIND>
 constexpr int kpw() {
-  return KIND == WKind::Int4 ? 8 : 4;
+  static_assert(block_words(KIND) == 1, "int3 has 3 words per 32 columns: use block_cols / block_words");
+  return block_cols(KIND);
+}
+
+// Bit (within byte j) of the int3 high-bit word that holds the high bit of column 16w + 4j + r of a 32-column
+// block: w = 0 at 2, 4, 6 for r = 0, 1, 2 and at 0 for r = 3; w = 1 one bit above (3, 5, 7; 1). The AVX-512
+// int8-activation GEMV takes column 4j + r of a low word in place as byte j of low & (3 << 2r) (r < 3; r = 3 as
+// (low >> 2) & 0x30), so its high bit belongs at bit 2r + 2 (6 for r = 3): where the high word (w = 0) or the
+// high word >> 1 (w = 1) has it for r < 3, and one shift away for r = 3.
+constexpr int int3_high_bit(int w, int r) { return r < 3 ? 2 + 2 * r + w : w; }
+
+// Order of the int8 activations within each 8 (int4) or 16 (int2, int3) columns, matching how the
+// int8-activation kernels unpack a word (see QuantAct).
+enum class ActPerm : int { None = 0, Int4 = 1, Int2 = 2 };
+constexpr ActPerm act_perm(WKind kind) {
+  return kind == WKind::Int4 ? ActPerm::Int4 : is_low_bit(kind) ? ActPerm::Int2 : ActPerm::None;
 }
 
 // Calls f(std::integral_constant<int, I>{}) for I = 0, 1, ..., N - 1 in order: a loop whose body can use its index
@@ -91,16 +127,19 @@ struct Weights {
   SType stype;
   const float* zs;  // nullptr for fp8 and symmetric int weights
   WKind kind;
-  float zoff;  // int: the zero point of symmetric weights in the code domain (8 for int4, 0 for int8)
+  float zoff;  // int: the zero point of symmetric weights in the code domain (code_offset(kind))
   int64_t N, Np, K, Kp, G, group;
-  int64_t kpw() const { return kind == WKind::Int4 ? 8 : 4; }
-  int64_t Kw() const { return Kp / kpw(); }
+  int64_t block_cols() const { return compressor::block_cols(kind); }
+  int64_t block_words() const { return compressor::block_words(kind); }
+  int64_t Kw() const { return Kp / block_cols() * block_words(); }
   // end of group g's columns (the last group runs to Kp)
   int64_t group_end(int64_t g) const { return g == G - 1 ? Kp : (g + 1) * group; }
   // the words of group g along K: [group_word_begin(g), group_word_end(g)), the last group running to Kw (SIMD
-  // paths only: they need group % kpw == 0 or a single group)
-  int64_t group_word_begin(int64_t g) const { return g * group / kpw(); }
-  int64_t group_word_end(int64_t g) const { return g == G - 1 ? Kw() : (g + 1) * group / kpw(); }
+  // paths only: they need group % block_cols == 0 or a single group)
+  int64_t group_word_begin(int64_t g) const { return g * group / block_cols() * block_words(); }
+  int64_t group_word_end(int64_t g) const {
+    return g == G - 1 ? Kw() : (g + 1) * group / block_cols() * block_words();
+  }
   int64_t group_of(int64_t k) const {  // group index of column k
     int64_t g = k / group;
     return g < G ? g : G - 1;
@@ -120,8 +159,8 @@ struct Weights {
   // z * s of group g, row n (int weights)
   float zs_at(int64_t g, int64_t n) const { return zs ? zs[g * Np + n] : zoff * scale_at(g, n); }
   // Integer activation paths: the code offset taken off each block's exact dot product, sum (u - zoff) q =
-  // sum u q - zoff * qsum in int32 (symmetric INT4; 0 otherwise), so that only asymmetric weights need z * s terms
-  // after the blocks (zero_terms). Before 2026-12-03 symmetric INT4 took 8 * s * (group sums) off at the end: a
+  // sum u q - zoff * qsum in int32 (symmetric INT2/3/4; 0 otherwise), so that only asymmetric weights need z * s
+  // terms after the blocks (zero_terms). Before 2026-12-03 symmetric INT4 took 8 * s * (group sums) off at the end: a
   // pass over every group's scales per row, and a large sum of u * x cancelled against it.
   int32_t fold_offset() const { return zs ? 0 : static_cast<int32_t>(zoff); }
   bool zero_terms() const { return zs != nullptr; }
@@ -133,7 +172,8 @@ struct Weights {
 };
 
 // Activations quantized to int8 per block of `ablk` columns (blocks never straddle a weight group).
-// int4: within each 8 columns the order is [0, 2, 4, 6, 1, 3, 5, 7] (matches the nibble unpack).
+// int4 (ActPerm::Int4): within each 8 columns the order is [0, 2, 4, 6, 1, 3, 5, 7] (matches the nibble unpack);
+// int2 and int3 (ActPerm::Int2): column 4j + r of each 16 at position 4r + j (byte j of a low word's code r).
 // For M >= 16, q, xs, qsum and tg have rows up to a multiple of 16 (zeros past M); q has a row stride
 // ldq = Kp + 64 (rows 4 KiB apart would share L1 sets) and 64 bytes of slack, so 16-row tiles load whole.
 struct QuantAct {
@@ -165,9 +205,9 @@ struct KernelTable {
   // int or fp8 weights x float activations, blocked GEMM (dequantized weight panel + register-tiled FMA)
   void (*gemm_f32)(const Weights&, const FloatAct&, float* y, int64_t t0, int64_t t1);
   // int8 quantization of activation rows [m0, m1) of x [M][K] into q/xs/qsum (QuantAct layout; q zeroed by the
-  // caller): per block absmax / 127, round to nearest even, the int4 column permutation when `perm`
-  void (*quantize)(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q, float* xs,
-                   int32_t* qsum, int64_t m0, int64_t m1);
+  // caller): per block absmax / 127, round to nearest even, columns in the order `perm`
+  void (*quantize)(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, ActPerm perm, int8_t* q,
+                   float* xs, int32_t* qsum, int64_t m0, int64_t m1);
   // XOR of the 64-bit words of [p, p + bytes) (bytes a multiple of 256): a streaming read for bandwidth probes
   uint64_t (*read)(const uint8_t* p, int64_t bytes);
 };
@@ -179,8 +219,17 @@ const KernelTable* amx_kernels();     // nullptr without AMX-INT8 support in the
 bool cpu_is_intel();                  // cpuid vendor GenuineIntel, read once (dispatch.cpp)
 
 // Scalar reference pieces every table may reuse.
-void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q,
+void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, ActPerm perm, int8_t* q,
                      float* xs, int32_t* qsum, int64_t m0, int64_t m1);
+// Position of column k in the activation order `perm` (QuantAct).
+inline int64_t act_pos(ActPerm perm, int64_t k) {
+  if (perm == ActPerm::Int4) {
+    const int64_t i = k & 7;
+    return (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2);
+  }
+  if (perm == ActPerm::Int2) return (k & ~int64_t{15}) + 4 * (k & 3) + ((k >> 2) & 3);
+  return k;
+}
 uint64_t scalar_read(const uint8_t* p, int64_t bytes);
 
 // E4M3 (fn) byte -> float, exact; NaN encodings (0x7f, 0xff) are not expected in weights.

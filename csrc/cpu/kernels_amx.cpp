@@ -204,7 +204,9 @@ void gemm_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_
 
 #undef COMPRESSOR_TILE_DOT
 
+// int2 / int3 take the AVX-512 table's kernel (the AMX B panels are unpacked for int4 and int8 only)
 void gemm_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  if (is_low_bit(W.kind)) return avx512_kernels()->gemm_q8(W, A, y, t0, t1);
   if (W.kind == WKind::Int4)
     gemm_q8_t<WKind::Int4>(W, A, y, t0, t1);
   else

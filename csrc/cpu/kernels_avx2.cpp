@@ -80,11 +80,13 @@ inline void prefetch_scales(const Weights& W, int64_t g, int64_t t) {
   if (W.zs) lines(W.zs + g * W.Np + row, kStreamRows * 4);
 }
 
-// Code I of each lane's word as float: int4 nibble u, int8 signed byte q, fp8 the exact E4M3 value.
+// Code I of each lane's word as float: int4 nibble u, int2 code u, int8 signed byte q, fp8 the exact E4M3 value.
 template <WKind KIND, int I>
 inline __m256 decode(__m256i v) {
   if constexpr (KIND == WKind::Int4) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * I), _mm256_set1_epi32(0xF)));
+  } else if constexpr (KIND == WKind::Int2) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 2 * I), _mm256_set1_epi32(3)));
   } else if constexpr (KIND == WKind::Int8) {
     return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * I), 24));
   } else {
@@ -104,6 +106,33 @@ inline __m256 decode_centred(__m256i v) {
   } else {
     return decode<KIND, I>(v);
   }
+}
+
+// Column I of an int3 block (low words l0, l1, high word h; kernels.h) as int32: its low bits and its high bit
+template <int I>
+inline __m256i int3_low(__m256i l0, __m256i l1) {
+  constexpr int i = I % 16;
+  const __m256i low = I < 16 ? l0 : l1;
+  if constexpr (i == 15) return _mm256_srli_epi32(low, 30);
+  return _mm256_srli_epi32(_mm256_slli_epi32(low, 30 - 2 * i), 30);
+}
+template <int I>
+constexpr int int3_bit() {
+  return 8 * (I % 16 / 4) + int3_high_bit(I / 16, I % 4);
+}
+
+// Column I of an int3 block, the unsigned code u = low + 4 high (dequantized panels)
+template <int I>
+inline __m256 decode_int3(__m256i l0, __m256i l1, __m256i h) {
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi32(h, int3_bit<I>()), _mm256_set1_epi32(1));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(int3_low<I>(l0, l1), _mm256_slli_epi32(high, 2)));
+}
+
+// Column I of an int3 block centred, u - 4 = low - 4 (1 - high), from the inverted high word hn
+template <int I>
+inline __m256 decode_int3_centred(__m256i l0, __m256i l1, __m256i hn) {
+  const __m256i minus = _mm256_srai_epi32(_mm256_slli_epi32(hn, 31 - int3_bit<I>()), 31);  // 0 or -1
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(int3_low<I>(l0, l1), _mm256_slli_epi32(minus, 2)));
 }
 
 // Optimisation barrier: stops GCC from reassociating the int16 sums into a tree of 32 live products (which spills
@@ -206,12 +235,77 @@ void q8_stream(const Weights& W, const QuantAct& A, float* y, int64_t t) {
       for (int64_t j = 0; j < 8; ++j) zero_point_terms8(W, A, y, t + j, m);
 }
 
+// int8 dot products of one int2 / int3 low word of a tile (16 columns; code r of byte j is column 4j + r, whose
+// activation is byte 4r + j of q: ActPerm::Int2) as int16 sums, each code an unsigned byte for vpmaddubsw. int3
+// (W = 0 or 1, the word's half of the block) ORs in the high bit from h at bit 2.
+template <WKind KIND, int W>
+inline __m256i lowbit_dot16(__m256i low, __m256i h, const int8_t* q) {
+  const __m256i m03 = _mm256_set1_epi8(0x03), m04 = _mm256_set1_epi8(0x04);
+  __m256i sum = _mm256_setzero_si256();
+  auto part = [&](auto rc) {
+    constexpr int r = decltype(rc)::value;
+    __m256i u = _mm256_and_si256(_mm256_srli_epi16(low, 2 * r), m03);
+    if constexpr (KIND == WKind::Int3) {
+      constexpr int shift = int3_high_bit(W, r) - 2;  // the high bit's place in its byte, moved to bit 2
+      const __m256i hs = shift >= 0 ? _mm256_srli_epi16(h, shift) : _mm256_slli_epi16(h, -shift);
+      u = _mm256_or_si256(u, _mm256_and_si256(hs, m04));
+    }
+    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(u, _mm256_set1_epi32(load_i32(q + 4 * r))));
+  };
+  unroll<4>(part);
+  return sum;
+}
+
+// Small M, int2 / int3 weights: as q8_stream, the 8 tiles of one stream against every activation row, one
+// activation block at a time, a whole 32-column step (2 int2 words, 3 int3 words) of all 8 tiles at once. The int16
+// sums of a step (|sum| <= 8 codes x 2 x 7 x 127 < 2^15) are widened once per step.
+template <WKind KIND>
+void q8_stream_lowbit(const Weights& W, const QuantAct& A, float* y, int64_t t) {
+  constexpr int BW = 32 / block_cols(KIND) * block_words(KIND);  // words per 32 columns
+  const uint32_t* stream = stream_words(W, t);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t per_group = W.G == 1 ? A.NB : W.group / A.ablk;
+  for (int64_t b = 0, g = 0, in_group = 0; b < A.NB; ++b) {
+    const int64_t k0 = b * A.ablk, k1 = std::min(k0 + A.ablk, W.Kp);
+    if (in_group == 0) prefetch_scales(W, g, t);
+    for (int64_t m = 0; m < A.M; ++m) {
+      const int8_t* q = A.q + m * A.ldq;
+      __m256i i32[8];
+      for (int j = 0; j < 8; ++j) i32[j] = _mm256_setzero_si256();
+      for (int64_t ks = k0 / 32; ks < k1 / 32; ++ks) {
+        const int64_t kw = ks * BW;
+        if (m == 0)
+          for (int i = 0; i < BW; ++i) prefetch_run(stream, kw + i);
+        const int8_t* qs = q + ks * 32;
+        for (int j = 0; j < 8; ++j) {
+          const uint32_t* tile = stream + 8 * j;
+          const __m256i l0 = load_tile_word(tile, kw), l1 = load_tile_word(tile, kw + 1);
+          const __m256i h = KIND == WKind::Int3 ? load_tile_word(tile, kw + 2) : l0;
+          const __m256i s16 = _mm256_add_epi16(lowbit_dot16<KIND, 0>(l0, h, qs), lowbit_dot16<KIND, 1>(l1, h, qs + 16));
+          i32[j] = _mm256_add_epi32(i32[j], _mm256_madd_epi16(s16, ones));
+        }
+      }
+      const __m256i off = _mm256_set1_epi32(W.fold_offset() * A.qsum[m * A.NB + b]);
+      for (int j = 0; j < 8; ++j) add_block8(W, A, y, t + j, m, b, g, _mm256_sub_epi32(i32[j], off));
+    }
+    if (++in_group == per_group) {
+      in_group = 0;
+      g = std::min(g + 1, W.G - 1);
+    }
+  }
+  if (W.zero_terms())
+    for (int64_t m = 0; m < A.M; ++m)
+      for (int64_t j = 0; j < 8; ++j) zero_point_terms8(W, A, y, t + j, m);
+}
+
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; t += 2 * kStreamPairs)
-    if (W.kind == WKind::Int4)
-      q8_stream<WKind::Int4>(W, A, y, t);
-    else
-      q8_stream<WKind::Int8>(W, A, y, t);
+    switch (W.kind) {
+      case WKind::Int4: q8_stream<WKind::Int4>(W, A, y, t); break;
+      case WKind::Int2: q8_stream_lowbit<WKind::Int2>(W, A, y, t); break;
+      case WKind::Int3: q8_stream_lowbit<WKind::Int3>(W, A, y, t); break;
+      default: q8_stream<WKind::Int8>(W, A, y, t); break;
+    }
 }
 
 // GEMM (M >= 16), int8 weights: one 8-row tile against MB activation rows over activation blocks [b0, b1); each
@@ -341,8 +435,9 @@ void q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1)
   }
 }
 
-// M >= 16 (the GEMM slot of the table)
+// M >= 16 (the GEMM slot of the table); int2 / int3 take the GEMV kernel, which runs any M
 void q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  if (is_low_bit(W.kind)) return gemv_q8(W, A, y, t0, t1);
   if (W.kind == WKind::Int4)
     q8_t<WKind::Int4>(W, A, y, t0, t1);
   else
@@ -353,8 +448,26 @@ void q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
 
 // Column k accumulates into chain k % 4 (4 independent FMA chains per tile hide the FMA latency). int4 codes are
 // centred (u - 8), as in the scalar reference: see its gemv_f32.
+// int2 codes centred by table lookup: vpermps reads the low 3 bits of each lane, so the word shifted to code I
+// indexes u - 2 (bit 2 ignored by the table): a shift and a lookup per code instead of two shifts and a convert.
+template <int I>
+inline __m256 decode_int2_lookup(__m256i v) {
+  const __m256 table = _mm256_setr_ps(-2, -1, 0, 1, -2, -1, 0, 1);
+  return _mm256_permutevar8x32_ps(table, I ? _mm256_srli_epi32(v, 2 * I) : v);
+}
+
 template <WKind KIND>
 inline void fma_word(__m256i v0, __m256i v1, const float* x, __m256* a0, __m256* a1) {
+  if constexpr (KIND == WKind::Int2) {
+    auto step = [&](auto ic) {
+      constexpr int I = decltype(ic)::value;
+      const __m256 xi = _mm256_set1_ps(x[I]);
+      a0[I % 4] = _mm256_fmadd_ps(decode_int2_lookup<I>(v0), xi, a0[I % 4]);
+      a1[I % 4] = _mm256_fmadd_ps(decode_int2_lookup<I>(v1), xi, a1[I % 4]);
+    };
+    unroll<16>(step);
+    return;
+  }
   if constexpr (KIND == WKind::Int4) {
     const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x88888888u));
     v0 = _mm256_xor_si256(v0, flip);
@@ -369,11 +482,32 @@ inline void fma_word(__m256i v0, __m256i v1, const float* x, __m256* a0, __m256*
   unroll<kpw<KIND>()>(step);
 }
 
+// The words of word block kw (first word) of tiles w0 and w1, into the chains as fma_word
+template <WKind KIND>
+inline void fma_block(const uint32_t* w0, const uint32_t* w1, int64_t kw, const float* x, __m256* a0, __m256* a1) {
+  if constexpr (KIND == WKind::Int3) {
+    const __m256i ones = _mm256_set1_epi32(-1);
+    const __m256i l00 = load_tile_word(w0, kw), l01 = load_tile_word(w0, kw + 1);
+    const __m256i l10 = load_tile_word(w1, kw), l11 = load_tile_word(w1, kw + 1);
+    const __m256i h0 = _mm256_xor_si256(load_tile_word(w0, kw + 2), ones);
+    const __m256i h1 = _mm256_xor_si256(load_tile_word(w1, kw + 2), ones);
+    auto step = [&](auto ic) {
+      constexpr int I = decltype(ic)::value;
+      const __m256 xi = _mm256_set1_ps(x[I]);
+      a0[I % 4] = _mm256_fmadd_ps(decode_int3_centred<I>(l00, l01, h0), xi, a0[I % 4]);
+      a1[I % 4] = _mm256_fmadd_ps(decode_int3_centred<I>(l10, l11, h1), xi, a1[I % 4]);
+    };
+    unroll<32>(step);
+  } else {
+    fma_word<KIND>(load_tile_word(w0, kw), load_tile_word(w1, kw), x, a0, a1);
+  }
+}
+
 // The 4 pairs of a stream group by group (they share each 256-byte run of its words), each pair's accumulators
 // kept in y between groups (exact: the same float operations in the same order as one pass per pair).
 template <WKind KIND>
 void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
-  constexpr int KPW = kpw<KIND>();
+  constexpr int BC = block_cols(KIND), BW = block_words(KIND);
   for (int64_t ts = t0; ts < t1; ts += 2 * kStreamPairs)
     for (int64_t m = 0; m < X.M; ++m) {
       const float* x = X.x + m * W.Kp;
@@ -388,9 +522,10 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
           for (int c = 0; c < 4; ++c) c0[c] = c1[c] = _mm256_setzero_ps();
           const bool lead = m == 0 && t == ts;  // the first pass over this group's words of the stream
           const uint32_t* stream = stream_words(W, t);
-          for (int64_t kw = kw0; kw < kw1; ++kw) {
-            if (lead) prefetch_run(stream, kw);
-            fma_word<KIND>(load_tile_word(w0, kw), load_tile_word(w1, kw), x + kw * KPW, c0, c1);
+          for (int64_t kw = kw0; kw < kw1; kw += BW) {
+            if (lead)
+              for (int i = 0; i < BW; ++i) prefetch_run(stream, kw + i);
+            fma_block<KIND>(w0, w1, kw, x + kw / BW * BC, c0, c1);
           }
           __m256 a0 = c0[0], a1 = c1[0];
           for (int c = 1; c < 4; ++c) {
@@ -400,11 +535,11 @@ void gemv_f32_t(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64
           const __m256 s0 = scale_row8(W, g, t * 8), s1 = scale_row8(W, g, t * 8 + 8);
           acc0 = _mm256_fmadd_ps(a0, s0, acc0);
           acc1 = _mm256_fmadd_ps(a1, s1, acc1);
-          if (KIND != WKind::Fp8 && W.zs) {  // symmetric weights: (z - 8) * s = 0, no term
+          if (KIND != WKind::Fp8 && W.zs) {  // symmetric weights: (z - offset) * s = 0, no term
             const float* zs = W.zs + g * W.Np + t * 8;
             const __m256 xsum = _mm256_set1_ps(X.xsum[m * W.G + g]);
-            const __m256 off = _mm256_set1_ps(KIND == WKind::Int4 ? 8.f : 0.f);
-            const __m256 z0 = _mm256_fnmadd_ps(off, s0, _mm256_loadu_ps(zs));  // (z - 8) * s for int4
+            const __m256 off = _mm256_set1_ps(code_offset(KIND));
+            const __m256 z0 = _mm256_fnmadd_ps(off, s0, _mm256_loadu_ps(zs));  // (z - offset) * s
             const __m256 z1 = _mm256_fnmadd_ps(off, s1, _mm256_loadu_ps(zs + 8));
             acc0 = _mm256_fnmadd_ps(z0, xsum, acc0);
             acc1 = _mm256_fnmadd_ps(z1, xsum, acc1);
@@ -424,6 +559,10 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
       return gemv_f32_t<WKind::Int8>(W, X, y, t0, t1);
     case WKind::Fp8:
       return gemv_f32_t<WKind::Fp8>(W, X, y, t0, t1);
+    case WKind::Int2:
+      return gemv_f32_t<WKind::Int2>(W, X, y, t0, t1);
+    case WKind::Int3:
+      return gemv_f32_t<WKind::Int3>(W, X, y, t0, t1);
   }
 }
 
@@ -431,12 +570,12 @@ void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t
 
 template <WKind KIND>
 void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float* B) {
-  constexpr int KPW = kpw<KIND>();
+  constexpr int KPW = block_cols(KIND), BW = block_words(KIND);  // columns and words of a word block
   const uint32_t *w0 = W.tile_words(t), *w1 = W.tile_words(t + 1);
   int64_t g_cur = -1;
-  __m256 s0, s1, z0 = _mm256_setzero_ps(), z1 = _mm256_setzero_ps();
-  for (int64_t kw = k0 / KPW; kw < (k0 + kc) / KPW; ++kw) {
-    const int64_t g = W.group_of(kw * KPW);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, z0 = s0, z1 = s0;
+  for (int64_t kb = k0 / KPW; kb < (k0 + kc) / KPW; ++kb) {
+    const int64_t kw = kb * BW, g = W.group_of(kb * KPW);
     if (g != g_cur) {
       g_cur = g;
       s0 = scale_row8(W, g, t * 8);
@@ -447,10 +586,18 @@ void dequant_panel_t(const Weights& W, int64_t t, int64_t k0, int64_t kc, float*
       }
     }
     const __m256i v0 = load_tile_word(w0, kw), v1 = load_tile_word(w1, kw);
-    float* b = B + (kw * KPW - k0) * 16;
+    __m256i v01 = v0, v11 = v1, h0 = v0, h1 = v1;  // int3: the second low word and the high word
+    if constexpr (KIND == WKind::Int3) {
+      v01 = load_tile_word(w0, kw + 1), v11 = load_tile_word(w1, kw + 1);
+      h0 = load_tile_word(w0, kw + 2), h1 = load_tile_word(w1, kw + 2);
+    }
+    float* b = B + (kb * KPW - k0) * 16;
     auto step = [&](auto ic) {
       constexpr int I = decltype(ic)::value;
-      if constexpr (KIND == WKind::Fp8) {
+      if constexpr (KIND == WKind::Int3) {
+        _mm256_storeu_ps(b + I * 16, _mm256_fmsub_ps(decode_int3<I>(v0, v01, h0), s0, z0));
+        _mm256_storeu_ps(b + I * 16 + 8, _mm256_fmsub_ps(decode_int3<I>(v1, v11, h1), s1, z1));
+      } else if constexpr (KIND == WKind::Fp8) {
         _mm256_storeu_ps(b + I * 16, _mm256_mul_ps(decode<KIND, I>(v0), s0));
         _mm256_storeu_ps(b + I * 16 + 8, _mm256_mul_ps(decode<KIND, I>(v1), s1));
       } else {
@@ -520,8 +667,10 @@ inline __m128i codes_to_bytes(__m256i c, bool perm) {
 // As scalar_quantize, 8 columns at a time (the same float operations: |x| max, x * (127 / amax) rounded to nearest
 // even by the MXCSR default, clamped): bit-identical codes, scales and sums. Until 2026-12-05 the AVX2 table used
 // the scalar loop.
-void quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q, float* xs,
+void quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, ActPerm perm, int8_t* q, float* xs,
               int32_t* qsum, int64_t m0, int64_t m1) {
+  // int2 order: 16 columns at a time (a 4 x 4 transpose of their bytes, its own inverse)
+  const __m128i transpose = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const int64_t NB = (Kp + ablk - 1) / ablk;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), lo = _mm256_set1_epi32(-127),
@@ -544,10 +693,20 @@ void quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, 
       const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
       const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       __m256i sum = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k1; k += 8) {  // k + 8 <= k0 + ablk: the store stays inside the block
+      auto codes = [&](int64_t k) {
         const __m256i c = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(load(k), inv)), lo), hi);
         sum = _mm256_add_epi32(sum, c);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), codes_to_bytes(c, perm));
+        return c;
+      };
+      if (perm == ActPerm::Int2) {
+        for (int64_t k = k0; k < k1; k += 16) {  // k + 16 <= k0 + ablk (blocks are multiples of 32 columns)
+          const __m128i lo8 = codes_to_bytes(codes(k), false), hi8 = codes_to_bytes(codes(k + 8), false);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k),
+                           _mm_shuffle_epi8(_mm_unpacklo_epi64(lo8, hi8), transpose));
+        }
+      } else {
+        for (int64_t k = k0; k < k1; k += 8)  // k + 8 <= k0 + ablk: the store stays inside the block
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), codes_to_bytes(codes(k), perm == ActPerm::Int4));
       }
       __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
@@ -570,6 +729,10 @@ void avx2_dequant_panel(const Weights& W, int64_t t, int64_t k0, int64_t kc, flo
       return dequant_panel_t<WKind::Int8>(W, t, k0, kc, B);
     case WKind::Fp8:
       return dequant_panel_t<WKind::Fp8>(W, t, k0, kc, B);
+    case WKind::Int2:
+      return dequant_panel_t<WKind::Int2>(W, t, k0, kc, B);
+    case WKind::Int3:
+      return dequant_panel_t<WKind::Int3>(W, t, k0, kc, B);
   }
 }
 

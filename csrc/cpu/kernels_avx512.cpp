@@ -71,6 +71,25 @@ inline void prefetch_stream(const uint32_t* pair, int64_t kw) {
   }
 }
 
+// (lo & lo_mask) | (hi & hi_mask) in two instructions (the second a vpternlogd: A | (B & C))
+inline __m512i merge_bits(__m512i lo, __m512i lo_mask, __m512i hi, __m512i hi_mask) {
+  return _mm512_ternarylogic_epi32(_mm512_and_si512(lo, lo_mask), hi, hi_mask, 0xF8);
+}
+
+// The int8 dot products of one int3 low word (16 columns) and its high bits: h has the high bits of codes r = 0, 1,
+// 2 at bits 2, 4, 6 of each byte, h3 those of r = 3 at bit 6; u into c1, 4u into c4, 16u into c16. q: the 16
+// activations of the word (ActPerm::Int2: code r of the 4 bytes at 4r .. 4r + 3).
+inline void int3_dot_word(__m512i& c1, __m512i& c4, __m512i& c16, __m512i low, __m512i h, __m512i h3,
+                          const int8_t* q) {
+  const __m512i m40 = _mm512_set1_epi8(0x40), m30 = _mm512_set1_epi8(0x30);
+  c1 = avx512_dpbusd(c1, merge_bits(low, _mm512_set1_epi8(0x03), h, _mm512_set1_epi8(0x04)),
+                     _mm512_set1_epi32(load_i32(q)));
+  c4 = avx512_dpbusd(c4, merge_bits(low, _mm512_set1_epi8(0x0C), h, _mm512_set1_epi8(0x10)),
+                     _mm512_set1_epi32(load_i32(q + 4)));
+  c16 = avx512_dpbusd(c16, merge_bits(low, m30, h, m40), _mm512_set1_epi32(load_i32(q + 8)));
+  c16 = avx512_dpbusd(c16, merge_bits(_mm512_srli_epi32(low, 2), m30, h3, m40), _mm512_set1_epi32(load_i32(q + 12)));
+}
+
 template <WKind KIND, int P, bool TWO_LEVEL>
 void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
   const uint32_t* w[P];
@@ -117,6 +136,49 @@ void q8_pairs(const Weights& W, const QuantAct& A, float* y, int64_t t) {
         }
         const __m512i off = _mm512_set1_epi32(W.fold_offset() * A.qsum[m * A.NB + b]);
         for (int p = 0; p < P; ++p) i1[p] = _mm512_sub_epi32(_mm512_srai_epi32(i1[p], 4), off);
+      } else if constexpr (KIND == WKind::Int2) {
+        // code 4j + r of a word is byte j of: (v & 0x03) for r = 0, (v >> 4) & 0x03 for r = 2, and in place as 4u
+        // (& 0x0C) for r = 1, 3, whose chain's exact sum is shifted back below. The activations of code r are
+        // positions 4r .. 4r + 3 of the word's 16 (ActPerm::Int2).
+        const __m512i m03 = _mm512_set1_epi8(0x03), m0c = _mm512_set1_epi8(0x0C);
+        for (int64_t kw = k0 / 16; kw < k1 / 16; ++kw) {
+          const int8_t* qk = q + kw * 16;
+          const __m512i x0 = _mm512_set1_epi32(load_i32(qk)), x1 = _mm512_set1_epi32(load_i32(qk + 4));
+          const __m512i x2 = _mm512_set1_epi32(load_i32(qk + 8)), x3 = _mm512_set1_epi32(load_i32(qk + 12));
+          if (m == 0)
+            for (int p = 0; p < P; ++p) prefetch_stream<TWO_LEVEL>(w[p], kw);
+          for (int p = 0; p < P; ++p) {
+            const __m512i v = avx512_load_pair(w[p], kw), v4 = _mm512_srli_epi32(v, 4);
+            i0[p] = avx512_dpbusd(i0[p], _mm512_and_si512(v, m03), x0);
+            i1[p] = avx512_dpbusd(i1[p], _mm512_and_si512(v, m0c), x1);
+            i0[p] = avx512_dpbusd(i0[p], _mm512_and_si512(v4, m03), x2);
+            i1[p] = avx512_dpbusd(i1[p], _mm512_and_si512(v4, m0c), x3);
+          }
+        }
+        const __m512i off = _mm512_set1_epi32(W.fold_offset() * A.qsum[m * A.NB + b]);
+        for (int p = 0; p < P; ++p) i1[p] = _mm512_sub_epi32(_mm512_srai_epi32(i1[p], 2), off);
+      } else if constexpr (KIND == WKind::Int3) {
+        // 32 columns per block of 3 words. Column 16w + 4j + r is byte j of a code vector made of low word w and the
+        // high word h (int3_high_bit): u for r = 0, 4u for r = 1, 16u for r = 2, 3 (low bits in place, r = 3 from
+        // low >> 2; the high bit next to them from h, h >> 1, h << 6 or h << 5), one chain per scale, shifted back
+        // below (the sums are exact multiples).
+        __m512i i2[P];
+        for (int p = 0; p < P; ++p) i2[p] = _mm512_setzero_si512();
+        for (int64_t kb = k0 / 32; kb < k1 / 32; ++kb) {
+          const int8_t* qk = q + kb * 32;
+          if (m == 0)
+            for (int p = 0; p < P; ++p)
+              for (int i = 0; i < 3; ++i) prefetch_stream<TWO_LEVEL>(w[p], 3 * kb + i);
+          for (int p = 0; p < P; ++p) {
+            const __m512i l0 = avx512_load_pair(w[p], 3 * kb), l1 = avx512_load_pair(w[p], 3 * kb + 1);
+            const __m512i h = avx512_load_pair(w[p], 3 * kb + 2), h1 = _mm512_srli_epi32(h, 1);
+            int3_dot_word(i0[p], i1[p], i2[p], l0, h, _mm512_slli_epi32(h, 6), qk);
+            int3_dot_word(i0[p], i1[p], i2[p], l1, h1, _mm512_slli_epi32(h, 5), qk + 16);
+          }
+        }
+        const __m512i off = _mm512_set1_epi32(W.fold_offset() * A.qsum[m * A.NB + b]);
+        for (int p = 0; p < P; ++p)
+          i1[p] = _mm512_sub_epi32(_mm512_add_epi32(_mm512_srai_epi32(i1[p], 2), _mm512_srai_epi32(i2[p], 4)), off);
       } else {
         // q + 128 as the unsigned operand; 128 * sum(x) subtracted afterwards (exact in int32). A block has an
         // even number of words (blocks and Kp are multiples of 32 columns).
@@ -253,13 +315,6 @@ void gemm_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_
   for (; t < t1; t += 8) zero_point_terms<4>(W, A, y, t);
 }
 
-void gemm_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
-  if (W.kind == WKind::Int4)
-    gemm_q8_t<WKind::Int4>(W, A, y, t0, t1);
-  else
-    gemm_q8_t<WKind::Int8>(W, A, y, t0, t1);
-}
-
 template <WKind KIND>
 void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
   int64_t t = t0;
@@ -270,10 +325,22 @@ void gemv_q8_t(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_
 }
 
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  switch (W.kind) {
+    case WKind::Int4: return gemv_q8_t<WKind::Int4>(W, A, y, t0, t1);
+    case WKind::Int2: return gemv_q8_t<WKind::Int2>(W, A, y, t0, t1);
+    case WKind::Int3: return gemv_q8_t<WKind::Int3>(W, A, y, t0, t1);
+    default: return gemv_q8_t<WKind::Int8>(W, A, y, t0, t1);
+  }
+}
+
+// int2 / int3 at M >= 16 take the GEMV kernel, which runs any M (each block's weights stay in L1 while the rows
+// use them; bit-identical by construction)
+void gemm_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
+  if (is_low_bit(W.kind)) return gemv_q8(W, A, y, t0, t1);
   if (W.kind == WKind::Int4)
-    gemv_q8_t<WKind::Int4>(W, A, y, t0, t1);
+    gemm_q8_t<WKind::Int4>(W, A, y, t0, t1);
   else
-    gemv_q8_t<WKind::Int8>(W, A, y, t0, t1);
+    gemm_q8_t<WKind::Int8>(W, A, y, t0, t1);
 }
 
 // ---- FP8 x float activations ---------------------------------------------------------------------------------
@@ -345,12 +412,50 @@ inline __m512 decode_centred(__m512i v) {
   return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 32 - kBits * (I + 1)), 32 - kBits));
 }
 
+// Centred int2 codes by table lookup (vpermps reads the low 4 bits of each lane): table `lo` gives the code in
+// bits 0-1 as u - 2, `hi` the one in bits 2-3; one shift of the word serves two codes. 3 instructions per code with
+// the FMA instead of 4 (shift, arithmetic shift, convert).
+struct Int2Tables {
+  __m512 lo = _mm512_setr_ps(-2, -1, 0, 1, -2, -1, 0, 1, -2, -1, 0, 1, -2, -1, 0, 1);
+  __m512 hi = _mm512_setr_ps(-2, -2, -2, -2, -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1);
+};
+
+template <int I>
+inline __m512 decode_int2_centred(__m512i v, const Int2Tables& t) {
+  const __m512i idx = I >= 2 ? _mm512_srli_epi32(v, 2 * (I & ~1)) : v;
+  return _mm512_permutexvar_ps(idx, I & 1 ? t.hi : t.lo);
+}
+
+// Centred int3 codes by a 32-entry lookup (vpermt2ps: index bits 0-3 pick a lane, bit 4 the table): the low
+// bits of column I from its low word shifted (one shift serves two columns, as for int2), its high bit merged in
+// at bit 4 from the high word shifted (vpternlogd). 4.5 instructions per code with the FMA instead of 6.
+struct Int3Tables {
+  // code in bits 0-1 (even columns) / 2-3 (odd columns) of the index, high bit 0 / 1: u - 4
+  __m512 even0 = _mm512_setr_ps(-4, -3, -2, -1, -4, -3, -2, -1, -4, -3, -2, -1, -4, -3, -2, -1);
+  __m512 even1 = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  __m512 odd0 = _mm512_setr_ps(-4, -4, -4, -4, -3, -3, -3, -3, -2, -2, -2, -2, -1, -1, -1, -1);
+  __m512 odd1 = _mm512_setr_ps(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512i bit4 = _mm512_set1_epi32(0x10);
+};
+
+template <int I>
+inline __m512 decode_int3_centred(__m512i l0, __m512i l1, __m512i h, const Int3Tables& t) {
+  constexpr int i = I % 16, bit = 8 * (i / 4) + int3_high_bit(I / 16, i % 4);
+  const __m512i low = I < 16 ? l0 : l1;
+  const __m512i ls = i >= 2 ? _mm512_srli_epi32(low, 2 * (i & ~1)) : low;
+  __m512i hs = h;  // the high bit moved to bit 4
+  if constexpr (bit > 4) hs = _mm512_srli_epi32(h, bit - 4);
+  if constexpr (bit < 4) hs = _mm512_slli_epi32(h, 4 - bit);
+  const __m512i idx = _mm512_ternarylogic_epi32(t.bit4, hs, ls, 0xCA);  // bit 4 from hs, the others from ls
+  return i & 1 ? _mm512_permutex2var_ps(t.odd0, idx, t.odd1) : _mm512_permutex2var_ps(t.even0, idx, t.even1);
+}
+
 // P tile pairs, one activation row at a time, in the scalar reference's order: column k of a row goes to chain
 // k % 4, the chains are summed ((0 + 1) + 2) + 3 at each group's end and folded in with one fma by the scale, then
 // the zero-point term (z - offset) * s * sum(x) of asymmetric weights. Lane j of a vector is row j of its pair.
 template <WKind KIND, int P>
 void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
-  constexpr int KPW = kpw<KIND>();
+  constexpr int BC = block_cols(KIND), BW = block_words(KIND);
   const uint32_t* w[P];
   for (int p = 0; p < P; ++p) w[p] = W.pair_words(t / 2 + p);
   const __m512i flip = _mm512_set1_epi32(KIND == WKind::Int4 ? static_cast<int>(0x88888888u) : 0);
@@ -363,18 +468,47 @@ void int_f32_pairs(const Weights& W, const FloatAct& X, float* y, int64_t t) {
       __m512 c[P][4];
       for (int p = 0; p < P; ++p)
         for (int j = 0; j < 4; ++j) c[p][j] = _mm512_setzero_ps();
-      for (int64_t kw = kw0; kw < kw1; ++kw) {
+      for (int64_t kw = kw0; kw < kw1; kw += BW) {
         if (m == 0)
-          for (int p = 0; p < P; ++p) prefetch_ahead(w[p], kw);
-        __m512i v[P];
-        for (int p = 0; p < P; ++p) v[p] = _mm512_xor_si512(avx512_load_pair(w[p], kw), flip);
-        const float* xk = x + kw * KPW;
-        auto step = [&](auto ic) {
-          constexpr int I = decltype(ic)::value;
-          const __m512 xi = _mm512_set1_ps(xk[I]);
-          for (int p = 0; p < P; ++p) c[p][I % 4] = _mm512_fmadd_ps(decode_centred<KIND, I>(v[p]), xi, c[p][I % 4]);
-        };
-        unroll<KPW>(step);
+          for (int p = 0; p < P; ++p)
+            for (int i = 0; i < BW; ++i) prefetch_ahead(w[p], kw + i);
+        const float* xk = x + kw / BW * BC;
+        if constexpr (KIND == WKind::Int3) {
+          const Int3Tables tables;
+          __m512i l0[P], l1[P], h[P];
+          for (int p = 0; p < P; ++p) {
+            l0[p] = avx512_load_pair(w[p], kw);
+            l1[p] = avx512_load_pair(w[p], kw + 1);
+            h[p] = avx512_load_pair(w[p], kw + 2);
+          }
+          auto step = [&](auto ic) {
+            constexpr int I = decltype(ic)::value;
+            const __m512 xi = _mm512_set1_ps(xk[I]);
+            for (int p = 0; p < P; ++p)
+              c[p][I % 4] = _mm512_fmadd_ps(decode_int3_centred<I>(l0[p], l1[p], h[p], tables), xi, c[p][I % 4]);
+          };
+          unroll<BC>(step);
+        } else if constexpr (KIND == WKind::Int2) {
+          const Int2Tables tables;
+          __m512i v[P];
+          for (int p = 0; p < P; ++p) v[p] = avx512_load_pair(w[p], kw);
+          auto step = [&](auto ic) {
+            constexpr int I = decltype(ic)::value;
+            const __m512 xi = _mm512_set1_ps(xk[I]);
+            for (int p = 0; p < P; ++p)
+              c[p][I % 4] = _mm512_fmadd_ps(decode_int2_centred<I>(v[p], tables), xi, c[p][I % 4]);
+          };
+          unroll<BC>(step);
+        } else {
+          __m512i v[P];
+          for (int p = 0; p < P; ++p) v[p] = _mm512_xor_si512(avx512_load_pair(w[p], kw), flip);
+          auto step = [&](auto ic) {
+            constexpr int I = decltype(ic)::value;
+            const __m512 xi = _mm512_set1_ps(xk[I]);
+            for (int p = 0; p < P; ++p) c[p][I % 4] = _mm512_fmadd_ps(decode_centred<KIND, I>(v[p]), xi, c[p][I % 4]);
+          };
+          unroll<BC>(step);
+        }
       }
       for (int p = 0; p < P; ++p) {
         const __m512 a = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c[p][0], c[p][1]), c[p][2]), c[p][3]);
@@ -400,16 +534,20 @@ void int_gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int
 void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
   if (W.kind == WKind::Int4) return int_gemv_f32<WKind::Int4>(W, X, y, t0, t1);
   if (W.kind == WKind::Int8) return int_gemv_f32<WKind::Int8>(W, X, y, t0, t1);
+  if (W.kind == WKind::Int2) return int_gemv_f32<WKind::Int2>(W, X, y, t0, t1);
+  if (W.kind == WKind::Int3) return int_gemv_f32<WKind::Int3>(W, X, y, t0, t1);
   int64_t t = t0;
   for (; t < t1; t += 8) fp8_pairs<4>(W, X, y, t);
 }
 
 // ---- activation quantization, streaming read ----------------------------------------------------------------
 
-void quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q, float* xs,
+void quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, ActPerm perm, int8_t* q, float* xs,
               int32_t* qsum, int64_t m0, int64_t m1) {
   const int64_t NB = (Kp + ablk - 1) / ablk;
-  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  // the 16 bytes of columns k .. k + 15 in the order of act_pos (int2: a 4 x 4 transpose, its own inverse)
+  const __m128i order = perm == ActPerm::Int2 ? _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
+                                              : _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * K;
@@ -429,7 +567,7 @@ void quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, 
         const __m512i c = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
         sum = _mm512_add_epi32(sum, c);
         __m128i bytes = _mm512_cvtepi32_epi8(c);
-        if (perm) bytes = _mm_shuffle_epi8(bytes, order);
+        if (perm != ActPerm::None) bytes = _mm_shuffle_epi8(bytes, order);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), bytes);
       }
       xs[m * NB + b] = amax / 127.f;

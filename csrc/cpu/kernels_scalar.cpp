@@ -16,25 +16,31 @@ float e4m3_to_float(uint8_t b) {
 
 namespace {
 
-// The stored code of row n, column k as a float: int4 u, int8 q, fp8 the E4M3 value.
+// The stored code of row n, column k as a float: int4 / int2 / int3 u, int8 q, fp8 the E4M3 value.
 inline float code(const Weights& W, int64_t n, int64_t k) {
-  const int64_t kpw = W.kpw();
-  const uint32_t word = W.pair_words(n / 16)[(k / kpw) * kPairWordStride + n % 16];
-  if (W.kind == WKind::Int4) return static_cast<float>((word >> (4 * (k % 8))) & 0xF);
-  const uint8_t byte = static_cast<uint8_t>(word >> (8 * (k % 4)));
+  const uint32_t* row = W.pair_words(n / 16) + n % 16;  // word kw of row n at row[kw * kPairWordStride]
+  auto word = [&](int64_t kw) { return row[kw * kPairWordStride]; };
+  switch (W.kind) {
+    case WKind::Int4:
+      return static_cast<float>((word(k / 8) >> (4 * (k % 8))) & 0xF);
+    case WKind::Int2:
+      return static_cast<float>((word(k / 16) >> (2 * (k % 16))) & 3);
+    case WKind::Int3: {
+      const int64_t b = k / 32, w = (k % 32) / 16, i = k % 16;  // column i of low word w of block b
+      const uint32_t low = (word(3 * b + w) >> (2 * i)) & 3;
+      const uint32_t high = (word(3 * b + 2) >> (8 * (i / 4) + int3_high_bit(static_cast<int>(w), i % 4))) & 1;
+      return static_cast<float>(low + 4 * high);
+    }
+    default:
+      break;
+  }
+  const uint8_t byte = static_cast<uint8_t>(word(k / 4) >> (8 * (k % 4)));
   if (W.kind == WKind::Int8) return static_cast<float>(static_cast<int8_t>(byte));
   return e4m3_to_float(byte);
 }
 
-// Position of column k in the int4-permuted activation layout (perm) or in the plain one.
-inline int64_t act_pos(bool perm, int64_t k) {
-  if (!perm) return k;
-  const int64_t i = k & 7;
-  return (k & ~int64_t{7}) + ((i & 1) ? 4 + i / 2 : i / 2);
-}
-
 void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t t1) {
-  const bool perm = W.kind == WKind::Int4;
+  const ActPerm perm = act_perm(W.kind);
   for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
     for (int64_t m = 0; m < A.M; ++m) {
       const int8_t* q = A.q + m * A.ldq;
@@ -54,11 +60,11 @@ void gemv_q8(const Weights& W, const QuantAct& A, float* y, int64_t t0, int64_t 
   }
 }
 
-// int4 codes are centred (u - 8, exact) before the dot product and the zero-point term uses (z - 8) * s: for
-// symmetric layers (z = 8) that term is exactly zero, so no large sum of u * x is cancelled against z * s * sum(x)
-// (which cost about 3x the rounding error of a plain float32 matmul on a 30-layer model).
+// int4 / int2 / int3 codes are centred (u - zoff, exact) before the dot product and the zero-point term uses
+// (z - zoff) * s: for symmetric layers (z = zoff) that term is exactly zero, so no large sum of u * x is cancelled
+// against z * s * sum(x) (which cost about 3x the rounding error of a plain float32 matmul on a 30-layer model).
 void gemv_f32(const Weights& W, const FloatAct& X, float* y, int64_t t0, int64_t t1) {
-  const float off = W.kind == WKind::Int4 ? 8.f : 0.f;
+  const float off = code_offset(W.kind);
   for (int64_t n = t0 * 8; n < t1 * 8; ++n) {
     for (int64_t m = 0; m < X.M; ++m) {
       const float* x = X.x + m * W.Kp;
@@ -102,7 +108,7 @@ const KernelTable kTable{"scalar", gemv_q8, gemv_q8, gemv_f32, gemm_f32, scalar_
 
 }  // namespace
 
-void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, bool perm, int8_t* q,
+void scalar_quantize(const float* x, int64_t K, int64_t Kp, int64_t ldq, int64_t ablk, ActPerm perm, int8_t* q,
                      float* xs, int32_t* qsum, int64_t m0, int64_t m1) {
   const int64_t NB = (Kp + ablk - 1) / ablk;
   for (int64_t m = m0; m < m1; ++m) {

@@ -1,8 +1,8 @@
-// CUDA implementations of torch.ops.compressor.{int4,int8,fp8}_gemm on the same repacked layout as the CPU
+// CUDA implementations of torch.ops.compressor.{int2,int3,int4,int8,fp8}_gemm on the same repacked layout as the CPU
 // kernels (csrc/cpu/kernels.h: pairs of 8-row tiles in streams of 4 pairs, [Np/64, Kw, 64] 32-bit words; float32
 // scales / z*s [G, Np]).
-//   M < 16: GEMV, one warp per 8-row tile (32 lanes read 4 words x 8 rows = four whole 32-byte sectors per step),
-//           float32 accumulation, lanes reduced with shuffles.
+//   M < 16: GEMV, one warp per 8-row tile (32 lanes read 4 word blocks x 8 rows: four whole 32-byte sectors per
+//           step, twelve for int3), float32 accumulation, lanes reduced with shuffles.
 //   M >= 16: tensor-core GEMM (WMMA m16n16k16, fp16 for float16/float32 activations, bf16 for bfloat16), weights
 //           dequantized into shared memory per 64x64x32 tile, float32 accumulation. FP8 E4M3 weights are
 //           converted to fp16/bf16 the same way (no native FP8 MMA).
@@ -24,19 +24,40 @@
 
 namespace compressor_cuda {
 
-enum Kind : int { kInt4 = 0, kInt8 = 1, kFp8 = 2 };
+enum Kind : int { kInt4 = 0, kInt8 = 1, kFp8 = 2, kInt2 = 3, kInt3 = 4 };
 
+// Columns and words of a word block, the layout's unit along K (csrc/cpu/kernels.h: int3 is 32 columns in 3 words,
+// two int2 words of low bits and one of high bits; the others one word of 8, 16 or 4 codes).
 template <int KIND>
-constexpr int kpw() {
-  return KIND == kInt4 ? 8 : 4;
+constexpr int block_cols() {
+  return KIND == kInt4 ? 8 : KIND == kInt2 ? 16 : KIND == kInt3 ? 32 : 4;
+}
+template <int KIND>
+constexpr int block_words() {
+  return KIND == kInt3 ? 3 : 1;
+}
+// zero point of symmetric weights in the code domain
+template <int KIND>
+constexpr float code_offset() {
+  return KIND == kInt4 ? 8.f : KIND == kInt2 ? 2.f : KIND == kInt3 ? 4.f : 0.f;
 }
 
+// Bit within byte j of the int3 high word for column 16w + 4j + r of a block (csrc/cpu/kernels.h, int3_high_bit)
+__device__ __forceinline__ int int3_high_bit(int w, int r) { return r < 3 ? 2 + 2 * r + w : w; }
+
+// Code i of a word block (its block_words words) as float: int4 / int2 / int3 u, int8 q, fp8 the E4M3 value.
 template <int KIND>
-__device__ __forceinline__ float decode(uint32_t word, int i) {
+__device__ __forceinline__ float decode(const uint32_t* words, int i) {
   if constexpr (KIND == kInt4) {
-    return static_cast<float>((word >> (4 * i)) & 0xF);
+    return static_cast<float>((words[0] >> (4 * i)) & 0xF);
+  } else if constexpr (KIND == kInt2) {
+    return static_cast<float>((words[0] >> (2 * i)) & 3);
+  } else if constexpr (KIND == kInt3) {
+    const int w = i / 16, c = i % 16;
+    const uint32_t low = (words[w] >> (2 * c)) & 3, high = (words[2] >> (8 * (c / 4) + int3_high_bit(w, c % 4))) & 1;
+    return static_cast<float>(low + 4 * high);
   } else {
-    const uint8_t b = static_cast<uint8_t>(word >> (8 * i));
+    const uint8_t b = static_cast<uint8_t>(words[0] >> (8 * i));
     if constexpr (KIND == kInt8) {
       return static_cast<float>(static_cast<int8_t>(b));
     } else {
@@ -64,7 +85,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 
 struct Shape {
   int64_t M, K, Kp, Kw, Np, G, group;
-  float zoff;  // zero point of symmetric int weights (zs == nullptr): 8 for int4, 0 for int8
+  float zoff;  // zero point of symmetric int weights (zs == nullptr): code_offset<KIND>()
   int stype;   // scale storage (csrc/cpu/kernels.h SType): 0 float32, 1 float16, 2 bfloat16
 };
 
@@ -95,13 +116,25 @@ __device__ __forceinline__ const uint32_t* pair_words(const uint32_t* w, const S
   return w + (q / kStreamPairs) * S.Kw * kPairWordStride + (q % kStreamPairs) * 16;
 }
 
+// The words of word block kb of row n (loaded through the read-only cache)
+template <int KIND>
+__device__ __forceinline__ void load_block(const uint32_t* w, const Shape& S, int64_t n, int64_t kb,
+                                           uint32_t (&words)[block_words<KIND>()]) {
+  const uint32_t* row = pair_words(w, S, n / 16) + (n & 15);
+#pragma unroll
+  for (int i = 0; i < block_words<KIND>(); ++i)
+    words[i] = __ldg(row + (kb * block_words<KIND>() + i) * kPairWordStride);
+}
+
 // Dequantized weight (row n, column k < Kp).
 template <int KIND>
 __device__ __forceinline__ float weight_at(const uint32_t* w, const void* s, const float* zs, const Shape& S, int64_t n,
                                            int64_t k) {
-  const uint32_t word = pair_words(w, S, n / 16)[(k / kpw<KIND>()) * kPairWordStride + (n & 15)];
+  constexpr int BC = block_cols<KIND>();
+  uint32_t words[block_words<KIND>()];
+  load_block<KIND>(w, S, n, k / BC, words);
   const int64_t g = group_of(S, k);
-  const float c = decode<KIND>(word, static_cast<int>(k % kpw<KIND>()));
+  const float c = decode<KIND>(words, static_cast<int>(k % BC));
   const float sc = scale_at(s, S, g, n);
   return KIND == kFp8 ? c * sc : c * sc - zs_at(s, zs, S, g, n);
 }
@@ -110,23 +143,24 @@ __device__ __forceinline__ float weight_at(const uint32_t* w, const void* s, con
 template <int KIND, typename T>
 __global__ void gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w, const void* __restrict__ s,
                             const float* __restrict__ zs, float* __restrict__ y, Shape S) {
-  constexpr int KPW = kpw<KIND>();
+  constexpr int BC = block_cols<KIND>();
   const int lane = threadIdx.x, j = lane & 7, sub = lane >> 3;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (t >= S.Np / 8) return;
   const int64_t m = blockIdx.y, n = t * 8 + j;
   const T* xr = x + m * S.K;
-  const uint32_t* wt = pair_words(w, S, t / 2) + (t & 1) * 8;  // tile t: half of each 16-word line of pair t/2
   float acc = 0.f;
-  for (int64_t kw = sub; kw < S.Kw; kw += 4) {
-    const uint32_t word = __ldg(wt + kw * kPairWordStride + j);
+  for (int64_t kb = sub; kb < S.Kp / BC; kb += 4) {  // word blocks (one word except int3's 3)
+    uint32_t words[block_words<KIND>()];
+    load_block<KIND>(w, S, n, kb, words);
 #pragma unroll
-    for (int i = 0; i < KPW; ++i) {
-      const int64_t k = kw * KPW + i;
+    for (int i = 0; i < BC; ++i) {
+      const int64_t k = kb * BC + i;
       if (k >= S.K) break;
       const int64_t g = group_of(S, k);
       const float sc = scale_at(s, S, g, n);
-      const float wv = KIND == kFp8 ? decode<KIND>(word, i) * sc : decode<KIND>(word, i) * sc - zs_at(s, zs, S, g, n);
+      const float c = decode<KIND>(words, i);
+      const float wv = KIND == kFp8 ? c * sc : c * sc - zs_at(s, zs, S, g, n);
       acc += wv * to_float(xr[k]);
     }
   }
@@ -228,9 +262,9 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int stype = s.scalar_type() == at::kHalf ? 1 : s.scalar_type() == at::kBFloat16 ? 2 : 0;
-  Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group, KIND == kInt4 ? 8.f : 0.f,
+  Shape S{x.size(0), x.size(1), (x.size(1) + 31) / 32 * 32, 0, s.size(1), s.size(0), group, code_offset<KIND>(),
           stype};
-  S.Kw = S.Kp / kpw<KIND>();
+  S.Kw = S.Kp / block_cols<KIND>() * block_words<KIND>();
   TORCH_CHECK(w.size(0) * kStreamRows == S.Np && w.size(1) == S.Kw && out_features <= S.Np,
               "weight layout does not match x");
   TORCH_CHECK(group > 0 && (S.G - 1) * group < S.K && S.G * group >= S.K, "group_size does not cover K");
@@ -266,6 +300,14 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                      int64_t group, int64_t n, int64_t /*mode*/) {
   return run<kInt8>(x, w, s, zs ? &*zs : nullptr, group, n);
 }
+at::Tensor int2_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& zs,
+                     int64_t group, int64_t n, int64_t /*mode*/) {
+  return run<kInt2>(x, w, s, zs ? &*zs : nullptr, group, n);
+}
+at::Tensor int3_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& zs,
+                     int64_t group, int64_t n, int64_t /*mode*/) {
+  return run<kInt3>(x, w, s, zs ? &*zs : nullptr, group, n);
+}
 at::Tensor fp8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t group, int64_t n,
                     int64_t /*mode*/) {
   return run<kFp8>(x, w, s, nullptr, group, n);
@@ -276,5 +318,7 @@ at::Tensor fp8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 TORCH_LIBRARY_IMPL(compressor, CUDA, m) {
   m.impl("int4_gemm", &compressor_cuda::int4_gemm);
   m.impl("int8_gemm", &compressor_cuda::int8_gemm);
+  m.impl("int2_gemm", &compressor_cuda::int2_gemm);
+  m.impl("int3_gemm", &compressor_cuda::int3_gemm);
   m.impl("fp8_gemm", &compressor_cuda::fp8_gemm);
 }
