@@ -24,6 +24,8 @@ WEIGHTS = {
     "w4-g32-sym": {"bits": 4, "group_size": 32},
     "w4-g64-asym": {"bits": 4, "group_size": 64, "symmetric": False},
     "w8-channel": {"bits": 8, "strategy": "channel"},
+    "w3-g32-sym": {"bits": 3, "group_size": 32},  # INT2/INT3 have kernels too: no layer dequantizes per call
+    "w2-g64-asym": {"bits": 2, "group_size": 64, "symmetric": False},
     "fp8-block": {"format": "fp8", "bits": 8, "strategy": "block", "block_size": [32, 32]},
 }
 

@@ -1,8 +1,9 @@
 """QuantLinear / QuantEmbedding: layers that keep their weight compressed (packed INT or FP8).
 
 QuantLinear runs the C++ extension's ops on a kernel-layout copy of the weight (repacked once: by
-`compressor.load`, on first use otherwise, and again after a move to another device);
-without the extension, or for formats the kernels do not cover (INT2/3, ...), it dequantizes and calls matmul.
+`compressor.load`, on first use otherwise, and again after a move to another device); every format we write (INT2,
+INT3, INT4, INT8, FP8) has a kernel. Only without the extension (announced once in the log) does it dequantize the
+whole weight and call matmul.
 """
 
 from __future__ import annotations
@@ -78,8 +79,6 @@ class QuantLinear(nn.Module):
         if s["type"] == "float":
             fmt = Fp8Format.of_scheme(s)
             return repack_fp8(self.weight, self.weight_scale, fmt.strategy, fmt.block)
-        if s["num_bits"] not in (4, 8):
-            return None
         return repack_int(
             self.weight_packed,
             self.weight_scale,
