@@ -160,7 +160,7 @@ def test_siblings_share_one_kernel_call_with_identical_outputs(artifact, monkeyp
     """q|k|v and gate|up of a block (same input, same format) run as one kernel call after compressor.load: 4 calls
     per llama block instead of 7, with bit-identical logits (eager), and each layer still runs alone (torch.compile,
     or after a move)."""
-    from compressor.runtime import ops, siblings
+    from compressor.runtime import qlinear, siblings
 
     mode = "float" if "fp8" in artifact.parent.name else "int8-decode"
     fused = compressor.load(artifact, activations=mode)
@@ -168,7 +168,7 @@ def test_siblings_share_one_kernel_call_with_identical_outputs(artifact, monkeyp
     joined = [m for m in _quant_linears(fused) if m._siblings is not None]
     assert len(joined) == 5 * len(fused.model.layers)
     calls = []
-    for module in (ops, siblings):
+    for module in (qlinear, siblings):
         monkeypatch.setattr(module, "packed_matmul", lambda *a, f=module.packed_matmul: calls.append(1) or f(*a))
     prefill = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     for ids in (prefill, prefill[:1, :1]):
@@ -185,3 +185,32 @@ def test_siblings_share_one_kernel_call_with_identical_outputs(artifact, monkeyp
     fused.float()  # a move: every layer remakes its own kernel weight and runs alone
     assert all(m._siblings is None for m in _quant_linears(fused))
     assert torch.equal(_logits(fused, prefill), _logits(plain, prefill))
+
+
+def test_siblings_share_the_correction_down_product(artifact):
+    """Low-rank corrections of joined siblings: one product by the stacked downs serves the group, each adds its
+    own up; the logits are those of each layer corrected alone, also after a correction is replaced or dropped."""
+    from compressor.models.adapters import adapter_for
+    from compressor.runtime.load import join_siblings
+
+    if "w4-g32" not in artifact.parent.name:
+        pytest.skip("one artifact is enough")
+    models = [compressor.load(artifact, fuse_siblings=False) for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    for layers in zip(*(_quant_linears(m) for m in models)):
+        down = torch.randn(4, layers[0].in_features, generator=gen) * 0.05
+        up = torch.randn(layers[0].out_features, 4, generator=gen) * 0.05
+        for m in layers:
+            m.attach_correction(down, up)
+    fused, plain = models
+    assert join_siblings(fused, adapter_for(fused.config.model_type)) == 2 * len(fused.model.layers)
+    ids = torch.randint(0, 300, (2, 20), generator=gen)
+    for step in ("joined", "replaced", "dropped"):
+        if step != "joined":
+            for m in (fused, plain):
+                k = m.model.layers[0].self_attn.k_proj
+                if step == "replaced":
+                    k.attach_correction(torch.ones(2, k.in_features) * 0.01, torch.ones(k.out_features, 2) * 0.01)
+                else:
+                    k.lora_down = k.lora_up = None
+        torch.testing.assert_close(_logits(fused, ids), _logits(plain, ids), rtol=1e-5, atol=1e-5)

@@ -48,10 +48,9 @@ def packed_matmul(x: torch.Tensor, p: PackedWeight, mode: int = MODE_AUTO) -> to
     return op(x, p.w, p.scale, p.zs, p.group_size, p.out_features, mode)
 
 
-def packed_linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, mode: int = MODE_AUTO) -> torch.Tensor:
-    """x [.., K] @ W^T + bias through the extension, returned in x's dtype."""
-    lead = x.shape[:-1]
-    y = packed_matmul(x.reshape(-1, x.shape[-1]), p, mode)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.reshape(*lead, p.out_features).to(x.dtype)
+def add_correction(y: torch.Tensor, low: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y (float32 [M, N]) + up low, where low = down x [M, r]: a low-rank correction of the quantization error,
+    in the factors' dtype (one fused multiply-add when that is float32)."""
+    if up.dtype == torch.float32:
+        return torch.addmm(y, low, up.t())
+    return y + (low @ up.t()).to(torch.float32)

@@ -15,7 +15,7 @@ from ..quant.formats import Fp8Format
 from ..quant.fp8 import expand_blocks, fp8_dequantize
 from ..quant.packing import pack_zero_points, unpack_zero_points
 from ._ext import kernels_for
-from .ops import MODE_FLOAT, dequantize_packed, int_weight_matmul, packed_linear
+from .ops import MODE_FLOAT, add_correction, dequantize_packed, int_weight_matmul, packed_matmul
 from .repack import PackedWeight, repack_fp8, repack_int
 
 
@@ -128,19 +128,27 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight() if self.use_kernels else None
-        if packed is None:
+        if packed is None:  # the pure-torch path
             y = int_weight_matmul(x, self.dequantized_weight(), self.bias)
-        elif self._siblings is not None and not torch.compiler.is_compiling():
-            y = self._siblings.output(self._sibling_index, x, self.kernel_mode)
-            if self.bias is not None:
-                y = y + self.bias.to(torch.float32)
-            y = y.contiguous().reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            if self.lora_down is None:
+                return y
+            low = x.to(self.lora_down.dtype) @ self.lora_down.t()
+            return y + (low @ self.lora_up.t()).to(y.dtype)
+        x2d = x.reshape(-1, self.in_features)
+        low = None
+        if self._siblings is not None and not torch.compiler.is_compiling():
+            y, low = self._siblings.output(self._sibling_index, x, self.kernel_mode)
+            if self._siblings.down_sources[self._sibling_index] is not self.lora_down:  # changed since joining
+                low = None
         else:
-            y = packed_linear(x, packed, self.bias, self.kernel_mode)
-        if self.lora_down is None:
-            return y
-        low = x.to(self.lora_down.dtype) @ self.lora_down.t()
-        return y + (low @ self.lora_up.t()).to(y.dtype)
+            y = packed_matmul(x2d, packed, self.kernel_mode)
+        if self.lora_down is not None:
+            if low is None:
+                low = x2d.to(self.lora_down.dtype) @ self.lora_down.t()
+            y = add_correction(y, low, self.lora_up)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.contiguous().reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class QuantEmbedding(QuantLinear):
