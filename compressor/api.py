@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from .calibration.data import read_texts, sample_windows
+from .calibration.data import read_text_file, read_texts, sample_windows
 from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
-from .errors import RecipeError
+from .errors import ArtifactCheckError, RecipeError
 from .eval.metrics import evaluate_windows, greedy_sample, text_windows
 from .models.loading import base_model_hub_id, load_model, max_positions
 from .pipeline import run_passes
 from .plan import Plan
-from .recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from .recipe import Recipe, apply_overrides, load_recipe, parse_recipe, portable_name
 from .runtime.lora import LORA_DIR
 from .state import CompressionState
 from .version import __version__
@@ -65,16 +65,16 @@ def _eval_windows(r: Recipe, loaded) -> torch.Tensor | None:
         return None
     if ev.perplexity_text:
         path = Path(ev.perplexity_text).expanduser()
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(path, "evaluation text", "evaluate.perplexity_text")
+        what, fix = f"the evaluation text {path.name}", "use a longer text or a shorter evaluate.seq_len"
     else:  # held-out draw from the calibration source: in-distribution, not a benchmark
         text = "\n\n".join(read_texts(r.calibration)[::-1])
+        source = portable_name(r.calibration.source)
+        what = f"the calibration source {source} (the evaluation text, as evaluate.perplexity_text is not set)"
+        fix = "give more calibration text, set evaluate.perplexity_text, or lower evaluate.seq_len"
     windows = text_windows(loaded.tokenizer, text, ev.seq_len, ev.max_windows)
     if windows.shape[0] == 0:
-        raise RecipeError(
-            f"the evaluation text has fewer than {ev.seq_len} tokens",
-            where="evaluate",
-            fix="use a longer text",
-        )
+        raise RecipeError(f"{what} has fewer than {ev.seq_len} tokens", where="evaluate", fix=fix)
     return windows
 
 
@@ -123,16 +123,48 @@ def _samples(r: Recipe, loaded) -> bool:
     return ev is not None and ev.generate_tokens > 0 and loaded.adapter.decoder and "safetensors" in r.export
 
 
-def _artifact_sample(folder: Path, tokenizer, ev) -> dict:
+def _artifact_sample(model, tokenizer, ev) -> dict:
     """A greedy sample from the artifact just written, run the way users run it (compressor.load, int8 decode)."""
+    from .runtime.load import set_activations
+
+    set_activations(model, "int8-decode")
+    return greedy_sample(model, tokenizer, ev.prompt, ev.generate_tokens)
+
+
+LOAD_BACK_TOLERANCE = 1e-4  # |logit difference| <= tol + tol * |logit|: what the artifact tests hold loads to
+
+
+def _loaded_back(folder: Path, state: CompressionState):
+    """The artifact just written, loaded with compressor.load, once its logits on a short probe are those of the
+    compressed model in memory; None when the run wrote no safetensors artifact. An artifact that does not load back
+    or differs raises ArtifactCheckError (our defect: exit 1, the artifact kept as NAME.broken)."""
     from .runtime.load import load as load_artifact
 
+    if "safetensors" not in state.recipe.export:
+        return None
     try:
-        model = load_artifact(folder, activations="int8-decode")
-        return greedy_sample(model, tokenizer, ev.prompt, ev.generate_tokens)
-    except Exception as err:  # the artifact is written either way; say why it could not be sampled
-        log.warning(f"warning: the artifact could not be sampled with compressor.load ({type(err).__name__}: {err})")
-        return {"error": f"{type(err).__name__}: {err}"}
+        model = load_artifact(folder)  # float activations: the logits of the dequantized model
+    except Exception as err:
+        raise ArtifactCheckError(f"the artifact just written does not load back ({type(err).__name__}: {err})") from err
+    ids = state.loaded.tokenizer(
+        state.recipe.evaluate.prompt if state.recipe.evaluate else "The history of the city", return_tensors="pt"
+    )["input_ids"][:, :32]
+    expected, got = _outputs(state.full_model(), ids), _outputs(model, ids)
+    diff = (got - expected).abs()
+    if not bool((diff <= LOAD_BACK_TOLERANCE * (1 + expected.abs())).all()):
+        raise ArtifactCheckError(
+            f"the artifact just written does not reproduce the compressed model: max |logit difference| "
+            f"{diff.max().item():.3g} on a {ids.shape[1]}-token probe (tolerance {LOAD_BACK_TOLERANCE} + "
+            f"{LOAD_BACK_TOLERANCE} |logit|)"
+        )
+    return model
+
+
+@torch.inference_mode()
+def _outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits (or, for a headless encoder, last hidden states) of `ids`."""
+    out = model(input_ids=ids)
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
 
 
 def compress(
@@ -143,6 +175,7 @@ def compress(
     push_to_hub: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    trust_remote_code: bool = False,
     **overrides: Any,
 ) -> CompressionResult:
     """Run a recipe: load, calibrate, run passes, evaluate, write the artifact atomically, then upload it if the
@@ -150,13 +183,14 @@ def compress(
 
     User errors raise `CompressorError` (the CLI prints the same message and exits with code 2). The hub token is
     checked before the run; a failed upload leaves the local artifact complete and says how to retry it.
+    `trust_remote_code=True` lets the model repository's Python code run (a recipe cannot turn that on by itself).
     """
     from exporters.hub import push_artifact
     from exporters.report import summary_lines
 
     run = _Run(time.perf_counter())
     limit_malloc_fragmentation()
-    r, out = _checked_recipe(recipe, model, output, push_to_hub, overwrite, overrides)
+    r, out = _checked_recipe(recipe, model, output, push_to_hub, overwrite, trust_remote_code, overrides)
     torch.manual_seed(r.calibration.seed)
     state, base_params, windows = _load(r, quiet, run)
     metrics = _compress_and_evaluate(state, windows, quiet, run)
@@ -184,12 +218,29 @@ class _Run:
         self.timings[step] = time.perf_counter() - since
 
 
-def _checked_recipe(recipe, model, output, push_to_hub, overwrite: bool, overrides: dict) -> tuple[Recipe, Path]:
+def with_remote_code_consent(r: Recipe, caller_allows: bool) -> Recipe:
+    """The recipe with `trust_remote_code` as the caller decided: a recipe (a file from anywhere) may ask for the
+    model repository's Python code to run, but only the caller (`--trust-remote-code`, `trust_remote_code=True`)
+    can allow it; a recipe that asks without that consent is refused."""
+    if r.trust_remote_code and not caller_allows:
+        raise RecipeError(
+            "the recipe sets trust_remote_code: true, which runs Python code from the model's repository; "
+            "a recipe cannot allow that by itself",
+            where="trust_remote_code",
+            fix="if you trust that repository, pass --trust-remote-code (CLI) or trust_remote_code=True "
+            "(compressor.compress); otherwise remove the key",
+        )
+    return r.model_copy(update={"trust_remote_code": True}) if caller_allows else r
+
+
+def _checked_recipe(
+    recipe, model, output, push_to_hub, overwrite: bool, trust_remote_code: bool, overrides: dict
+) -> tuple[Recipe, Path]:
     """The resolved recipe and its output folder, after every check that can fail before any work starts."""
     from exporters.atomic import check_output
     from exporters.hub import check_hub_target
 
-    r = resolve_recipe(recipe, model, output, push_to_hub, **overrides)
+    r = with_remote_code_consent(resolve_recipe(recipe, model, output, push_to_hub, **overrides), trust_remote_code)
     if not r.output:
         raise RecipeError("no output directory given", where="output", fix="pass --output DIR (or output= in the API)")
     out = Path(r.output).expanduser()
@@ -255,7 +306,7 @@ def _report(state: CompressionState, metrics: dict, run: _Run) -> dict:
         "report_version": REPORT_VERSION,
         "compressor_version": __version__,
         "model": {
-            "source": r.model,
+            "source": portable_name(r.model),
             "base_model": base_model_hub_id(r.model),
             "family": loaded.adapter.family,
             "model_type": loaded.model.config.model_type,
@@ -289,15 +340,20 @@ def _write_artifact(state: CompressionState, out: Path, overwrite: bool, report:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
             files.append(rel)
-        recipe_yaml = r.model_copy(update={"output": None, "hub": None}).to_yaml()  # location-independent copy
+        recipe_yaml = r.portable().to_yaml()  # nothing machine-local in the artifact
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         report["files"] = files
         report["size"] = _size_report(state, tmp, base_params)
-        if _samples(r, loaded):
+        check_start = time.perf_counter()
+        loaded_back = _loaded_back(tmp, state)
+        run.timed("load_back_check", check_start)
+        if _samples(r, loaded) and loaded_back is not None:
             sample_start = time.perf_counter()
-            metrics["sample"] = _artifact_sample(tmp, loaded.tokenizer, r.evaluate)
+            metrics["sample"] = _artifact_sample(loaded_back, loaded.tokenizer, r.evaluate)
             run.timed("sample", sample_start)
-        run.timings["export"] = time.perf_counter() - t - run.timings.get("sample", 0.0)
+        run.timings["export"] = (
+            time.perf_counter() - t - run.timings.get("sample", 0.0) - run.timings["load_back_check"]
+        )
         run.timed("total", run.start)
         report["timings"] = {k: round(v, 2) for k, v in run.timings.items()}
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)

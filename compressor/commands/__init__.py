@@ -57,6 +57,10 @@ def exit_on_error(debug: bool, interrupted: str = "interrupted: nothing was writ
         if debug:
             traceback.print_exc()
         click.echo(
-            _shown(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)"), err=True
+            _shown(
+                f"internal error: {type(err).__name__}: {err} (a defect of compressor, not of your input: rerun "
+                "with --debug and report the traceback)"
+            ),
+            err=True,
         )
         sys.exit(1)

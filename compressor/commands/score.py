@@ -19,9 +19,12 @@ from . import exit_on_error, parse_set_options
 @click.option("--measure-samples", type=int, help="Calibration windows for the measured skip loss / KL.")
 @click.option("--no-measure", is_flag=True, help="Skip the measured skip loss / KL (fastest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of a table.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow Python code from the model's repository to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
-def score_command(recipe_path, model, sets, samples, measure_samples, no_measure, as_json, quiet, debug) -> None:
+def score_command(
+    recipe_path, model, sets, samples, measure_samples, no_measure, as_json, trust_remote_code, quiet, debug
+) -> None:
     """Print per-block (and per attention / MLP branch) importance scores; writes nothing."""
     import os
 
@@ -29,16 +32,16 @@ def score_command(recipe_path, model, sets, samples, measure_samples, no_measure
         os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
     with exit_on_error(debug):
-        table = _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet)
+        table = _score(recipe_path, model, sets, samples, measure_samples, no_measure, trust_remote_code, quiet)
     from ..structure.report import score_table_text
 
     click.echo(json.dumps(table.to_json(), indent=2) if as_json else score_table_text(table))
 
 
-def _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet):
+def _score(recipe_path, model, sets, samples, measure_samples, no_measure, trust_remote_code, quiet):
     from pydantic import ValidationError
 
-    from ..api import resolve_recipe
+    from ..api import resolve_recipe, with_remote_code_consent
     from ..calibration.data import read_texts, sample_windows
     from ..errors import RecipeError
     from ..models.loading import load_model, max_positions
@@ -47,7 +50,7 @@ def _score(recipe_path, model, sets, samples, measure_samples, no_measure, quiet
     from ..structure.ops import score_model
 
     base = recipe_path if recipe_path else Recipe(passes=[{"type": "score"}])
-    recipe = resolve_recipe(base, model, **parse_set_options(sets))
+    recipe = with_remote_code_consent(resolve_recipe(base, model, **parse_set_options(sets)), trust_remote_code)
     cfg = next((p for p in recipe.passes if isinstance(p, ScorePass)), ScorePass(type="score"))
     updates = {"max_samples": samples, "measure_samples": measure_samples}
     cfg = cfg.model_copy(update={k: v for k, v in updates.items() if v is not None})

@@ -88,6 +88,15 @@ def load(
     return model
 
 
+def set_activations(model: nn.Module, activations: str) -> None:
+    """Switch how the kernels of a loaded model treat activations ("float", "int8-decode", "int8"; see load)."""
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations={activations!r}: expected one of {sorted(ACTIVATION_MODES)}")
+    for module in model.modules():
+        if type(module) is QuantLinear:
+            module.kernel_mode = ACTIVATION_MODES[activations]
+
+
 def join_siblings(model: nn.Module, adapter) -> int:
     """Join the quantized linears that share an input within each block (the adapter's linear groups)."""
     groups = []

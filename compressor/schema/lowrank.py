@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, field_validator
 
 from .common import Strict
+
+if TYPE_CHECKING:  # the recipe (and so `compress --help`) loads without torch
+    import torch
 
 
 class LowRankPass(Strict):
@@ -62,6 +64,8 @@ class LowRankPass(Strict):
 
     def storage_dtype(self, artifact_dtype: torch.dtype) -> torch.dtype:
         """The factors' dtype in an artifact whose dense tensors are `artifact_dtype`."""
+        import torch
+
         if self.dtype != "auto":
             return getattr(torch, self.dtype)
         return artifact_dtype if artifact_dtype in (torch.float16, torch.bfloat16) else torch.float16
