@@ -17,7 +17,7 @@ from .eval.metrics import evaluate_windows, greedy_sample, text_windows
 from .models.loading import base_model_hub_id, load_model, max_positions
 from .pipeline import run_passes
 from .plan import Plan
-from .recipe import Recipe, apply_overrides, load_recipe, parse_recipe, portable_name
+from .recipe import Recipe, portable_name, resolve_recipe
 from .runtime.lora import LORA_DIR
 from .state import CompressionState
 from .version import __version__
@@ -34,29 +34,6 @@ class CompressionResult:
     metrics: dict
     report: dict
     hub_url: str | None = None
-
-
-def resolve_recipe(
-    recipe: str | Path | dict | Recipe,
-    model: str | None = None,
-    output: str | Path | None = None,
-    push_to_hub: str | None = None,
-    **overrides: Any,
-) -> Recipe:
-    """Recipe from a path, dict or Recipe, with model/output/hub target and dotted (or '__'-separated) overrides.
-
-    `push_to_hub` sets `hub.repo_id` (keeping the recipe's other hub settings); dotted overrides apply after it.
-    """
-    r = load_recipe(recipe) if isinstance(recipe, (str, Path)) else parse_recipe(recipe, "<recipe dict>")
-    changes: dict[str, Any] = {}
-    if push_to_hub is not None:
-        changes["hub"] = {**(r.hub.model_dump() if r.hub else {}), "repo_id": push_to_hub}
-    changes.update({k.replace("__", "."): v for k, v in overrides.items()})
-    if model is not None:
-        changes["model"] = str(model)
-    if output is not None:
-        changes["output"] = str(output)
-    return apply_overrides(r, changes) if changes else r
 
 
 def _eval_windows(r: Recipe, loaded) -> torch.Tensor | None:

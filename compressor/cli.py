@@ -52,7 +52,7 @@ def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, trust_re
 
 
 def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet) -> None:
-    from .api import compress, resolve_recipe
+    from .recipe import resolve_recipe  # (without torch: --print-recipe answers at once)
 
     overrides = parse_set_options(sets)
     if recipe_path is None:
@@ -66,6 +66,8 @@ def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
         return
+    from .api import compress
+
     result = compress(recipe, overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code)
     click.echo(f"wrote {result.path}")
     if result.hub_url:

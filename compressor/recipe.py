@@ -264,3 +264,26 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
         else:
             node[parts[-1]] = value
     return parse_recipe(data, "override")
+
+
+def resolve_recipe(
+    recipe: str | Path | dict | Recipe,
+    model: str | None = None,
+    output: str | Path | None = None,
+    push_to_hub: str | None = None,
+    **overrides: Any,
+) -> Recipe:
+    """Recipe from a path, dict or Recipe, with model/output/hub target and dotted (or '__'-separated) overrides.
+
+    `push_to_hub` sets `hub.repo_id` (keeping the recipe's other hub settings); dotted overrides apply after it.
+    """
+    r = load_recipe(recipe) if isinstance(recipe, (str, Path)) else parse_recipe(recipe, "<recipe dict>")
+    changes: dict[str, Any] = {}
+    if push_to_hub is not None:
+        changes["hub"] = {**(r.hub.model_dump() if r.hub else {}), "repo_id": push_to_hub}
+    changes.update({k.replace("__", "."): v for k, v in overrides.items()})
+    if model is not None:
+        changes["model"] = str(model)
+    if output is not None:
+        changes["output"] = str(output)
+    return apply_overrides(r, changes) if changes else r

@@ -375,3 +375,16 @@ def test_pass_orders_that_would_write_a_wrong_artifact_are_refused(extra, needle
     recipe["passes"].append(extra)
     code, err, _ = run_cli("--recipe", write_recipe(tmp_path, recipe), "-o", str(tmp_path / "o"))
     assert_user_error(code, err, needle)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--recipe", "w4-gptq", "--print-recipe"], ["recipes"]])
+def test_help_and_print_recipe_do_not_load_torch(args):
+    """`compress --help` and `--print-recipe` took 13-20 s when torch and transformers loaded eagerly; they must not
+    import them at all (the figure itself is measured by hand, not asserted: README, Run)."""
+    probe = (
+        "import sys\nfrom compressor.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\nassert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
