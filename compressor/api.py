@@ -126,7 +126,7 @@ def _loaded_back(folder: Path, state: CompressionState):
     ids = state.loaded.tokenizer(
         state.recipe.evaluate.prompt if state.recipe.evaluate else "The history of the city", return_tensors="pt"
     )["input_ids"][:, :32]
-    expected, got = _outputs(state.full_model(), ids), _outputs(model, ids)
+    expected, got = _outputs(state.artifact_model(), ids), _outputs(model, ids)
     diff = (got - expected).abs()
     if not bool((diff <= LOAD_BACK_TOLERANCE * (1 + expected.abs())).all()):
         raise ArtifactCheckError(
@@ -266,7 +266,7 @@ def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None
     t = time.perf_counter()
     base = loaded.base_model() if r.evaluate.kl else None
     metrics = evaluate_windows(
-        state.full_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
+        state.artifact_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
     )
     if base is not None and _samples(r, loaded):
         metrics["base_sample"] = greedy_sample(base, loaded.tokenizer, r.evaluate.prompt, r.evaluate.generate_tokens)

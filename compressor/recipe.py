@@ -95,6 +95,11 @@ class Recipe(Strict):
     export: list[Literal["safetensors", "onnx"]] = Field(default_factory=lambda: ["safetensors"])
     onnx: OnnxExportConfig = OnnxExportConfig()
     max_shard_size: str = Field("2GB", description="safetensors shard size")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto",
+        description="dtype of the artifact's unquantized tensors (embeddings, norms, biases, float linears); auto = "
+        "the source model's declared dtype, bfloat16 for a GGUF source (which declares none)",
+    )
     evaluate: EvaluateConfig | None = None
     output: str | None = None
     hub: HubConfig | None = Field(None, description="upload the artifact to the hub when the run succeeds")

@@ -11,6 +11,15 @@ from .plan import Plan
 from .recipe import Recipe
 
 
+def artifact_dtype(choice: str, loaded: LoadedModel) -> torch.dtype:
+    """The dtype of the artifact's unquantized tensors for the recipe's `dtype`: `auto` is the source checkpoint's
+    declared dtype, bfloat16 for a GGUF source (which declares none: its float copy is float32 only because it
+    was dequantized)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    return torch.bfloat16 if loaded.source.gguf_file else loaded.export_dtype
+
+
 @dataclass
 class CompressionState:
     loaded: LoadedModel
@@ -22,7 +31,7 @@ class CompressionState:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        self.plan.dtype = self.loaded.export_dtype  # the artifact keeps the source checkpoint's float dtype
+        self.plan.dtype = artifact_dtype(self.recipe.dtype, self.loaded)
 
     @property
     def model(self):
@@ -65,6 +74,20 @@ class CompressionState:
             return lambda: adapter.param_layout(module, plan.effective_weight(layer))
 
         lazy.release([f"{name}.weight" for name in layers if name in plan.weights], provider_for)
+
+    def artifact_model(self):
+        """The full model as the artifact stores it: every unquantized floating tensor that the artifact writes
+        (parameters and persistent buffers) rounded to the artifact's dtype, in place (idempotent). Evaluation and
+        the load-back check run this model, so the report measures what ships."""
+        model = self.full_model()
+        dtype, quantized = self.plan.dtype, {f"{name}.weight" for name in self.plan.layers}
+        if dtype == torch.float32:
+            return model
+        with torch.no_grad():
+            for key, tensor in model.state_dict(keep_vars=True).items():
+                if key not in quantized and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor.copy_(tensor.to(dtype))
+        return model
 
     def finish_plan(self) -> None:
         """Record the artifact's layout in the plan (which linears stay float, the embeddings) after the passes."""

@@ -243,3 +243,43 @@ def test_embeddings_quantization(family, tiny_model_dir, calib_file, tmp_path):
         assert bf16.model.embed_tokens(torch.tensor([[1, 2]])).dtype == torch.bfloat16
         c = _logits(bf16, 300).float()
         assert (c - a).abs().max() < 0.05 * a.abs().max()
+
+
+@pytest.mark.parametrize("choice", ["auto", "bfloat16", "float32"])
+def test_artifact_dtype(choice, tiny_model_dir, calib_file, tmp_path):
+    """`dtype` sets the unquantized tensors' dtype (auto: the source's declared one, float16 here); transformers and
+    compressor.load load the artifact, and the run's figures are those of the artifact as stored: its load-back
+    check holds the tight tolerance, and a fresh load reproduces the evaluated model's logits."""
+    src = tmp_path / "src"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float16)
+    model.save_pretrained(src)
+    for f in tiny_model_dir("llama").glob("tokenizer*"):
+        (src / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    result = compressor.compress(small_recipe(calib_file, dtype=choice), model=str(src), output=out, quiet=True)
+    expected = {"auto": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
+    tensors = load_file(out / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert tensors[key].dtype == expected, key
+    assert tensors["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.int32
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(expected).removeprefix("torch.")
+    report = json.loads((out / "report.json").read_text())
+    assert report["plan"]["dtype"] == str(expected).removeprefix("torch.")
+    ours = compressor.load(out)
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(_logits(ours, 300), _logits(reference, 300), **TOL)
+    assert result.metrics["kl_divergence"] >= 0
+
+
+def test_gguf_source_defaults_to_bfloat16():
+    """A GGUF source declares no dtype (its float copy is float32 only because it was dequantized): auto is
+    bfloat16; an explicit choice wins."""
+    from types import SimpleNamespace
+
+    from compressor.state import artifact_dtype
+
+    gguf = SimpleNamespace(source=SimpleNamespace(gguf_file="m.gguf"), export_dtype=torch.float32)
+    folder = SimpleNamespace(source=SimpleNamespace(gguf_file=None), export_dtype=torch.float16)
+    assert artifact_dtype("auto", gguf) == torch.bfloat16
+    assert artifact_dtype("auto", folder) == torch.float16
+    assert artifact_dtype("float32", gguf) == torch.float32

@@ -178,6 +178,7 @@ def load_model(spec: str, trust_remote_code: bool = False, quiet: bool = False, 
         location = str(float_checkpoint(Path(source.location) / source.gguf_file, quiet=quiet))
     checkpoint = ModelSource(location)
     config = load_config(checkpoint, trust_remote_code)
+    declared_dtype = _source_dtype(config)  # read now: building the model in float32 rewrites config.dtype
     adapter = adapter_for(config.model_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -204,9 +205,7 @@ def load_model(spec: str, trust_remote_code: bool = False, quiet: bool = False, 
     for name, p in model.named_parameters():
         if not p.is_meta:
             check_finite(name, p)
-    return LoadedModel(
-        model, tokenizer, adapter, source, _source_dtype(config), lazy, folder if folder.is_dir() else None
-    )
+    return LoadedModel(model, tokenizer, adapter, source, declared_dtype, lazy, folder if folder.is_dir() else None)
 
 
 def _source_dtype(config) -> torch.dtype:
