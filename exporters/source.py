@@ -23,13 +23,15 @@ Fetch = Callable[[str], torch.Tensor]  # a parameter's values from the source ch
 class ArtifactSource:
     plan: Plan  # every decision of the run
     model: nn.Module  # as it stands; a streamed model's untouched parameters may still be meta tensors
-    full_model: Callable[[], nn.Module]  # the model with every parameter in memory (graph exporters trace it)
+    full_model: Callable[[], nn.Module]  # the model with every parameter in memory, dense tensors rounded to the
+    # artifact's dtype (graph exporters trace it)
     adapter: Adapter  # the model family
     tokenizer: object
     fetch: Fetch | None  # reads meta parameters from the checkpoint (None: nothing is left on disk)
     max_shard_size: str  # safetensors shard size, e.g. '2GB'
     onnx: OnnxExportConfig
     hub_repo_id: str | None = None  # named as the LoRA adapter's base model when the run uploads
+    quiet: bool = False  # no progress bars
 
     @classmethod
     def of(cls, state) -> ArtifactSource:
@@ -42,11 +44,12 @@ class ArtifactSource:
         return cls(
             plan=state.plan,
             model=state.model,
-            full_model=state.full_model,
+            full_model=state.artifact_model,
             adapter=state.adapter,
             tokenizer=state.loaded.tokenizer,
             fetch=lazy.tensor if lazy is not None else None,
             max_shard_size=recipe.max_shard_size,
             onnx=recipe.onnx,
             hub_repo_id=recipe.hub.repo_id if recipe.hub is not None else None,
+            quiet=state.quiet,
         )

@@ -233,6 +233,7 @@ def test_export_onnx_command_matches_recipe_export(artifacts, tmp_path):
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["export-onnx", str(art), str(out)])  # default accuracy_level 4
     assert result.exit_code == 0, result.output
+    assert "onnx export" in result.output and "4/4" in result.output  # progress over the four stages
     a, b = onnx_initializers(out / "model.onnx"), onnx_initializers(art / "onnx" / "model.onnx")
     quant = [n for n in b if ".nbits_" in n or ".gbq_" in n]
     assert quant and all(np.array_equal(a[n], b[n]) for n in quant)
@@ -553,3 +554,39 @@ def test_accuracy_level_by_layer_errors(fused_artifacts, head32_model_dir, calib
     with pytest.raises(RecipeError, match="o_prj"):
         compressor.compress(recipe, model=str(head32_model_dir("llama")), output=tmp_path / "r", quiet=True)
     assert not (tmp_path / "r").exists()
+
+
+def test_export_needs_no_onnxruntime(tiny_model_dir, calib_file, tmp_path):
+    """onnxruntime is an extra (`onnx` CPU, `gpu` CUDA): exporting works without it, running names the extras."""
+    import subprocess
+    import sys
+    import textwrap
+
+    recipe = small_recipe(calib_file, export=["safetensors", "onnx"], evaluate=None)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["onnxruntime"] = None  # import onnxruntime raises ImportError, as when it is not installed
+        import compressor
+        from compressor.errors import CompressorError
+        from exporters.onnx.runner import OnnxCausalLM
+        compressor.compress({recipe!r}, model={str(tiny_model_dir("llama"))!r}, output={str(tmp_path / "out")!r},
+                            quiet=True)
+        try:
+            OnnxCausalLM({str(tmp_path / "out" / "onnx")!r})
+        except CompressorError as err:
+            print("MESSAGE", err)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "onnx" / "model.onnx").is_file()
+    assert "compressor[onnx]" in done.stdout and "compressor[gpu]" in done.stdout
+
+
+def test_runner_prefers_cuda_where_onnxruntime_gpu_sees_one():
+    from exporters.onnx.runner import default_providers
+
+    assert default_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    cuda = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert default_providers(cuda) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

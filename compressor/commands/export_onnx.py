@@ -60,9 +60,10 @@ from . import exit_on_error
     "padding), traced (torch.onnx.export, any family and mask), auto (fused where supported).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
 def export_onnx_command(
-    artifact, out, fmt, accuracy_level, layer_levels, block_size_max, opset, embeddings, graph, overwrite, debug
+    artifact, out, fmt, accuracy_level, layer_levels, block_size_max, opset, embeddings, graph, overwrite, quiet, debug
 ) -> None:
     """Export a compressed artifact (written by `compress`) to ONNX in OUT (model.onnx, config, tokenizer)."""
     from pathlib import Path
@@ -93,5 +94,5 @@ def export_onnx_command(
         click.echo(f"error: --layer-accuracy-level: {problem['msg']}", err=True)
         sys.exit(2)
     with exit_on_error(debug):
-        files = export_artifact(Path(artifact), Path(out), config, overwrite=overwrite)
+        files = export_artifact(Path(artifact), Path(out), config, overwrite=overwrite, quiet=quiet)
     click.echo(f"wrote {out} ({', '.join(files)})")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from compressor.errors import ModelError, RecipeError
 from compressor.models.adapters import adapter_for
@@ -28,6 +29,35 @@ from .weights import LayerWeights, from_buffers, from_plan
 
 log = logging.getLogger(__name__)
 
+EXPORT_STAGES = ("prepare layers", "build graph", "write files")
+
+
+class Stages:
+    """Progress over an export's coarse stages (each takes seconds to tens of seconds on a 135M model): a tqdm bar
+    whose postfix names the stage running now."""
+
+    def __init__(self, names: tuple[str, ...], quiet: bool = False):
+        self.bar = tqdm(total=len(names), desc="onnx export", unit="stage", disable=quiet)
+        self.started = False
+
+    def start(self, name: str) -> None:
+        """Mark the previous stage done and name the one that begins."""
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.name = name
+        self.bar.set_postfix_str(name)
+
+    def detail(self, text: str) -> None:
+        """Say how far the running stage is (e.g. 'layer 12/210')."""
+        self.bar.set_postfix_str(f"{self.name}: {text}")
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.bar.close()
+
+
 SUBDIR = "onnx"  # inside a compress artifact
 MODEL_FILE = "model.onnx"
 LAYERS_FILE = "onnx_export.json"
@@ -40,20 +70,42 @@ def export_onnx(source: ArtifactSource, folder: Path) -> list[str]:
     out = folder / SUBDIR
     out.mkdir(parents=True, exist_ok=True)
     model = source.full_model()
-    files = export_model(model, layers, out, source.onnx, decoder=source.adapter.decoder, corrections=corrections)
+    stages = Stages(EXPORT_STAGES, quiet=source.quiet)
+    try:
+        files = export_model(
+            model, layers, out, source.onnx, decoder=source.adapter.decoder, corrections=corrections, stages=stages
+        )
+    finally:
+        stages.close()
     source.tokenizer.save_pretrained(out)
     return [f"{SUBDIR}/{f}" for f in files]
 
 
-def export_artifact(src: str | Path, out: Path, config: OnnxExportConfig, overwrite: bool = False) -> list[str]:
+def export_artifact(
+    src: str | Path, out: Path, config: OnnxExportConfig, overwrite: bool = False, quiet: bool = False
+) -> list[str]:
     """Export a compressor artifact directory to ONNX in `out` (written atomically); returns the files."""
     from compressor.runtime.load import load
 
-    from ..atomic import atomic_directory, check_output
+    from ..atomic import check_output
 
     src, out = Path(src), Path(out)
     check_output(out, overwrite)
-    model = load(src)
+    stages = Stages(("load the artifact", *EXPORT_STAGES), quiet)
+    try:
+        stages.start("load the artifact")
+        model = load(src)
+        files = _export_loaded(model, src, out, config, overwrite, stages)
+    finally:
+        stages.close()
+    return files
+
+
+def _export_loaded(
+    model: nn.Module, src: Path, out: Path, config: OnnxExportConfig, overwrite: bool, stages: Stages
+) -> list[str]:
+    from ..atomic import atomic_directory
+
     layers = {
         name: from_buffers(m) for name, m in model.named_modules() if hasattr(m, "scheme") and hasattr(m, "in_features")
     }
@@ -62,7 +114,7 @@ def export_artifact(src: str | Path, out: Path, config: OnnxExportConfig, overwr
     }
     decoder = adapter_for(model.config.model_type).decoder
     with atomic_directory(out, overwrite) as tmp:
-        files = export_model(model, layers, tmp, config, decoder=decoder, corrections=corrections)
+        files = export_model(model, layers, tmp, config, decoder=decoder, corrections=corrections, stages=stages)
         for extra in sorted(src.iterdir()):
             if extra.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and extra.is_file():
                 shutil.copy(extra, tmp / extra.name)
@@ -77,16 +129,21 @@ def export_model(
     cfg: OnnxExportConfig,
     decoder: bool,
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    stages: Stages | None = None,
 ) -> list[str]:
     """Swap quantized layers for ONNX-op modules, trace, finalize; writes model, config and layer report.
 
-    `corrections` maps layers to the (down [r, K], up [N, r]) factors of their low-rank compensation.
+    `corrections` maps layers to the (down [r, K], up [N, r]) factors of their low-rank compensation; `stages`
+    shows progress over EXPORT_STAGES.
     """
+    stages = stages or Stages(EXPORT_STAGES, quiet=True)
+    stages.start("prepare layers")
     if next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()
     modules = dict(model.named_modules())
-    replacements, choices = _replacements(model, modules, layers, cfg, corrections or {})
+    replacements, choices = _replacements(model, modules, layers, cfg, corrections or {}, stages)
     graph = _graph_kind(model, cfg) if decoder else "traced"
+    stages.start("build graph")
     if graph == "fused":
         proto, placement = build_fused_decoder(model, replacements, cfg.opset)
     else:
@@ -99,6 +156,7 @@ def export_model(
         placement = _traced_placement(proto, replacements)
     for c in choices:
         c.tensor, c.rows = (placement.get(c.name) or {}).get("tensor"), (placement.get(c.name) or {}).get("rows")
+    stages.start("write files")
     retype_int4(proto)
     files = finalize(proto, out / MODEL_FILE)
     model.config.save_pretrained(out)
@@ -118,11 +176,13 @@ def _replacements(
     layers: dict[str, LayerWeights],
     cfg: OnnxExportConfig,
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    stages: Stages,
 ) -> tuple[dict[str, nn.Module], list[LayerChoice]]:
     embed = model.get_input_embeddings()
     replacements: dict[str, nn.Module] = {}
     choices: list[LayerChoice] = []
-    for name, lw in layers.items():
+    for i, (name, lw) in enumerate(layers.items()):
+        stages.detail(f"layer {i + 1}/{len(layers)}")
         module = modules.get(name)
         if module is None:
             raise ModelError(f"quantized layer '{name}' is not in the model", fix="the artifact or plan is corrupt")

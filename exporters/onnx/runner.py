@@ -10,8 +10,30 @@ import numpy as np
 from .graph import KvSpec
 
 
+def default_providers(available: list[str]) -> list[str]:
+    """CUDA first where onnxruntime-gpu finds a GPU (nodes it lacks a kernel for fall back to the CPU), else CPU."""
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def import_onnxruntime():
+    """onnxruntime, or a CompressorError that says which extra installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        from compressor.errors import CompressorError
+
+        raise CompressorError(
+            "running ONNX files needs onnxruntime, which is not installed",
+            fix='pip install "compressor[onnx]" (CPU) or "compressor[gpu]" (onnxruntime-gpu, CUDA)',
+        ) from None
+    return onnxruntime
+
+
 class OnnxCausalLM:
-    """Runs `model.onnx` written by this exporter (CPU provider unless `providers` says otherwise)."""
+    """Runs `model.onnx` written by this exporter (on CUDA where onnxruntime-gpu sees a GPU, else on the CPU,
+    unless `providers` says otherwise)."""
 
     def __init__(
         self,
@@ -20,8 +42,7 @@ class OnnxCausalLM:
         providers: list[str] | None = None,
         session_config: dict[str, str] | None = None,
     ):
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         folder = Path(folder)
         opts = ort.SessionOptions()
         for key, value in (session_config or {}).items():
@@ -30,7 +51,7 @@ class OnnxCausalLM:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
-            str(folder / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"]
+            str(folder / "model.onnx"), opts, providers=providers or default_providers(ort.get_available_providers())
         )
         names = [i.name for i in self.session.get_inputs()]
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
