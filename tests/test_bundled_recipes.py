@@ -63,7 +63,7 @@ def _site_packages(env: Path) -> Path:
     return next((env / "lib").glob("python3*/site-packages"))
 
 
-def test_a_built_wheel_carries_the_recipes(tmp_path):
+def test_a_built_wheel_carries_the_recipes_and_calibration_text(tmp_path):
     """pip-installed users have no checkout: the wheel itself must hold the recipes. The wheel (built without the C++
     extension, which is not what this checks) goes into a fresh venv that sees the test venv's dependencies but not
     its editable install of compressor."""
@@ -113,3 +113,21 @@ def test_a_built_wheel_carries_the_recipes(tmp_path):
         text=True,
     )
     assert listed.returncode == 0 and "w4-layerwise" in listed.stdout, listed.stderr
+    # the calibration text and its held-out evaluation split ship with it (the default recipes need both)
+    texts = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "from compressor.calibration.data import builtin_dir, heldout_dir; "
+            "print(builtin_dir()); print(len(list(builtin_dir().glob('*.txt')))); "
+            "print(len(list(heldout_dir().glob('*.txt'))))",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert texts.returncode == 0, texts.stderr
+    folder, n_calibration, n_heldout = texts.stdout.split()
+    assert folder.startswith(site), texts.stdout
+    assert int(n_calibration) == len(list((ROOT / "calibration_data").glob("*.txt")))
+    assert int(n_heldout) == len(list((ROOT / "calibration_data" / "heldout").glob("*.txt"))) > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -11,20 +10,22 @@ import torch
 from ..errors import CalibrationError
 from ..recipe import CalibrationConfig
 
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "calibration_data"  # in a checkout: a link to calibration_data/
+
 
 def builtin_dir() -> Path:
-    """The shipped calibration_data/ folder (source tree, or the installed data files)."""
-    candidates = [
-        Path(__file__).resolve().parents[2] / "calibration_data",
-        Path(sys.prefix) / "share" / "compressor" / "calibration_data",
-    ]
-    for c in candidates:
-        if c.is_dir() and any(c.glob("*.txt")):
-            return c
+    """The shipped calibration_data/ folder (inside the package: a checkout links it to the top-level folder)."""
+    if BUILTIN_DIR.is_dir() and any(BUILTIN_DIR.glob("*.txt")):
+        return BUILTIN_DIR
     raise CalibrationError(
         "the builtin calibration set (calibration_data/) is missing from this installation",
         fix="reinstall compressor, or set calibration.source to a text file",
     )
+
+
+def heldout_dir() -> Path:
+    """The held-out evaluation split (calibration_data/heldout/): documents never drawn for calibration."""
+    return builtin_dir() / "heldout"
 
 
 def read_texts(cfg: CalibrationConfig) -> list[str]:
