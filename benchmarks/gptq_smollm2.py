@@ -4,7 +4,7 @@ Each method runs as its own `compress` process (its wall time and peak RSS are i
 loaded by transformers (compressed-tensors) and evaluated on non-overlapping 512-token windows of
 ../shared/data/wikitext2-valid.txt. Calibration: 128 x 512 tokens of calibration_data/ (not wikitext).
 
-    python benchmarks/gptq_smollm2.py [--max-windows 64] [--group-size 64] [--work /tmp/bench-gptq]
+    python benchmarks/gptq_smollm2.py [--max-windows 0] [--group-size 64] [--work /tmp/bench-gptq]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def run_compress(method: str, group: int, work: Path, options: dict) -> tuple[Pa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-windows", type=int, default=64, help="0: the whole file")
+    ap.add_argument("--max-windows", type=int, default=0, help="0 (default): the whole file")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--work", default="/tmp/bench-gptq-smollm2")
     ap.add_argument("--methods", default="rtn,gptq")
@@ -84,6 +84,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from compressor.eval.bootstrap import difference_interval, excludes_zero, increase_difference_interval
+    from compressor.eval.bootstrap import report_intervals as intervals
     from compressor.eval.metrics import evaluate_windows, text_windows
     from compressor.models.loading import load_model
 
@@ -106,17 +108,35 @@ def main() -> None:
     print(f"options: {options}")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid ({windows.numel()} tokens)")
     print(f"base perplexity: {base_ppl:.3f}")
+    print("intervals: paired bootstrap over windows, 95%, 2000 draws, seed 0")
     print(
-        f"{'method':8} {'ppl':>8} {'vs base':>8} {'KL':>8} {'top1':>7} {'bits/w':>7} {'wall s':>7} {'peak RSS MB':>11}"
+        f"{'method':8} {'ppl':>8} {'vs base':>8} {'95% interval':>16} {'KL':>8} {'95% interval':>17} {'top1':>7} "
+        f"{'bits/w':>7} {'wall s':>7} {'peak RSS MB':>11}"
     )
     for method, m, run, size in rows:
+        ci = intervals(m["windows"])
+        dp, dk = ci["perplexity_change"], ci["kl_divergence"]
         print(
             f"{method:8} {m['perplexity']:8.3f} {(m['perplexity'] / base_ppl - 1) * 100:+7.1f}% "
-            f"{m['kl_divergence']:8.4f} {m['top1_agreement']:7.2%} {size['quantized_bits_per_weight']:7.3f} "
+            f"[{dp[0] * 100:+5.1f}, {dp[1] * 100:+5.1f}]% {m['kl_divergence']:8.4f} [{dk[0]:.4f}, {dk[1]:.4f}] "
+            f"{m['top1_agreement']:7.2%} {size['quantized_bits_per_weight']:7.3f} "
             f"{run['wall_s']:7.1f} {run['peak_rss_mb']:11.0f}"
         )
     by = {r[0]: r for r in rows}
     if "rtn" in by and "gptq" in by:
+        g, r = by["gptq"][1], by["rtn"][1]
+        rise = (g["perplexity"] - g["base_perplexity"]) / (r["perplexity"] - r["base_perplexity"])
+        dppl = increase_difference_interval(
+            g["windows"]["perplexity"], r["windows"]["perplexity"], g["windows"]["base_perplexity"]
+        )
+        dkl = difference_interval(g["windows"]["kl_divergence"], r["windows"]["kl_divergence"])
+        verdict = "GPTQ better" if dppl[1] < 0 else "RTN better" if dppl[0] > 0 else "not separated"
+        print(
+            f"GPTQ vs RTN: perplexity increase ratio {rise:.3f} (target <= 0.75); (ppl_gptq - ppl_rtn) / base "
+            f"95% [{dppl[0] * 100:+.2f}, {dppl[1] * 100:+.2f}]% ({verdict}); KL ratio "
+            f"{g['kl_divergence'] / r['kl_divergence']:.3f} (target <= 0.65), KL difference 95% "
+            f"[{dkl[0]:+.4f}, {dkl[1]:+.4f}]{' (separated)' if excludes_zero(dkl) else ''}"
+        )
         print(f"GPTQ/RTN wall-time ratio: {by['gptq'][2]['wall_s'] / by['rtn'][2]['wall_s']:.2f}")
     print("command: python benchmarks/gptq_smollm2.py " + " ".join(sys.argv[1:]))
 
