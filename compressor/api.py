@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from .calibration.data import read_text_file, read_texts, sample_windows
+from .calibration.data import HELDOUT_NAME, read_heldout, read_text_file, read_texts, sample_windows, shared_fraction
 from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
 from .errors import ArtifactCheckError, RecipeError
+from .eval.bootstrap import report_intervals
 from .eval.metrics import evaluate_windows, greedy_sample, text_windows
 from .models.loading import base_model_hub_id, load_model, max_positions
 from .pipeline import run_passes
@@ -36,23 +37,36 @@ class CompressionResult:
     hub_url: str | None = None
 
 
-def _eval_windows(r: Recipe, loaded) -> torch.Tensor | None:
+def _eval_windows(r: Recipe, loaded) -> tuple[torch.Tensor | None, dict]:
+    """The evaluation windows and what the report says of their text: its name, and whether it overlaps the
+    calibration text (a held-out figure flatters nothing; an overlapping one flatters calibrated methods)."""
     ev = r.evaluate
     if ev is None:
-        return None
+        return None, {}
     if ev.perplexity_text:
         path = Path(ev.perplexity_text).expanduser()
         text = read_text_file(path, "evaluation text", "evaluate.perplexity_text")
-        what, fix = f"the evaluation text {path.name}", "use a longer text or a shorter evaluate.seq_len"
-    else:  # held-out draw from the calibration source: in-distribution, not a benchmark
-        text = "\n\n".join(read_texts(r.calibration)[::-1])
-        source = portable_name(r.calibration.source)
-        what = f"the calibration source {source} (the evaluation text, as evaluate.perplexity_text is not set)"
-        fix = "give more calibration text, set evaluate.perplexity_text, or lower evaluate.seq_len"
+        name, what = path.name, f"the evaluation text {path.name}"
+        fix = "use a longer text or a shorter evaluate.seq_len"
+    else:
+        text, name = read_heldout(), HELDOUT_NAME
+        what, fix = f"the {HELDOUT_NAME}", "set evaluate.perplexity_text to a longer text, or lower evaluate.seq_len"
     windows = text_windows(loaded.tokenizer, text, ev.seq_len, ev.max_windows)
     if windows.shape[0] == 0:
         raise RecipeError(f"{what} has fewer than {ev.seq_len} tokens", where="evaluate", fix=fix)
-    return windows
+    info: dict = {"source": name, "heldout": not ev.perplexity_text}
+    if r.needs_calibration():
+        shared = shared_fraction(text, read_texts(r.calibration))
+        info["overlaps_calibration"] = shared > 0
+        info["calibration_snippets_found"] = round(shared, 3)
+        if shared > 0:
+            log.warning(
+                "the evaluation text %s overlaps the calibration text (%.0f%% of probed snippets found in it): its "
+                "figures flatter calibrated methods; set evaluate.perplexity_text to a text not used for calibration",
+                name,
+                shared * 100,
+            )
+    return windows, info
 
 
 def _validate_paths(r: Recipe) -> None:
@@ -185,11 +199,12 @@ def compress(
 
 @dataclass
 class _Run:
-    """When the run started, and how long each of its steps took (report.json `timings`)."""
+    """When the run started, how long each of its steps took (report.json `timings`), what it evaluated on."""
 
     start: float
     timings: dict[str, float] = field(default_factory=dict)
     pass_timings: list[dict] = field(default_factory=list)
+    eval_text: dict = field(default_factory=dict)  # metrics.evaluation_text: the text's name, calibration overlap
 
     def timed(self, step: str, since: float) -> None:
         self.timings[step] = time.perf_counter() - since
@@ -242,7 +257,7 @@ def _load(r: Recipe, quiet: bool, run: _Run) -> tuple[CompressionState, int, tor
         linears = [n for n, m in loaded.model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
         check_level_patterns(r.onnx, linears)
     state = CompressionState(loaded, r, quiet=quiet)
-    windows = _eval_windows(r, loaded)
+    windows, run.eval_text = _eval_windows(r, loaded)
     if windows is not None and r.evaluate.kl:
         loaded.keep_base_copy()  # only when the model cannot be re-read from its checkpoint
     return state, base_params, windows
@@ -268,6 +283,9 @@ def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None
     metrics = evaluate_windows(
         state.artifact_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
     )
+    metrics["evaluation_text"] = run.eval_text
+    if base is not None:
+        metrics["intervals"] = report_intervals(metrics.get("windows", {}), seed=r.calibration.seed)
     if base is not None and _samples(r, loaded):
         metrics["base_sample"] = greedy_sample(base, loaded.tokenizer, r.evaluate.prompt, r.evaluate.generate_tokens)
     run.timed("evaluate", t)

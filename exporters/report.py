@@ -126,6 +126,33 @@ def _lowrank_line(report: dict, size: dict) -> str:
     )
 
 
+def _interval_lines(metrics: dict) -> list[str]:
+    """The evaluation text (held out or not) and the 95% intervals of the perplexity change and the KL."""
+    lines = []
+    text = metrics.get("evaluation_text") or {}
+    if text:
+        if text.get("overlaps_calibration"):
+            where = "OVERLAPS the calibration text: these figures flatter calibrated methods"
+        elif "overlaps_calibration" in text:
+            where = "held out: no overlap with the calibration text"
+        else:
+            where = "no calibration in this run"
+        lines.append(f"evaluated on {text['source']} ({where})")
+    ci = metrics.get("intervals") or {}
+    parts = []
+    if "perplexity_change" in ci:
+        lo, hi = ci["perplexity_change"]
+        parts.append(f"perplexity change [{lo * 100:+.2f}%, {hi * 100:+.2f}%]")
+    if "kl_divergence" in ci:
+        lo, hi = ci["kl_divergence"]
+        parts.append(f"KL [{lo:.5f}, {hi:.5f}]")
+    if parts:
+        lines.append(
+            f"95% intervals (paired bootstrap over {metrics.get('eval_windows', '?')} windows): " + "; ".join(parts)
+        )
+    return lines
+
+
 def _quality_lines(metrics: dict) -> list[str]:
     """Perplexity (against the base), KL to the base, and the greedy sample's decode speed (or its failure)."""
     lines = []
@@ -135,6 +162,7 @@ def _quality_lines(metrics: dict) -> list[str]:
         lines.append(f"perplexity: {metrics['perplexity']:.3f}{rel} on {metrics['eval_tokens']} tokens")
     if "kl_divergence" in metrics:
         lines.append(f"KL to base: {metrics['kl_divergence']:.5f}; top-1 agreement {metrics['top1_agreement']:.2%}")
+    lines += _interval_lines(metrics)
     sample, base_sample = metrics.get("sample"), metrics.get("base_sample")
     if sample and sample.get("decode_tokens_per_s"):
         rate = sample["decode_tokens_per_s"]

@@ -283,3 +283,35 @@ def test_gguf_source_defaults_to_bfloat16():
     assert artifact_dtype("auto", gguf) == torch.bfloat16
     assert artifact_dtype("auto", folder) == torch.float16
     assert artifact_dtype("float32", gguf) == torch.float32
+
+
+def test_report_names_its_evaluation_text_and_intervals(tiny_model_dir, calib_file, tmp_path):
+    """Without `evaluate.perplexity_text` a run evaluates on the held-out split (never drawn for calibration) and
+    says so; a text that is also the calibration source is flagged. Both carry 95% bootstrap intervals."""
+    heldout = small_recipe(calib_file)
+    heldout["evaluate"] = {"seq_len": 32, "max_windows": 6, "generate_tokens": 0}
+    r = compressor.compress(heldout, model=str(tiny_model_dir("llama")), output=tmp_path / "a", quiet=True)
+    text = r.metrics["evaluation_text"]
+    assert text["heldout"] and text["overlaps_calibration"] is False and "held-out" in text["source"]
+    ci = r.metrics["intervals"]
+    change = r.metrics["perplexity"] / r.metrics["base_perplexity"] - 1
+    assert ci["perplexity_change"][0] <= change <= ci["perplexity_change"][1]
+    assert ci["kl_divergence"][0] <= r.metrics["kl_divergence"] <= ci["kl_divergence"][1]
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "held out: no overlap with the calibration text" in summary and "95% intervals" in summary
+    assert "held out" in (tmp_path / "a" / "README.md").read_text()
+
+    r = compressor.compress(
+        small_recipe(calib_file), model=str(tiny_model_dir("llama")), output=tmp_path / "b", quiet=True
+    )
+    text = r.metrics["evaluation_text"]
+    assert not text["heldout"] and text["overlaps_calibration"] and text["source"] == calib_file.name
+    assert "OVERLAPS the calibration text" in (tmp_path / "b" / "summary.md").read_text()
+
+
+def test_heldout_split_shares_no_text_with_calibration():
+    from compressor.calibration.data import builtin_dir, read_heldout, shared_fraction
+
+    calibration = [p.read_text() for p in sorted(builtin_dir().glob("*.txt"))]
+    assert shared_fraction(read_heldout(), calibration, probes=512) == 0
+    assert shared_fraction(calibration[3], calibration) == 1

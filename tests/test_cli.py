@@ -121,7 +121,7 @@ def test_calibration_file_missing(tmp_path, calib_file, tiny_model_dir):
     [
         (bytes(range(256)) * 64, False, "calibration file bad.txt is not text (byte 128 is not UTF-8)"),
         (b"plain words\x00 and a NUL", False, "is not text (it holds a NUL byte"),
-        (b"", True, "the calibration source bad.txt (the evaluation text, as evaluate.perplexity_text is not set)"),
+        (b"", True, "the calibration source holds no text"),  # evaluated on the held-out split, not on it
         (b"", False, "the calibration source holds no text"),
     ],
 )

@@ -28,6 +28,25 @@ def heldout_dir() -> Path:
     return builtin_dir() / "heldout"
 
 
+HELDOUT_NAME = "builtin held-out split (calibration_data/heldout)"
+
+
+def read_heldout() -> str:
+    """The held-out evaluation split as one text (its documents in a stable order)."""
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(heldout_dir().glob("*.txt")))
+
+
+def shared_fraction(text: str, corpus: list[str], probes: int = 64, width: int = 200) -> float:
+    """The fraction of `probes` evenly spaced `width`-character snippets of `text` found verbatim in `corpus`: 0 for
+    text the corpus does not hold, 1 for a text that is the corpus or a part of it (whitespace-normalized)."""
+    flat = " ".join(text.split())
+    if len(flat) < width:
+        return 0.0
+    haystack = "\n".join(" ".join(t.split()) for t in corpus)
+    starts = sorted({round(i * (len(flat) - width) / max(probes - 1, 1)) for i in range(probes)})
+    return sum(flat[s : s + width] in haystack for s in starts) / len(starts)
+
+
 def read_texts(cfg: CalibrationConfig) -> list[str]:
     """The documents of the configured source, in a stable order."""
     src = cfg.source
