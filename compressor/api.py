@@ -264,7 +264,8 @@ def _load(r: Recipe, quiet: bool, run: _Run) -> tuple[CompressionState, int, tor
 
 
 def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None, quiet: bool, run: _Run) -> dict:
-    """Calibration windows, the passes, then perplexity / KL against the base (and the base's greedy sample)."""
+    """Calibration windows, the passes, then perplexity / KL against the base (and the base's greedy sample); a
+    headless encoder's embedding cosine to the base instead."""
     r, loaded = state.recipe, state.loaded
     if r.needs_calibration():
         t = time.perf_counter()

@@ -146,6 +146,9 @@ def _interval_lines(metrics: dict) -> list[str]:
     if "kl_divergence" in ci:
         lo, hi = ci["kl_divergence"]
         parts.append(f"KL [{lo:.5f}, {hi:.5f}]")
+    if "embedding_cosine" in ci:
+        lo, hi = ci["embedding_cosine"]
+        parts.append(f"embedding cosine [{lo:.6f}, {hi:.6f}]")
     if parts:
         lines.append(
             f"95% intervals (paired bootstrap over {metrics.get('eval_windows', '?')} windows): " + "; ".join(parts)
@@ -154,7 +157,8 @@ def _interval_lines(metrics: dict) -> list[str]:
 
 
 def _quality_lines(metrics: dict) -> list[str]:
-    """Perplexity (against the base), KL to the base, and the greedy sample's decode speed (or its failure)."""
+    """Perplexity (against the base), KL to the base (or, for a headless encoder, the cosine of its embeddings to
+    the base's), and the greedy sample's decode speed (or its failure)."""
     lines = []
     if "perplexity" in metrics:
         base = metrics.get("base_perplexity")
@@ -162,6 +166,11 @@ def _quality_lines(metrics: dict) -> list[str]:
         lines.append(f"perplexity: {metrics['perplexity']:.3f}{rel} on {metrics['eval_tokens']} tokens")
     if "kl_divergence" in metrics:
         lines.append(f"KL to base: {metrics['kl_divergence']:.5f}; top-1 agreement {metrics['top1_agreement']:.2%}")
+    if "embedding_cosine" in metrics:
+        lines.append(
+            f"embedding cosine to base: {metrics['embedding_cosine']:.6f} mean, {metrics['embedding_cosine_min']:.6f} "
+            f"lowest over {metrics['eval_windows']} windows (mean-pooled last hidden states)"
+        )
     lines += _interval_lines(metrics)
     sample, base_sample = metrics.get("sample"), metrics.get("base_sample")
     if sample and sample.get("decode_tokens_per_s"):
@@ -224,10 +233,17 @@ def plot_size(report: dict, path: Path) -> bool:
     return True
 
 
+_SPREAD_PANELS = {  # per-window figure -> (title, x label) of its histogram in quality.png
+    "kl_divergence": ("KL to base per window", "mean KL(base || compressed) in the window"),
+    "embedding_cosine": ("embedding distance to base per window", "1 - cosine of mean-pooled embeddings to the base's"),
+}
+
+
 def plot_quality(report: dict, path: Path) -> bool:
-    """Per evaluation window: perplexity change against the base (a point per window) and the spread of KL."""
+    """Per evaluation window: perplexity change against the base (a point per window) and the spread of KL (or,
+    for a headless encoder, of the embedding distance to the base: 1 - cosine)."""
     windows = report.get("metrics", {}).get("windows", {})
-    panels = [k for k in ("base_perplexity", "kl_divergence") if windows.get(k)]
+    panels = [k for k in ("base_perplexity", "kl_divergence", "embedding_cosine") if windows.get(k)]
     if not panels:
         return False
     plt = _pyplot()
@@ -242,13 +258,16 @@ def plot_quality(report: dict, path: Path) -> bool:
             ax.set_ylabel("compressed vs base (%)")
             ax.set_title("perplexity change per window")
         else:
-            kl = windows["kl_divergence"]
-            ax.hist(kl, bins=min(40, max(5, len(kl) // 3)))
-            median = sorted(kl)[len(kl) // 2]
+            values = windows[panel]
+            if panel == "embedding_cosine":  # a distance: the cosines agree in their first digits
+                values = [1 - v for v in values]
+            title, xlabel = _SPREAD_PANELS[panel]
+            ax.hist(values, bins=min(40, max(5, len(values) // 3)))
+            median = sorted(values)[len(values) // 2]
             ax.axvline(median, color="0.3", ls="--", lw=0.8, label=f"median {median:.4g}")
-            ax.set_xlabel("mean KL(base || compressed) in the window")
+            ax.set_xlabel(xlabel)
             ax.set_ylabel("windows")
-            ax.set_title("KL to base per window")
+            ax.set_title(title)
             ax.legend(fontsize=7)
     _save(fig, path)
     return True

@@ -13,6 +13,7 @@ from compressor.runtime.lora import LORA_DIR, write_lora
 from compressor.schema.common import parse_size
 
 from .compressed_tensors import layer_tensors, quantization_config
+from .sentence_files import copy_sentence_transformers_files, source_folder
 from .source import ArtifactSource, Fetch
 
 
@@ -84,7 +85,8 @@ def write_shards(
 
 
 def export_safetensors(source: ArtifactSource, folder: Path) -> list[str]:
-    """Write weights, config (with quantization_config), generation config and tokenizer into `folder`."""
+    """Write weights, config (with quantization_config), generation config, tokenizer and the source's
+    sentence-transformers files into `folder`."""
     model, adapter, plan = source.model, source.adapter, source.plan
     tensors = export_state_dict(source, plan.dtype)
     files = write_shards(tensors, folder, parse_size(source.max_shard_size), source.fetch)
@@ -98,6 +100,7 @@ def export_safetensors(source: ArtifactSource, folder: Path) -> list[str]:
     if getattr(model, "generation_config", None) is not None and adapter.decoder:
         model.generation_config.save_pretrained(folder)
     source.tokenizer.save_pretrained(folder)
+    files += copy_sentence_transformers_files(source_folder(model), folder)
     if plan.compensations:
         files += write_lora(
             folder,

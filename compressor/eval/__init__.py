@@ -1,4 +1,5 @@
-"""Evaluation: perplexity, KL divergence / top-1 agreement to the base model, size."""
+"""Evaluation: perplexity, KL divergence / top-1 agreement to the base model (headless encoders: embedding cosine),
+in memory bounded independently of vocabulary x batch."""
 
 from .metrics import evaluate_windows, text_windows
 

@@ -75,7 +75,8 @@ def report_intervals(windows: dict[str, list[float]], seed: int = 0) -> dict:
     ppl, base = windows.get("perplexity"), windows.get("base_perplexity")
     if ppl and base and len(ppl) == len(base) and len(ppl) > 1:
         out["perplexity_change"] = perplexity_change_interval(ppl, base, seed=seed)
-    kl = windows.get("kl_divergence")
-    if kl and len(kl) > 1:
-        out["kl_divergence"] = mean_interval(kl, seed=seed)
+    for key in ("kl_divergence", "embedding_cosine"):  # a decoder's KL, a headless encoder's cosine to the base
+        values = windows.get(key)
+        if values and len(values) > 1:
+            out[key] = mean_interval(values, seed=seed)
     return out if len(out) > 4 else {}

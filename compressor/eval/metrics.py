@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .embeddings import embedding_similarity
+from .logits import PROBE_TOKENS, Logits, checked_split, forward, slice_positions, window_logits
 
 
 def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -20,9 +24,7 @@ def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = N
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    return out.logits.float()
+_SUMS = ("nll", "base_nll", "kl", "agree")
 
 
 @torch.inference_mode()
@@ -34,43 +36,89 @@ def evaluate_windows(
     causal: bool = True,
     quiet: bool = False,
 ) -> dict:
-    """Perplexity of `model` (and `base_model`) on the windows, plus KL(base || model) and top-1 agreement.
+    """Perplexity of `model` (and `base_model`) on the windows, plus KL(base || model) and top-1 agreement; for a
+    headless encoder (no logits), the cosine similarity of its embeddings to the base's (`embedding_similarity`).
 
     KL and top-1 are averaged over every predicted position; perplexity is exp(mean next-token NLL). The same
     figures per window go under "windows" (the report plots them: where the compressed model loses, and how evenly).
+    Memory does not grow with vocabulary x batch: logits exist for one window's slice of positions at a time
+    (`logits.window_logits`); `batch_size` windows share one run of the model's body.
     """
-    nll = base_nll = kl = agree = 0.0
-    count = 0
+    result = {"eval_windows": int(windows.shape[0]), "eval_tokens": int(windows.numel())}
+    if windows.shape[0] == 0:
+        return result
+    probe = windows[:1, :PROBE_TOKENS]
+    out = forward(model, probe)
+    if getattr(out, "logits", None) is None:  # a headless encoder: its hidden states are what it gives
+        return result | embedding_similarity(model, windows, base_model, batch_size, quiet)
+    split = checked_split(model, probe, out.logits)
+    base_split = checked_split(base_model, probe, forward(base_model, probe).logits) if base_model is not None else None
+    rows = slice_positions(out.logits.shape[-1], windows.shape[1])
+    del out
     per_window: dict[str, list[float]] = {}
+    totals = dict.fromkeys(_SUMS, 0.0)
     for i in tqdm(range(0, windows.shape[0], batch_size), desc="evaluate", unit="batch", disable=quiet):
         ids = windows[i : i + batch_size]
-        logits = _logits(model, ids)
-        logp = F.log_softmax(logits, dim=-1)
-        if causal:
-            pred, target = logp[:, :-1], ids[:, 1:]
-            token_nll = -pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            nll += token_nll.sum().item()
-            per_window.setdefault("perplexity", []).extend(token_nll.mean(-1).exp().tolist())
-        if base_model is not None:
-            base_logp = F.log_softmax(_logits(base_model, ids), dim=-1)
-            if causal:
-                base_token_nll = -base_logp[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                base_nll += base_token_nll.sum().item()
-                per_window.setdefault("base_perplexity", []).extend(base_token_nll.mean(-1).exp().tolist())
-            token_kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
-            kl += token_kl.sum().item()
-            per_window.setdefault("kl_divergence", []).extend(token_kl.mean(-1).tolist())
-            agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-        count += ids.shape[0] * (ids.shape[1] - 1)
-    positions = windows.numel()
-    result = {"eval_windows": int(windows.shape[0]), "eval_tokens": int(positions)}
+        ours = window_logits(model, split, ids)
+        theirs = window_logits(base_model, base_split, ids) if base_model is not None else repeat(None)
+        for row, mine, base in zip(ids, ours, theirs):
+            sums = _window_sums(mine, base, row[1:] if causal else None, rows, row.numel())
+            del mine, base  # the fallback's whole-window logits go before the next window's come
+            _add_window(per_window, totals, sums, row.numel(), base_model is not None, causal)
+    return result | _totals(totals, windows, per_window, base_model is not None, causal)
+
+
+def _window_sums(mine: Logits, base: Logits | None, target: torch.Tensor | None, rows: int, length: int) -> dict:
+    """One window's sums over its positions, `rows` at a time: NLL of the next tokens `target` (the last position
+    predicts none) under the model and the base, KL(base || model) and top-1 agreements at every position."""
+    sums = dict.fromkeys(_SUMS, 0.0)
+    for start in range(0, length, rows):
+        stop = min(start + rows, length)
+        logp = F.log_softmax(mine(start, stop), dim=-1)
+        if target is not None:
+            sums["nll"] += _nll(logp, target, start)
+        if base is None:
+            continue
+        base_logp = F.log_softmax(base(start, stop), dim=-1)
+        if target is not None:
+            sums["base_nll"] += _nll(base_logp, target, start)
+        sums["kl"] += (base_logp.exp() * (base_logp - logp)).sum().item()
+        sums["agree"] += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    return sums
+
+
+def _nll(logp: torch.Tensor, target: torch.Tensor, start: int) -> float:
+    """Summed negative log-likelihood of positions start.. of `logp` [n, vocab] predicting `target` [S - 1]."""
+    n = min(logp.shape[0], target.numel() - start)
+    if n <= 0:
+        return 0.0
+    return -logp[:n].gather(-1, target[start : start + n].unsqueeze(-1)).sum().item()
+
+
+def _add_window(per_window: dict, totals: dict, sums: dict, length: int, with_base: bool, causal: bool) -> None:
+    """Add one window's sums to the run's and its figures to the per-window lists."""
+    for key in _SUMS:
+        totals[key] += sums[key]
+    predicted = causal and length > 1  # a one-token window predicts nothing
+    if predicted:
+        per_window.setdefault("perplexity", []).append(math.exp(sums["nll"] / (length - 1)))
+    if with_base:
+        if predicted:
+            per_window.setdefault("base_perplexity", []).append(math.exp(sums["base_nll"] / (length - 1)))
+        per_window.setdefault("kl_divergence", []).append(sums["kl"] / length)
+
+
+def _totals(totals: dict, windows: torch.Tensor, per_window: dict, with_base: bool, causal: bool) -> dict:
+    """The run's figures from the summed ones: perplexities over predicted positions, KL and top-1 over all."""
+    count, positions = windows.shape[0] * (windows.shape[1] - 1), windows.numel()
+    result = {}
     if causal and count:
-        result["perplexity"] = math.exp(nll / count)
-    if base_model is not None and positions:
+        result["perplexity"] = math.exp(totals["nll"] / count)
+    if with_base:
         if causal and count:
-            result["base_perplexity"] = math.exp(base_nll / count)
-        result["kl_divergence"] = kl / positions
-        result["top1_agreement"] = agree / positions
+            result["base_perplexity"] = math.exp(totals["base_nll"] / count)
+        result["kl_divergence"] = totals["kl"] / positions
+        result["top1_agreement"] = totals["agree"] / positions
     if per_window:
         result["windows"] = {k: [float(f"{v:.6g}") for v in values] for k, values in per_window.items()}
     return result
