@@ -12,7 +12,7 @@ import torch
 
 from .calibration.data import HELDOUT_NAME, read_heldout, read_text_file, read_texts, sample_windows, shared_fraction
 from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
-from .errors import ArtifactCheckError, RecipeError
+from .errors import ArtifactCheckError, ModelError, RecipeError
 from .eval.bootstrap import report_intervals
 from .eval.metrics import evaluate_windows, greedy_sample, text_windows
 from .models.loading import base_model_hub_id, load_model, max_positions
@@ -67,6 +67,23 @@ def _eval_windows(r: Recipe, loaded) -> tuple[torch.Tensor | None, dict]:
                 shared * 100,
             )
     return windows, info
+
+
+def _check_head(r: Recipe, model) -> None:
+    """Refuse, before any work, a pass that measures token predictions on a model without an LM head (a headless
+    encoder such as a BertModel checkpoint)."""
+    if model.get_output_embeddings() is not None:
+        return
+    for i, p in enumerate(r.passes):
+        if p.needs_lm_head:
+            arch = type(model).__name__
+            raise ModelError(
+                f"the {p.type} pass measures the model's token predictions, and {arch} has no LM head (a headless "
+                "encoder)",
+                where=f"passes.{i}",
+                fix="use a uniform recipe (w4-gptq, w8-rtn, fp8), a method that needs no head, or the checkpoint "
+                "with its head (e.g. BertForMaskedLM)",
+            )
 
 
 def _validate_paths(r: Recipe) -> None:
@@ -256,6 +273,7 @@ def _load(r: Recipe, quiet: bool, run: _Run) -> tuple[CompressionState, int, tor
 
         linears = [n for n, m in loaded.model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
         check_level_patterns(r.onnx, linears)
+    _check_head(r, loaded.model)
     state = CompressionState(loaded, r, quiet=quiet)
     windows, run.eval_text = _eval_windows(r, loaded)
     if windows is not None and r.evaluate.kl:

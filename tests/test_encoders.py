@@ -131,3 +131,16 @@ def test_sentence_transformers_files_outside_the_model_or_unreadable(tmp_path, c
         assert copy_sentence_transformers_files(source, out) == ["modules.json"]  # copied as it is, not followed
     assert "not a sentence-transformers module list" in caplog.text
     assert copy_sentence_transformers_files(None, out) == []
+
+
+@pytest.mark.parametrize("recipe, kind", [("w4-layerwise", "allocate_bits"), ("prune25-w4", "score")])
+def test_passes_that_need_a_head_refuse_a_headless_encoder(recipe, kind, encoder_dir, tmp_path):
+    """Bit allocation and measured block removal read token predictions: refused up front (exit 2, naming the pass
+    and what to use instead), not an internal error minutes into the run."""
+    out = tmp_path / "out"
+    sets = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(main, ["--recipe", recipe, "--model", str(encoder_dir), "-o", str(out), "-q", *sets])
+    assert result.exit_code == 2, result.output
+    assert f"the {kind} pass measures the model's token predictions" in result.output
+    assert "BertModel has no LM head" in result.output and "w4-gptq" in result.output
+    assert not out.exists()

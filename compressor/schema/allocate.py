@@ -136,3 +136,7 @@ class AllocateBitsPass(Strict):
     @property
     def needs_calibration(self) -> bool:
         return True
+
+    @property
+    def needs_lm_head(self) -> bool:
+        return True  # sensitivities are the KL of the output distribution

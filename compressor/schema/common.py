@@ -24,3 +24,8 @@ class Strict(BaseModel):
     def needs_calibration(self) -> bool:
         """Whether the pass reads calibration activations (the API then samples calibration windows)."""
         return False
+
+    @property
+    def needs_lm_head(self) -> bool:
+        """Whether the pass measures the model's token predictions (a headless encoder makes none)."""
+        return False

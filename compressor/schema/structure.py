@@ -37,6 +37,10 @@ class ScorePass(_Sampling):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def needs_lm_head(self) -> bool:
+        return self.measure  # loss / KL increases
+
 
 class _Count(Strict):
     count: int | None = Field(None, gt=0, description="blocks (or branches) to remove")
@@ -101,6 +105,10 @@ class RemoveBlocksPass(_Count, _Sampling):
     @property
     def needs_calibration(self) -> bool:
         return self.blocks is None and self.method != "score:zd"
+
+    @property
+    def needs_lm_head(self) -> bool:
+        return self.blocks is None and self.method in ("greedy", "score:loss", "score:kl")
 
 
 class FuseBlocksPass(_Count, _Sampling):
