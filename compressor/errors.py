@@ -7,6 +7,8 @@ and how to fix it; the CLI prints it as one line and exits with code 2. Anything
 
 from __future__ import annotations
 
+import re
+
 
 class CompressorError(Exception):
     """A user-fixable error. `str(err)` is the one-line message the CLI prints."""
@@ -52,3 +54,12 @@ class UploadInterrupted(KeyboardInterrupt):
 
     def __init__(self, what: str, *, fix: str):
         super().__init__(f"{what}. Fix: {fix}")
+
+
+def io_errno(err: BaseException) -> int | None:
+    """The errno of a failed file operation: an OSError's own, or the one a Rust library (safetensors) gives in
+    its message as '(os error N)'; None for anything else."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return int(found.group(1)) if found else None

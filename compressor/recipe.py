@@ -252,23 +252,100 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """Return a new Recipe with dotted-key overrides applied (e.g. {'calibration.num_samples': 16})."""
+    """Return a new Recipe with dotted-key overrides applied (e.g. {'calibration.num_samples': 16}); a key the
+    recipe has no place for is a RecipeError naming the part not found and the closest keys the recipe has."""
     data = recipe.model_dump(mode="json")
     for key, value in overrides.items():
+        _check_override_key(recipe, key, data)
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
+        for depth, p in enumerate(parts[:-1]):
             if isinstance(node, list):
                 node = node[int(p)]
-            else:
-                if node.get(p) is None:  # an optional section left out (evaluate, hub): start it
-                    node[p] = {}
-                node = node[p]
+                continue
+            if node.get(p) is None:  # an optional section left out (evaluate, hub): start it
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, (dict, list)):
+                raise _not_a_section(key, ".".join(parts[: depth + 1]), node)
         if isinstance(node, list):
             node[int(parts[-1])] = value
         else:
             node[parts[-1]] = value
     return parse_recipe(data, "override")
+
+
+def _check_override_key(recipe: Recipe, key: str, data: dict) -> None:
+    """Raise RecipeError when `key` leaves the recipe's sections: an unknown field, a list index out of range, or a
+    step into a plain value. Checked as far as the recipe's own sections reach; inside a free-form mapping the
+    recipe's validation takes over."""
+    from pydantic import BaseModel
+
+    node: Any = recipe
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        here, parent = ".".join(parts[: depth + 1]), ".".join(parts[:depth])
+        if isinstance(node, BaseModel) or (isinstance(node, type) and issubclass(node, BaseModel)):
+            fields = (node if isinstance(node, type) else type(node)).model_fields
+            if part not in fields:
+                raise RecipeError(
+                    f"unknown key '{here}'" + (f" (in '{key}')" if here != key else ""),
+                    where="override",
+                    fix=f"{_did_you_mean(key, depth, data)}`compress --print-recipe` shows every key with its default",
+                )
+            value = None if isinstance(node, type) else getattr(node, part)
+            node = value if value is not None else _section_class(fields[part].annotation)
+        elif isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(
+                    f"'{parent}' has {len(node)} {'entry' if len(node) == 1 else 'entries'}, so '{here}' names none",
+                    where="override",
+                    fix=f"use an index from 0 to {len(node) - 1}" if node else f"set '{parent}' itself",
+                )
+            node = node[int(part)]
+        elif node is None or isinstance(node, dict):
+            return  # a free-form mapping, or a value not set yet: the recipe's validation checks what is set
+        else:
+            raise _not_a_section(key, parent, node)
+
+
+def _not_a_section(key: str, where: str, value: Any) -> RecipeError:
+    return RecipeError(
+        f"'{where}' is a value ({value!r}), so '{key}' names nothing inside it",
+        where="override",
+        fix=f"set '{where}' itself",
+    )
+
+
+def _section_class(annotation: Any) -> type | None:
+    """The recipe section class of an optional field (`EvaluateConfig | None` -> EvaluateConfig), else None."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _did_you_mean(key: str, depth: int, data: dict) -> str:
+    """'did you mean a or b? ' with the recipe's keys that end like `key` after its unknown part, or that are
+    spelled like it; '' when none is close."""
+    paths = list(_dotted_keys(data))
+    tail = ".".join(key.split(".")[depth + 1 :])
+    close = [p for p in paths if tail and p.endswith("." + tail)][:3]
+    close = close or difflib.get_close_matches(key, paths, n=3, cutoff=0.85)
+    return f"did you mean {' or '.join(close)}? " if close else ""
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a dumped recipe (sections, list entries and values)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    out = []
+    for k, v in items:
+        out += [f"{prefix}{k}", *_dotted_keys(v, f"{prefix}{k}.")]
+    return out
 
 
 def resolve_recipe(

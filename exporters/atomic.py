@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from compressor.errors import ArtifactCheckError, OutputError
+from compressor.errors import ArtifactCheckError, OutputError, io_errno
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def write_failure(path: Path, err: BaseException) -> OutputError | None:
+    """The OutputError for a write into `path` that failed for a reason the user can fix (a full disk, no
+    permission, a read-only filesystem), or None for any other failure (a defect: it stays an internal error).
+
+    `err` is an OSError, or safetensors' SafetensorError, which reports the OS error only in its message."""
+    code = io_errno(err)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(
+            f"no space left on the device while writing '{path}' (the disk is full)",
+            fix="free space or choose --output on another disk",
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write '{path}': {os.strerror(code)}", fix="choose a writable --output")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path`, on any failure it is removed."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     check_output(path, overwrite)
     try:
@@ -97,7 +115,10 @@ def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
         log.warning(f"removed '{leftover}', left by an earlier run that was killed while writing")
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as err:
+        raise (write_failure(path, err) or err) from None
     try:
         yield tmp
         if path.exists():
@@ -107,16 +128,12 @@ def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(
-                f"the disk is full while writing '{path}'",
-                fix="free space or choose --output on another disk",
-            ) from None
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"cannot write '{path}': {err.strerror}", fix="choose a writable --output") from None
-        raise
+        failure = write_failure(path, err)
+        if failure is None:
+            raise
+        raise failure from None
     except ArtifactCheckError:  # our defect: keep what was written for the bug report, under a name that says so
         broken = path.parent / f"{path.name}.broken"
         shutil.rmtree(broken, ignore_errors=True)

@@ -37,7 +37,9 @@ def parse_set_options(values: tuple[str, ...]) -> dict:
 
 
 def _shown(text: str) -> str:
-    return _HF_TOKEN.sub("hf_***", text)  # a token that reached a message from anywhere never reaches the terminal
+    """`text` as one line (a library's multi-line message is joined), with any hub token masked: a token that
+    reached a message from anywhere never reaches the terminal."""
+    return _HF_TOKEN.sub("hf_***", " ".join(line.strip() for line in text.splitlines() if line.strip()))
 
 
 @contextlib.contextmanager

@@ -16,13 +16,15 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from ..errors import ModelError
+from ..errors import ModelError, io_errno
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,13 @@ def float_checkpoint(gguf_path: Path, quiet: bool = False) -> Path:
         _convert(gguf_path, tmp, quiet)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # the GGUF file was read whole before: this is the cache's write
         shutil.rmtree(tmp, ignore_errors=True)
+        code = io_errno(err)
+        if code is None:
+            raise
         raise ModelError(
-            f"cannot write the float copy of {gguf_path.name} under {target.parent} ({err.strerror or err})",
+            f"cannot write the float copy of {gguf_path.name} under {target.parent} ({os.strerror(code)})",
             fix="free disk space or point COMPRESSOR_CACHE_DIR at a writable folder with room for it",
         ) from None
     except BaseException:
@@ -67,7 +72,7 @@ def float_checkpoint(gguf_path: Path, quiet: bool = False) -> Path:
 
 
 def _convert(gguf_path: Path, out: Path, quiet: bool) -> None:
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -76,9 +81,9 @@ def _convert(gguf_path: Path, out: Path, quiet: bool) -> None:
         read_field,
     )
 
+    reader = open_gguf(gguf_path)
     out.mkdir(parents=True)
     config, parsed = _write_config_and_tokenizer(gguf_path, out)
-    reader = GGUFReader(str(gguf_path))
     architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
     with torch.device("meta"):
@@ -87,13 +92,43 @@ def _convert(gguf_path: Path, out: Path, quiet: bool) -> None:
 
     shards = _ShardWriter(out)
     for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=quiet):
-        weights = dequantize(t.data, t.tensor_type)
+        try:
+            weights = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:  # gguf's answer for a quantization type it has no decoder for
+            raise ModelError(
+                f"tensor '{t.name}' of {gguf_path} is stored as {t.tensor_type.name}, which the gguf package "
+                "cannot dequantize",
+                fix="use a GGUF of another quantization type (e.g. Q8_0, Q4_K_M) or the model's Hugging Face directory",
+            ) from None
         result = processor.process(weights=weights, name=t.name, tensor_key_mapping=key_map, parsed_parameters=parsed)
         if result.name not in key_map:
             continue
         dtype = _NATIVE_FLOAT.get(t.tensor_type.name, torch.float32)
-        shards.add(key_map[result.name], torch.from_numpy(np.ascontiguousarray(result.weights)).to(dtype))
+        shards.add(key_map[result.name], torch.from_numpy(np.array(result.weights)).to(dtype))
     shards.close(gguf_path)
+
+
+# what gguf's reader raises on a file that is truncated, or not GGUF at all (it parses with struct and numpy)
+PARSE_ERRORS = (ValueError, KeyError, IndexError, struct.error, OverflowError)
+
+
+def open_gguf(gguf_path: Path):
+    """A GGUFReader over the whole file (every field and tensor located); a file that cannot be read, is not GGUF
+    or is cut short is a ModelError naming it."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(gguf_path))
+    except OSError as err:
+        raise ModelError(
+            f"cannot read the GGUF file {gguf_path}: {err.strerror or err}", fix="make it readable"
+        ) from None
+    except PARSE_ERRORS as err:
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ModelError(
+            f"the GGUF file {gguf_path} is truncated or corrupt ({detail})",
+            fix="re-download it, or convert the model to GGUF again",
+        ) from None
 
 
 def _write_config_and_tokenizer(gguf_path: Path, out: Path) -> tuple:
@@ -106,8 +141,12 @@ def _write_config_and_tokenizer(gguf_path: Path, out: Path) -> tuple:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot read GGUF file {gguf_path}: {err}", fix="check that the file is complete") from None
+    except (OSError, ValueError, KeyError) as err:  # the file parsed (open_gguf): its content is not convertible
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ModelError(
+            f"transformers cannot convert the GGUF file {gguf_path} ({type(err).__name__}: {detail})",
+            fix="pass the model's Hugging Face directory or hub id instead",
+        ) from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the GGUF grid is dequantized: the copy is a plain float checkpoint
     config.dtype = "float32"

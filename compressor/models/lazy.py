@@ -14,10 +14,11 @@ straight from disk, so an artifact is written without ever holding the whole flo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,25 +31,73 @@ log = logging.getLogger(__name__)
 Provider = Callable[[], torch.Tensor]
 
 
+def unreadable(path: Path, err: BaseException) -> ModelError:
+    """The ModelError for a weights file that cannot be read: missing, not readable, truncated or not safetensors
+    (`err` is an OSError or safetensors' own SafetensorError, which covers bad headers and short files)."""
+    if isinstance(err, FileNotFoundError):
+        return ModelError(
+            f"the weights file {path} is missing",
+            fix="re-download the model, or re-save it with save_pretrained (which writes every shard)",
+        )
+    if isinstance(err, OSError):
+        return ModelError(f"cannot read the weights file {path}: {err.strerror or err}", fix="make it readable")
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ModelError(
+        f"the weights file {path} is truncated or corrupt ({detail})",
+        fix="re-download the model, or re-save it with save_pretrained",
+    )
+
+
+@contextlib.contextmanager
+def safetensors_file(path: Path) -> Iterator:
+    """`safe_open(path)`; an unreadable or corrupt file, while opening or reading it, is a ModelError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except (OSError, SafetensorError) as err:
+        raise unreadable(path, err) from None
+
+
 class CheckpointReader:
     """Tensors of a safetensors checkpoint (one file, or shards with an index), read a few at a time."""
 
-    def __init__(self, folder: Path, files: dict[str, str]):
+    def __init__(self, folder: Path, files: dict[str, str], shapes: dict[str, tuple[int, ...]]):
         self.folder, self.files = folder, files  # tensor name -> shard file name
+        self.shapes = shapes  # tensor name -> shape, from the shards' headers
 
     @classmethod
     def open(cls, folder: Path) -> CheckpointReader | None:
-        """A reader for `folder`, or None when it holds no safetensors checkpoint."""
-        from safetensors import safe_open
-
+        """A reader for `folder`, or None when it holds no safetensors checkpoint. Every shard's header is read
+        here: a missing, truncated or corrupt shard, or an index that names tensors a shard lacks, is a ModelError
+        now rather than in the middle of a pass."""
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            return cls(folder, dict(json.loads(index.read_text())["weight_map"]))
-        single = folder / "model.safetensors"
-        if single.is_file():
-            with safe_open(str(single), "pt") as f:
-                return cls(folder, dict.fromkeys(f.keys(), single.name))
-        return None
+            try:
+                files = {str(k): str(v) for k, v in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+                raise ModelError(
+                    f"{index} is not a valid safetensors index ({type(err).__name__}: {err})",
+                    fix="re-download the model, or re-save it with save_pretrained",
+                ) from None
+        elif (folder / "model.safetensors").is_file():
+            files = None
+        else:
+            return None
+        shapes, held = {}, {}
+        for file in sorted(set(files.values())) if files else ["model.safetensors"]:
+            with safetensors_file(folder / file) as f:
+                names = f.keys()  # (the file object is not iterable)
+                for key in names:
+                    shapes[key], held[key] = tuple(f.get_slice(key).get_shape()), file
+        for key, file in (files or {}).items():
+            if held.get(key) != file:
+                raise ModelError(
+                    f"{index} places tensor '{key}' in {file}, which does not hold it",
+                    fix="re-download the model, or re-save it with save_pretrained",
+                )
+        return cls(folder, files or held, shapes)
 
     def keys(self) -> set[str]:
         return set(self.files)
@@ -74,23 +123,28 @@ class CheckpointReader:
                 check_finite(key, t)
 
     def _each(self, file: str, keys: list[str], one_at_a_time: bool = False):
-        from safetensors import safe_open
+        # get_tensor views the file's memory map: a copy lets the map (and its resident pages) go when the file is
+        # closed, instead of every tensor ever read pinning its shard in memory
+        with safetensors_file(self.folder / file) as f:
+            if one_at_a_time:
+                for key in keys:
+                    yield key, f.get_tensor(key).clone()
+                return
+            tensors = [(key, f.get_tensor(key).clone()) for key in keys]
+        yield from tensors
 
-        try:
-            with safe_open(str(self.folder / file), "pt") as f:
-                # get_tensor views the file's memory map: a copy lets the map (and its resident pages) go when
-                # the file is closed, instead of every tensor ever read pinning its shard in memory
-                if one_at_a_time:
-                    for key in keys:
-                        yield key, f.get_tensor(key).clone()
-                else:
-                    tensors = [(key, f.get_tensor(key).clone()) for key in keys]
-        except (OSError, RuntimeError, ValueError) as err:  # safetensors raises its own types for bad headers
+
+def check_shapes(reader: CheckpointReader, params: dict[str, nn.Parameter]) -> None:
+    """Raise ModelError when a stored tensor's shape differs from the parameter of that name that config.json
+    describes (e.g. hidden_size or vocab_size edited after the weights were saved)."""
+    for name, p in params.items():
+        stored = reader.shapes.get(name)
+        if stored is not None and stored != tuple(p.shape):
             raise ModelError(
-                f"cannot read {file} in {self.folder}: {err}", fix="the checkpoint is corrupt; re-download it"
-            ) from None
-        if not one_at_a_time:
-            yield from tensors
+                f"config.json in {reader.folder} does not match the weights: '{name}' is {list(stored)} in "
+                f"{reader.files[name]}, but the config makes it {list(p.shape)}",
+                fix="use the config.json saved with these weights (save_pretrained writes both)",
+            )
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -200,7 +254,12 @@ class LazyModel:
 
     def fresh_copy(self) -> nn.Module:
         """A separate, fully loaded copy of the model as the checkpoint holds it (e.g. the base for KL)."""
-        model = type(self.model).from_pretrained(self.reader.folder, dtype=self.dtype)
+        from safetensors import SafetensorError
+
+        try:
+            model = type(self.model).from_pretrained(self.reader.folder, dtype=self.dtype)
+        except (OSError, SafetensorError) as err:  # the checkpoint changed on disk since it was loaded
+            raise unreadable(self.reader.folder, err) from None
         return model.eval().requires_grad_(False)
 
     def release(self, names: Iterable[str], provider_for: Callable[[str], Provider]) -> None:
@@ -233,6 +292,7 @@ def build_lazy(
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     params = dict(model.named_parameters())  # tied parameters appear once
+    check_shapes(reader, params)
     buffers = {n for n, _ in model.named_buffers()}
     stored = reader.keys()
     missing = set(params) - stored

@@ -162,14 +162,12 @@ def _model_class(adapter: Adapter, config):
 
 
 def load_model(spec: str, trust_remote_code: bool = False, quiet: bool = False, stream: bool = False) -> LoadedModel:
-    """Load model + tokenizer in float32 for compression; checks support, tokenizer and finite weights.
+    """Load model + tokenizer in float32 for compression; checks support, tokenizer, shapes and finite weights.
 
     A GGUF file is first converted (once, cached) into a float safetensors checkpoint. With `stream`, a
     safetensors checkpoint whose tensors map one-to-one onto the model is loaded lazily: decoder blocks stay on
     disk until a pass reads them (see `lazy.py`); otherwise the whole model is loaded through transformers.
     """
-    from transformers import AutoTokenizer
-
     source = resolve_source(spec)
     location = source.location
     if source.gguf_file:
@@ -180,32 +178,108 @@ def load_model(spec: str, trust_remote_code: bool = False, quiet: bool = False, 
     config = load_config(checkpoint, trust_remote_code)
     declared_dtype = _source_dtype(config)  # read now: building the model in float32 rewrites config.dtype
     adapter = adapter_for(config.model_type)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelError(
-            f"no usable tokenizer in {source.description} ({type(err).__name__})",
-            fix="save the tokenizer next to the model (tokenizer.save_pretrained(dir))",
-        ) from None
+    tokenizer = _load_tokenizer(location, source, trust_remote_code)
     cls = _model_class(adapter, config)
     folder = Path(location)
     lazy = None
     if stream and folder.is_dir() and not trust_remote_code:
         lazy = build_lazy(cls, config, folder, adapter.block_prefixes, torch.float32)
-    if lazy is not None:
-        model = lazy.model
-    else:
-        try:
-            with hf_progress_bars_off():
-                model = cls.from_pretrained(location, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        except OSError as err:
-            raise ModelError(f"cannot load weights from {source.description}: {err}") from None
-        model.eval()
-        model.requires_grad_(False)
+    model = lazy.model if lazy is not None else _load_eagerly(cls, location, source, trust_remote_code)
+    check_vocabulary(tokenizer, model, source)
     for name, p in model.named_parameters():
         if not p.is_meta:
             check_finite(name, p)
     return LoadedModel(model, tokenizer, adapter, source, declared_dtype, lazy, folder if folder.is_dir() else None)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
+def _load_tokenizer(location: str, source: ModelSource, trust_remote_code: bool):
+    """The model's tokenizer; a ModelError that says whether it is missing or unreadable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        folder = Path(location)
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            what = f"no tokenizer in {source.description} (none of {', '.join(TOKENIZER_FILES)})"
+        else:
+            detail = str(err).splitlines()[0][:200] if str(err) else ""
+            what = f"no usable tokenizer in {source.description} ({type(err).__name__}: {detail})"
+        raise ModelError(
+            what, fix="save the model's tokenizer next to it (tokenizer.save_pretrained(dir)), or re-download it"
+        ) from None
+
+
+def _load_eagerly(cls, location: str, source: ModelSource, trust_remote_code: bool) -> nn.Module:
+    """The whole model through transformers. Weights whose shape differs from what config.json describes, and
+    weights the checkpoint lacks (transformers would fill them with random values) are a ModelError."""
+    from safetensors import SafetensorError
+
+    try:
+        with hf_progress_bars_off(), _hf_warnings_off():  # its load report is replaced by our one line
+            model, info = cls.from_pretrained(
+                location,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, as one line
+            )
+    except SafetensorError as err:
+        raise ModelError(
+            f"the weights in {source.description} are truncated or corrupt ({str(err).splitlines()[0]})",
+            fix="re-download the model, or re-save it with save_pretrained",
+        ) from None
+    except OSError as err:
+        raise ModelError(f"cannot load weights from {source.description}: {err}") from None
+    fix = "use the config.json saved with these weights (save_pretrained writes both)"
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise ModelError(
+            f"config.json in {source.description} does not match the weights: '{name}' is {list(stored)} in the "
+            f"checkpoint, but the config makes it {list(expected)}",
+            fix=fix,
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(
+            f"the weights in {source.description} lack {len(missing)} tensors that its config.json describes "
+            f"(e.g. '{missing[0]}')",
+            fix=fix,
+        )
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused:
+        log.warning(f"{len(unused)} tensors in {source.description} are not part of the model (e.g. '{unused[0]}')")
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _hf_warnings_off():
+    """transformers' own warnings off (errors still show) while loading; restores its verbosity."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def check_vocabulary(tokenizer, model: nn.Module, source: ModelSource) -> None:
+    """Raise ModelError when the tokenizer can produce ids past the model's embedding rows (a tokenizer of another
+    model): such an id would index past the embedding in the middle of calibration."""
+    embeddings = model.get_input_embeddings()
+    rows = embeddings.weight.shape[0] if embeddings is not None else None
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(
+            f"the tokenizer in {source.description} has {len(tokenizer)} tokens but the model's embedding has "
+            f"{rows} rows: it is not this model's tokenizer (ids >= {rows} have no embedding)",
+            fix="use the tokenizer saved with this model",
+        )
 
 
 def _source_dtype(config) -> torch.dtype:
