@@ -163,7 +163,11 @@ _PASS_TYPES = {a.annotation.__args__[0] for a in (m.model_fields["type"] for m i
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if p not in _PASS_TYPES)  # drop pydantic's union tag
+    parts = first["loc"]
+    # drop pydantic's union tag (passes.<i>.<pass type>.<field>), and only there: a top-level `quantize:` is a key
+    loc = ".".join(
+        str(p) for i, p in enumerate(parts) if not (i and isinstance(parts[i - 1], int) and p in _PASS_TYPES)
+    )
     bad = first.get("input")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":

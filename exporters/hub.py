@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from google.protobuf.message import DecodeError  # a damaged ONNX graph
+from safetensors import SafetensorError
+
 from compressor.errors import HubError, UploadInterrupted
 from compressor.recipe import HubConfig
 from compressor.runtime.lora import LORA_DIR
@@ -85,7 +88,7 @@ def _files_named_by(folder: Path, name: str) -> set[str]:
                 for entry in tensor.external_data
                 if entry.key == "location"
             ]
-    except Exception as err:  # noqa: BLE001 - any parse failure means the file is damaged
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, DecodeError) as err:  # the file does not parse
         detail = str(err).splitlines()[0] if str(err) else "unreadable"
         raise HubError(
             f"'{path}' is damaged ({type(err).__name__}: {detail})", fix="rerun `compress` to write the artifact again"
@@ -228,12 +231,16 @@ def _call(action: Callable[[], T], repo_id: str, token: str, endpoint: str, retr
         return action()
     except (HubError, KeyboardInterrupt):
         raise
-    except Exception as err:  # noqa: BLE001 - everything the client raises is mapped (the action is only hub calls)
+    except Exception as err:  # noqa: BLE001 - mapped when it is the hub's or the network's; else re-raised (a bug)
         failure = _as_hub_error(err, repo_id, token, endpoint, retry)
+        if failure is None:
+            raise
     raise failure
 
 
-def _as_hub_error(err: BaseException, repo_id: str, token: str, endpoint: str, retry: str | None) -> HubError:
+def _as_hub_error(err: BaseException, repo_id: str, token: str, endpoint: str, retry: str | None) -> HubError | None:
+    """The user-facing HubError for a failure of the hub (HTTP status), its storage or the network; None for
+    anything else, which is a defect to report, not a hub failure."""
     from huggingface_hub.errors import HfHubHTTPError
 
     def fix(first: str) -> str:
@@ -282,7 +289,7 @@ def _as_hub_error(err: BaseException, repo_id: str, token: str, endpoint: str, r
             f"the hub rejected the model card's metadata ({text})",
             fix=fix("correct the front matter of README.md in the artifact"),
         )
-    return HubError(f"the upload to '{repo_id}' failed ({type(err).__name__}: {text})", fix=fix("try again"))
+    return None
 
 
 def _chain(err: BaseException) -> list[BaseException]:

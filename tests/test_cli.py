@@ -48,6 +48,9 @@ def test_unknown_pass(tmp_path):
 def test_unknown_key(tmp_path):
     path = write_recipe(tmp_path, {"calibration": {"num_sample": 3}})
     assert_user_error(*run_cli("--recipe", path)[:2], "unknown key 'calibration.num_sample'")
+    # a top-level key named like a pass type is named too (it was "unknown key ''")
+    path = write_recipe(tmp_path, {"quantize": {"weights": {"group_size": 64}}})
+    assert_user_error(*run_cli("--recipe", path)[:2], "unknown key 'quantize'")
 
 
 def test_wrong_type(tmp_path):

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -45,7 +46,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         try:
             tensors.update(load_file(str(f)))
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
+        except (OSError, SafetensorError) as err:  # SafetensorError: a bad header or a short file
             raise ModelError(f"corrupt safetensors file {f.name}: {err}", fix="re-run compress to rewrite it") from None
     return tensors
 

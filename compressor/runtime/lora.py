@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
@@ -74,7 +75,7 @@ def read_lora(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     try:
         config = json.loads((out / CONFIG_FILE).read_text())
         tensors = load_file(str(out / WEIGHTS_FILE))
-    except Exception as err:  # json / safetensors raise their own error types for corrupt files
+    except (OSError, ValueError, SafetensorError) as err:  # ValueError: JSON (and UTF-8) decoding
         raise ModelError(f"corrupt LoRA adapter in {out}: {err}", fix="re-run compress to rewrite it") from None
     factors = {}
     for name in config.get("target_modules") or []:
