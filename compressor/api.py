@@ -45,7 +45,7 @@ def _eval_windows(r: Recipe, loaded) -> tuple[torch.Tensor | None, dict]:
         return None, {}
     if ev.perplexity_text:
         path = Path(ev.perplexity_text).expanduser()
-        text = read_text_file(path, "evaluation text", "evaluate.perplexity_text")
+        text = read_text_file(path, "evaluation text", "evaluate.perplexity_text", RecipeError)
         name, what = path.name, f"the evaluation text {path.name}"
         fix = "use a longer text or a shorter evaluate.seq_len"
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, CompressorError
 from ..recipe import CalibrationConfig
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "calibration_data"  # in a checkout: a link to calibration_data/
@@ -80,9 +80,9 @@ def read_texts(cfg: CalibrationConfig) -> list[str]:
     return [text]
 
 
-def read_text_file(path: Path, what: str, where: str) -> str:
-    """The UTF-8 text of `path`; a CalibrationError naming `what` when it holds binary data (a NUL byte, or bytes
-    that are not UTF-8): calibrating or evaluating on garbage must fail, not produce an artifact."""
+def read_text_file(path: Path, what: str, where: str, error: type[CompressorError] = CalibrationError) -> str:
+    """The UTF-8 text of `path`; an `error` naming `what` when it holds binary data (a NUL byte, or bytes that are
+    not UTF-8): calibrating or evaluating on garbage must fail, not produce an artifact."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -92,9 +92,7 @@ def read_text_file(path: Path, what: str, where: str) -> str:
         if "\x00" not in text:
             return text
         bad = f"it holds a NUL byte at {text.index(chr(0))}"
-    raise CalibrationError(
-        f"{what} {path.name} is not text ({bad})", where=where, fix="use a UTF-8 text (.txt) or .jsonl file"
-    )
+    raise error(f"{what} {path.name} is not text ({bad})", where=where, fix="use a UTF-8 text (.txt) or .jsonl file")
 
 
 def _read_hf(name: str, cfg: CalibrationConfig) -> list[str]:
