@@ -59,13 +59,6 @@ def _eval_windows(r: Recipe, loaded) -> tuple[torch.Tensor | None, dict]:
         shared = shared_fraction(text, read_texts(r.calibration))
         info["overlaps_calibration"] = shared > 0
         info["calibration_snippets_found"] = round(shared, 3)
-        if shared > 0:
-            log.warning(
-                "the evaluation text %s overlaps the calibration text (%.0f%% of probed snippets found in it): its "
-                "figures flatter calibrated methods; set evaluate.perplexity_text to a text not used for calibration",
-                name,
-                shared * 100,
-            )
     return windows, info
 
 
@@ -206,6 +199,14 @@ def compress(
     _write_artifact(state, out, overwrite, report, base_params, run)
     for line in summary_lines(report):
         log.info(line)
+    text = metrics.get("evaluation_text") or {}
+    if text.get("overlaps_calibration"):  # said once the run has succeeded (a failure's message stays one line)
+        log.warning(
+            "the evaluation text %s overlaps the calibration text (%.0f%% of probed snippets found in it): its "
+            "figures flatter calibrated methods; set evaluate.perplexity_text to a text not used for calibration",
+            text["source"],
+            text["calibration_snippets_found"] * 100,
+        )
     hub_url = None
     if r.hub is not None:
         name = Path(r.model).name if r.model else out.name
