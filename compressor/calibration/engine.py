@@ -143,8 +143,11 @@ class GramStat:
         token_clip: float | None = None,
         product_dtype: torch.dtype = torch.float32,
         track_abs: bool = True,
+        keep_unclipped: bool = False,
     ):
         self.h = torch.zeros(width, width, dtype=torch.float32)
+        # the Gram matrix before the token clip, kept on request (GPTQ diagnostics) when there is a clip
+        self.h_unclipped = torch.zeros_like(self.h) if keep_unclipped and token_clip is not None else None
         self.abs_sum = torch.zeros(width, dtype=torch.float32)  # per-channel sum |x| (activation-aware scaling)
         self.count = 0
         self.token_clip = token_clip
@@ -161,13 +164,19 @@ class GramStat:
             x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)  # bfloat16: no float32 copy of the batch
             if self.track_abs:  # unclipped: activation-aware scaling sees the channels' real magnitudes
                 self.abs_sum += x.abs().sum(0, dtype=torch.float32)
+            if self.h_unclipped is not None:
+                self._accumulate(self.h_unclipped, x)
             if self.token_clip is not None and x.shape[0] > 1:
                 x = self._clipped(x)
-            if self.product_dtype == torch.float32:
-                self.h.addmm_(x.t(), x)
-            else:
-                add_gram(self.h, x)
+            self._accumulate(self.h, x)
             self.count += x.shape[0]
+
+    def _accumulate(self, h: torch.Tensor, x: torch.Tensor) -> None:
+        """h += x^T x."""
+        if self.product_dtype == torch.float32:
+            h.addmm_(x.t(), x)
+        else:
+            add_gram(h, x)
 
     def _clipped(self, x: torch.Tensor) -> torch.Tensor:
         """x with every token norm capped at `token_clip` x the batch median (x itself when none exceeds it)."""
@@ -180,11 +189,19 @@ class GramStat:
 
     def merge(self, other: GramStat) -> None:
         self.h += other.h
+        if self.h_unclipped is not None:
+            self.h_unclipped += other.h_unclipped
         self.abs_sum += other.abs_sum
         self.count += other.count
 
     def mean(self) -> torch.Tensor:
         return self.h / max(self.count, 1)
+
+    def mean_unclipped(self) -> torch.Tensor:
+        """`mean()` before the token clip (the same when there is no clip; needs `keep_unclipped` when there is)."""
+        if self.token_clip is not None and self.h_unclipped is None:
+            raise ValueError("GramStat made without keep_unclipped: the unclipped statistics were not kept")
+        return self.mean() if self.h_unclipped is None else self.h_unclipped / max(self.count, 1)
 
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
@@ -192,6 +209,8 @@ class GramStat:
     def rescale_inputs(self, divisor: torch.Tensor) -> None:
         """The statistics of x / divisor (after an activation-aware scale was folded upstream)."""
         self.h /= divisor[:, None] * divisor[None, :]
+        if self.h_unclipped is not None:
+            self.h_unclipped /= divisor[:, None] * divisor[None, :]
         self.abs_sum /= divisor
 
 
@@ -209,6 +228,7 @@ def run_block_lockstep(
     compute_dtype: torch.dtype = torch.float32,
     consume_inputs: bool = False,
     track_abs: bool = True,
+    keep_unclipped: bool = False,
 ) -> list[torch.Tensor]:
     """Forward every chunk through `block` once, solving each linear group when all chunks reached it.
 
@@ -224,7 +244,8 @@ def run_block_lockstep(
     `compute_dtype` bfloat16 runs the block under autocast (matmuls in bfloat16, float32 master weights; solves run
     with autocast off, so they and the weight write-backs stay float32) and returns bfloat16 outputs; statistics
     are summed in float32. With `consume_inputs`, each chunk's input is dropped from `hidden` (set to None) once its
-    output exists, so a sweep does not hold every input and every output at once.
+    output exists, so a sweep does not hold every input and every output at once. With `keep_unclipped` the
+    statistics keep their Gram matrix before the token clip too (`GramStat.mean_unclipped`).
 
     The steps:
       1. `_Lockstep` holds the shared state; a forward pre-hook on every linear of every group gathers the chunk's
@@ -235,7 +256,7 @@ def run_block_lockstep(
       4. the hooks go, unfinished greenlets are unwound, and a group no chunk reached is an error.
     """
     n = len(hidden)
-    lockstep = _Lockstep(groups, solve, n, token_clip, compute_dtype, track_abs)
+    lockstep = _Lockstep(groups, solve, n, token_clip, compute_dtype, track_abs, keep_unclipped)
     outputs: list[torch.Tensor | None] = [None] * n
     handles = _register_group_hooks(block, groups, lockstep)
     if compute_dtype != torch.float32:
@@ -269,11 +290,13 @@ class _Lockstep:
         token_clip: float | None,
         compute_dtype: torch.dtype,
         track_abs: bool,
+        keep_unclipped: bool = False,
     ):
         from greenlet import getcurrent
 
         self.groups, self.solve, self.n_chunks = groups, solve, n_chunks
         self.token_clip, self.compute_dtype, self.track_abs = token_clip, compute_dtype, track_abs
+        self.keep_unclipped = keep_unclipped
         self.scheduler = getcurrent()  # the greenlet that runs `_take_turns`
         self.running = 0  # index of the chunk whose greenlet runs now
         self.stats: dict[int, GramStat] = {}
@@ -294,7 +317,10 @@ class _Lockstep:
 
     def _gather(self, gi: int, x: torch.Tensor) -> None:
         """Add a chunk's input to the group's statistics; the last chunk solves the group before anyone goes on."""
-        stat = self.stats.setdefault(gi, GramStat(x.shape[-1], self.token_clip, self.compute_dtype, self.track_abs))
+        stat = self.stats.get(gi)
+        if stat is None:
+            stat = GramStat(x.shape[-1], self.token_clip, self.compute_dtype, self.track_abs, self.keep_unclipped)
+            self.stats[gi] = stat
         stat.add(x)
         if self.running == self.n_chunks - 1:  # every chunk has contributed
             self._solve(gi, stat, x.device.type)

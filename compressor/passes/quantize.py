@@ -33,6 +33,7 @@ from ..techniques import (
     quantize_data_free,
     scale_inputs,
     solve_gptq,
+    solve_gptq_diagnosed,
 )
 from ..techniques.awq import InputGroup
 from .base import register
@@ -204,6 +205,7 @@ class QuantizeRunner:
                 dtype,
                 consume_inputs=True,
                 track_abs=cfg.awq,
+                keep_unclipped=cfg.diagnostics,
             )
             state.release_quantized([f"{prefixes[i]}.{n}" for g in groups for n in g])
             progress.update(1)
@@ -222,7 +224,12 @@ class QuantizeRunner:
                 self._commit(state, f"{prefix}.{n}", m, qw, note, "rtn", original=w, h=stat.mean())
             return
         h = stat.mean()
-        for n, m, w, qw in zip(names, modules, weights, solve_gptq(weights, h, fmt, self.gptq)):
+        if cfg.diagnostics:  # report.json `gptq_diagnostics`, per layer
+            solved, facts = solve_gptq_diagnosed(weights, h, stat.mean_unclipped(), fmt, self.gptq)
+            state.report.setdefault("gptq_diagnostics", {}).update({f"{prefix}.{n}": f for n, f in zip(names, facts)})
+        else:
+            solved = solve_gptq(weights, h, fmt, self.gptq)
+        for n, m, w, qw in zip(names, modules, weights, solved):
             self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq", original=w, h=h)
 
     # ---- activation-aware scaling -----------------------------------------------------------------

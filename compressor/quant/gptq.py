@@ -15,19 +15,30 @@ from dataclasses import dataclass
 import torch
 
 from .formats import IntFormat
-from .linalg import damped_cholesky_factors
+from .linalg import damped_cholesky
 from .rtn import expand_groups, find_qparams
 
 QParams = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising dampening until it is positive definite."""
+@dataclass
+class SweepStats:
+    """What one `gptq_quantize` solve did beside its result (filled in when passed one): the damping added to H's
+    diagonal, and per row the number of weights clamped to the grid's ends (their value, error feedback included,
+    rounded to a code outside the grid)."""
+
+    damping: float = 0.0
+    clamped: torch.Tensor | None = None  # [rows] int64
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising dampening until it is positive definite; and
+    the damping added."""
     diag_mean = torch.mean(torch.diag(h)).item()
-    for chol in damped_cholesky_factors(h, damp, max(diag_mean, 1e-8)):
+    for chol, damping in damped_cholesky(h, damp, max(diag_mean, 1e-8)):
         chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
         if info.item() == 0:
-            return chol_inv
+            return chol_inv, damping
     raise RuntimeError("GPTQ: Hessian is not positive definite even after raising dampening")
 
 
@@ -53,11 +64,11 @@ def _prepared(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return w, h
 
 
-def _order(h: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The order the columns are processed in (decreasing diag H with act_order) and the upper Cholesky factor of
-    the inverse of the so permuted (dampened) H."""
+def _order(h: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The order the columns are processed in (decreasing diag H with act_order), the upper Cholesky factor of
+    the inverse of the so permuted (dampened) H, and the damping."""
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
-    return perm, _inverse_hessian_cholesky(h[perm][:, perm], damp)
+    return perm, *_inverse_hessian_cholesky(h[perm][:, perm], damp)
 
 
 @dataclass
@@ -100,11 +111,15 @@ def _quantize_column(
     hi: float | torch.Tensor,
     q: torch.Tensor,
     dq: torch.Tensor,
+    clamped: torch.Tensor | None = None,
 ) -> None:
-    """Codes q = clamp(round(wc / s) + z, lo, hi) and dequantized values dq = (q - z) * s of one column, in place."""
+    """Codes q = clamp(round(wc / s) + z, lo, hi) and dequantized values dq = (q - z) * s of one column, in place;
+    `clamped` (per row) counts the codes the clamp moved."""
     torch.div(wc, s, out=q).round_()
     if z is not None:
         q.add_(z)
+    if clamped is not None:
+        clamped += (q < lo) | (q > hi)
     q.clamp_(lo, hi)
     if z is None:
         torch.mul(q, s, out=dq)
@@ -115,7 +130,8 @@ def _quantize_column(
 class _Sweep:
     """GPTQ's column sweep: the columns of w [rows, K] (float32, processing order) are quantized one by one on a
     `_Grid`, each column's error fed to the later columns through hinv (upper Cholesky factor of H^-1). Codes go to
-    `codes` (int8) and dequantized values to `deq` (float32), both [K, rows] and optional.
+    `codes` (int8) and dequantized values to `deq` (float32), both [K, rows] and optional; `clamped` [rows] (optional)
+    counts each row's clamped codes.
 
     Blocks of `block_size` columns are swept on a column-major copy (a column is contiguous); a block's error reaches
     the columns after it by one product. Inside a block the rank-1 updates span `inner`-column sub-blocks (None: the
@@ -132,9 +148,10 @@ class _Sweep:
         deq: torch.Tensor | None,
         block_size: int,
         inner: int | None = None,
+        clamped: torch.Tensor | None = None,
     ):
         self.hinv, self.grid, self.codes, self.deq = hinv, grid, codes, deq
-        self.block_size, self.inner = block_size, inner
+        self.block_size, self.inner, self.clamped = block_size, inner, clamped
 
     def run(self, w: torch.Tensor) -> None:
         """Sweep w (updated in place)."""
@@ -176,17 +193,29 @@ class _Sweep:
             j2 = min(j1 + step, width)
             for i in range(j1, j2):
                 if self.grid.refits(i1 + i):
-                    self.grid.fit(i1 + i, _group_weights(w1, i, w, i2, self.grid.group))
+                    self.grid.fit(i1 + i, self._group_weights(w1, err1, w, i1, i, i2))
                 self._column(w1, err1, hinv1, i, j2, i1 + i)
             if j2 < width:
                 w1[j2:].addmm_(hinv1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
         return err1
 
+    def _group_weights(
+        self, w1: torch.Tensor, err1: torch.Tensor, w: torch.Tensor, i1: int, i: int, i2: int
+    ) -> torch.Tensor:
+        """The current weights [rows, <= group] of the group starting at block column i: the error of every earlier
+        column fed back, so columns past the block get the block's pending update (err1[:i] through hinv)."""
+        inside = w1[i : i + self.grid.group].t()
+        rest = self.grid.group - inside.shape[1]
+        if rest == 0 or i2 >= w.shape[1]:
+            return inside
+        pending = torch.mm(self._row_major(err1[:i].t()), self.hinv[i1 : i1 + i, i2 : i2 + rest])
+        return torch.cat([inside, w[:, i2 : i2 + rest] - pending], dim=1)
+
     def _column(self, w1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, i: int, j2: int, col: int) -> None:
         """Quantize block column i (matrix column `col`) and spread its error over block columns i..j2-1."""
         s, z = self.grid.at(col)
         q, dq = self._q, self._dq if self.deq is None else self.deq[col]
-        _quantize_column(w1[i], s, z, self.grid.lo, self.grid.hi, q, dq)
+        _quantize_column(w1[i], s, z, self.grid.lo, self.grid.hi, q, dq, self.clamped)
         if self.codes is not None:
             self.codes[col].copy_(q)
         e = torch.sub(w1[i], dq, out=err1[i]).div_(hinv1[i, i])
@@ -195,12 +224,6 @@ class _Sweep:
             return
         outer = torch.mul(hinv1[i, i:j2].unsqueeze(1), e, out=self._outer[: j2 - i])  # textbook: rounded, then
         w1[i:j2].sub_(outer)
-
-
-def _group_weights(w1: torch.Tensor, i: int, w: torch.Tensor, i2: int, group: int) -> torch.Tensor:
-    """The current weights [rows, <= group] of the group starting at block column i (columns past the block: w's)."""
-    inside = w1[i : i + group].t()
-    return torch.cat([inside, w[:, i2 : i2 + group - inside.shape[1]]], dim=1)
 
 
 def gptq_quantize(
@@ -214,24 +237,47 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     clip_search: bool = False,
+    stats: SweepStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize w [N, K] given the input Gram matrix h [K, K].
 
     Returns (codes int8 [N, K], scale [N, G], zero [N, G] or None) in the original column order, with
     contiguous groups along K (the last may be ragged). `act_order` processes columns by decreasing
     diag(H) and therefore uses static groups (scales fixed from the unquantized weight), so no g_idx
-    permutation has to be stored.
+    permutation has to be stored. Dynamic groups are fitted when the sweep reaches their first column, to the
+    weights as they are then (every earlier column's error fed back). `stats`, if given, is filled in.
+
+    The published algorithm (IST-DASLab/gptq), bit for bit given our scale rule; tests/test_gptq_reference.py
+    compares the two and lists where ours differs on purpose.
     """
     w, h = _prepared(w, h)
     n, k = w.shape
-    perm, hinv = _order(h, damp, act_order)
+    perm, hinv, damping = _order(h, damp, act_order)
     static = static_groups or act_order or fmt.group_size is None
     grid = _format_grid(w, fmt, perm, static, scale_dtype, clip_search)
     codes = torch.empty(k, n, dtype=torch.int8)
+    clamped = None if stats is None else torch.zeros(n, dtype=torch.int64)
     with _one_thread():
-        _Sweep(hinv, grid, codes, None, block_size).run(w[:, perm])
+        _Sweep(hinv, grid, codes, None, block_size, clamped=clamped).run(w[:, perm])
+    if stats is not None:
+        stats.damping, stats.clamped = damping, clamped
     zero = None if grid.zero is None else grid.zero.t().contiguous()
     return codes[torch.argsort(perm)].t().contiguous(), grid.scale.t().contiguous(), zero
+
+
+def rtn_clamped(
+    w: torch.Tensor, fmt: IntFormat, scale_dtype: str = "float32", clip_search: bool = False
+) -> torch.Tensor:
+    """Per row of w [N, K], the weights round-to-nearest clamps to the grid's ends (`SweepStats.clamped` without
+    error feedback). Symmetric grids clamp the weights opposite their group's extreme that are more than
+    qmax + 1/2 steps from 0 (the extreme itself is exactly qmin steps)."""
+    w = w.to(torch.float32)
+    scale, zero = find_qparams(w, fmt, scale_dtype, clip_search)
+    k, g = w.shape[1], fmt.effective_group(w.shape[1])
+    q = torch.round(w / expand_groups(scale, k, g))
+    if zero is not None:
+        q += expand_groups(zero, k, g)
+    return ((q < fmt.qmin) | (q > fmt.qmax)).sum(1)
 
 
 def _format_grid(
@@ -270,7 +316,7 @@ def gptq_dequantized_many(
     """
     w, h = _prepared(w, h)
     n, k = w.shape
-    perm, hinv = _order(h, damp, act_order)
+    perm, hinv, _ = _order(h, damp, act_order)
     grid = _stacked_grid(w, fmts, perm, scale_dtype, clip_search)
     deq = torch.empty(k, n * len(fmts))
     with _one_thread():

@@ -7,15 +7,31 @@ from collections.abc import Iterator
 import torch
 
 
-def damped_cholesky_factors(h: torch.Tensor, damp: float, scale: float, attempts: int = 6) -> Iterator[torch.Tensor]:
-    """Lower Cholesky factors of h + damp * 10^a * scale * I for a = 0 .. attempts-1, skipping the dampenings at
-    which the matrix is not (numerically) positive definite: a rank-deficient h needs more than `damp`.
+def damped_cholesky(
+    h: torch.Tensor, damp: float, scale: float, attempts: int = 6
+) -> Iterator[tuple[torch.Tensor, float]]:
+    """Lower Cholesky factors of h + damp * 10^a * scale * I for a = 0 .. attempts-1, each with the damping added
+    (damp * 10^a * scale), skipping the dampenings at which the matrix is not (numerically) positive definite: a
+    rank-deficient h needs more than `damp`.
 
     `scale` is the caller's measure of h (its mean diagonal); the damping is computed in Python floats, in this
     order, and added in h's dtype.
     """
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(attempts):
-        factor, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * scale * eye)
+        damping = damp * 10**attempt * scale
+        factor, info = torch.linalg.cholesky_ex(h + damping * eye)
         if int(info) == 0:
-            yield factor
+            yield factor, damping
+
+
+def damped_cholesky_factors(h: torch.Tensor, damp: float, scale: float, attempts: int = 6) -> Iterator[torch.Tensor]:
+    """The factors of `damped_cholesky`, without their damping."""
+    return (factor for factor, _ in damped_cholesky(h, damp, scale, attempts))
+
+
+def output_error(e: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(E H E^T) in float64 for a weight error E [out, in] and an input Gram matrix H [in, in]: the squared output
+    error summed over the outputs and the tokens H gathers (per token when H is their mean)."""
+    e = e.to(torch.float64)
+    return float(((e @ h.to(torch.float64)) * e).sum())

@@ -74,6 +74,12 @@ class QuantizePass(Strict):
     static_groups: bool = Field(
         False, description="GPTQ: group scales from the unquantized weight (forced by act_order)"
     )
+    diagnostics: bool = Field(
+        False,
+        description="GPTQ: per-layer solver diagnostics in report.json `gptq_diagnostics`: the output error "
+        "tr(dW H dW^T) of GPTQ and of round-to-nearest under H before the token clip (and after it), the weights "
+        "clamped at the grid's ends, the damping relative to median(diag H)",
+    )
     awq: bool = Field(
         False,
         description="activation-aware scaling before RTN/GPTQ: per-input-channel scales (mean|x|^alpha, alpha "
@@ -92,4 +98,6 @@ class QuantizePass(Strict):
     def _method_fits_format(self) -> QuantizePass:
         if self.weights.format == "fp8" and self.method == "gptq":
             raise ValueError("fp8 weights use method rtn (GPTQ is for int formats)")
+        if self.diagnostics and self.method != "gptq":
+            raise ValueError("diagnostics describe GPTQ solves; set method: gptq or remove diagnostics")
         return self

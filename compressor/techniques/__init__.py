@@ -13,7 +13,7 @@ calls the pure numerics of `compressor.quant`:
 
 from .awq import AwqConfig, scale_inputs
 from .data_free import RtnConfig, quantize_data_free
-from .gptq import GptqConfig, gptq_candidates, solve_gptq
+from .gptq import GptqConfig, gptq_candidates, solve_gptq, solve_gptq_diagnosed
 from .lowrank import fit_compensation
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "quantize_data_free",
     "scale_inputs",
     "solve_gptq",
+    "solve_gptq_diagnosed",
 ]
