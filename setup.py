@@ -32,10 +32,14 @@ AVX512_FLAGS = [
 # "may be used uninitialized" wherever one is inlined (84 false reports at 1ba8bca, 210 with 16-bit scales)
 # that would hide a real one; the other files keep the warning.
 SIMD_QUIET = ["-Wno-maybe-uninitialized"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 ISA_FLAGS = {
-    "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "kernels_avx2.cpp": AVX2_FLAGS,
     "kernels_avx512.cpp": AVX512_FLAGS + SIMD_QUIET,
     "kernels_amx.cpp": AVX512_FLAGS + SIMD_QUIET + ["-mamx-tile", "-mamx-int8"],
+    # dense 16-bit weights: float32 FMAs only (no VNNI, and no bfloat16 dot products, which round activations)
+    "kernels_dense_avx2.cpp": AVX2_FLAGS,
+    "kernels_dense_avx512.cpp": AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"] + SIMD_QUIET,
 }
 
 

@@ -24,6 +24,9 @@ the same load.
   3b. INT3 / INT2 GEMV (M = 1, g{--group} symmetric) as a ratio of the INT4 kernel's time on the same shape,
      interleaved in the same rounds, with int8 activations (the "int8-decode" default for M < 16) and float32
      activations (`--only lowbit`).
+  3c. Dense 16-bit weights (`--only dense16`): `dense16_gemm` on a bfloat16 weight (what compressor.load runs for
+     an artifact's float lm_head) vs torch fp32 matmul of the same weight widened to float32, M in 1 and 128, on
+     SmolLM2's head (K = 576, N = 49152) and K = N = 4096 (not --shapes).
   4. End to end: greedy decode tokens/s of SmolLM2-135M W4 g64 RTN (compressor.load) vs the fp32 model.
 
     python benchmarks/kernels.py [--runs 9] [--group 128] [--skip-e2e] [--work /tmp/bench-kernels]
@@ -345,6 +348,29 @@ def bench_lowbit(args) -> None:
             )
 
 
+DENSE16_SHAPES = [(576, 49152), (4096, 4096)]  # K x N: SmolLM2's lm_head, a square layer
+
+
+def bench_dense16(args) -> None:
+    print(
+        f"\n== dense bfloat16 weight (dense16_gemm) vs torch fp32 matmul of the widened weight, median of {args.runs} "
+        "interleaved rounds; ratio = fp32 time / ours"
+    )
+    print(f"{'K x N':>13} {'M':>4} {'ours ms':>8} {'fp32 ms':>8} {'ratio':>7} {'err':>8}")
+    for k, n in DENSE16_SHAPES:
+        w16 = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.02).to(torch.bfloat16)
+        w32 = w16.to(torch.float32)
+        for m in (1, 128):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
+            fns = {
+                "ours": lambda x=x, w=w16: torch.ops.compressor.dense16_gemm(x, w, None),
+                "fp32": lambda x=x, w=w32: F.linear(x, w),
+            }
+            t = interleaved_ms(fns, args.runs)
+            err = relerr(torch.ops.compressor.dense16_gemm(x, w16, None), x @ w32.t())
+            print(f"{k:>6}x{n:<6} {m:>4} {t['ours']:8.3f} {t['fp32']:8.3f} {t['fp32'] / t['ours']:6.2f}x {err:8.1e}")
+
+
 def smollm2_artifact(work: Path, lm_head: bool) -> Path:
     out = work / f"smollm2-w4g64-rtn{'-lmhead' if lm_head else ''}"
     if (out / "config.json").is_file():
@@ -417,7 +443,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", default="/tmp/bench-kernels")
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--only", default="int4,cold,fp8,lowbit,e2e", help="comma list of sections")
+    ap.add_argument("--only", default="int4,cold,fp8,lowbit,dense16,e2e", help="comma list of sections")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="K x N list")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument(
@@ -452,6 +478,8 @@ def main() -> None:
         bench_fp8(args)
     if "lowbit" in sections:
         bench_lowbit(args)
+    if "dense16" in sections:
+        bench_dense16(args)
     if "e2e" in sections and not args.skip_e2e:
         bench_e2e(args)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -15,6 +15,7 @@ TORCH_LIBRARY(compressor, m) {
   m.def("int3_gemm(Tensor x, Tensor w, Tensor scales, Tensor? zeros, int group_size, int out_features, int mode=0)"
         " -> Tensor");
   m.def("fp8_gemm(Tensor x, Tensor w, Tensor scales, int group_size, int out_features, int mode=0) -> Tensor");
+  m.def("dense16_gemm(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("available_isas() -> str[]", &compressor::available_isas);
   m.def("isa() -> str", &compressor::current_isa);
   m.def("set_isa(str name) -> str", &compressor::set_isa);
@@ -27,6 +28,7 @@ TORCH_LIBRARY_IMPL(compressor, CPU, m) {
   m.impl("int2_gemm", &compressor::int2_gemm_cpu);
   m.impl("int3_gemm", &compressor::int3_gemm_cpu);
   m.impl("fp8_gemm", &compressor::fp8_gemm_cpu);
+  m.impl("dense16_gemm", &compressor::dense16_gemm_cpu);
   m.impl("read_memory", &compressor::read_memory);
 }
 
@@ -34,7 +36,7 @@ TORCH_LIBRARY_IMPL(compressor, CPU, m) {
 // autograd keys fall through to the backend kernel. Without this every call went through torch's boxed
 // "autograd not implemented" fallback, a measurable part of an M=1 call's fixed cost.
 TORCH_LIBRARY_IMPL(compressor, Autograd, m) {
-  for (const char* op : {"int4_gemm", "int8_gemm", "int2_gemm", "int3_gemm", "fp8_gemm", "read_memory"})
+  for (const char* op : {"int4_gemm", "int8_gemm", "int2_gemm", "int3_gemm", "fp8_gemm", "dense16_gemm", "read_memory"})
     m.impl(op, torch::CppFunction::makeFallthrough());
 }
 

@@ -30,7 +30,8 @@ def extension_available() -> bool:
 
 def _register_fake_kernels() -> None:
     """Shape-only versions of the GEMM ops, so that torch.compile / FakeTensor tracing can run through them: like
-    the kernels, an [M, out_features] view of a float32 [M, Np] buffer (Np = the scales' padded row count)."""
+    the kernels, an [M, out_features] view of a float32 [M, Np] buffer (Np = the scales' padded row count);
+    dense16_gemm's float32 [M, N]."""
 
     def int_gemm(x, w, scales, zeros, group_size, out_features, mode=0):
         return x.new_empty((x.shape[0], scales.shape[1]), dtype=torch.float32).narrow(1, 0, out_features)
@@ -38,8 +39,14 @@ def _register_fake_kernels() -> None:
     def fp8_gemm(x, w, scales, group_size, out_features, mode=0):
         return x.new_empty((x.shape[0], scales.shape[1]), dtype=torch.float32).narrow(1, 0, out_features)
 
+    def dense16_gemm(x, w, bias=None):
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
     int_ops = ("int2_gemm", "int3_gemm", "int4_gemm", "int8_gemm")
-    for name, fake in [(op, int_gemm) for op in int_ops] + [("fp8_gemm", fp8_gemm)]:
+    fakes = [(op, int_gemm) for op in int_ops] + [("fp8_gemm", fp8_gemm), ("dense16_gemm", dense16_gemm)]
+    for name, fake in fakes:
+        if not hasattr(torch.ops.compressor, name):  # an extension built before the op existed
+            continue
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"compressor::{name}", "Meta"):
             torch.library.register_fake(f"compressor::{name}", fake)
 
@@ -53,6 +60,20 @@ def kernels_for(device: torch.device) -> bool:
     if device.type == "meta":  # shapes only (the ops' fake kernels): nothing to run
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("compressor::int4_gemm", device.type.upper())
+
+
+def dense_kernels_for(device: torch.device) -> bool:
+    """True when the extension can run `dense16_gemm` (16-bit weights, float32 accumulation) on this device: CPU
+    only (on a GPU torch's own 16-bit matmul serves), and an extension built with the op. While torch.compile
+    traces, a CPU device is enough: the cached checks are not traced (and without the op the trace fails loudly)."""
+    if device.type != "cpu":
+        return False
+    return torch.compiler.is_compiling() or (extension_available() and _has_dense16())
+
+
+@functools.cache
+def _has_dense16() -> bool:
+    return hasattr(torch.ops.compressor, "dense16_gemm")
 
 
 def current_isa() -> str:

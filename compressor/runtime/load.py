@@ -14,6 +14,8 @@ from torch import nn
 
 from ..errors import ModelError
 from ..models.adapters import adapter_for
+from ._ext import dense_kernels_for
+from .dense16 import SIXTEEN_BIT, Embedding16, Linear16, TiedLinear16
 from .lora import read_lora
 from .ops import ACTIVATION_MODES
 from .qlinear import QuantEmbedding, QuantLinear
@@ -52,7 +54,11 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load(
-    path: str | Path, dtype: torch.dtype = torch.float32, activations: str = "float", fuse_siblings: bool = True
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    activations: str = "float",
+    fuse_siblings: bool = True,
+    keep_16bit: bool = True,
 ) -> nn.Module:
     """Load a compressed artifact: quantized linears become QuantLinear modules (packed weights kept).
 
@@ -64,9 +70,15 @@ def load(
     `fuse_siblings`: linears of a block that read the same input and share a kernel format (q|k|v, gate|up) run
     as one kernel call (runtime/siblings.py; bit-identical outputs, fewer per-call costs when decoding).
 
+    `keep_16bit`: in a float32 model on a machine with the C++ kernels, float linears whose artifact weight is
+    bfloat16 / float16 (the lm_head of a quantized artifact) keep it in 16 bits and run it widened exactly, with
+    float32 sums (runtime/dense16.py: half the bytes per token, the float32 logits to summation-order rounding); a
+    tied input embedding shares that 16-bit table. False upcasts them to float32 nn.Linear / nn.Embedding.
+
     Steps: the model built from config.json; its compressed layers swapped for quantized modules made from their
-    tensors; every other tensor loaded as a dense state dict (and tied embeddings re-tied); the LoRA compensation
-    attached; the kernels' weight layout prepared, and siblings joined.
+    tensors, and its 16-bit float linears for Linear16 (keep_16bit); every other tensor loaded as a dense state
+    dict (and tied embeddings re-tied); the LoRA compensation attached; the kernels' weight layout prepared, and
+    siblings joined.
     """
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations={activations!r}: expected one of {sorted(ACTIVATION_MODES)}")
@@ -75,11 +87,15 @@ def load(
     tensors = read_tensors(folder)
     per_layer = _pop_compressed(tensors)
     _replace_compressed(model, per_layer, tensors, qcfg, dtype, activations)
+    tied = getattr(config, "tie_word_embeddings", False) and not per_layer.keys() & _embedding_names(model)
+    kept = set()
+    if keep_16bit and dtype == torch.float32 and dense_kernels_for(torch.device("cpu")):
+        kept = _keep_16bit(model, tensors, tied)
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(dense, strict=False)
-    if getattr(config, "tie_word_embeddings", False) and not per_layer.keys() & _embedding_names(model):
+    if tied and not isinstance(model.get_output_embeddings(), TiedLinear16):
         model.tie_weights()
-    _check_complete(model, result, set(per_layer), set(dense))
+    _check_complete(model, result, set(per_layer) | kept, set(dense))
     _attach_lora(model, folder, dtype)
     for module in model.modules():  # the kernels' layout, made once here rather than inside a first (traced) call
         if type(module) is QuantLinear:
@@ -167,9 +183,7 @@ def _replace_compressed(
         bias = tensors.pop(f"{name}.bias", None)
         if bias is not None:
             bias = bias.to(dtype)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quantized_module(module, parts, bias, scheme, dtype, activations))
+        _set_submodule(model, name, _quantized_module(module, parts, bias, scheme, dtype, activations))
 
 
 def _quantized_module(
@@ -193,6 +207,60 @@ def _quantized_module(
     return new
 
 
+def _keep_16bit(model: nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> set[str]:
+    """Swap each float nn.Linear whose artifact weight is bfloat16 / float16 (and whose bias, if any, is in the
+    artifact) for a Linear16 holding that tensor; with `tied` embeddings whose table is 16-bit, the input embedding
+    for an Embedding16 and the output one for a TiedLinear16 reading its table. Their tensors are popped from
+    `tensors`; returns the names of the swapped modules."""
+    names = {id(m): n for n, m in model.named_modules()}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head_name, embed_name = names.get(id(head)), names.get(id(embed))
+    kept = set()
+    for name, module in list(model.named_modules()):
+        weight = tensors.get(f"{name}.weight")
+        if (
+            type(module) is not nn.Linear
+            or weight is None
+            or weight.dtype not in SIXTEEN_BIT
+            or (tied and module is head)
+        ):
+            continue
+        if module.bias is not None and f"{name}.bias" not in tensors:  # (a bias tied elsewhere, e.g. BERT's head)
+            continue
+        bias = tensors.pop(f"{name}.bias", None)
+        _set_submodule(model, name, Linear16(tensors.pop(f"{name}.weight"), _float32(bias)))
+        kept.add(name)
+    table = tensors.get(f"{embed_name}.weight")
+    if (
+        tied
+        and type(head) is nn.Linear
+        and head.bias is None
+        and f"{head_name}.weight" not in tensors  # (both stored: transformers' tie decides, as without keep_16bit)
+        and isinstance(embed, nn.Embedding)
+        and table is not None
+        and table.dtype in SIXTEEN_BIT
+    ):
+        scale = getattr(embed, "embed_scale", None)  # Gemma scales looked-up rows
+        new_embed = Embedding16(tensors.pop(f"{embed_name}.weight"), embed.padding_idx, _scalar(scale))
+        _set_submodule(model, embed_name, new_embed)
+        _set_submodule(model, head_name, TiedLinear16(new_embed))
+        kept |= {embed_name, head_name}
+    return kept
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32)
+
+
+def _scalar(t) -> float | None:
+    return None if t is None else float(t)
+
+
 def _attach_lora(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
     """Attach the artifact's LoRA compensation (lora/, when present) to the quantized linears it corrects."""
     for name, (down, up) in read_lora(folder).items():
@@ -212,7 +280,8 @@ def _embedding_names(model: nn.Module) -> set[str]:
 
 
 def _check_complete(model: nn.Module, result, quantized: set[str], loaded: set[str]) -> None:
-    """Every parameter must come from the artifact, be a QuantLinear buffer, or be tied to a loaded one."""
+    """Every parameter must come from the artifact, belong to a swapped module (QuantLinear, Linear16, ...), or be
+    tied to a loaded one."""
     state = model.state_dict(keep_vars=True)
     loaded_ptrs = {state[k].data_ptr() for k in loaded if k in state}
     missing = [

@@ -54,3 +54,9 @@ def add_correction(y: torch.Tensor, low: torch.Tensor, up: torch.Tensor) -> torc
     if up.dtype == torch.float32:
         return torch.addmm(y, low, up.t())
     return y + (low @ up.t()).to(torch.float32)
+
+
+def dense16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (float32/bfloat16/float16) @ weight^T (+ bias) for a bfloat16/float16 weight [N, K], every weight
+    widened exactly and summed in float32 -> float32 [M, N] (extension op `dense16_gemm`, CPU)."""
+    return torch.ops.compressor.dense16_gemm(x, weight, bias)

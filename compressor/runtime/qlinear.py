@@ -15,6 +15,7 @@ from ..quant.formats import Fp8Format
 from ..quant.fp8 import expand_blocks, fp8_dequantize
 from ..quant.packing import pack_zero_points, unpack_zero_points
 from ._ext import kernels_for
+from .moves import apply_to_buffers_device_only
 from .ops import MODE_FLOAT, add_correction, dequantize_packed, int_weight_matmul, packed_matmul
 from .repack import PackedWeight, repack_fp8, repack_int
 
@@ -101,14 +102,7 @@ class QuantLinear(nn.Module):
         tracing the repack)."""
         had_copy = self._packed_ready
         self._packed, self._packed_ready, self._siblings = None, False, None  # (a moved layer runs alone)
-        compressed, self._buffers = self._buffers, {}
-        try:
-            out = super()._apply(fn, recurse)
-        finally:
-            self._buffers = compressed
-        for name, t in compressed.items():
-            if t is not None:  # to where fn sends a tensor like t (without its dtype change)
-                compressed[name] = t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
+        out = apply_to_buffers_device_only(self, super()._apply, fn, recurse)
         if had_copy:
             self.packed_weight()
         return out

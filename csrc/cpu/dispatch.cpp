@@ -358,6 +358,8 @@ std::string set_isa(const std::string& name) {
   return previous;
 }
 
+void parallel_chunks(int64_t n, const std::function<void(int64_t, int64_t)>& fn) { for_each_chunk(n, fn); }
+
 int64_t read_memory(const at::Tensor& buf) {
   TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 256 == 0, "read_memory: contiguous buffer, size multiple of 256");
   const uint8_t* p = static_cast<const uint8_t*>(buf.data_ptr());

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -14,6 +15,10 @@ namespace compressor {
 std::vector<std::string> available_isas();
 std::string current_isa();
 std::string set_isa(const std::string& name);  // returns the previous ISA
+
+// Runs fn(b, e) over [0, n) on torch's threads the way the GEMM ops split their weight streams: owned shares taken
+// in chunks of whole multiples of 4, work stealing, the contention guard (dispatch.cpp, for_each_chunk).
+void parallel_chunks(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
 
 // XOR of every 64-bit word of buf, read by all threads (benchmarks measure read bandwidth with it).
 int64_t read_memory(const at::Tensor& buf);
@@ -31,6 +36,8 @@ at::Tensor int2_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
                          const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
 at::Tensor int3_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                          const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t mode);
+// y = x w^T (+ bias) for a dense bfloat16 / float16 weight w [N, K] (kernels_dense.h; dense.cpp): float32 [M, N].
+at::Tensor dense16_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 at::Tensor fp8_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
                         int64_t out_features, int64_t mode);
 

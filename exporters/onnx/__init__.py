@@ -94,7 +94,7 @@ def export_artifact(
     stages = Stages(("load the artifact", *EXPORT_STAGES), quiet)
     try:
         stages.start("load the artifact")
-        model = load(src)
+        model = load(src, keep_16bit=False)  # plain float linears: the graph has no op for Linear16
         files = _export_loaded(model, src, out, config, overwrite, stages)
     finally:
         stages.close()
