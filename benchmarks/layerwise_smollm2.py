@@ -158,6 +158,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from compressor.eval.bootstrap import interval_text
     from compressor.eval.metrics import evaluate_windows, text_windows
     from compressor.models.loading import load_model
 
@@ -186,14 +187,18 @@ def main() -> None:
     base_ppl = rows[0][1]["base_perplexity"]
     print(f"\nSmolLM2-135M-Instruct; calibration 128 x 512 tokens (calibration_data/); candidates {CANDIDATES}")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid; base perplexity {base_ppl:.3f}")
-    print(f"{'config':18} {'bits/w':>7} {'ppl':>8} {'vs base':>8} {'KL':>8} {'alloc s':>8} {'wall s':>7} {'RSS MB':>7}")
+    print(
+        f"{'config':18} {'bits/w':>7} {'ppl':>8} {'vs base':>8} {'KL':>8} {'alloc s':>8} {'wall s':>7} {'RSS MB':>7}  "
+        "95% intervals (paired bootstrap over windows): ppl change, KL"
+    )
     for name, m, run in rows:
         rep = run["report"]
         alloc = rep.get("allocation", {}).get("timings", {}).get("total")
         print(
             f"{name:18} {rep['size']['quantized_bits_per_weight']:7.3f} {m['perplexity']:8.3f} "
             f"{(m['perplexity'] / base_ppl - 1) * 100:+7.1f}% {m['kl_divergence']:8.4f} "
-            f"{'' if alloc is None else f'{alloc:.1f}':>8} {run['wall_s']:7.1f} {rep['peak_rss_mb']:7.0f}"
+            f"{'' if alloc is None else f'{alloc:.1f}':>8} {run['wall_s']:7.1f} {rep['peak_rss_mb']:7.0f}  "
+            f"{interval_text(m['windows'])}"
         )
     if peer:
         for b in peer["budgets"]:

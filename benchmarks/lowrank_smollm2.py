@@ -69,6 +69,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     import compressor
+    from compressor.eval.bootstrap import difference_interval, excludes_zero, interval_text
     from compressor.eval.metrics import evaluate_windows, text_windows
     from compressor.models.loading import load_model
 
@@ -111,17 +112,22 @@ def main() -> None:
     base_ppl = rows[0]["base_perplexity"]
     print("\nSmolLM2-135M-Instruct, W4 g128 sym GPTQ (act-order), 128 x 512 calibration tokens (calibration_data/)")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid; base perplexity {base_ppl:.3f}")
-    print(f"{'config':20} {'bits/w':>7} {'ppl':>8} {'vs base':>8} {'KL':>8} {'top1':>7} {'wall s':>7}")
+    print(
+        f"{'config':20} {'bits/w':>7} {'ppl':>8} {'vs base':>8} {'KL':>8} {'top1':>7} {'wall s':>7}  "
+        "95% intervals (paired bootstrap over windows): ppl change, KL"
+    )
     for r in rows:
         print(
             f"{r['name']:20} {r['bits']:7.3f} {r['perplexity']:8.3f} {(r['perplexity'] / base_ppl - 1) * 100:+7.1f}% "
-            f"{r['kl_divergence']:8.4f} {r['top1_agreement']:7.2%} {r['wall_s']:7.1f}"
+            f"{r['kl_divergence']:8.4f} {r['top1_agreement']:7.2%} {r['wall_s']:7.1f}  {interval_text(r['windows'])}"
         )
     kl0 = rows[0]["kl_divergence"]
     for r in rows[1:]:
+        dkl = difference_interval(r["windows"]["kl_divergence"], rows[0]["windows"]["kl_divergence"])
         print(
             f"{r['name']}: KL {r['kl_divergence'] / kl0:.2f}x the baseline's "
-            f"at +{r['bits'] - rows[0]['bits']:.2f} bits/w"
+            f"at +{r['bits'] - rows[0]['bits']:.2f} bits/w (KL difference 95% [{dkl[0]:+.4f}, {dkl[1]:+.4f}]"
+            f"{', separated' if excludes_zero(dkl) else ', not separated'})"
         )
     print("command: python benchmarks/lowrank_smollm2.py " + " ".join(sys.argv[1:]))
 

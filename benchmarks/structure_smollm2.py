@@ -27,22 +27,25 @@ METHODS = "random,bi,angular-contiguous,greedy,greedy-kl,fusion,fusion-laco,fusi
 
 
 class CachedBase:
-    """Stands in for the base model inside evaluate_windows: its logits per evaluation batch, computed once
-    (float16, to halve the memory) instead of once per method."""
+    """Stands in for the base model inside evaluate_windows: its logits per evaluation window, computed once
+    (float16, to halve the memory) instead of once per method. Not a module, so evaluate_windows asks it for whole
+    windows (one or a batch): each is looked up by its tokens."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int):
         self.logits = {}
         with torch.inference_mode():
             for i in range(0, windows.shape[0], batch_size):
                 ids = windows[i : i + batch_size]
-                self.logits[self._key(ids)] = model(input_ids=ids, use_cache=False).logits.to(torch.float16)
+                logits = model(input_ids=ids, use_cache=False).logits.to(torch.float16)
+                for row, window in zip(logits, ids):
+                    self.logits[self._key(window)] = row
 
     @staticmethod
     def _key(ids: torch.Tensor) -> bytes:
         return ids.numpy().tobytes()
 
     def __call__(self, input_ids: torch.Tensor, **kwargs) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.logits[self._key(input_ids)].float())
+        return SimpleNamespace(logits=torch.stack([self.logits[self._key(w)] for w in input_ids]).float())
 
 
 def configs(count: int, samples: int, measure: int) -> dict:
@@ -74,6 +77,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from compressor.calibration.data import read_texts, sample_windows
+    from compressor.eval.bootstrap import interval_text
     from compressor.eval.metrics import evaluate_windows, text_windows
     from compressor.models.loading import load_model
     from compressor.recipe import CalibrationConfig
@@ -116,12 +120,13 @@ def main() -> None:
     print(f"calibration: {args.samples} x 512 tokens of calibration_data/ ({args.measure_samples} for measured ones)")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid; base ppl {base_ppl:.3f}; {args.threads} threads")
     header = f"{'method':20} {'ppl':>9} {'vs base':>8} {'KL':>8} {'KL/BI':>6} {'top1':>7} {'wall s':>7} {'cpu s':>7}"
-    print(header + "  blocks")
+    print(header + "  95% intervals (paired bootstrap over windows): ppl change, KL  |  blocks")
     for method, m, seconds, cpu, detail in rows:
         ratio = m["kl_divergence"] / ref[1]["kl_divergence"] if ref else float("nan")
         print(
             f"{method:20} {m['perplexity']:9.3f} {(m['perplexity'] / base_ppl - 1) * 100:+7.1f}% "
-            f"{m['kl_divergence']:8.4f} {ratio:6.2f} {m['top1_agreement']:7.2%} {seconds:7.1f} {cpu:7.1f}  {detail}"
+            f"{m['kl_divergence']:8.4f} {ratio:6.2f} {m['top1_agreement']:7.2%} {seconds:7.1f} {cpu:7.1f}  "
+            f"{interval_text(m['windows'])}  |  {detail}"
         )
     print(
         f"command: python benchmarks/structure_smollm2.py --count {args.count} --max-windows {args.max_windows} "

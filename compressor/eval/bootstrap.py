@@ -80,3 +80,16 @@ def report_intervals(windows: dict[str, list[float]], seed: int = 0) -> dict:
         if values and len(values) > 1:
             out[key] = mean_interval(values, seed=seed)
     return out if len(out) > 4 else {}
+
+
+def interval_text(windows: dict[str, list[float]], seed: int = 0) -> str:
+    """One table cell's worth: the 95% intervals of the perplexity change and the KL of a run against its base."""
+    ci = report_intervals(windows, seed)
+    parts = []
+    if "perplexity_change" in ci:
+        lo, hi = ci["perplexity_change"]
+        parts.append(f"[{lo * 100:+.1f}, {hi * 100:+.1f}]%")
+    if "kl_divergence" in ci:
+        lo, hi = ci["kl_divergence"]
+        parts.append(f"KL [{lo:.4f}, {hi:.4f}]")
+    return " ".join(parts) or "-"

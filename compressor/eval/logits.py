@@ -63,11 +63,14 @@ def split_head(model) -> SplitHead | None:
     return SplitHead(body, head, getattr(text_config, "final_logit_softcapping", None))
 
 
-def checked_split(model, probe: torch.Tensor, expected: torch.Tensor) -> SplitHead | None:
-    """`split_head(model)` if it gives the model's own logits `expected` on the ids `probe`, else None."""
+def checked_split(model, probe: torch.Tensor, expected: torch.Tensor | None = None) -> SplitHead | None:
+    """`split_head(model)` if it gives the model's own logits `expected` on the ids `probe` (None: computed here,
+    only when there is a split to check), else None."""
     split = split_head(model)
     if split is None:
         return None
+    if expected is None:
+        expected = forward(model, probe).logits
     out = forward(split.body, probe)
     if getattr(out, "last_hidden_state", None) is None:
         return None

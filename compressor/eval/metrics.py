@@ -52,7 +52,7 @@ def evaluate_windows(
     if getattr(out, "logits", None) is None:  # a headless encoder: its hidden states are what it gives
         return result | embedding_similarity(model, windows, base_model, batch_size, quiet)
     split = checked_split(model, probe, out.logits)
-    base_split = checked_split(base_model, probe, forward(base_model, probe).logits) if base_model is not None else None
+    base_split = checked_split(base_model, probe) if base_model is not None else None
     rows = slice_positions(out.logits.shape[-1], windows.shape[1])
     del out
     per_window: dict[str, list[float]] = {}
