@@ -23,6 +23,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# run as a script this folder is sys.path[0], where kernels.py would shadow the `kernels` package transformers probes
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 
 

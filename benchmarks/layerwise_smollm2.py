@@ -28,6 +28,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# run as a script this folder is sys.path[0], where kernels.py would shadow the `kernels` package transformers probes
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 CANDIDATES = ["int2 g64", "int3 g64", "int4 g64", "int8 channel"]
 PEER_BUDGETS = {"w4g64": 4.31, "4.5": 4.5, "3.5": 3.5}  # AutoScheme avg_bits (its accounting)

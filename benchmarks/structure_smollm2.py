@@ -16,12 +16,15 @@ import argparse
 import copy
 import random
 import time
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# run as a script this folder is sys.path[0], where kernels.py would shadow the `kernels` package transformers probes
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 METHODS = "random,bi,angular-contiguous,greedy,greedy-kl,fusion,fusion-laco,fusion-check"
 
