@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import time
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
