@@ -124,14 +124,22 @@ def evaluate(model, base, windows: torch.Tensor, batch_size: int = 4) -> dict:
     """Perplexity of both models, KL(base || model) per position, top-1 agreement (as compressor.eval.metrics)."""
     nll = base_nll = kl = agree = 0.0
     count = 0
+    windows_out: dict[str, list[float]] = {"perplexity": [], "base_perplexity": [], "kl_divergence": []}
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size]
         logp = F.log_softmax(_logits(model, ids), dim=-1)
         base_logp = F.log_softmax(_logits(base, ids), dim=-1)
         target = ids[:, 1:].unsqueeze(-1)
-        nll += -logp[:, :-1].gather(-1, target).sum().item()
-        base_nll += -base_logp[:, :-1].gather(-1, target).sum().item()
-        kl += (base_logp.exp() * (base_logp - logp)).sum().item()
+        token_nll = -logp[:, :-1].gather(-1, target).squeeze(-1)
+        base_token_nll = -base_logp[:, :-1].gather(-1, target).squeeze(-1)
+        token_kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+        nll += token_nll.sum().item()
+        base_nll += base_token_nll.sum().item()
+        kl += token_kl.sum().item()
+        # per window, as compressor.eval.metrics records them (the paired bootstrap intervals resample these)
+        windows_out["perplexity"] += token_nll.mean(-1).exp().tolist()
+        windows_out["base_perplexity"] += base_token_nll.mean(-1).exp().tolist()
+        windows_out["kl_divergence"] += token_kl.mean(-1).tolist()
         agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
         count += ids.shape[0] * (ids.shape[1] - 1)
         print(f"evaluate {min(i + batch_size, windows.shape[0])}/{windows.shape[0]}", flush=True)
@@ -141,4 +149,5 @@ def evaluate(model, base, windows: torch.Tensor, batch_size: int = 4) -> dict:
         "base_ppl": math.exp(base_nll / count),
         "kl": kl / positions,
         "top1_agreement": agree / positions,
+        "windows": windows_out,
     }

@@ -118,15 +118,18 @@ def print_table(rows: list[dict], windows: torch.Tensor, group: int, command: st
     )
     print(f"calibration: {CALIBRATION} as input_ids; eval: {windows.shape[0]} x {windows.shape[1]} tokens of wikitext2")
     print(f"base perplexity: {r0['base_ppl']:.3f}")
+    from compressor.eval.bootstrap import interval_text
+
     print(
         f"{'actorder':8} {'ppl':>8} {'vs base':>8} {'KL':>7} {'top1':>7} {'wall s':>7} {'CPU s':>7} "
-        f"{'RSS MB':>7} {'run s':>6}  evaluated"
+        f"{'RSS MB':>7} {'run s':>6}  evaluated  |  95% intervals (paired bootstrap over windows): ppl change, KL"
     )
     for r in rows:
         print(
             f"{r['actorder']:8} {r['ppl']:8.3f} {(r['ppl'] / r['base_ppl'] - 1) * 100:+7.1f}% {r['kl']:7.4f} "
             f"{r['top1_agreement']:7.2%} {r['quant_seconds']:7.1f} {r['quant_cpu_seconds']:7.1f} "
-            f"{r['peak_rss_mb']:7.0f} {r['worker_seconds']:6.0f}  {r['evaluated']}"
+            f"{r['peak_rss_mb']:7.0f} {r['worker_seconds']:6.0f}  {r['evaluated']}  |  "
+            f"{interval_text(r['windows']) if r.get('windows') else '-'}"
         )
     print("wall s / CPU s: the oneshot call (calibration + GPTQ), CPU over all threads; RSS MB: the worker's peak")
     print("after oneshot (python + torch + model + cached activations); run s: the whole worker (incl. evaluation).")
