@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from compressor.eval.bootstrap import interval_parts
+
 REPORT_VERSION = 2  # 2: `plan` holds every decision of the run (layers, ignore, blocks, awq, dtype)
 
 _PART_LABELS = {
@@ -138,17 +140,7 @@ def _interval_lines(metrics: dict) -> list[str]:
         else:
             where = "no calibration in this run"
         lines.append(f"evaluated on {text['source']} ({where})")
-    ci = metrics.get("intervals") or {}
-    parts = []
-    if "perplexity_change" in ci:
-        lo, hi = ci["perplexity_change"]
-        parts.append(f"perplexity change [{lo * 100:+.2f}%, {hi * 100:+.2f}%]")
-    if "kl_divergence" in ci:
-        lo, hi = ci["kl_divergence"]
-        parts.append(f"KL [{lo:.5f}, {hi:.5f}]")
-    if "embedding_cosine" in ci:
-        lo, hi = ci["embedding_cosine"]
-        parts.append(f"embedding cosine [{lo:.6f}, {hi:.6f}]")
+    parts = interval_parts(metrics.get("intervals") or {}, pct_digits=2, kl_digits=5)
     if parts:
         lines.append(
             f"95% intervals (paired bootstrap over {metrics.get('eval_windows', '?')} windows): " + "; ".join(parts)

@@ -82,14 +82,21 @@ def report_intervals(windows: dict[str, list[float]], seed: int = 0) -> dict:
     return out if len(out) > 4 else {}
 
 
-def interval_text(windows: dict[str, list[float]], seed: int = 0) -> str:
-    """One table cell's worth: the 95% intervals of the perplexity change and the KL of a run against its base."""
-    ci = report_intervals(windows, seed)
+def interval_parts(ci: dict, pct_digits: int = 1, kl_digits: int = 4) -> list[str]:
+    """The intervals of `report_intervals` as text: perplexity change (in %), KL, embedding cosine."""
     parts = []
     if "perplexity_change" in ci:
         lo, hi = ci["perplexity_change"]
-        parts.append(f"[{lo * 100:+.1f}, {hi * 100:+.1f}]%")
+        parts.append(f"perplexity change [{lo * 100:+.{pct_digits}f}%, {hi * 100:+.{pct_digits}f}%]")
     if "kl_divergence" in ci:
         lo, hi = ci["kl_divergence"]
-        parts.append(f"KL [{lo:.4f}, {hi:.4f}]")
-    return " ".join(parts) or "-"
+        parts.append(f"KL [{lo:.{kl_digits}f}, {hi:.{kl_digits}f}]")
+    if "embedding_cosine" in ci:
+        lo, hi = ci["embedding_cosine"]
+        parts.append(f"embedding cosine [{lo:.6f}, {hi:.6f}]")
+    return parts
+
+
+def interval_text(windows: dict[str, list[float]], seed: int = 0) -> str:
+    """One table cell's worth: the 95% intervals of a run against its base, from its per-window figures."""
+    return " ".join(interval_parts(report_intervals(windows, seed))) or "-"
