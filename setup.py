@@ -34,8 +34,13 @@ AVX512_FLAGS = [
 SIMD_QUIET = ["-Wno-maybe-uninitialized"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 ISA_FLAGS = {
+    # one ISA's kernels, split by job (table + activation quantization, int8 activations, float activations)
     "kernels_avx2.cpp": AVX2_FLAGS,
+    "kernels_avx2_q8.cpp": AVX2_FLAGS,
+    "kernels_avx2_f32.cpp": AVX2_FLAGS,
     "kernels_avx512.cpp": AVX512_FLAGS + SIMD_QUIET,
+    "kernels_avx512_q8.cpp": AVX512_FLAGS + SIMD_QUIET,
+    "kernels_avx512_f32.cpp": AVX512_FLAGS + SIMD_QUIET,
     "kernels_amx.cpp": AVX512_FLAGS + SIMD_QUIET + ["-mamx-tile", "-mamx-int8"],
     # dense 16-bit weights: float32 FMAs only (no VNNI, and no bfloat16 dot products, which round activations)
     "kernels_dense_avx2.cpp": AVX2_FLAGS,

@@ -17,7 +17,7 @@
 //            their high bits: the high bit of column 32b + 16w + 4j + r (w < 2, j < 4, r < 4) at bit
 //            8j + int3_high_bit(w, r), i.e. byte j holds the 8 columns whose low bits sit in byte j of the two
 //            low words, placed so that the int8-activation kernels move it next to a column's low bits with
-//            one shift per 4 columns (kernels_avx512.cpp); u = low + 4 * high
+//            one shift per 4 columns (kernels_avx512_q8.cpp); u = low + 4 * high
 //      A word block is the layout's unit along K: block_cols columns in block_words words (kpw columns in one
 //      word, except int3: 32 in 3).
 //   s:  [G][Np] group scales (G groups of `group` columns along K, the last one may be shorter), stored as the

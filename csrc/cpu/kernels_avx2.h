@@ -1,4 +1,4 @@
-// AVX2 helpers the AVX-512 translation unit reuses (an AVX-512 CPU always has AVX2).
+// AVX2 helpers the AVX-512 kernels reuse (an AVX-512 CPU always has AVX2); defined in kernels_avx2_f32.cpp.
 #pragma once
 
 #include "kernels.h"

@@ -1,4 +1,4 @@
-// AVX-512 helpers the AMX translation unit shares with the AVX-512 one (include only from TUs compiled with the
+// AVX-512 helpers the AMX translation unit shares with the AVX-512 ones (include only from TUs compiled with the
 // AVX-512 flags).
 #pragma once
 
