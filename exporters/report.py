@@ -62,6 +62,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(_size_line(size))
     if report.get("allocation"):
         lines.append(_allocation_line(report["allocation"]))
+        if report["allocation"].get("check") or report["allocation"].get("fallback"):
+            lines.append(_allocation_check_line(report["allocation"]))
     if report.get("lowrank"):
         lines.append(_lowrank_line(report, size))
     if report.get("awq"):
@@ -107,6 +109,25 @@ def _allocation_line(alloc: dict) -> str:
         f"allocate_bits ({alloc['method']}): {alloc['used_bits_per_weight']:.3f} of "
         f"{alloc['budget_bits_per_weight']:.3f} bits/weight; " + ", ".join(f"{k} x{v}" for k, v in counts.items())
     )
+
+
+def _allocation_check_line(alloc: dict) -> str:
+    """The sensitivity model's rank correlation on its probes and the fallback's decision, as the run made them."""
+    parts = []
+    check, fallback = alloc.get("check"), alloc.get("fallback")
+    if check:
+        rho = check["rank_correlation"]
+        shown = "undefined" if rho is None else f"{rho:.2f}"
+        verdict = "" if check["passed"] else f", below {check['min_rank_correlation']:g}"
+        parts.append(f"predicted vs measured KL on {len(check['probes'])} probe linears: Spearman {shown}{verdict}")
+    if fallback:
+        best = min(fallback["uniform"].items(), key=lambda kv: kv[1], default=None)
+        if fallback["used"]:
+            parts.append(f"fallback: uniform {best[0]} (held-out KL {best[1]:.4g} < mix {fallback['mix_kl']:.4g})")
+        else:
+            against = f", best uniform {best[0]} {best[1]:.4g}" if best else " (no uniform allocation fits)"
+            parts.append(f"mix kept (held-out KL {fallback['mix_kl']:.4g}{against})")
+    return "allocation check: " + "; ".join(parts)
 
 
 def _lowrank_line(report: dict, size: dict) -> str:

@@ -12,20 +12,27 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocate import cache
+from ..allocate.check import Probe, compare_uniform, fitting_uniform, pick_probes, probe_check
+from ..allocate.error_model import candidates_dequantized, swap_in_data_free, swap_in_gptq
 from ..allocate.fisher import FisherStats, collect_fisher, predicted_kl
+from ..allocate.heldout import HeldOutKL, held_out_rows
 from ..allocate.solver import InfeasibleBudget, solve_exact, solve_greedy, solve_ordering, total
 from ..calibration.engine import resolve_compute_dtype
 from ..errors import RecipeError
-from ..quant.formats import IntFormat, resolve_format
+from ..quant.formats import resolve_format
 from ..schema import AllocateBitsPass, QuantizePass, WeightScheme
 from ..schema.allocate import parse_candidate
 from ..schema.common import parse_size
 from ..state import CompressionState
 from ..structure.metrics import zd_score
-from ..techniques import GptqConfig, RtnConfig, gptq_candidates, quantize_data_free
 from .base import following_quantize, register
 
 log = logging.getLogger(__name__)
+
+
+def _check_settings(cached: dict) -> dict | None:
+    """The settings a cached entry's probe check was measured with (None when it has none)."""
+    return (cached.get("check") or {}).get("settings")
 
 
 @dataclass
@@ -58,8 +65,9 @@ class AllocateBitsRunner:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         lim: list[float] | None = None
+        check: dict | None = None
         if self.cfg.method in ("measured", "search"):
-            values, lim = self._sensitivities(state, quant, names, weights)
+            values, lim, check = self._sensitivities(state, quant, names, weights, linear_costs)
         elif self.cfg.method == "lim":
             values, lim = np.zeros(linear_costs.shape), self._lim_scores(state, quant)
         else:
@@ -76,12 +84,29 @@ class AllocateBitsRunner:
             t = time.perf_counter()
             choice = refine_by_kl(state, units, self.schemes, quant, choice, budget, self.cfg, weights)
             timings["search"] = time.perf_counter() - t
+        fallback = None
+        if self._checks_on:
+            t = time.perf_counter()
+            choice, fallback = self._safe_choice(state, quant, units, choice, budget)
+            timings["fallback"] = time.perf_counter() - t
 
         for n, u in zip(names, units.unit_of):
             state.plan.schemes[n] = self.schemes[int(choice[u])]
         timings["total"] = time.perf_counter() - started
         n_weights = sum(weights[n].numel() for n in names)
-        state.report["allocation"] = self._record(units, choice, lim, budget, n_weights, timings)
+        record = self._record(units, choice, lim, budget, n_weights, timings)
+        if self._checks_on:
+            record.update(check=check, fallback=fallback)
+        state.report["allocation"] = record
+        self._log_summary(state, names, budget / n_weights)
+
+    @property
+    def _checks_on(self) -> bool:
+        """Whether `allocate_bits.check` applies: it is set and the method predicts sensitivities."""
+        return self.cfg.check is not None and self.cfg.method in ("measured", "search")
+
+    def _log_summary(self, state: CompressionState, names: list[str], allowed: float) -> None:
+        """One info line: bits per weight used and allowed, and how many linears took each candidate."""
         counts: dict[str, int] = {}
         for n in names:
             label = self.cfg.candidates[self.schemes.index(state.plan.schemes[n])]
@@ -89,7 +114,7 @@ class AllocateBitsRunner:
         log.info(
             "allocate_bits: %.3f bits/weight of %.3f allowed; %s",
             state.report["allocation"]["used_bits_per_weight"],
-            budget / n_weights,
+            allowed,
             ", ".join(f"{c}: {k}" for c, k in counts.items()),
         )
 
@@ -234,16 +259,31 @@ class AllocateBitsRunner:
     def _error_model(self, quant: QuantizePass) -> str:
         return quant.method if self.cfg.error_model == "auto" else self.cfg.error_model
 
-    def _sensitivities(self, state, quant, names, weights) -> tuple[np.ndarray, list[float]]:
+    def _sensitivities(self, state, quant, names, weights, linear_costs) -> tuple[np.ndarray, list[float], dict | None]:
+        """Predicted KL per (linear, candidate), block LIM scores, and the probe check (None when off), from the
+        cache when it holds them (with a check of the same settings, if one is asked for), else measured."""
         folder = cache.cache_folder(self.cfg.cache_dir)
         key = cache.cache_key(self._cache_parts(state, quant)) if self.cfg.cache else None
+        settings = self._probe_settings()
         hit = cache.load_cached(folder, key) if key else None
-        if hit and hit.get("names") == names:
+        if hit and hit.get("names") == names and (settings is None or _check_settings(hit) == settings):
             log.info("allocate_bits: sensitivities from cache %s", folder / f"{key}.json")
-            return np.array(hit["values"]), hit["lim"]
+            check = {**hit["check"], "cached": True} if settings else None
+            return np.array(hit["values"]), hit["lim"], self._warn_on_rank(check)
+        probes = self._probe_candidates(names, linear_costs) if settings else {}
+        values, lim, kept = self._measure_sensitivities(state, quant, names, weights, probes)
+        check = self._probe_check(state, names, values, probes, kept) if settings else None
+        if key:
+            cache.store(folder, key, {"names": names, "values": values.tolist(), "lim": lim, "check": check})
+        return values, lim, self._warn_on_rank({**check, "cached": False} if check else None)
+
+    def _measure_sensitivities(self, state, quant, names, weights, probes: dict[int, int]):
+        """One Fisher sweep, then each candidate's predicted KL per linear; also keeps the dequantized weight of
+        each probe linear (index -> candidate in `probes`) at its probed candidate."""
         stats = self._sweep(state, quant, backward=True)
         method = self._error_model(quant)
         values = np.zeros((len(names), len(self.schemes)))
+        kept: dict[int, torch.Tensor] = {}
         by_input: dict[str, list[int]] = {}
         for li, name in enumerate(names):
             by_input.setdefault(stats.h_key[name], []).append(li)
@@ -252,33 +292,95 @@ class AllocateBitsRunner:
         ):
             h = stats.h[input_key]
             stacked = torch.cat([weights[names[li]] for li in members])
-            dequantized = self._candidates_dequantized(stacked, h, quant, method)
+            dequantized = candidates_dequantized(stacked, h, self.schemes, quant, method)
             row = 0
             for li in members:
                 w = weights[names[li]]
                 g = stats.g[names[li]].float()  # widened once for all candidates
                 for ci, deq in dequantized.items():
                     values[li, ci] = predicted_kl(g, h, deq[row : row + w.shape[0]] - w)
+                    if probes.get(li) == ci:
+                        kept[li] = deq[row : row + w.shape[0]].clone()
                 row += w.shape[0]
-        if key:
-            cache.store(folder, key, {"names": names, "values": values.tolist(), "lim": stats.lim})
-        return values, stats.lim
+        return values, stats.lim, kept
 
-    def _candidates_dequantized(self, w: torch.Tensor, h: torch.Tensor, quant: QuantizePass, method: str):
-        """Candidate index -> the dequantized weight that candidate's quantizer makes of w (keep: skipped).
+    # ---- checks against measured KL ---------------------------------------------------------------
+    def _probe_settings(self) -> dict | None:
+        """What a cached probe check must have been measured with to serve this run (None: no probe check)."""
+        if not self._checks_on or self.cfg.check.probes == 0:
+            return None
+        return {"probes": self.cfg.check.probes, "samples": self.cfg.check.samples}
 
-        GPTQ candidates are solved together in one stacked column sweep (static groups)."""
-        out: dict[int, torch.Tensor] = {}
-        gptq_jobs: list[tuple[int, IntFormat]] = []
-        for ci, scheme in enumerate(self.schemes):
-            if scheme is None:
-                continue
-            fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
-            if method == "gptq" and isinstance(fmt, IntFormat):
-                gptq_jobs.append((ci, fmt))
-            else:
-                out[ci] = quantize_data_free(w, fmt, RtnConfig.of(quant)).dequantize()
-        if gptq_jobs:
-            solved = gptq_candidates(w, h, [fmt for _, fmt in gptq_jobs], GptqConfig.of(quant))
-            out.update({ci: deq for (ci, _), deq in zip(gptq_jobs, solved)})
-        return out
+    def _probe_candidates(self, names: list[str], linear_costs: np.ndarray) -> dict[int, int]:
+        """Probe linear index -> its cheapest candidate that is not `keep` (chosen before any measurement)."""
+        quantized = [ci for ci, s in enumerate(self.schemes) if s is not None]
+        if not quantized:
+            return {}
+        picks = pick_probes(names, self.cfg.check.probes)
+        return {li: min(quantized, key=lambda ci, li=li: linear_costs[li, ci]) for li in picks}
+
+    def _held_out(self, state: CompressionState, names: list[str]) -> HeldOutKL:
+        model = state.full_model()
+        held = held_out_rows(state.calibration_ids, self.cfg.num_samples, self.cfg.check.samples)
+        return HeldOutKL(model, state.adapter, {n: model.get_submodule(n) for n in names}, held)
+
+    def _overlap(self, state: CompressionState) -> bool:
+        """Whether the check's windows include some of the sensitivity sweep's (too few calibration rows)."""
+        return state.calibration_ids.shape[0] < self.cfg.num_samples + self.cfg.check.samples
+
+    def _probe_check(self, state, names, values, probes: dict[int, int], kept) -> dict:
+        """Each probe's predicted KL against its measured end-to-end KL, and the settings it was measured with."""
+        started, labels = time.perf_counter(), self.cfg.candidates
+        chosen = [Probe(names[li], labels[ci], float(values[li, ci]), kept[li]) for li, ci in probes.items()]
+        with self._held_out(state, [p.name for p in chosen]) as measure:
+            result = probe_check(measure, chosen)
+        return {
+            **result,
+            "overlaps_sensitivity_windows": self._overlap(state),
+            "seconds": round(time.perf_counter() - started, 2),
+            "settings": self._probe_settings(),
+        }
+
+    def _warn_on_rank(self, check: dict | None) -> dict | None:
+        """The check with its verdict against `min_rank_correlation`; one warning line when it fails."""
+        if check is None:
+            return None
+        rho, floor = check["rank_correlation"], self.cfg.check.min_rank_correlation
+        passed = rho is not None and rho >= floor
+        if not passed:
+            shown = "undefined (constant KLs)" if rho is None else f"{rho:.2f}"
+            log.warning(
+                "allocate_bits: predicted sensitivities rank %d probe linears poorly against measured KL "
+                "(Spearman %s < %.2f); the mix may lose to uniform: raise num_samples, use method: search, "
+                "or a uniform recipe (e.g. w4-gptq)",
+                len(check["probes"]),
+                shown,
+                floor,
+            )
+        return {**check, "min_rank_correlation": floor, "passed": passed}
+
+    def _safe_choice(self, state, quant, units: Units, choice: np.ndarray, budget: int):
+        """The mix, or the best uniform allocation that fits the budget where it measures lower held-out KL (the
+        weights of each as the error model makes them: for `gptq`, solved on the sweep's windows)."""
+        labels, method = self.cfg.candidates, self._error_model(quant)
+        uniform = {labels[c]: c for c in fitting_uniform(units.costs, labels, budget)}
+        mix = {n: int(choice[u]) for n, u in zip(units.names, units.unit_of)}
+        with self._held_out(state, units.names) as measure:
+            result = compare_uniform(measure, self._swap_in(state, quant, measure, method), mix, uniform, method)
+        if result["used"] and not self.cfg.check.fallback:
+            log.warning("allocate_bits: %s; keeping the mix (check.fallback: false)", result["reason"])
+            result.update(used=False, reason=result["reason"] + "; kept the mix: check.fallback is false")
+        elif result["used"]:
+            log.warning("allocate_bits: %s; using it instead of the mix", result["reason"])
+            choice = np.full(len(units.unit_names), labels.index(result["candidate"]), dtype=np.int64)
+        return choice, {**result, "overlaps_sensitivity_windows": self._overlap(state)}
+
+    def _swap_in(self, state, quant, measure: HeldOutKL, method: str):
+        """`swap_in(candidate_of)`: makes an allocation's weights as error model `method` does and swaps them into
+        `measure`; `gptq` solves true-sequentially on the sensitivity sweep's windows, as the quantize pass would."""
+        if method != "gptq":
+            return lambda candidate_of: swap_in_data_free(measure, candidate_of, self.schemes, quant)
+        ids, batch = state.calibration_ids[: self.cfg.num_samples], state.recipe.calibration.batch_size
+        chunks = [ids[i : i + batch] for i in range(0, ids.shape[0], batch)]
+        dtype = self._compute_dtype(state)
+        return lambda candidate_of: swap_in_gptq(measure, chunks, candidate_of, self.schemes, quant, dtype)

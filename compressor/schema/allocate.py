@@ -62,6 +62,35 @@ class Budget(Strict):
         return self
 
 
+class AllocationCheck(Strict):
+    """Checks of a `measured` / `search` allocation against end-to-end KL on held-out calibration windows."""
+
+    probes: int = Field(
+        16,
+        ge=0,
+        description="linears (spread over depth and kinds) whose predicted KL at the cheapest candidate is ranked "
+        "against their measured KL; the report gives Spearman's rank correlation. 0: no rank check",
+    )
+    samples: int = Field(
+        4, gt=0, description="held-out calibration windows (after the sweep's num_samples) each KL is measured on"
+    )
+    min_rank_correlation: float = Field(
+        0.5, ge=-1, le=1, description="a rank correlation below this logs a warning naming the remedies"
+    )
+    fallback: bool = Field(
+        True,
+        description="use the best uniform allocation that fits the budget where it measures lower KL than the mix "
+        "(false: the comparison is still measured and reported, the mix kept)",
+    )
+
+    @field_validator("probes")
+    @classmethod
+    def _enough_for_a_ranking(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("a rank correlation needs at least 2 probes (0 skips the rank check)")
+        return v
+
+
 class AllocateBitsPass(Strict):
     """Choose one candidate format per linear (or per block) minimising the predicted KL under a size budget.
 
@@ -94,6 +123,11 @@ class AllocateBitsPass(Strict):
     )
     search_seconds: float = Field(120.0, gt=0, description="method search: wall-time budget of the refinement")
     search_samples: int = Field(4, gt=0, description="method search: held-out calibration samples scoring KL")
+    check: AllocationCheck | None = Field(
+        default_factory=AllocationCheck,
+        description="measured-KL checks of the sensitivity model and the mix (methods measured and search); "
+        "false or null skips them",
+    )
     cache: bool = Field(True, description="cache sensitivities on disk (keyed by model, calibration, candidates)")
     cache_dir: str | None = Field(
         None, description="sensitivity cache folder (default $COMPRESSOR_CACHE_DIR or ~/.cache/compressor)"
@@ -107,6 +141,14 @@ class AllocateBitsPass(Strict):
         if len(set(v)) != len(v):
             raise ValueError("candidates must not repeat")
         return v
+
+    @field_validator("check", mode="before")
+    @classmethod
+    def _switch(cls, v):
+        """`check: false` / `null` turns the checks off, `check: true` takes the defaults."""
+        if v is False:
+            return None
+        return {} if v is True else v
 
     _implied_target: str = PrivateAttr("compressor")  # set by the Recipe from its exports (target: auto)
 

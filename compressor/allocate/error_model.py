@@ -1,0 +1,109 @@
+"""The weights a candidate format makes of a linear under the allocation's error model (`gptq` or `rtn`).
+
+The sensitivity sweep scores every candidate of a linear with `candidates_dequantized` (GPTQ with the sweep's
+input Gram matrix H, or data-free RTN / FP8 scaling). The fallback measures whole allocations (the mix, or one
+candidate everywhere): `swap_in_gptq` makes them as the quantize pass does, block by block with each input group's
+H gathered from the already-quantized linears before it (true-sequential GPTQ); `swap_in_data_free` with RTN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..calibration.engine import capture_block_inputs, return_free_memory, run_block_lockstep
+from ..quant.formats import IntFormat, resolve_format
+from ..schema import QuantizePass, WeightScheme
+from ..techniques import GptqConfig, RtnConfig, gptq_candidates, quantize_data_free
+from .heldout import HeldOutKL, rtn_dequantized
+
+
+def candidates_dequantized(
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    schemes: list[WeightScheme | None],
+    quant: QuantizePass,
+    method: str,
+    only: set[int] | None = None,
+) -> dict[int, torch.Tensor]:
+    """Candidate index -> what that candidate's quantizer makes of w [out, in], dequantized (`keep` skipped, and
+    any index outside `only` when given). GPTQ candidates (h needed) are solved together in one stacked column
+    sweep (static groups)."""
+    out: dict[int, torch.Tensor] = {}
+    gptq_jobs: list[tuple[int, IntFormat]] = []
+    for ci, scheme in enumerate(schemes):
+        if scheme is None or (only is not None and ci not in only):
+            continue
+        fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
+        if method == "gptq" and isinstance(fmt, IntFormat):
+            gptq_jobs.append((ci, fmt))
+        else:
+            out[ci] = quantize_data_free(w, fmt, RtnConfig.of(quant)).dequantize()
+    if gptq_jobs:
+        solved = gptq_candidates(w, h, [fmt for _, fmt in gptq_jobs], GptqConfig.of(quant))
+        out.update({ci: deq for (ci, _), deq in zip(gptq_jobs, solved)})
+    return out
+
+
+def swap_in_data_free(
+    measure: HeldOutKL, candidate_of: Callable[[str], int], schemes: list[WeightScheme | None], quant: QuantizePass
+) -> None:
+    """Swap into `measure` each linear's RTN (or FP8) weight at candidate `candidate_of(linear)` (`keep`: none)."""
+    for name in measure.modules:
+        scheme = schemes[candidate_of(name)]
+        if scheme is not None:
+            measure.swap(name, rtn_dequantized(measure.original(name), scheme, quant))
+
+
+def swap_in_gptq(
+    measure: HeldOutKL,
+    chunks: list[torch.Tensor],
+    candidate_of: Callable[[str], int],
+    schemes: list[WeightScheme | None],
+    quant: QuantizePass,
+    compute_dtype: torch.dtype,
+) -> None:
+    """Swap into `measure` each linear's GPTQ weight at candidate `candidate_of(linear)`, solved as the quantize
+    pass solves (true-sequential, on the calibration `chunks`): block by block, each input group's H gathered from
+    inputs the already-swapped linears produced, its linears of one candidate solved as one stacked matrix.
+
+    Solving with the unquantized model's H instead misjudged a mix on the tiny test llama with one 1000x channel
+    (4x too much KL for the mix, half too little for uniform INT3). `keep` linears stay as they are."""
+    model, adapter = measure.model, measure.adapter
+    blocks = adapter.blocks(model)
+    calls = capture_block_inputs(model, blocks, chunks)
+    calls.cast_floats(compute_dtype)
+    hidden, calls.hidden = calls.hidden, []
+    for i, block in enumerate(blocks):
+        return_free_memory()
+        prefix = adapter.block_prefix(model, i)
+
+        def solved(local: str, prefix=prefix) -> bool:
+            name = f"{prefix}.{local}"
+            return name in measure.modules and schemes[candidate_of(name)] is not None
+
+        groups = [g for g in (tuple(n for n in grp if solved(n)) for grp in adapter.linear_groups) if g]
+
+        def solve(local_names: tuple[str, ...], stat, prefix=prefix) -> None:
+            h, by_candidate = stat.mean(), {}
+            for local in local_names:
+                by_candidate.setdefault(candidate_of(f"{prefix}.{local}"), []).append(f"{prefix}.{local}")
+            for ci, names in by_candidate.items():
+                weights = [measure.original(n) for n in names]
+                deq = candidates_dequantized(torch.cat(weights), h, schemes, quant, "gptq", {ci})[ci]
+                for n, piece in zip(names, deq.split([w.shape[0] for w in weights])):
+                    measure.swap(n, piece)
+
+        hidden = run_block_lockstep(
+            block,
+            hidden,
+            calls.args[i],
+            calls.kwargs[i],
+            groups,
+            solve,
+            quant.hessian_token_clip,
+            compute_dtype,
+            consume_inputs=True,
+            track_abs=False,
+        )
