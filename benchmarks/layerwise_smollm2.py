@@ -44,7 +44,7 @@ def quantize_pass(method: str) -> dict:
         "scale_dtype": "float16",
     }
     if method == "gptq":
-        q.update({"act_order": True, "hessian_token_clip": 10.0})
+        q["act_order"] = True
     return q
 
 

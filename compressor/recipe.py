@@ -44,8 +44,8 @@ class CalibrationConfig(Strict):
     batch_size: int = Field(8, gt=0, description="samples per forward chunk during calibration")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="calibration forward dtype: 'auto' = bfloat16 on CUDA or CPUs with AMX/AVX512-BF16, else float32"
-        " (weights, statistics and solves stay float32)",
+        description="calibration forward dtype: 'auto' = bfloat16 on CUDA, float32 on CPU (bfloat16 hidden states "
+        "cost GPTQ quality: issue #32); weights, statistics and solves stay float32",
     )
 
 

@@ -16,8 +16,9 @@ checks that options 1, 4 and 5 do change the result on such layers, so a match i
    (max - min) / (2^b - 1); our zero point is computed as clamp(round(qmin - min / scale)) (the same integer).
 2. part of the "signed" rule: scales are rounded to their storage dtype (`scale_dtype`, float16 by default) before
    any code is chosen, and an all-zero group gets scale 1 (published: float32 scales; the range [-1, 1]).
-3. `clip`: our clip search shrinks the range by 20 factors down to 0.75 keeping the least squared rounding error
-   (published `mse`: the 2.4-norm over 80 factors down to 0.21). The reference implements ours only.
+3. `clip`: our clip search shrinks the range by 20 factors down to 0.75 keeping the least squared rounding error,
+   each column's error weighted by diag(H) (published `mse`: the unweighted 2.4-norm over 80 factors down to
+   0.21). The reference implements ours only.
 4. `dead_first`: channel-wise scales are fitted after the dead inputs' weights (diag H = 0) are zeroed (published:
    before, so a dead input can widen a row's range although its weight never matters).
 5. `current_groups`: dynamic groups are fitted, at the group's first column, to the weights as they are then: the
@@ -61,8 +62,9 @@ from compressor.schema import QuantizePass
 # ---- the reference ------------------------------------------------------------------------------------------
 
 
-def ref_params(x, bits, sym, *, rule="published", scale_dtype="float32", clip=False):
-    """Scale and signed zero point [rows] of the weights x [rows, cols] (published `Quantizer.find_params`)."""
+def ref_params(x, bits, sym, *, rule="published", scale_dtype="float32", clip=False, weight=None):
+    """Scale and signed zero point [rows] of the weights x [rows, cols] (published `Quantizer.find_params`);
+    `weight` [cols]: the clip search's column weights (ours: diag H)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     maxq = qmax - qmin
     xmin = torch.minimum(x.min(1).values, torch.zeros(x.shape[0]))
@@ -86,21 +88,22 @@ def ref_params(x, bits, sym, *, rule="published", scale_dtype="float32", clip=Fa
 
     scale, zero = fit(xmin, xmax)
     if clip:
-        best = ref_error(x, scale, zero, qmin, qmax)
+        best = ref_error(x, scale, zero, qmin, qmax, weight)
         for i in range(1, 21):
             p = 1.0 - 0.25 * i / 20
             scale1, zero1 = fit(xmin * p, xmax * p)
-            err = ref_error(x, scale1, zero1, qmin, qmax)
+            err = ref_error(x, scale1, zero1, qmin, qmax, weight)
             better = err < best
             best = torch.where(better, err, best)
             scale, zero = torch.where(better, scale1, scale), torch.where(better, zero1, zero)
     return scale, zero
 
 
-def ref_error(x, scale, zero, qmin, qmax):
-    """Squared rounding error of each row of x on the grid (scale, zero) [rows]."""
+def ref_error(x, scale, zero, qmin, qmax, weight=None):
+    """Squared rounding error of each row of x on the grid (scale, zero) [rows], columns weighted by `weight`."""
     s, z = scale[:, None], zero[:, None]
-    return ((s * (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) - x) ** 2).sum(1)
+    error = (s * (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) - x) ** 2
+    return (error if weight is None else error * weight).sum(1)
 
 
 def reference_gptq(
@@ -129,15 +132,16 @@ def reference_gptq(
     W, H = W.float().clone(), H.float().clone()
     rows, columns = W.shape
     if group is None and not dead_first:
-        channel = find(W)
+        channel = find(W, weight=torch.diag(H))
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    hdiag = torch.diag(H).clone()  # the clip search's column weights (original order, undamped)
     if group is None and dead_first:
-        channel = find(W)
+        channel = find(W, weight=hdiag)
     groups = []
     if group is not None and static_groups:
-        groups = [find(W[:, i : i + group]) for i in range(0, columns, group)]
+        groups = [find(W[:, i : i + group], weight=hdiag[i : i + group]) for i in range(0, columns, group)]
 
     perm = torch.arange(columns)
     if actorder:
@@ -173,9 +177,9 @@ def reference_gptq(
                         rest = group - inside.shape[1]
                         # (Err1[:, :i] copied contiguous as ours is: a product's rounding depends on the layout)
                         pending = W[:, i2 : i2 + rest] - Err1[:, :i].contiguous() @ Hinv[i1:col, i2 : i2 + rest]
-                        groups.append(find(torch.cat([inside, pending], dim=1)))
+                        groups.append(find(torch.cat([inside, pending], dim=1), weight=hdiag[col : col + group]))
                     else:
-                        groups.append(find(W[:, col : col + group]))
+                        groups.append(find(W[:, col : col + group], weight=hdiag[col : col + group]))
                     scale, zero = groups[-1]
                 w = W1[:, i]
                 d = Hinv1[i, i]

@@ -9,7 +9,7 @@ from compressor.quant.fp8 import fp8_dequantize, fp8_quantize
 from compressor.quant.gptq import gptq_dequantized_many, gptq_quantize
 from compressor.quant.linalg import damped_cholesky_factors
 from compressor.quant.packing import pack_int32, pack_zero_points, unpack_int32, unpack_zero_points
-from compressor.quant.rtn import dequantize, expand_groups, find_qparams, rtn_quantize
+from compressor.quant.rtn import dequantize, expand_groups, find_qparams, quantize_with, rtn_quantize
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -86,6 +86,23 @@ def test_clip_search_never_increases_error():
         codes, _, _ = rtn_quantize(w, fmt, clip_search=clip)
         err[clip] = ((dequantize(codes, s, z, 64) - w) ** 2).sum().item()
     assert err[True] < err[False]
+
+
+def test_weighted_clip_search_minimises_the_weighted_error():
+    """With column weights (GPTQ: diag H), the clip search lowers the weighted rounding error below both the
+    min-max range's and the unweighted search's: loud input channels get a range that suits them."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)
+    weight = torch.rand(256, generator=g) ** 4 * 100  # a few loud input channels
+    fmt = IntFormat(4, 64, True)
+
+    def weighted_error(**kw) -> float:
+        s, z = find_qparams(w, fmt, **kw)
+        return (((dequantize(quantize_with(w, s, z, fmt), s, z, 64) - w) ** 2) * weight).sum().item()
+
+    weighted = weighted_error(clip_search=True, col_weight=weight)
+    assert weighted < weighted_error(clip_search=True)
+    assert weighted < weighted_error(clip_search=False)
 
 
 def _correlated_inputs(n_tokens: int, k: int, seed: int = 0) -> torch.Tensor:

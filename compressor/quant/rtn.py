@@ -82,11 +82,13 @@ def find_qparams(
     clip_search: bool = False,
     grid: int = 20,
     max_shrink: float = 0.75,
+    col_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group scale [N, G] and zero point [N, G] (None if symmetric) for weight w [N, K].
 
     With `clip_search`, each group's range is shrunk by the factor in [max_shrink, 1] that minimises the
-    squared rounding error of that group (MSE-optimal clipping).
+    squared rounding error of that group (MSE-optimal clipping), each column's error weighted by `col_weight` [K]
+    when given (GPTQ passes diag(H), the input's second moment: the diagonal part of the output error).
     """
     w = w.to(torch.float32)
     k = w.shape[1]
@@ -95,11 +97,13 @@ def find_qparams(
     scale, zero = qparams_from_range(wmin, wmax, fmt, scale_dtype)
     if not clip_search:
         return scale, zero
-    best_err = _group_error(w, scale, zero, fmt, group)
+    grouped = torch.nan_to_num(_grouped(w, group), nan=0.0)  # padding: 0, which every grid holds exactly
+    weight = None if col_weight is None else torch.nan_to_num(_grouped(col_weight.float()[None], group), nan=0.0)
+    best_err = _group_error(grouped, scale, zero, fmt, weight)
     for i in range(1, grid + 1):
         p = 1.0 - (1.0 - max_shrink) * i / grid
         s, z = qparams_from_range(wmin * p, wmax * p, fmt, scale_dtype)
-        err = _group_error(w, s, z, fmt, group)
+        err = _group_error(grouped, s, z, fmt, weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
@@ -108,9 +112,20 @@ def find_qparams(
     return scale, zero
 
 
-def _group_error(w, scale, zero, fmt, group) -> torch.Tensor:
-    dq = dequantize(quantize_with(w, scale, zero, fmt), scale, zero, group)
-    return torch.nan_to_num(_grouped((dq - w) ** 2, group), nan=0.0).sum(-1)
+def _group_error(grouped, scale, zero, fmt, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared rounding error per (row, group) [N, G] of the grouped weights [N, G, group] on the grid (scale,
+    zero) [N, G], columns weighted by `weight` [1, G, group] if given. Computed in the grouped view, without
+    expanding the scales to [N, K] (the search runs it 21 times per weight)."""
+    s = scale[..., None]
+    q = torch.round(grouped / s)
+    if zero is not None:
+        q = q.add_(zero[..., None]).clamp_(fmt.qmin, fmt.qmax).sub_(zero[..., None])
+    else:
+        q = q.clamp_(fmt.qmin, fmt.qmax)
+    error = q.mul_(s).sub_(grouped).square_()
+    if weight is not None:
+        error = error.mul_(weight)
+    return error.sum(-1)
 
 
 def rtn_quantize(

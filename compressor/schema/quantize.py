@@ -58,14 +58,19 @@ class QuantizePass(Strict):
         "two >= 16 that divides it (else channel-wise), recorded per layer, so transformers loads the artifact; "
         "'ragged' keeps a short last group (compressor.load only)",
     )
-    clip_search: bool = Field(False, description="MSE-optimal clipping search for scales")
+    clip_search: bool = Field(
+        True,
+        description="shrink each group's range to the factor in [0.75, 1] that minimises its squared rounding error "
+        "(MSE-optimal clipping; GPTQ: of the static-group scales); false: the min-max range",
+    )
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ dampening, fraction of mean(diag(H))")
     gptq_block_size: int = Field(128, gt=0, description="GPTQ lazy-batch update width")
     hessian_token_clip: float | None = Field(
-        10.0,
+        None,
         gt=1,
         description="GPTQ: cap each token's norm at this multiple of the batch median before it enters H "
-        "(tames attention-sink 'massive activation' tokens); null disables",
+        "(tames attention-sink 'massive activation' tokens); null (default) disables: with act-order and MSE "
+        "clipping it costs quality (README, issue #32)",
     )
     act_order: bool = Field(
         True,
