@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from tqdm.auto import tqdm
 
 from .heldout import HeldOutKL
 
@@ -78,19 +79,25 @@ def compare_uniform(
     mix: dict[str, int],
     uniform: dict[str, int],
     weights: str,
+    quiet: bool = True,
 ) -> dict:
     """Measured KL of the mix (linear -> candidate index) and of each uniform allocation (label -> candidate
     index), each made and swapped into `measure` by `swap_in(candidate_of)` (`weights` says how, for the record)
-    one at a time, the originals restored after each; the decision of `choose_safe_allocation` with its reason."""
+    one at a time, the originals restored after each; the decision of `choose_safe_allocation` with its reason.
+    A progress bar (one step per allocation: with GPTQ weights each is a pass over every block) unless `quiet`."""
+    progress = tqdm(total=1 + len(uniform), desc=f"allocation fallback ({weights})", unit="alloc", disable=quiet)
 
-    def of(candidate_of: Callable[[str], int]) -> float:
+    def of(label: str, candidate_of: Callable[[str], int]) -> float:
+        progress.set_postfix_str(label)
         swap_in(candidate_of)
         kl = measure.current_kl()
         measure.restore()
+        progress.update(1)
         return kl
 
-    mix_kl = of(mix.__getitem__)
-    uniform_kls = {label: of(lambda n, c=c: c) for label, c in uniform.items()}
+    with progress:
+        mix_kl = of("mix", mix.__getitem__)
+        uniform_kls = {label: of(label, lambda n, c=c: c) for label, c in uniform.items()}
     pick = choose_safe_allocation(mix_kl, uniform_kls)
     reason = (
         f"uniform '{pick}' measured lower held-out KL ({uniform_kls[pick]:.5g}) than the mix ({mix_kl:.5g})"

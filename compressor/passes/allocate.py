@@ -366,7 +366,8 @@ class AllocateBitsRunner:
         uniform = {labels[c]: c for c in fitting_uniform(units.costs, labels, budget)}
         mix = {n: int(choice[u]) for n, u in zip(units.names, units.unit_of)}
         with self._held_out(state, units.names) as measure:
-            result = compare_uniform(measure, self._swap_in(state, quant, measure, method), mix, uniform, method)
+            swap_in = self._swap_in(state, quant, measure, method)
+            result = compare_uniform(measure, swap_in, mix, uniform, method, quiet=state.quiet)
         if result["used"] and not self.cfg.check.fallback:
             log.warning("allocate_bits: %s; keeping the mix (check.fallback: false)", result["reason"])
             result.update(used=False, reason=result["reason"] + "; kept the mix: check.fallback is false")
