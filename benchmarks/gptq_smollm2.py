@@ -7,7 +7,7 @@ loaded by transformers (compressed-tensors) and evaluated on non-overlapping 512
     python benchmarks/gptq_smollm2.py [--max-windows 0] [--group-size 64] [--work /tmp/bench-gptq]
 
 Methods (`--methods`): `rtn` (min-max range: the textbook baseline the issue #32 targets are stated against),
-`rtn-mse` (RTN with MSE clipping, compressor's default RTN) and `gptq` (compressor's defaults: act-order, MSE
+`rtn-mse` (RTN with unweighted MSE clipping, `clip_search: true`) and `gptq` (compressor's defaults: act-order, MSE
 clipping of the static-group scales, no token clip, float32 calibration on CPU).
 Ablations: --calib-dtype, --damp, --static-groups, --num-samples, --token-clip, --no-act-order, --no-clip-search
 (GPTQ with min-max scales), --calib-source (another calibration text); --tag names the
@@ -83,8 +83,8 @@ def main() -> None:
     ap.add_argument(
         "--methods",
         default="rtn,rtn-mse,gptq",
-        help="rtn: min-max range (the textbook baseline the #32 targets are against); rtn-mse: RTN with MSE clipping "
-        "(compressor's default RTN); gptq",
+        help="rtn: min-max range (the textbook baseline the #32 targets are against); rtn-mse: RTN with "
+        "unweighted MSE clipping (clip_search: true); gptq",
     )
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order (the default uses it)")
     ap.add_argument("--no-clip-search", action="store_true", help="GPTQ with min-max scales (default: MSE clipping)")

@@ -22,7 +22,7 @@ class RtnConfig:
 
     @classmethod
     def of(cls, cfg: QuantizePass) -> RtnConfig:
-        return cls(cfg.scale_dtype, cfg.clip_search)
+        return cls(cfg.scale_dtype, bool(cfg.clip_search))  # null: off for data-free RTN
 
 
 def rtn_weight(w: torch.Tensor, fmt: IntFormat, cfg: RtnConfig) -> QuantizedWeight:

@@ -26,7 +26,8 @@ class GptqConfig:
 
     @classmethod
     def of(cls, cfg: QuantizePass) -> GptqConfig:
-        return cls(RtnConfig.of(cfg), cfg.gptq_block_size, cfg.damp, cfg.act_order, cfg.static_groups)
+        rtn = RtnConfig(cfg.scale_dtype, cfg.clip_search is not False)  # null: on for GPTQ (weighted by diag H)
+        return cls(rtn, cfg.gptq_block_size, cfg.damp, cfg.act_order, cfg.static_groups)
 
 
 def solve_gptq(
