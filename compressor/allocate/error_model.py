@@ -16,7 +16,15 @@ from ..calibration.engine import capture_block_inputs, return_free_memory, run_b
 from ..quant.formats import IntFormat, resolve_format
 from ..schema import QuantizePass, WeightScheme
 from ..techniques import GptqConfig, RtnConfig, gptq_candidates, quantize_data_free
-from .heldout import HeldOutKL, rtn_dequantized
+from .heldout import HeldOutKL
+
+
+def rtn_dequantized(w: torch.Tensor, scheme, quant) -> torch.Tensor:
+    """What RTN (or FP8 scaling) makes of w under `scheme`, dequantized (w itself for a float candidate)."""
+    if scheme is None:
+        return w
+    fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
+    return quantize_data_free(w, fmt, RtnConfig.of(quant)).dequantize()
 
 
 def candidates_dequantized(
@@ -39,7 +47,7 @@ def candidates_dequantized(
         if method == "gptq" and isinstance(fmt, IntFormat):
             gptq_jobs.append((ci, fmt))
         else:
-            out[ci] = quantize_data_free(w, fmt, RtnConfig.of(quant)).dequantize()
+            out[ci] = rtn_dequantized(w, scheme, quant)
     if gptq_jobs:
         solved = gptq_candidates(w, h, [fmt for _, fmt in gptq_jobs], GptqConfig.of(quant))
         out.update({ci: deq for (ci, _), deq in zip(gptq_jobs, solved)})

@@ -13,23 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.formats import resolve_format
-from ..techniques import RtnConfig, quantize_data_free
-
 
 def held_out_rows(ids: torch.Tensor, num_samples: int, samples: int) -> torch.Tensor:
     """`samples` calibration windows after the first `num_samples` (the sweep's); when there are too few rows,
     the last `samples` rows (which then overlap the sweep's)."""
     start = min(num_samples, max(ids.shape[0] - samples, 0))
     return ids[start : start + samples]
-
-
-def rtn_dequantized(w: torch.Tensor, scheme, quant) -> torch.Tensor:
-    """What RTN (or FP8 scaling) makes of w under `scheme`, dequantized (w itself for a float candidate)."""
-    if scheme is None:
-        return w
-    fmt, _ = resolve_format(scheme, w.shape[1], quant.group_policy)
-    return quantize_data_free(w, fmt, RtnConfig.of(quant)).dequantize()
 
 
 class HeldOutKL:

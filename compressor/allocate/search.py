@@ -15,7 +15,8 @@ import time
 import numpy as np
 import torch
 
-from .heldout import HeldOutKL, held_out_rows, rtn_dequantized
+from .error_model import rtn_dequantized
+from .heldout import HeldOutKL, held_out_rows
 
 log = logging.getLogger(__name__)
 
