@@ -4,7 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor.calibration.engine import GramStat, capture_block_inputs, run_block_lockstep, run_block_plain
+from compressor.calibration.engine import (
+    BlockSweep,
+    GramStat,
+    capture_block_inputs,
+    run_block_lockstep,
+    run_block_plain,
+)
 from compressor.models.adapters import adapter_for
 
 
@@ -28,6 +34,28 @@ def test_capture_then_blocks_reproduce_the_model(tiny_model_dir):
         ref = model.model(input_ids=ids, use_cache=False).last_hidden_state
         ours = model.model.norm(torch.cat(hidden))  # last_hidden_state has the final norm applied
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_sweep_runs_every_block_once_and_skipped_blocks_pass_through(tiny_model_dir):
+    """The shared true-sequential driver: solved groups see every token; a block the loop body does not run is
+    forwarded unchanged, so the sweep's last outputs equal the model's (no solve changed a weight)."""
+    model, adapter, chunks, ids, blocks, _ = _setup(tiny_model_dir, "llama")
+    sweep = BlockSweep(model, blocks, chunks, torch.float32, track_abs=False)
+    counts = {}
+    for i, _block in sweep:
+        if i % 2 == 0:
+
+            def count(names, stat, i=i):
+                counts[(i, names)] = stat.count
+
+            sweep.run(adapter.linear_groups, count)
+            with pytest.raises(RuntimeError, match="already run"):
+                sweep.run([], lambda names, stat: None)
+    assert len(counts) == len(range(0, len(blocks), 2)) * len(adapter.linear_groups)
+    assert set(counts.values()) == {6 * 40}
+    with torch.no_grad():
+        ref = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        torch.testing.assert_close(model.model.norm(torch.cat(sweep.hidden)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_lockstep_is_one_forward_with_complete_statistics(tiny_model_dir):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..calibration.engine import capture_block_inputs, return_free_memory, run_block_lockstep
+from ..calibration.engine import BlockSweep
 from ..quant.formats import IntFormat, resolve_format
 from ..schema import QuantizePass, WeightScheme
 from ..techniques import GptqConfig, RtnConfig, gptq_candidates, quantize_data_free
@@ -80,11 +80,8 @@ def swap_in_gptq(
     (4x too much KL for the mix, half too little for uniform INT3). `keep` linears stay as they are."""
     model, adapter = measure.model, measure.adapter
     blocks = adapter.blocks(model)
-    calls = capture_block_inputs(model, blocks, chunks)
-    calls.cast_floats(compute_dtype)
-    hidden, calls.hidden = calls.hidden, []
-    for i, block in enumerate(blocks):
-        return_free_memory()
+    sweep = BlockSweep(model, blocks, chunks, compute_dtype, token_clip=quant.hessian_token_clip, track_abs=False)
+    for i, _block in sweep:
         prefix = adapter.block_prefix(model, i)
 
         def solved(local: str, prefix=prefix) -> bool:
@@ -103,15 +100,4 @@ def swap_in_gptq(
                 for n, piece in zip(names, deq.split([w.shape[0] for w in weights])):
                     measure.swap(n, piece)
 
-        hidden = run_block_lockstep(
-            block,
-            hidden,
-            calls.args[i],
-            calls.kwargs[i],
-            groups,
-            solve,
-            quant.hessian_token_clip,
-            compute_dtype,
-            consume_inputs=True,
-            track_abs=False,
-        )
+        sweep.run(groups, solve)

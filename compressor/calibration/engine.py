@@ -431,6 +431,69 @@ def resolve_compute_dtype(name: str, device: torch.device | None = None) -> torc
     return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
 
 
+class BlockSweep:
+    """Calibration chunks through a model's blocks one block at a time, each block's linear groups solved in
+    lockstep (`run_block_lockstep`) on inputs the already-solved blocks produced: the one true-sequential driver
+    that the quantize pass, the low-rank spectra and the allocation check's GPTQ error model share.
+
+        sweep = BlockSweep(model, blocks, chunks, compute_dtype, token_clip=..., track_abs=...)
+        for i, block in sweep:
+            sweep.run(groups, solve)   # solve the block's groups and move its outputs on to the next block
+
+    The embeddings run once at construction (`capture_block_inputs`); each block's input is dropped as soon as
+    its output exists, so a sweep holds one block's activations. A block the loop body leaves without `run` is
+    forwarded unchanged."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        chunks: Sequence[torch.Tensor],
+        compute_dtype: torch.dtype,
+        *,
+        token_clip: float | None = None,
+        track_abs: bool = True,
+        keep_unclipped: bool = False,
+    ):
+        self.blocks, self.compute_dtype = blocks, compute_dtype
+        self.token_clip, self.track_abs, self.keep_unclipped = token_clip, track_abs, keep_unclipped
+        self.calls = capture_block_inputs(model, blocks, chunks)
+        self.calls.cast_floats(compute_dtype)
+        self.hidden, self.calls.hidden = self.calls.hidden, []
+        self._index, self._ran = -1, True
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        for i, block in enumerate(self.blocks):
+            return_free_memory()
+            self._index, self._ran = i, False
+            yield i, block
+            if not self._ran:
+                self.run([], lambda names, stat: None)
+
+    def run(self, groups: Sequence[tuple[str, ...]], solve: SolveFn) -> None:
+        """Forward the current block on every chunk, solving `groups` (names inside the block) with `solve`."""
+        i = self._index
+        if self._ran:
+            raise RuntimeError(f"block {i} of the sweep was already run")
+        self.hidden = run_block_lockstep(
+            self.blocks[i],
+            self.hidden,
+            self.calls.args[i],
+            self.calls.kwargs[i],
+            groups,
+            solve,
+            self.token_clip,
+            self.compute_dtype,
+            consume_inputs=True,
+            track_abs=self.track_abs,
+            keep_unclipped=self.keep_unclipped,
+        )
+        self._ran = True
+
+
 def run_block_plain(block: nn.Module, hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict]):
     """Forward every chunk through `block` (no statistics)."""
     outs = []

@@ -15,7 +15,7 @@ import math
 
 from tqdm.auto import tqdm
 
-from ..calibration.engine import capture_block_inputs, resolve_compute_dtype, return_free_memory, run_block_lockstep
+from ..calibration.engine import BlockSweep, resolve_compute_dtype
 from ..plan import CompensationRequest
 from ..quant.lowrank import ErrorSpectrum, allocate_ranks, error_spectrum
 from ..schema import LowRankPass, QuantizePass
@@ -74,12 +74,9 @@ class LowRankRunner:
         dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
         chunks = state.calibration_chunks()
         chunks = chunks[: math.ceil(cfg.allocation_samples / state.recipe.calibration.batch_size)]
-        calls = capture_block_inputs(state.model, blocks, chunks)
-        calls.cast_floats(dtype)
-        hidden, calls.hidden = calls.hidden, []
+        sweep = BlockSweep(state.model, blocks, chunks, dtype, token_clip=quant.hessian_token_clip, track_abs=False)
         spectra: dict[str, ErrorSpectrum] = {}
-        for i, block in enumerate(tqdm(blocks, desc="lowrank (error spectra)", unit="block", disable=state.quiet)):
-            return_free_memory()
+        for i, block in tqdm(sweep, desc="lowrank (error spectra)", unit="block", disable=state.quiet):
             prefix = prefixes[i]
             state.load_block(prefix)
             wanted = [
@@ -95,18 +92,7 @@ class LowRankRunner:
                     spectra[f"{prefix}.{n}"] = error_spectrum(error, h, cfg.max_rank, cfg.damp)
                 return None  # the weights stay as they are
 
-            hidden = run_block_lockstep(
-                block,
-                hidden,
-                calls.args[i],
-                calls.kwargs[i],
-                [g for g in wanted if g],
-                solve,
-                quant.hessian_token_clip,
-                dtype,
-                consume_inputs=True,
-                track_abs=False,
-            )
+            sweep.run([g for g in wanted if g], solve)
             if state.loaded.lazy is not None:  # the quantize pass reads the block again
                 state.loaded.lazy.evict_unchanged(f"{prefix}.{n}" for n, _ in block.named_parameters())
         return spectra

@@ -14,13 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.engine import (
-    GramStat,
-    capture_block_inputs,
-    resolve_compute_dtype,
-    return_free_memory,
-    run_block_lockstep,
-)
+from ..calibration.engine import BlockSweep, GramStat, resolve_compute_dtype
 from ..plan import LayerPlan, QuantizedWeight
 from ..quant.formats import Fp8Format, IntFormat, resolve_format
 from ..schema import QuantizePass, WeightScheme
@@ -169,14 +163,18 @@ class QuantizeRunner:
         """Block by block on calibration activations: optional activation-aware scaling, then GPTQ (or RTN)."""
         adapter, cfg = state.adapter, self.cfg
         dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
-        calls = capture_block_inputs(state.model, blocks, state.calibration_chunks())
-        calls.cast_floats(dtype)
-        hidden, calls.hidden = calls.hidden, []
+        sweep = BlockSweep(
+            state.model,
+            blocks,
+            state.calibration_chunks(),
+            dtype,
+            token_clip=cfg.hessian_token_clip,
+            track_abs=cfg.awq,
+            keep_unclipped=cfg.diagnostics,
+        )
         state.evict_outside_blocks()  # embeddings / head are not used again until the sweep is done
         label = cfg.method + ("+awq" if cfg.awq else "")
-        progress = tqdm(total=len(blocks), desc=f"quantize ({label})", unit="block", disable=state.quiet)
-        for i, block in enumerate(blocks):
-            return_free_memory()
+        for i, block in tqdm(sweep, desc=f"quantize ({label})", unit="block", disable=state.quiet):
             state.load_block(prefixes[i])
             groups = [
                 tuple(n for n in g if self.scheme_for(state, f"{prefixes[i]}.{n}") is not None)
@@ -194,22 +192,8 @@ class QuantizeRunner:
                     self._solve_group(state, block, prefix, tuple(members), stat)
                 return divisor
 
-            hidden = run_block_lockstep(
-                block,
-                hidden,
-                calls.args[i],
-                calls.kwargs[i],
-                groups,
-                solve,
-                cfg.hessian_token_clip,
-                dtype,
-                consume_inputs=True,
-                track_abs=cfg.awq,
-                keep_unclipped=cfg.diagnostics,
-            )
+            sweep.run(groups, solve)
             state.release_quantized([f"{prefixes[i]}.{n}" for g in groups for n in g])
-            progress.update(1)
-        progress.close()
 
     def _solve_group(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat) -> None:
         """GPTQ for linears of one format sharing the input statistics `stat` (RTN method, fp8: data-free)."""
