@@ -12,6 +12,10 @@ clipping of the static-group scales, no token clip, float32 calibration on CPU).
 Ablations: --calib-dtype, --damp, --static-groups, --num-samples, --token-clip, --no-act-order, --no-clip-search
 (GPTQ with min-max scales), --calib-source (another calibration text); --tag names the
 variant's artifact folder; --reuse-rtn evaluates RTN once per (group size, windows, clip search) and reuses it.
+
+`--peer` adds llm-compressor 0.14's GPTQ in the same run (`benchmarks/peer_llmcompressor.py`, in its own venv,
+on the same calibration token ids, W4 g{group} symmetric, static act-order) evaluated on the very windows saved
+here, and prints the paired interval of our GPTQ against it (issue #32's third target).
 """
 
 from __future__ import annotations
@@ -75,6 +79,27 @@ def run_compress(method: str, group: int, work: Path, options: dict, calibration
     return out, {"wall_s": wall, "peak_rss_mb": report["peak_rss_mb"], "report": report}
 
 
+def run_peer(windows: torch.Tensor, args, work: Path) -> tuple[str, dict, dict, dict]:
+    """llm-compressor's GPTQ on our calibration ids, evaluated on `windows` (saved for its worker): a table row."""
+    windows_path, out = work / f"eval-windows-{args.max_windows}.pt", work / f"llmc-g{args.group_size}.json"
+    torch.save(windows, windows_path)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "peer_llmcompressor.py"), "--work", args.peer_work]
+    cmd += ["--windows", str(windows_path), "--group-size", str(args.group_size), "--out", str(out)]
+    cmd += ["--threads", str(args.threads)]
+    subprocess.run(cmd, check=True)
+    run = json.loads(out.read_text())["runs"][0]
+    metrics = {
+        "perplexity": run["ppl"],
+        "base_perplexity": run["base_ppl"],
+        "kl_divergence": run["kl"],
+        "top1_agreement": run["top1_agreement"],
+        "windows": run["windows"],
+    }
+    bits = 4 + 16 / args.group_size  # int4 codes + a 16-bit scale per group, as our size accounting
+    timing = {"wall_s": run["quant_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+    return "llmc-gptq", metrics, timing, {"quantized_bits_per_weight": bits}  # its checkpoint MB: peer log
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-windows", type=int, default=0, help="0 (default): the whole file")
@@ -96,6 +121,9 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=128, help="calibration samples of 512 tokens")
     ap.add_argument("--tag", default="", help="suffix of the GPTQ artifact folder / recipe (one per variant)")
     ap.add_argument("--reuse-rtn", action="store_true", help="reuse RTN's cached evaluation when it exists")
+    ap.add_argument("--peer", action="store_true", help="also llm-compressor 0.14's GPTQ on the same windows")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for evaluation and the peer's worker")
+    ap.add_argument("--peer-work", default="/tmp/bench-llmc", help="the peer's venv, checkpoints and logs")
     args = ap.parse_args()
     options = {
         "act_order": not args.no_act_order,
@@ -123,7 +151,7 @@ def main() -> None:
     windows = text_windows(
         base.tokenizer, EVAL_TEXT.read_text(), 512, None if args.max_windows == 0 else args.max_windows
     )
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     for method in args.methods.split(","):
         cache = work / f"{method}-g{args.group_size}-w{args.max_windows}.json"
@@ -139,6 +167,8 @@ def main() -> None:
                 cache.write_text(json.dumps([m, run], default=float))
         rows.append((method, m, run, run["report"]["size"]))
 
+    if args.peer:
+        rows.append(run_peer(windows, args, work))
     base_ppl = rows[0][1]["base_perplexity"]
     print(
         f"\nSmolLM2-135M-Instruct, W4 g{args.group_size} sym, {args.num_samples} x 512 calibration tokens "
@@ -148,6 +178,8 @@ def main() -> None:
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid ({windows.numel()} tokens)")
     print(f"base perplexity: {base_ppl:.3f}")
     print("intervals: paired bootstrap over windows, 95%, 2000 draws, seed 0")
+    if args.peer:
+        print("llmc-gptq: llm-compressor's GPTQ (its venv; wall s = its oneshot call, peak RSS its worker's)")
     print(
         f"{'method':8} {'ppl':>8} {'vs base':>8} {'95% interval':>16} {'KL':>8} {'95% interval':>17} {'top1':>7} "
         f"{'bits/w':>7} {'wall s':>7} {'peak RSS MB':>11}"
@@ -162,7 +194,7 @@ def main() -> None:
             f"{run['wall_s']:7.1f} {run['peak_rss_mb']:11.0f}"
         )
     by = {r[0]: r for r in rows}
-    for baseline in [b for b in ("rtn", "rtn-mse") if b in by and "gptq" in by]:
+    for baseline in [b for b in ("rtn", "rtn-mse", "llmc-gptq") if b in by and "gptq" in by]:
         g, r = by["gptq"][1], by[baseline][1]
         rise = (g["perplexity"] - g["base_perplexity"]) / (r["perplexity"] - r["base_perplexity"])
         dppl = increase_difference_interval(
@@ -170,13 +202,15 @@ def main() -> None:
         )
         dkl = difference_interval(g["windows"]["kl_divergence"], r["windows"]["kl_divergence"])
         verdict = "GPTQ better" if dppl[1] < 0 else f"{baseline} better" if dppl[0] > 0 else "not separated"
+        targets = "(target <= 0.75)" if baseline == "rtn" else ""
         print(
-            f"GPTQ vs {baseline}: perplexity increase ratio {rise:.3f} (target <= 0.75); (ppl_gptq - ppl_rtn) / base "
+            f"GPTQ vs {baseline}: perplexity increase ratio {rise:.3f} {targets}; (ppl_gptq - ppl_{baseline}) / base "
             f"95% [{dppl[0] * 100:+.2f}, {dppl[1] * 100:+.2f}]% ({verdict}); KL ratio "
-            f"{g['kl_divergence'] / r['kl_divergence']:.3f} (target <= 0.65), KL difference 95% "
+            f"{g['kl_divergence'] / r['kl_divergence']:.3f}{' (target <= 0.65)' if targets else ''}, KL difference 95% "
             f"[{dkl[0]:+.4f}, {dkl[1]:+.4f}]{' (separated)' if excludes_zero(dkl) else ''}"
         )
-        print(f"GPTQ/{baseline} wall-time ratio: {by['gptq'][2]['wall_s'] / by[baseline][2]['wall_s']:.2f}")
+        if baseline.startswith("rtn"):
+            print(f"GPTQ/{baseline} wall-time ratio: {by['gptq'][2]['wall_s'] / by[baseline][2]['wall_s']:.2f}")
     print("command: python benchmarks/gptq_smollm2.py " + " ".join(sys.argv[1:]))
 
 
