@@ -35,7 +35,9 @@ def _probe(python: Path, probe: str) -> str | None:
     """The last line `probe` prints in the peer venv when it runs cleanly, else None."""
     if not python.is_file():
         return None
-    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    # from the venv's folder: `python -c` puts the working directory first on sys.path, and benchmarks/kernels.py
+    # would shadow the `kernels` package that transformers probes for
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=python.parent)
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
 
 
