@@ -102,7 +102,41 @@ def test_gram_stat_merges():
     c.add(torch.cat([x1, x2]))
     a.merge(b)
     assert a.count == 17
-    torch.testing.assert_close(a.h, c.h)
+    torch.testing.assert_close(a.mean(), c.mean())
+
+
+def _stat_of(windows: list[torch.Tensor], batch: int, **options) -> GramStat:
+    stat = GramStat(windows[0].shape[-1], **options)
+    for i in range(0, len(windows), batch):
+        stat.add(torch.stack(windows[i : i + batch]))
+    return stat
+
+
+@pytest.mark.parametrize("options", [{}, {"product_dtype": torch.bfloat16}, {"token_clip": 3.0}])
+def test_gram_statistics_do_not_depend_on_batching_sharding_or_merge_order(options):
+    """#28: the float32 statistics solvers read are bit-identical for batch sizes 1/3/8, for 1/2/3 shards merged
+    in any order, with bfloat16 products and with the token clip (its threshold is per window)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 33, 40, generator=g) * torch.logspace(-3, 3, 40)  # channels over six decades
+    x[5, 7] *= 100  # a massive token
+    if options.get("product_dtype") == torch.bfloat16:
+        x = x.bfloat16()
+    windows = list(x.unbind(0))
+    reference = _stat_of(windows, 1, **options)
+    expected = (reference.mean(), reference.mean_abs(), reference.count)
+
+    def same(stat: GramStat) -> bool:
+        return torch.equal(stat.mean(), expected[0]) and torch.equal(stat.mean_abs(), expected[1])
+
+    for batch in (3, 8):
+        assert same(_stat_of(windows, batch, **options)), f"batch size {batch}"
+    for shards in (2, 3):
+        parts = [_stat_of(list(part), 3, **options) for part in x.tensor_split(shards)]
+        for order in (parts, parts[::-1]):
+            merged = GramStat(x.shape[-1], **options)
+            for part in order:
+                merged.merge(part)
+            assert merged.count == expected[2] and same(merged), f"{shards} shards"
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 24), (1, 5, 130)])
@@ -126,7 +160,7 @@ def test_lockstep_solves_run_in_float32_under_a_bfloat16_forward(tiny_model_dir)
 
     def solve(names, stat):
         a = torch.randn(8, 8)
-        seen.append((torch.mm(a, a).dtype, stat.h.dtype))
+        seen.append((torch.mm(a, a).dtype, stat.mean().dtype))
 
     outs = run_block_lockstep(
         blocks[0],

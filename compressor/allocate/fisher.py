@@ -137,7 +137,7 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, gen: torch.Generator, c
 def _normalise(stats: FisherStats, h_stats: dict[str, GramStat]) -> None:
     """The swept sums as per-token means: H from the Gram statistics (float32), G in place (bfloat16)."""
     for k, stat in h_stats.items():
-        stats.h[k] = stat.h / max(stats.tokens, 1)
+        stats.h[k] = (stat.h / max(stats.tokens, 1)).to(torch.float32)
     for k in stats.g:  # one float32 temporary at a time: G stays bfloat16 (half the memory of the sweep's result)
         stats.g[k] = (stats.g[k].float() / max(stats.tokens, 1)).to(torch.bfloat16)
 

@@ -131,10 +131,19 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, chunks: Sequen
 class GramStat:
     """Mergeable input statistics of one linear group: H = sum over tokens of x x^T, and the token count.
 
-    `token_clip` (optional) caps each token's norm at `token_clip` x the median token norm of the batch it
-    arrives in before it enters H. Small LMs put "massive activations" on a few attention-sink tokens (SmolLM2's
-    late down_proj inputs: 47x the median norm); unclipped, those few tokens dominate H and GPTQ trades the
-    error of every ordinary token for them (measured: median-token output error 2x RTN's on SmolLM2 layer 28).
+    Exact merging: the unit of accumulation is one calibration window (a sequence: the leading indices of what
+    `add` gets). Each window's x^T x is one float32 product (float32-accumulated from bfloat16 inputs), and the
+    windows' products are summed in float64, where every float32 term is exact and a sum of a few thousand of them
+    rounds, if at all, 29 bits below float32's precision. So the float32 statistics the solvers read (`mean`,
+    `mean_abs`) do not depend on the batch size, on how windows are split into chunks or shards, or on the order
+    in which partial statistics `merge` (tests/test_engine.py checks bit equality for batch sizes 1/3/8 and
+    1/2/3 shards). The float64 sums take twice the memory of a float32 H.
+
+    `token_clip` (optional) caps each token's norm at `token_clip` x the median token norm of its window before it
+    enters H (a per-window threshold, so it too is the same however windows are batched). Small LMs put "massive
+    activations" on a few attention-sink tokens (SmolLM2's late down_proj inputs: 47x the median norm); unclipped,
+    those few tokens dominate H. Off by default: with act-order and diag(H)-weighted clipping it cost perplexity
+    on SmolLM2 (README, issue #32).
     """
 
     def __init__(
@@ -145,41 +154,46 @@ class GramStat:
         track_abs: bool = True,
         keep_unclipped: bool = False,
     ):
-        self.h = torch.zeros(width, width, dtype=torch.float32)
+        self.h = torch.zeros(width, width, dtype=torch.float64)  # sum over windows of each window's x^T x
         # the Gram matrix before the token clip, kept on request (GPTQ diagnostics) when there is a clip
         self.h_unclipped = torch.zeros_like(self.h) if keep_unclipped and token_clip is not None else None
-        self.abs_sum = torch.zeros(width, dtype=torch.float32)  # per-channel sum |x| (activation-aware scaling)
+        self.abs_sum = torch.zeros(width, dtype=torch.float64)  # per-channel sum |x| (activation-aware scaling)
         self.count = 0
         self.token_clip = token_clip
         self.product_dtype = product_dtype
         self.track_abs = track_abs  # only activation-aware scaling reads abs_sum
 
     def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs [..., width].
+        """Add a batch of inputs [..., tokens, width]: every leading index is one window ([tokens, width]: one).
 
-        With `product_dtype` bfloat16, each batch's x^T x takes bfloat16 inputs and accumulates in float32 straight
-        into H (`blas.add_gram`): 5x faster than a float32 product on AMX, no rounding of the product.
+        With `product_dtype` bfloat16, each window's x^T x takes bfloat16 inputs and accumulates in float32
+        (`blas.add_gram`): 5x faster than a float32 product on AMX, no rounding of the product to bfloat16.
         """
         with torch.autocast(x.device.type, enabled=False):
-            x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)  # bfloat16: no float32 copy of the batch
-            if self.track_abs:  # unclipped: activation-aware scaling sees the channels' real magnitudes
-                self.abs_sum += x.abs().sum(0, dtype=torch.float32)
-            if self.h_unclipped is not None:
-                self._accumulate(self.h_unclipped, x)
-            if self.token_clip is not None and x.shape[0] > 1:
-                x = self._clipped(x)
-            self._accumulate(self.h, x)
-            self.count += x.shape[0]
+            windows = x.reshape(-1, *x.shape[-2:]).to(self.product_dtype)
+            for window in windows:  # bfloat16: no float32 copy of the batch
+                self._add_window(window)
 
-    def _accumulate(self, h: torch.Tensor, x: torch.Tensor) -> None:
-        """h += x^T x."""
+    def _add_window(self, x: torch.Tensor) -> None:
+        if self.track_abs:  # unclipped: activation-aware scaling sees the channels' real magnitudes
+            self.abs_sum += x.abs().sum(0, dtype=torch.float32)
+        if self.h_unclipped is not None:
+            self.h_unclipped += self._gram(x)
+        if self.token_clip is not None and x.shape[0] > 1:
+            x = self._clipped(x)
+        self.h += self._gram(x)
+        self.count += x.shape[0]
+
+    def _gram(self, x: torch.Tensor) -> torch.Tensor:
+        """x^T x of one window, float32."""
         if self.product_dtype == torch.float32:
-            h.addmm_(x.t(), x)
-        else:
-            add_gram(h, x)
+            return torch.mm(x.t(), x)
+        g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+        add_gram(g, x)
+        return g
 
     def _clipped(self, x: torch.Tensor) -> torch.Tensor:
-        """x with every token norm capped at `token_clip` x the batch median (x itself when none exceeds it)."""
+        """x with every token norm capped at `token_clip` x the window's median (x itself when none exceeds it)."""
         ones = torch.ones(x.shape[1], 1, dtype=x.dtype)
         norms = torch.mm(x * x, ones).to(torch.float32).squeeze(1).clamp_min(0).sqrt()  # float32-accumulated |x|
         limit = self.token_clip * norms.median()
@@ -188,6 +202,7 @@ class GramStat:
         return x * torch.clamp(limit / norms.clamp_min(1e-12), max=1.0).to(x.dtype)[:, None]
 
     def merge(self, other: GramStat) -> None:
+        """Add another shard's statistics (any order of merging gives the same float32 results)."""
         self.h += other.h
         if self.h_unclipped is not None:
             self.h_unclipped += other.h_unclipped
@@ -195,23 +210,28 @@ class GramStat:
         self.count += other.count
 
     def mean(self) -> torch.Tensor:
-        return self.h / max(self.count, 1)
+        """H / tokens, float32."""
+        return (self.h / max(self.count, 1)).to(torch.float32)
 
     def mean_unclipped(self) -> torch.Tensor:
         """`mean()` before the token clip (the same when there is no clip; needs `keep_unclipped` when there is)."""
         if self.token_clip is not None and self.h_unclipped is None:
             raise ValueError("GramStat made without keep_unclipped: the unclipped statistics were not kept")
-        return self.mean() if self.h_unclipped is None else self.h_unclipped / max(self.count, 1)
+        if self.h_unclipped is None:
+            return self.mean()
+        return (self.h_unclipped / max(self.count, 1)).to(torch.float32)
 
     def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / max(self.count, 1)
+        """Per-channel mean |x|, float32."""
+        return (self.abs_sum / max(self.count, 1)).to(torch.float32)
 
     def rescale_inputs(self, divisor: torch.Tensor) -> None:
         """The statistics of x / divisor (after an activation-aware scale was folded upstream)."""
-        self.h /= divisor[:, None] * divisor[None, :]
+        d = divisor.to(torch.float64)
+        self.h /= d[:, None] * d[None, :]
         if self.h_unclipped is not None:
-            self.h_unclipped /= divisor[:, None] * divisor[None, :]
-        self.abs_sum /= divisor
+            self.h_unclipped /= d[:, None] * d[None, :]
+        self.abs_sum /= d
 
 
 SolveFn = Callable[[tuple[str, ...], GramStat], "torch.Tensor | None"]

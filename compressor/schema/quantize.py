@@ -70,7 +70,7 @@ class QuantizePass(Strict):
     hessian_token_clip: float | None = Field(
         None,
         gt=1,
-        description="GPTQ: cap each token's norm at this multiple of the batch median before it enters H "
+        description="GPTQ: cap each token's norm at this multiple of its window's median token norm before it enters H "
         "(tames attention-sink 'massive activation' tokens); null (default) disables: with act-order and MSE "
         "clipping it costs quality (README, issue #32)",
     )
