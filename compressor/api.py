@@ -12,6 +12,7 @@ import torch
 
 from .calibration.data import HELDOUT_NAME, read_heldout, read_text_file, read_texts, sample_windows, shared_fraction
 from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
+from .calibration.ranks import init_from_launcher
 from .errors import ArtifactCheckError, ModelError, RecipeError
 from .eval.bootstrap import report_intervals
 from .eval.metrics import evaluate_windows, greedy_sample, text_windows
@@ -185,34 +186,51 @@ def compress(
     User errors raise `CompressorError` (the CLI prints the same message and exits with code 2). The hub token is
     checked before the run; a failed upload leaves the local artifact complete and says how to retry it.
     `trust_remote_code=True` lets the model repository's Python code run (a recipe cannot turn that on by itself).
+
+    Under torch's launcher (`torchrun --nproc-per-node N -m compressor ...`, `compress --nproc N`) every process
+    runs the passes on its share of the calibration windows with statistics reduced across processes; rank 0 alone
+    evaluates, writes the artifact and uploads it (the others return a result without metrics or report).
     """
     from exporters.hub import push_artifact
-    from exporters.report import summary_lines
 
     run = _Run(time.perf_counter())
     limit_malloc_fragmentation()
+    ranks = init_from_launcher()
+    quiet = quiet or not ranks.main  # one set of progress bars: rank 0's
     r, out = _checked_recipe(recipe, model, output, push_to_hub, overwrite, trust_remote_code, overrides)
     torch.manual_seed(r.calibration.seed)
     state, base_params, windows = _load(r, quiet, run)
-    metrics = _compress_and_evaluate(state, windows, quiet, run)
+    state.ranks = ranks
+    metrics = _compress_and_evaluate(state, windows if ranks.main else None, quiet, run)
+    run.processes = ranks.peak_rss_by_rank(peak_rss_mb())
+    if not ranks.main:
+        return CompressionResult(out, state.plan, {}, {}, None)
     report = _report(state, metrics, run)
     _write_artifact(state, out, overwrite, report, base_params, run)
-    for line in summary_lines(report):
-        log.info(line)
-    text = metrics.get("evaluation_text") or {}
-    if text.get("overlaps_calibration"):  # said once the run has succeeded (a failure's message stays one line)
-        log.warning(
-            "the evaluation text %s overlaps the calibration text (%.0f%% of probed snippets found in it): its "
-            "figures flatter calibrated methods; set evaluate.perplexity_text to a text not used for calibration",
-            text["source"],
-            text["calibration_snippets_found"] * 100,
-        )
+    _announce(report, metrics)
     hub_url = None
     if r.hub is not None:
         name = Path(r.model).name if r.model else out.name
         message = f"Upload {name} compressed with compressor {__version__}"
         hub_url = push_artifact(out, r.hub, commit_message=message, quiet=quiet)
     return CompressionResult(out, state.plan, metrics, report, hub_url)
+
+
+def _announce(report: dict, metrics: dict) -> None:
+    """The run's summary lines, and a warning when the evaluation text overlaps the calibration text (said once the
+    run has succeeded: a failure's message stays one line)."""
+    from exporters.report import summary_lines
+
+    for line in summary_lines(report):
+        log.info(line)
+    text = metrics.get("evaluation_text") or {}
+    if text.get("overlaps_calibration"):
+        log.warning(
+            "the evaluation text %s overlaps the calibration text (%.0f%% of probed snippets found in it): its "
+            "figures flatter calibrated methods; set evaluate.perplexity_text to a text not used for calibration",
+            text["source"],
+            text["calibration_snippets_found"] * 100,
+        )
 
 
 @dataclass
@@ -222,6 +240,7 @@ class _Run:
     start: float
     timings: dict[str, float] = field(default_factory=dict)
     pass_timings: list[dict] = field(default_factory=list)
+    processes: list[float] = field(default_factory=list)  # each process's peak RSS (MiB) when the passes ended
     eval_text: dict = field(default_factory=dict)  # metrics.evaluation_text: the text's name, calibration overlap
 
     def timed(self, step: str, since: float) -> None:
@@ -372,5 +391,7 @@ def _write_artifact(state: CompressionState, out: Path, overwrite: bool, report:
         run.timed("total", run.start)
         report["timings"] = {k: round(v, 2) for k, v in run.timings.items()}
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if len(run.processes) > 1:
+            report["processes"] = {"count": len(run.processes), "peak_rss_mb_after_passes": run.processes}
         write_report(report, tmp)
         write_model_card(report, recipe_yaml, tmp)

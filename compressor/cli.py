@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from .commands import exit_on_error, parse_set_options, quiet_client_loggers
+from .commands.launch import launch_workers, launched_by_torchrun
 from .errors import CompressorError
 from .recipe import Recipe
 
@@ -33,14 +35,28 @@ from .recipe import Recipe
     is_flag=True,
     help="Allow Python code from the model's repository to run (a recipe cannot allow it by itself).",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes on this machine (started through torchrun): calibration windows are split across them and their "
+    "statistics reduced; the artifact is the one a single process writes. Several machines: torchrun -m compressor.",
+)
 @click.option("--print-recipe", is_flag=True, help="Print the fully-defaulted recipe and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; warnings only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for every error.")
 @click.pass_context
-def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet, debug):
+def main(
+    ctx, recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, nproc, print_recipe, quiet, debug
+):
     """Compress a Hugging Face model with a recipe and write a compressed-tensors artifact."""
     if ctx.invoked_subcommand is not None:
         return
+    if nproc > 1 and not print_recipe and not launched_by_torchrun():
+        with exit_on_error(debug):  # a bad recipe or output folder: one line here, before any worker starts
+            _precheck(recipe_path, model, output, overwrite, sets, push_to_hub)
+        sys.exit(launch_workers(nproc, sys.argv[1:]))
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # also silences third-party bars (transformers' GGUF conversion)
     logging.basicConfig(
@@ -48,7 +64,30 @@ def main(ctx, recipe_path, model, output, overwrite, sets, push_to_hub, trust_re
     )
     quiet_client_loggers()
     with exit_on_error(debug):
-        _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet)
+        try:
+            _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet)
+        finally:
+            if launched_by_torchrun():
+                from .calibration.ranks import shutdown
+
+                shutdown()
+
+
+def _no_recipe() -> CompressorError:
+    return CompressorError("no recipe given", fix="pass --recipe w4-gptq (`compress recipes` lists the bundled ones)")
+
+
+def _precheck(recipe_path, model, output, overwrite, sets, push_to_hub) -> None:
+    """What a launcher can check before starting workers: the recipe resolves, the output folder may be written."""
+    from exporters.atomic import check_output
+
+    from .recipe import resolve_recipe
+
+    if recipe_path is None:
+        raise _no_recipe()
+    recipe = resolve_recipe(recipe_path, model, output, push_to_hub=push_to_hub, **parse_set_options(sets))
+    if recipe.output:
+        check_output(Path(recipe.output).expanduser(), overwrite)
 
 
 def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet) -> None:
@@ -59,9 +98,7 @@ def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_
         if print_recipe:
             click.echo(Recipe(passes=[{"type": "quantize"}]).to_yaml(), nl=False)
             return
-        raise CompressorError(
-            "no recipe given", fix="pass --recipe w4-gptq (`compress recipes` lists the bundled ones)"
-        )
+        raise _no_recipe()
     recipe = resolve_recipe(recipe_path, model, output, push_to_hub=push_to_hub, **overrides)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
@@ -69,6 +106,8 @@ def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_
     from .api import compress
 
     result = compress(recipe, overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code)
+    if not result.report:  # a worker other than rank 0: rank 0 wrote the artifact
+        return
     click.echo(f"wrote {result.path}")
     if result.hub_url:
         click.echo(f"pushed to {result.hub_url}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibration.ranks import Ranks
 from .models.loading import LoadedModel
 from .plan import Plan
 from .recipe import Recipe
@@ -29,6 +30,7 @@ class CompressionState:
     report: dict = field(default_factory=dict)  # pass-owned sections merged into report.json (e.g. "scores")
     extra_files: dict[str, bytes] = field(default_factory=dict)  # artifact-relative path -> bytes (plots)
     quiet: bool = False
+    ranks: Ranks = field(default_factory=Ranks)  # this process among the run's processes (torch.distributed)
 
     def __post_init__(self) -> None:
         self.plan.dtype = artifact_dtype(self.recipe.dtype, self.loaded)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # top floor first; each floor maps a part's name to the module prefixes it holds
 FLOORS: list[dict[str, tuple[str, ...]]] = [
-    {"cli": ("compressor.cli", "compressor.commands")},
+    {"cli": ("compressor.cli", "compressor.commands", "compressor.__main__")},
     {"api": ("compressor", "compressor.api")},
     # artifact writers read an ArtifactSource (plan + tensors), never the pipeline's state
     {"exporters": ("exporters",), "passes": ("compressor.pipeline", "compressor.passes", "compressor.state")},

@@ -235,6 +235,7 @@ class GramStat:
 
 
 SolveFn = Callable[[tuple[str, ...], GramStat], "torch.Tensor | None"]
+ReduceFn = Callable[[GramStat], None]  # replaces a rank's partial statistics by their sum over ranks
 
 
 def run_block_lockstep(
@@ -249,6 +250,7 @@ def run_block_lockstep(
     consume_inputs: bool = False,
     track_abs: bool = True,
     keep_unclipped: bool = False,
+    reduce: ReduceFn | None = None,
 ) -> list[torch.Tensor]:
     """Forward every chunk through `block` once, solving each linear group when all chunks reached it.
 
@@ -262,10 +264,9 @@ def run_block_lockstep(
     earlier linear), so inputs already computed by waiting chunks are divided by it here. Returns the outputs.
 
     `compute_dtype` bfloat16 runs the block under autocast (matmuls in bfloat16, float32 master weights; solves run
-    with autocast off, so they and the weight write-backs stay float32) and returns bfloat16 outputs; statistics
-    are summed in float32. With `consume_inputs`, each chunk's input is dropped from `hidden` (set to None) once its
-    output exists, so a sweep does not hold every input and every output at once. With `keep_unclipped` the
-    statistics keep their Gram matrix before the token clip too (`GramStat.mean_unclipped`).
+    with autocast off, so they and the weight write-backs stay float32) and returns bfloat16 outputs (statistics:
+    see GramStat). `consume_inputs` drops each chunk's input from `hidden` once its output exists. `keep_unclipped`:
+    see GramStat. `reduce` (distributed runs) sums a group's statistics over ranks before its solve.
 
     The steps:
       1. `_Lockstep` holds the shared state; a forward pre-hook on every linear of every group gathers the chunk's
@@ -276,7 +277,7 @@ def run_block_lockstep(
       4. the hooks go, unfinished greenlets are unwound, and a group no chunk reached is an error.
     """
     n = len(hidden)
-    lockstep = _Lockstep(groups, solve, n, token_clip, compute_dtype, track_abs, keep_unclipped)
+    lockstep = _Lockstep(groups, solve, n, token_clip, compute_dtype, track_abs, keep_unclipped, reduce)
     outputs: list[torch.Tensor | None] = [None] * n
     handles = _register_group_hooks(block, groups, lockstep)
     if compute_dtype != torch.float32:
@@ -311,12 +312,13 @@ class _Lockstep:
         compute_dtype: torch.dtype,
         track_abs: bool,
         keep_unclipped: bool = False,
+        reduce: ReduceFn | None = None,
     ):
         from greenlet import getcurrent
 
         self.groups, self.solve, self.n_chunks = groups, solve, n_chunks
         self.token_clip, self.compute_dtype, self.track_abs = token_clip, compute_dtype, track_abs
-        self.keep_unclipped = keep_unclipped
+        self.keep_unclipped, self.reduce = keep_unclipped, reduce
         self.scheduler = getcurrent()  # the greenlet that runs `_take_turns`
         self.running = 0  # index of the chunk whose greenlet runs now
         self.stats: dict[int, GramStat] = {}
@@ -346,6 +348,8 @@ class _Lockstep:
             self._solve(gi, stat, x.device.type)
 
     def _solve(self, gi: int, stat: GramStat, device_type: str) -> None:
+        if self.reduce is not None:
+            self.reduce(stat)
         with torch.autocast(device_type, enabled=False):  # solves stay float32 under a bf16 forward
             divisor = self.solve(self.groups[gi], stat)
         if divisor is not None:
@@ -462,7 +466,8 @@ class BlockSweep:
 
     The embeddings run once at construction (`capture_block_inputs`); each block's input is dropped as soon as
     its output exists, so a sweep holds one block's activations. A block the loop body leaves without `run` is
-    forwarded unchanged."""
+    forwarded unchanged. In a distributed run `chunks` are this rank's share and `reduce` (`Ranks.reduce_gram`)
+    sums each group's statistics over the ranks before it is solved."""
 
     def __init__(
         self,
@@ -474,8 +479,9 @@ class BlockSweep:
         token_clip: float | None = None,
         track_abs: bool = True,
         keep_unclipped: bool = False,
+        reduce: ReduceFn | None = None,
     ):
-        self.blocks, self.compute_dtype = blocks, compute_dtype
+        self.blocks, self.compute_dtype, self.reduce = blocks, compute_dtype, reduce
         self.token_clip, self.track_abs, self.keep_unclipped = token_clip, track_abs, keep_unclipped
         self.calls = capture_block_inputs(model, blocks, chunks)
         self.calls.cast_floats(compute_dtype)
@@ -510,6 +516,7 @@ class BlockSweep:
             consume_inputs=True,
             track_abs=self.track_abs,
             keep_unclipped=self.keep_unclipped,
+            reduce=self.reduce,
         )
         self._ran = True
 

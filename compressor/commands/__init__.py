@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 import traceback
@@ -38,8 +39,10 @@ def parse_set_options(values: tuple[str, ...]) -> dict:
 
 def _shown(text: str) -> str:
     """`text` as one line (a library's multi-line message is joined), with any hub token masked: a token that
-    reached a message from anywhere never reaches the terminal."""
-    return _HF_TOKEN.sub("hf_***", " ".join(line.strip() for line in text.splitlines() if line.strip()))
+    reached a message from anywhere never reaches the terminal. A worker of a distributed run names its rank."""
+    line = _HF_TOKEN.sub("hf_***", " ".join(line.strip() for line in text.splitlines() if line.strip()))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank {os.environ.get('RANK', '?')}/{world}] {line}" if world > 1 else line
 
 
 @contextlib.contextmanager

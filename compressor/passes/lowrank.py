@@ -74,7 +74,15 @@ class LowRankRunner:
         dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
         chunks = state.calibration_chunks()
         chunks = chunks[: math.ceil(cfg.allocation_samples / state.recipe.calibration.batch_size)]
-        sweep = BlockSweep(state.model, blocks, chunks, dtype, token_clip=quant.hessian_token_clip, track_abs=False)
+        sweep = BlockSweep(
+            state.model,
+            blocks,
+            state.ranks.shard(chunks),
+            dtype,
+            token_clip=quant.hessian_token_clip,
+            track_abs=False,
+            reduce=state.ranks.reduce_gram,
+        )
         spectra: dict[str, ErrorSpectrum] = {}
         for i, block in tqdm(sweep, desc="lowrank (error spectra)", unit="block", disable=state.quiet):
             prefix = prefixes[i]

@@ -166,11 +166,12 @@ class QuantizeRunner:
         sweep = BlockSweep(
             state.model,
             blocks,
-            state.calibration_chunks(),
+            state.ranks.shard(state.calibration_chunks()),
             dtype,
             token_clip=cfg.hessian_token_clip,
             track_abs=cfg.awq,
             keep_unclipped=cfg.diagnostics,
+            reduce=state.ranks.reduce_gram,
         )
         state.evict_outside_blocks()  # embeddings / head are not used again until the sweep is done
         label = cfg.method + ("+awq" if cfg.awq else "")

@@ -1,0 +1,132 @@
+"""The processes of one run (torch.distributed): who this process is, its share of the calibration, and the exact
+reduction of statistics across processes.
+
+A run is distributed when it was started by torch's launcher (`torchrun --nproc-per-node N -m compressor ...` or
+`compress --nproc N`, which starts torchrun): `WORLD_SIZE` > 1 in the environment. gloo on CPU, nccl when CUDA is
+there. Windows are split across ranks in whole calibration chunks (so every chunk's forward is the one a single
+process runs), each rank accumulates its chunks' statistics, and `reduce_gram` adds every rank's partial sums in rank
+order on every rank: with `GramStat`'s exact merging, the statistics, and so the solves and the artifact, are those of
+a one-process run whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CompressorError
+from .engine import GramStat
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 1800  # a collective that waits this long fails (a rank hung or died without torchrun noticing)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the run's processes (rank 0 of 1 when the run is not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the artifact, the report and progress bars."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def shard(self, chunks: Sequence[T], what: str = "calibration") -> list[T]:
+        """This rank's contiguous share of `chunks` (whole chunks: a chunk's forward is the same on any rank)."""
+        if not self.distributed:
+            return list(chunks)
+        if len(chunks) < self.world:
+            raise CompressorError(
+                f"{len(chunks)} {what} chunks cannot be shared by {self.world} processes (each needs at least one)",
+                fix="use fewer processes (--nproc), or more calibration samples or a smaller calibration.batch_size",
+            )
+        lo, hi = self.rank * len(chunks) // self.world, (self.rank + 1) * len(chunks) // self.world
+        return list(chunks[lo:hi])
+
+    def reduce_gram(self, stat: GramStat) -> None:
+        """Replace this rank's partial statistics by the sum over ranks, added in rank order (the same on every
+        rank, and, by GramStat's exact merging, the float32 statistics of one process that saw every window)."""
+        if not self.distributed:
+            return
+        parts = _all_gather(_flat_sums(stat), self.world)
+        total = torch.zeros_like(parts[0])
+        for part in parts:
+            total += part
+        _set_sums(stat, total)
+
+    def peak_rss_by_rank(self, mine: float) -> list[float]:
+        """Every rank's `mine` (its peak RSS, MiB), in rank order; [mine] in a one-process run."""
+        if not self.distributed:
+            return [round(mine, 1)]
+        values = [0.0] * self.world
+        dist.all_gather_object(values, round(mine, 1))
+        return values
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def current() -> Ranks:
+    """The run's ranks: from the initialized process group, else one process."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE set by torch's launcher (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_launcher(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
+    """Join the process group torchrun set up (gloo on CPU, nccl with CUDA); one process: nothing to join."""
+    if launched_world_size() <= 1 or not dist.is_available():
+        return Ranks()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return current()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_gather(tensor: torch.Tensor, world: int) -> list[torch.Tensor]:
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
+
+
+def _flat_sums(stat: GramStat) -> torch.Tensor:
+    """Every float64 sum of `stat` and its token count in one flat tensor (one collective per group)."""
+    pieces = [stat.h.reshape(-1), stat.abs_sum]
+    if stat.h_unclipped is not None:
+        pieces.append(stat.h_unclipped.reshape(-1))
+    pieces.append(torch.tensor([float(stat.count)], dtype=torch.float64))
+    return torch.cat(pieces)
+
+
+def _set_sums(stat: GramStat, flat: torch.Tensor) -> None:
+    d = stat.h.shape[0]
+    stat.h = flat[: d * d].reshape(d, d).clone()
+    stat.abs_sum = flat[d * d : d * d + d].clone()
+    if stat.h_unclipped is not None:
+        stat.h_unclipped = flat[d * d + d : 2 * d * d + d].reshape(d, d).clone()
+    stat.count = int(flat[-1].item())

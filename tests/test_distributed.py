@@ -1,0 +1,102 @@
+"""Distributed runs (#28): `compress --nproc 2` (two gloo processes on loopback, started through torchrun) writes the
+artifact one process writes, byte for byte but for what measures the run itself (timings, memory, tok/s)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compressor.commands.launch import without_nproc
+
+# what one run measures about itself, not about the model (removed before comparing)
+VOLATILE_REPORT_KEYS = {"timings", "peak_rss_mb", "processes", "seconds", "decode_tokens_per_s", "prefill_tokens_per_s"}
+VOLATILE_SUMMARY_LINES = ("- greedy sample:", "- time:", "- peak memory")
+SMALL = [
+    "calibration.num_samples=12",
+    "calibration.seq_len=64",
+    "calibration.batch_size=2",
+    "evaluate.seq_len=64",
+    "evaluate.max_windows=2",
+]
+RECIPES = {
+    "w4-gptq": [],
+    "w4-layerwise": ["passes.0.num_samples=4"],
+    "prune25-w4": ["passes.0.measure_samples=2", "passes.1.measure_samples=2"],
+}
+
+
+def _compress(recipe: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    sets = [arg for s in SMALL + RECIPES[recipe] for arg in ("--set", s)]
+    cmd = [sys.executable, "-m", "compressor", "--recipe", recipe, "--model", str(model), "-o", str(out), "-q"]
+    # one thread per process in both runs; a cache of its own, so each run measures its sensitivities itself
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", COMPRESSOR_CACHE_DIR=str(out) + "-cache")
+    return subprocess.run(cmd + sets + list(extra), capture_output=True, text=True, env=env, timeout=600)
+
+
+def _stable(value):
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in VOLATILE_REPORT_KEYS}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    """Each file's hash; report.json without what the run measures about itself, summaries without those lines."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "report.json":
+            data = json.dumps(_stable(json.loads(data)), sort_keys=True).encode()
+        elif path.suffix == ".md":
+            lines = data.decode().splitlines()
+            data = "\n".join(x for x in lines if not x.lstrip().startswith(VOLATILE_SUMMARY_LINES)).encode()
+        out[str(path.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_two_processes_write_the_one_process_artifact(recipe, tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    one = _compress(recipe, model, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _compress(recipe, model, tmp_path / "two", "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and says so
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["processes"]["count"] == 2 and len(report["processes"]["peak_rss_mb_after_passes"]) == 2
+    a, b = _fingerprint(tmp_path / "one"), _fingerprint(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert [name for name in a if a[name] != b[name]] == []
+
+
+def test_too_few_calibration_chunks_for_the_processes(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    cmd = [sys.executable, "-m", "compressor", "--recipe", "w4-gptq", "--model", str(model), "-o", str(tmp_path / "o")]
+    cmd += ["--set", "calibration.num_samples=2", "--set", "calibration.batch_size=2", "--set", "evaluate=null"]
+    cmd += ["--set", "calibration.seq_len=64"]
+    cmd += ["--nproc", "2", "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert done.returncode != 0
+    assert "[rank 0/2] error: 1 calibration chunks cannot be shared by 2 processes" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_recipe_is_refused_before_any_worker_starts(tmp_path):
+    cmd = [sys.executable, "-m", "compressor", "--recipe", "w4-gptq", "-o", str(tmp_path / "o"), "--nproc", "2"]
+    cmd += ["--set", "calibration.num_samples=-1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "torch.distributed" not in done.stderr
+
+
+def test_nproc_is_taken_off_the_workers_command_line():
+    assert without_nproc(["--recipe", "r", "--nproc", "2", "-q"]) == ["--recipe", "r", "-q"]
+    assert without_nproc(["--nproc=3", "--recipe", "r"]) == ["--recipe", "r"]
