@@ -188,8 +188,9 @@ def compress(
     `trust_remote_code=True` lets the model repository's Python code run (a recipe cannot turn that on by itself).
 
     Under torch's launcher (`torchrun --nproc-per-node N -m compressor ...`, `compress --nproc N`) every process
-    runs the passes on its share of the calibration windows with statistics reduced across processes; rank 0 alone
-    evaluates, writes the artifact and uploads it (the others return a result without metrics or report).
+    runs the passes on its share of the calibration windows with statistics reduced across processes and evaluates
+    its share of the evaluation windows; rank 0 alone takes the greedy samples, writes the artifact and uploads it
+    (the others return a result without report).
     """
     from exporters.hub import push_artifact
 
@@ -201,10 +202,10 @@ def compress(
     torch.manual_seed(r.calibration.seed)
     state, base_params, windows = _load(r, quiet, run)
     state.ranks = ranks
-    metrics = _compress_and_evaluate(state, windows if ranks.main else None, quiet, run)
+    metrics = _compress_and_evaluate(state, windows, quiet, run)
     run.processes = ranks.peak_rss_by_rank(peak_rss_mb())
     if not ranks.main:
-        return CompressionResult(out, state.plan, {}, {}, None)
+        return CompressionResult(out, state.plan, metrics, {}, None)
     report = _report(state, metrics, run)
     _write_artifact(state, out, overwrite, report, base_params, run)
     _announce(report, metrics)
@@ -319,13 +320,21 @@ def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None
         return metrics
     t = time.perf_counter()
     base = loaded.base_model() if r.evaluate.kl else None
+    ranks = state.ranks
     metrics = evaluate_windows(
-        state.artifact_model(), windows, base, r.evaluate.batch_size, causal=loaded.adapter.decoder, quiet=quiet
+        state.artifact_model(),
+        windows,
+        base,
+        r.evaluate.batch_size,
+        causal=loaded.adapter.decoder,
+        quiet=quiet,
+        share=(lambda batches: ranks.shard(batches, allow_empty=True)) if ranks.distributed else None,
+        gather=ranks.gather if ranks.distributed else None,
     )
     metrics["evaluation_text"] = run.eval_text
     if base is not None:
         metrics["intervals"] = report_intervals(metrics.get("windows", {}), seed=r.calibration.seed)
-    if base is not None and _samples(r, loaded):
+    if base is not None and _samples(r, loaded) and ranks.main:
         metrics["base_sample"] = greedy_sample(base, loaded.tokenizer, r.evaluate.prompt, r.evaluate.generate_tokens)
     run.timed("evaluate", t)
     return metrics

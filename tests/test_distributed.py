@@ -22,7 +22,8 @@ SMALL = [
     "calibration.seq_len=64",
     "calibration.batch_size=2",
     "evaluate.seq_len=64",
-    "evaluate.max_windows=2",
+    "evaluate.max_windows=3",  # 3 batches of 1: the 2 processes evaluate 1 and 2 of them
+    "evaluate.batch_size=1",
 ]
 RECIPES = {
     "w4-gptq": [],

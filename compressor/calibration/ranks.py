@@ -43,11 +43,12 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def shard(self, chunks: Sequence[T], what: str = "calibration") -> list[T]:
-        """This rank's contiguous share of `chunks` (whole chunks: a chunk's forward is the same on any rank)."""
+    def shard(self, chunks: Sequence[T], what: str = "calibration", allow_empty: bool = False) -> list[T]:
+        """This rank's contiguous share of `chunks` (whole chunks: a chunk's forward is the same on any rank). A
+        share may be empty only with `allow_empty` (evaluation; a calibration share must reach every solve)."""
         if not self.distributed:
             return list(chunks)
-        if len(chunks) < self.world:
+        if len(chunks) < self.world and not allow_empty:
             raise CompressorError(
                 f"{len(chunks)} {what} chunks cannot be shared by {self.world} processes (each needs at least one)",
                 fix="use fewer processes (--nproc), or more calibration samples or a smaller calibration.batch_size",
@@ -65,6 +66,14 @@ class Ranks:
         for part in parts:
             total += part
         _set_sums(stat, total)
+
+    def gather(self, mine: list) -> list:
+        """Every rank's list (picklable items), concatenated in rank order, on every rank."""
+        if not self.distributed:
+            return list(mine)
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return [item for part in parts for item in part]
 
     def peak_rss_by_rank(self, mine: float) -> list[float]:
         """Every rank's `mine` (its peak RSS, MiB), in rank order; [mine] in a one-process run."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from itertools import repeat
 
 import torch
@@ -35,9 +36,15 @@ def evaluate_windows(
     batch_size: int = 4,
     causal: bool = True,
     quiet: bool = False,
+    share: Callable[[list], list] | None = None,
+    gather: Callable[[list], list] | None = None,
 ) -> dict:
     """Perplexity of `model` (and `base_model`) on the windows, plus KL(base || model) and top-1 agreement; for a
     headless encoder (no logits), the cosine similarity of its embeddings to the base's (`embedding_similarity`).
+
+    Distributed runs pass `share` (this process's part of a list: here the batches) and `gather` (every process's
+    list, concatenated in rank order): each process evaluates its batches, and every window's sums are added in
+    window order, so the figures are those of one process evaluating every window.
 
     KL and top-1 are averaged over every predicted position; perplexity is exp(mean next-token NLL). The same
     figures per window go under "windows" (the report plots them: where the compressed model loses, and how evenly).
@@ -55,16 +62,19 @@ def evaluate_windows(
     base_split = checked_split(base_model, probe) if base_model is not None else None
     rows = slice_positions(out.logits.shape[-1], windows.shape[1])
     del out
-    per_window: dict[str, list[float]] = {}
-    totals = dict.fromkeys(_SUMS, 0.0)
-    for i in tqdm(range(0, windows.shape[0], batch_size), desc="evaluate", unit="batch", disable=quiet):
+    batches = list(range(0, windows.shape[0], batch_size))
+    measured: list[tuple[dict, int]] = []  # each window's sums and length, in window order
+    for i in tqdm(share(batches) if share else batches, desc="evaluate", unit="batch", disable=quiet):
         ids = windows[i : i + batch_size]
         ours = window_logits(model, split, ids)
         theirs = window_logits(base_model, base_split, ids) if base_model is not None else repeat(None)
         for row, mine, base in zip(ids, ours, theirs):
-            sums = _window_sums(mine, base, row[1:] if causal else None, rows, row.numel())
+            measured.append((_window_sums(mine, base, row[1:] if causal else None, rows, row.numel()), row.numel()))
             del mine, base  # the fallback's whole-window logits go before the next window's come
-            _add_window(per_window, totals, sums, row.numel(), base_model is not None, causal)
+    per_window: dict[str, list[float]] = {}
+    totals = dict.fromkeys(_SUMS, 0.0)
+    for sums, length in gather(measured) if gather else measured:
+        _add_window(per_window, totals, sums, length, base_model is not None, causal)
     return result | _totals(totals, windows, per_window, base_model is not None, causal)
 
 
