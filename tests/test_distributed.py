@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,47 @@ def test_a_bad_recipe_is_refused_before_any_worker_starts(tmp_path):
 def test_nproc_is_taken_off_the_workers_command_line():
     assert without_nproc(["--recipe", "r", "--nproc", "2", "-q"]) == ["--recipe", "r", "-q"]
     assert without_nproc(["--nproc=3", "--recipe", "r"]) == ["--recipe", "r"]
+
+
+def _faulty_run(model: Path, out: Path, fault: str, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "compressor", "--recipe", "w4-gptq", "--model", str(model), "-o", str(out), "-q"]
+    cmd += [arg for s in SMALL for arg in ("--set", s)] + ["--nproc", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COMPRESSOR_TEST_FAULT=fault)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+@pytest.mark.parametrize(
+    "fault, says",
+    [
+        ("1:raise", "worker rank 1 of 2 exited with code 1"),
+        ("1:kill", "worker rank 1 of 2 was killed by SIGKILL"),
+        ("0:kill", "worker rank 0 of 2 was killed by SIGKILL"),
+    ],
+)
+def test_a_failed_worker_stops_every_worker(fault, says, tiny_model_dir, tmp_path):
+    """#28 faults: a rank that raises or is SIGKILLed while the others wait in a collective: every worker stops
+    within a bounded time, the exit is non-zero, one line names the rank and the cause, and nothing is written."""
+    start = time.monotonic()
+    run = _faulty_run(tiny_model_dir("llama"), tmp_path / "out", fault)
+    _, err = run.communicate(timeout=240)
+    assert run.returncode != 0
+    assert time.monotonic() - start < 240
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {says}") and "nothing was written" in last, err
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_every_worker_with_130(tiny_model_dir, tmp_path):
+    """Ctrl-C from a terminal reaches the launcher and every worker (one process group): all stop, exit 130."""
+    run = _faulty_run(tiny_model_dir("llama"), tmp_path / "out", "1:sleep", start_new_session=True)
+    time.sleep(12)  # the workers are loading or calibrating (rank 1 sleeps at its first reduction)
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted"), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # nothing of the run is left
+        os.killpg(run.pid, 0)

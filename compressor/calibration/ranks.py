@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -61,6 +63,7 @@ class Ranks:
         rank, and, by GramStat's exact merging, the float32 statistics of one process that saw every window)."""
         if not self.distributed:
             return
+        _injected_fault(self.rank)
         parts = _all_gather(_flat_sums(stat), self.world)
         total = torch.zeros_like(parts[0])
         for part in parts:
@@ -115,6 +118,20 @@ def init_from_launcher(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _injected_fault(rank: int) -> None:
+    """Tests only (tests/test_distributed.py): `COMPRESSOR_TEST_FAULT=RANK:raise|kill|sleep` makes that rank raise,
+    SIGKILL itself or sleep at its first statistics reduction, while the other ranks wait in the collective."""
+    spec = os.environ.get("COMPRESSOR_TEST_FAULT", "")
+    target, _, kind = spec.partition(":")
+    if not spec or int(target) != rank:
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "sleep":  # a rank stuck in its own work (a Ctrl-C arrives meanwhile)
+        time.sleep(300)
+    raise RuntimeError(f"injected fault on rank {rank}")
 
 
 def _all_gather(tensor: torch.Tensor, world: int) -> list[torch.Tensor]:

@@ -45,6 +45,14 @@ def _shown(text: str) -> str:
     return f"[rank {os.environ.get('RANK', '?')}/{world}] {line}" if world > 1 else line
 
 
+def _peer_failure(err: Exception) -> bool:
+    """A distributed collective that failed because another worker went away (torch.distributed / gloo errors)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(err)
+    return type(err).__name__.startswith("Dist") or "gloo" in text or "Connection closed" in text
+
+
 @contextlib.contextmanager
 def exit_on_error(debug: bool, interrupted: str = "interrupted: nothing was written") -> Iterator[None]:
     """One line on stderr and the exit code for every failure: 2 user error, 130 Ctrl-C, 1 internal error."""
@@ -56,11 +64,15 @@ def exit_on_error(debug: bool, interrupted: str = "interrupted: nothing was writ
         click.echo(_shown(f"error: {err}"), err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:  # an UploadInterrupted says what state the upload is in
-        click.echo(_shown(f"interrupted: {err}") if str(err) else interrupted, err=True)
+        if os.environ.get("RANK", "0") == "0":  # a distributed run's interruption is said once
+            click.echo(_shown(f"interrupted: {err}") if str(err) else interrupted, err=True)
         sys.exit(130)
     except Exception as err:  # internal error
         if debug:
             traceback.print_exc()
+        if _peer_failure(err):
+            click.echo(_shown(f"stopped: another worker failed ({type(err).__name__})"), err=True)
+            sys.exit(1)
         click.echo(
             _shown(
                 f"internal error: {type(err).__name__}: {err} (a defect of compressor, not of your input: rerun "
