@@ -147,3 +147,11 @@ def test_ctrl_c_stops_every_worker_with_130(tiny_model_dir, tmp_path):
     time.sleep(1)
     with pytest.raises(ProcessLookupError):  # nothing of the run is left
         os.killpg(run.pid, 0)
+
+
+def test_balanced_owners_give_the_longest_jobs_first_to_the_least_loaded_rank():
+    from compressor.calibration.ranks import balanced_owners
+
+    assert balanced_owners([5, 1, 4, 3, 3], 2) == [0, 1, 1, 1, 0]  # loads 8 and 8
+    assert balanced_owners([2, 2, 2], 1) == [0, 0, 0]
+    assert balanced_owners([1, 1], 3) == [0, 1]

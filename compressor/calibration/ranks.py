@@ -15,7 +15,7 @@ import datetime
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -70,6 +70,21 @@ class Ranks:
             total += part
         _set_sums(stat, total)
 
+    def run_assigned(self, jobs: Sequence[tuple[float, Callable[[], T]]]) -> list[T]:
+        """Each job's result on every rank: jobs are given to ranks by `balanced_owners` on their costs, each
+        rank runs its own, then every result is broadcast from its owner, in job order (pickled: tensors travel
+        bit for bit, so results equal a one-process run's)."""
+        if not self.distributed:
+            return [job() for _, job in jobs]
+        owners = balanced_owners([cost for cost, _ in jobs], self.world)
+        mine = {i: job() for i, ((_, job), owner) in enumerate(zip(jobs, owners)) if owner == self.rank}
+        results = []
+        for i, owner in enumerate(owners):
+            box = [mine.get(i)]
+            dist.broadcast_object_list(box, src=owner)
+            results.append(box[0])
+        return results
+
     def gather(self, mine: list) -> list:
         """Every rank's list (picklable items), concatenated in rank order, on every rank."""
         if not self.distributed:
@@ -89,6 +104,18 @@ class Ranks:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def balanced_owners(costs: Sequence[float], world: int) -> list[int]:
+    """The rank that runs each job: longest job first to the least-loaded rank (ties: the lower job index, the
+    lower rank), so every rank computes the same assignment without talking."""
+    load = [0.0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += costs[i]
+    return owners
 
 
 def current() -> Ranks:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -33,6 +35,23 @@ from ..techniques.awq import InputGroup
 from .base import register
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Solved:
+    """One solve unit's result: the quantized weights (in the unit's order), how they were made, diagnostics."""
+
+    weights: list[QuantizedWeight]
+    note: str | None
+    method: str
+    diagnostics: dict = field(default_factory=dict)
+
+
+def _solve_cost(block: nn.Module, names: tuple[str, ...]) -> float:
+    """A GPTQ solve's cost for balancing ranks, about rows x columns^2 (the column sweep) + columns^3."""
+    numel = sum(block.get_submodule(n).weight.numel() for n in names)
+    width = max(block.get_submodule(names[0]).weight.shape)  # (Conv1D stores its weight transposed)
+    return float(numel * width + width**3)
 
 
 def untie_embeddings(model: nn.Module) -> None:
@@ -189,33 +208,38 @@ class QuantizeRunner:
                 by_scheme: dict[str, list[str]] = {}
                 for n in names:
                     by_scheme.setdefault(self.scheme_for(state, f"{prefix}.{n}").model_dump_json(), []).append(n)
-                for members in by_scheme.values():
-                    self._solve_group(state, block, prefix, tuple(members), stat)
+                units = [tuple(members) for members in by_scheme.values()]
+                solve_unit = partial(self._solve_unit, state, block, prefix)
+                jobs = [(_solve_cost(block, u), partial(solve_unit, u, stat)) for u in units]
+                for unit, solved in zip(units, state.ranks.run_assigned(jobs)):
+                    self._commit_unit(state, block, prefix, unit, stat, solved)
                 return divisor
 
             sweep.run(groups, solve)
             state.release_quantized([f"{prefixes[i]}.{n}" for g in groups for n in g])
 
-    def _solve_group(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat) -> None:
-        """GPTQ for linears of one format sharing the input statistics `stat` (RTN method, fp8: data-free)."""
-        adapter, cfg = state.adapter, self.cfg
+    def _solve_unit(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat) -> _Solved:
+        """The quantized weights of linears of one format sharing the input statistics `stat`: GPTQ (RTN method,
+        fp8: data-free). Computes only (a distributed run gives each unit to one rank and broadcasts the result)."""
         scheme = self.scheme_for(state, f"{prefix}.{names[0]}")
-        modules = [block.get_submodule(n) for n in names]
-        weights = [adapter.get_weight(m) for m in modules]
+        weights = [state.adapter.get_weight(block.get_submodule(n)) for n in names]
         fmt, note = self.layer_format(weights[0].shape[1], scheme)
-        if isinstance(fmt, Fp8Format) or cfg.method == "rtn":
-            for n, m, w in zip(names, modules, weights):
-                qw = self.quantize_data_free(w, fmt)
-                self._commit(state, f"{prefix}.{n}", m, qw, note, "rtn", original=w, h=stat.mean())
-            return
+        if isinstance(fmt, Fp8Format) or self.cfg.method == "rtn":
+            return _Solved([self.quantize_data_free(w, fmt) for w in weights], note, "rtn")
+        if self.cfg.diagnostics:  # report.json `gptq_diagnostics`, per layer
+            solved, facts = solve_gptq_diagnosed(weights, stat.mean(), stat.mean_unclipped(), fmt, self.gptq)
+            return _Solved(solved, note, "gptq", {f"{prefix}.{n}": f for n, f in zip(names, facts)})
+        return _Solved(solve_gptq(weights, stat.mean(), fmt, self.gptq), note, "gptq")
+
+    def _commit_unit(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat, solved: _Solved):
+        """Write a unit's solved weights into the model and the plan (every rank does, with the same result)."""
         h = stat.mean()
-        if cfg.diagnostics:  # report.json `gptq_diagnostics`, per layer
-            solved, facts = solve_gptq_diagnosed(weights, h, stat.mean_unclipped(), fmt, self.gptq)
-            state.report.setdefault("gptq_diagnostics", {}).update({f"{prefix}.{n}": f for n, f in zip(names, facts)})
-        else:
-            solved = solve_gptq(weights, h, fmt, self.gptq)
-        for n, m, w, qw in zip(names, modules, weights, solved):
-            self._commit(state, f"{prefix}.{n}", m, qw, note, "gptq", original=w, h=h)
+        if solved.diagnostics:
+            state.report.setdefault("gptq_diagnostics", {}).update(solved.diagnostics)
+        for n, qw in zip(names, solved.weights):
+            module = block.get_submodule(n)
+            original = state.adapter.get_weight(module)
+            self._commit(state, f"{prefix}.{n}", module, qw, solved.note, solved.method, original=original, h=h)
 
     # ---- activation-aware scaling -----------------------------------------------------------------
     def _activation_scale(self, state, block: nn.Module, prefix: str, names: tuple[str, ...], stat: GramStat):
