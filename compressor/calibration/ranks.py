@@ -70,14 +70,19 @@ class Ranks:
             total += part
         _set_sums(stat, total)
 
-    def run_assigned(self, jobs: Sequence[tuple[float, Callable[[], T]]]) -> list[T]:
+    def run_assigned(
+        self, jobs: Sequence[tuple[float, Callable[[], T]]], progress: Callable[[int], object] | None = None
+    ) -> list[T]:
         """Each job's result on every rank: jobs are given to ranks by `balanced_owners` on their costs, each
         rank runs its own, then every result is broadcast from its owner, in job order (pickled: tensors travel
-        bit for bit, so results equal a one-process run's)."""
+        bit for bit, so results equal a one-process run's). `progress(n)` (a tqdm's update) hears of each job this
+        rank runs, and of the others' jobs once their results arrive."""
+        tick = progress or (lambda n: None)
         if not self.distributed:
-            return [job() for _, job in jobs]
+            return [_ticked(job, tick) for _, job in jobs]
         owners = balanced_owners([cost for cost, _ in jobs], self.world)
-        mine = {i: job() for i, ((_, job), owner) in enumerate(zip(jobs, owners)) if owner == self.rank}
+        mine = {i: _ticked(job, tick) for i, ((_, job), owner) in enumerate(zip(jobs, owners)) if owner == self.rank}
+        tick(len(jobs) - len(mine))
         results = []
         for i, owner in enumerate(owners):
             box = [mine.get(i)]
@@ -104,6 +109,12 @@ class Ranks:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def _ticked(job: Callable[[], T], tick: Callable[[int], object]) -> T:
+    result = job()
+    tick(1)
+    return result
 
 
 def balanced_owners(costs: Sequence[float], world: int) -> list[int]:

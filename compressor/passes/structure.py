@@ -26,7 +26,9 @@ class ScoreRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        table = score_model(state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        table = score_model(
+            state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet, state.ranks
+        )
         state.report["scores"] = table.to_json()
         if self.cfg.plot:
             state.extra_files["scores.png"] = score_plot_png(table)
@@ -39,7 +41,8 @@ class RemoveBlocksRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        units, details = choose_removal(state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        model, ids = state.full_model(), state.calibration_ids
+        units, details = choose_removal(model, state.adapter, ids, self.cfg, state.quiet, state.ranks)
         done = apply_removal(state.full_model(), state.adapter, units)
         log.info("remove_blocks (%s): %s", self.cfg.method, [list(u) for u in units])
         _record(state, {"pass": "remove_blocks", "method": self.cfg.method, "kind": self.cfg.kind, **done, **details})

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 from tqdm.auto import tqdm
 
+from ..calibration.ranks import Ranks
 from .runner import BlockRunner, Unit
 
 log = logging.getLogger(__name__)
@@ -24,8 +26,11 @@ def greedy_remove(
     objective: str = "loss",
     shortlist: int | None = 8,
     quiet: bool = False,
+    ranks: Ranks | None = None,
 ) -> tuple[list[Unit], list[dict]]:
-    """Units to remove, in the order chosen, and a per-step log (unit, loss, kl)."""
+    """Units to remove, in the order chosen, and a per-step log (unit, loss, kl). In a distributed run each
+    round's candidates are shared out among the ranks (`Ranks.run_assigned`)."""
+    ranks = ranks or Ranks()
     removed: list[Unit] = []
     states = runner.inputs()
     base = runner.score(states[-1])
@@ -33,13 +38,13 @@ def greedy_remove(
     steps: list[dict] = []
     progress = tqdm(total=count, desc="remove (greedy)", unit="unit", disable=quiet)
     for _ in range(count):
-        results = []
-        for unit in candidates:
-            if unit in removed or (unit[0], "block") in removed:
-                continue
-            s = runner.score(runner.run(unit[0], states[unit[0]], {*removed, unit}))
-            value = s.loss - base.loss if objective == "loss" else s.kl
-            results.append((value, unit, s))
+        units = [u for u in candidates if u not in removed and (u[0], "block") not in removed]
+
+        def measured(unit: Unit, states=states):
+            return runner.score(runner.run(unit[0], states[unit[0]], {*removed, unit}))
+
+        scores = ranks.run_assigned([(runner.depth - u[0], partial(measured, u)) for u in units])
+        results = [(s.loss - base.loss if objective == "loss" else s.kl, u, s) for u, s in zip(units, scores)]
         if not results:
             break
         results.sort(key=lambda r: (r[0], r[1]))

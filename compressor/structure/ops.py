@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.ranks import Ranks
 from ..errors import RecipeError
 from ..models.adapters import Adapter
 from ..schema.structure import FuseBlocksPass, RemoveBlocksPass, ScorePass
@@ -43,15 +44,19 @@ def _check_decoder(adapter: Adapter, what: str) -> None:
         )
 
 
-def score_model(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: ScorePass, quiet: bool) -> ScoreTable:
-    """Every score the config asks for."""
+def score_model(
+    model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: ScorePass, quiet: bool, ranks: Ranks | None = None
+) -> ScoreTable:
+    """Every score the config asks for (measured ones shared out among `ranks` in a distributed run)."""
     stat_chunks = sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4)
     measure_chunks = sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size) if cfg.measure else None
-    return compute_scores(model, adapter, stat_chunks, measure_chunks, cfg.max_distance, cfg.sublayers, quiet)
+    return compute_scores(model, adapter, stat_chunks, measure_chunks, cfg.max_distance, cfg.sublayers, quiet, ranks)
 
 
 # ---- remove_blocks ------------------------------------------------------------------------------------
-def _metric_scores(model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quiet: bool) -> list[float]:
+def _metric_scores(
+    model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quiet: bool, ranks: Ranks | None = None
+) -> list[float]:
     kind = cfg.kind
     sublayers = kind != "block"
     if metric == "zd":
@@ -65,7 +70,7 @@ def _metric_scores(model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quie
         runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
         from .scores import measured_scores
 
-        _, measured = measured_scores(runner, [(i, kind) for i in range(runner.depth)], quiet)
+        _, measured = measured_scores(runner, [(i, kind) for i in range(runner.depth)], quiet, ranks)
         pick = 0 if metric == "loss" else 1
         return [measured[(i, kind)][pick] for i in range(runner.depth)]
     runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
@@ -77,7 +82,12 @@ def _metric_scores(model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quie
 
 
 def choose_removal(
-    model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, cfg: RemoveBlocksPass, quiet: bool
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor | None,
+    cfg: RemoveBlocksPass,
+    quiet: bool,
+    ranks: Ranks | None = None,
 ) -> tuple[list[Unit], dict]:
     """The units the config removes, and details for the report (scores, greedy steps, window)."""
     depth = len(adapter.blocks(model))
@@ -100,7 +110,7 @@ def choose_removal(
     if cfg.method == "greedy":
         _check_decoder(adapter, cfg.objective)
         runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
-        units, steps = greedy_remove(runner, n, (kind,), cfg.objective, cfg.shortlist, quiet)
+        units, steps = greedy_remove(runner, n, (kind,), cfg.objective, cfg.shortlist, quiet, ranks)
         return units, {"greedy_steps": steps}
     if cfg.method == "contiguous":
         runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
@@ -110,7 +120,7 @@ def choose_removal(
         start = best_window(distances)
         return [(i, "block") for i in range(start, start + n)], {"window_start": start, "distances": distances}
     metric = cfg.method.split(":", 1)[1]
-    values = _metric_scores(model, adapter, ids, cfg, metric, quiet)
+    values = _metric_scores(model, adapter, ids, cfg, metric, quiet, ranks)
     return [(i, kind) for i in least_important(values, n)], {"metric": metric, "scores": values}
 
 

@@ -15,11 +15,13 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.ranks import Ranks
 from ..models.adapters import Adapter
 from .metrics import CosineMean, block_influence, lim_score, zd_score
 from .runner import BlockRunner, Capture, Unit
@@ -114,15 +116,21 @@ def activation_scores(runner: BlockRunner, table: ScoreTable, max_distance: int,
             table.sublayers[kind]["angular"] = [s.angular for s in stats]
 
 
-def measured_scores(runner: BlockRunner, units: Sequence[Unit], quiet: bool = False) -> tuple[float, dict]:
-    """Base loss, and {unit: (loss increase, KL to base)} when each unit alone is skipped."""
+def measured_scores(
+    runner: BlockRunner, units: Sequence[Unit], quiet: bool = False, ranks: Ranks | None = None
+) -> tuple[float, dict]:
+    """Base loss, and {unit: (loss increase, KL to base)} when each unit alone is skipped. In a distributed run
+    the units are shared out among the ranks (`Ranks.run_assigned`)."""
     states = runner.inputs()
     base = runner.score(states[-1])
-    result = {}
-    for unit in tqdm(units, desc="score (skip each)", unit="unit", disable=quiet):
-        s = runner.score(runner.run(unit[0], states[unit[0]], {unit}))
-        result[unit] = (s.loss - base.loss, s.kl)
-    return base.loss, result
+
+    def skipped(unit: Unit):
+        return runner.score(runner.run(unit[0], states[unit[0]], {unit}))
+
+    jobs = [(runner.depth - unit[0], partial(skipped, unit)) for unit in units]  # cost: blocks run
+    with tqdm(total=len(units), desc="score (skip each)", unit="unit", disable=quiet) as bar:
+        scores = (ranks or Ranks()).run_assigned(jobs, bar.update)
+    return base.loss, {unit: (s.loss - base.loss, s.kl) for unit, s in zip(units, scores)}
 
 
 def compute_scores(
@@ -133,6 +141,7 @@ def compute_scores(
     max_distance: int = 8,
     sublayers: bool = True,
     quiet: bool = False,
+    ranks: Ranks | None = None,
 ) -> ScoreTable:
     """Every metric of this module for the model's blocks (measured ones only when `measure_chunks` is given)."""
     stats_runner = BlockRunner(model, adapter, stat_chunks, reference=False)
@@ -149,7 +158,7 @@ def compute_scores(
         table.tokens["measured"] = int(sum(c.numel() for c in measure_chunks))
         kinds = ("block", *SUBLAYERS) if sublayers else ("block",)
         units = [(i, k) for k in kinds for i in range(runner.depth)]
-        base_loss, measured = measured_scores(runner, units, quiet)
+        base_loss, measured = measured_scores(runner, units, quiet, ranks)
         table.base_loss = None if math.isnan(base_loss) else base_loss
         for kind in kinds:
             target = table.blocks if kind == "block" else table.sublayers[kind]
