@@ -6,6 +6,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -279,30 +280,46 @@ class AllocateBitsRunner:
 
     def _measure_sensitivities(self, state, quant, names, weights, probes: dict[int, int]):
         """One Fisher sweep, then each candidate's predicted KL per linear; also keeps the dequantized weight of
-        each probe linear (index -> candidate in `probes`) at its probed candidate."""
+        each probe linear (index -> candidate in `probes`) at its probed candidate. The input groups' candidate
+        solves are shared out among the workers of a distributed run (`Ranks.run_assigned`)."""
         stats = self._sweep(state, quant, backward=True)
         method = self._error_model(quant)
-        values = np.zeros((len(names), len(self.schemes)))
-        kept: dict[int, torch.Tensor] = {}
         by_input: dict[str, list[int]] = {}
         for li, name in enumerate(names):
             by_input.setdefault(stats.h_key[name], []).append(li)
-        for input_key, members in tqdm(
-            by_input.items(), desc="sensitivity (candidates)", unit="group", disable=state.quiet
-        ):
-            h = stats.h[input_key]
-            stacked = torch.cat([weights[names[li]] for li in members])
-            dequantized = candidates_dequantized(stacked, h, self.schemes, quant, method)
-            row = 0
-            for li in members:
-                w = weights[names[li]]
-                g = stats.g[names[li]].float()  # widened once for all candidates
-                for ci, deq in dequantized.items():
-                    values[li, ci] = predicted_kl(g, h, deq[row : row + w.shape[0]] - w)
-                    if probes.get(li) == ci:
-                        kept[li] = deq[row : row + w.shape[0]].clone()
-                row += w.shape[0]
+        groups = list(by_input.items())
+        measure = partial(self._group_sensitivities, stats, names, weights, quant, method, probes)
+        jobs = [
+            (sum(weights[names[li]].numel() for li in m) * weights[names[m[0]]].shape[1], partial(measure, k, m))
+            for k, m in groups
+        ]
+        with tqdm(total=len(jobs), desc="sensitivity (candidates)", unit="group", disable=state.quiet) as bar:
+            results = state.ranks.run_assigned(jobs, bar.update)
+        values = np.zeros((len(names), len(self.schemes)))
+        kept: dict[int, torch.Tensor] = {}
+        for (_, members), (rows, kept_here) in zip(groups, results):
+            values[members] = rows
+            kept.update(kept_here)
         return values, stats.lim, kept
+
+    def _group_sensitivities(self, stats, names, weights, quant, method, probes, input_key: str, members: list[int]):
+        """Predicted KL of every candidate for the linears `members` sharing the input `input_key` (one stacked
+        solve per candidate), and their probe candidates' dequantized weights."""
+        h = stats.h[input_key]
+        stacked = torch.cat([weights[names[li]] for li in members])
+        dequantized = candidates_dequantized(stacked, h, self.schemes, quant, method)
+        rows = np.zeros((len(members), len(self.schemes)))
+        kept: dict[int, torch.Tensor] = {}
+        row = 0
+        for r, li in enumerate(members):
+            w = weights[names[li]]
+            g = stats.g[names[li]].float()  # widened once for all candidates
+            for ci, deq in dequantized.items():
+                rows[r, ci] = predicted_kl(g, h, deq[row : row + w.shape[0]] - w)
+                if probes.get(li) == ci:
+                    kept[li] = deq[row : row + w.shape[0]].clone()
+            row += w.shape[0]
+        return rows, kept
 
     # ---- checks against measured KL ---------------------------------------------------------------
     def _probe_settings(self) -> dict | None:
