@@ -203,7 +203,7 @@ def compress(
     state, base_params, windows = _load(r, quiet, run)
     state.ranks = ranks
     metrics = _compress_and_evaluate(state, windows, quiet, run)
-    run.processes = ranks.peak_rss_by_rank(peak_rss_mb())
+    run.processes = ranks.facts(peak_rss_mb())
     if not ranks.main:
         return CompressionResult(out, state.plan, metrics, {}, None)
     report = _report(state, metrics, run)
@@ -241,7 +241,7 @@ class _Run:
     start: float
     timings: dict[str, float] = field(default_factory=dict)
     pass_timings: list[dict] = field(default_factory=list)
-    processes: list[float] = field(default_factory=list)  # each process's peak RSS (MiB) when the passes ended
+    processes: dict | None = None  # a distributed run's processes: peak RSS and bytes sent by each
     eval_text: dict = field(default_factory=dict)  # metrics.evaluation_text: the text's name, calibration overlap
 
     def timed(self, step: str, since: float) -> None:
@@ -400,7 +400,7 @@ def _write_artifact(state: CompressionState, out: Path, overwrite: bool, report:
         run.timed("total", run.start)
         report["timings"] = {k: round(v, 2) for k, v in run.timings.items()}
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        if len(run.processes) > 1:
-            report["processes"] = {"count": len(run.processes), "peak_rss_mb_after_passes": run.processes}
+        if run.processes:
+            report["processes"] = run.processes
         write_report(report, tmp)
         write_model_card(report, recipe_yaml, tmp)

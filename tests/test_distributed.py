@@ -73,7 +73,9 @@ def test_two_processes_write_the_one_process_artifact(recipe, tiny_model_dir, tm
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and says so
     report = json.loads((tmp_path / "two" / "report.json").read_text())
-    assert report["processes"]["count"] == 2 and len(report["processes"]["peak_rss_mb_after_passes"]) == 2
+    processes = report["processes"]
+    assert processes["count"] == 2 and len(processes["peak_rss_mb_after_passes"]) == 2
+    assert all(sent > 0 for sent in processes["bytes_sent"])  # statistics and evaluation sums went both ways
     a, b = _fingerprint(tmp_path / "one"), _fingerprint(tmp_path / "two")
     assert a.keys() == b.keys()
     assert [name for name in a if a[name] != b[name]] == []
@@ -155,3 +157,27 @@ def test_balanced_owners_give_the_longest_jobs_first_to_the_least_loaded_rank():
     assert balanced_owners([5, 1, 4, 3, 3], 2) == [0, 1, 1, 1, 0]  # loads 8 and 8
     assert balanced_owners([2, 2, 2], 1) == [0, 0, 0]
     assert balanced_owners([1, 1], 3) == [0, 1]
+
+
+def test_factorizations_do_not_depend_on_the_thread_count():
+    """2 processes x 1 thread must write what 1 process x 2 threads writes: LAPACK factorizations split their
+    work by thread count (different last bits), so the solvers run them on one thread."""
+    import torch
+
+    from compressor.quant.linalg import damped_cholesky
+    from compressor.quant.lowrank import whitened_lowrank
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 1280, generator=g) * torch.logspace(-1, 1, 1280)
+    h, e = x.t() @ x / 2048, torch.randn(64, 1280, generator=g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            factor, _ = next(damped_cholesky(h, 0.01, h.diagonal().mean().item()))
+            low = whitened_lowrank(e, h, 8)
+            results.append((factor, low.down, low.up))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

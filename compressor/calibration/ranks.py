@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from ..errors import CompressorError
 from .engine import GramStat
 
 T = TypeVar("T")
+_SENT = [0]  # bytes this process sent to the others (each collective's payload x the peers that receive it)
 DEFAULT_TIMEOUT_S = 1800  # a collective that waits this long fails (a rank hung or died without torchrun noticing)
 
 
@@ -64,7 +66,9 @@ class Ranks:
         if not self.distributed:
             return
         _injected_fault(self.rank)
-        parts = _all_gather(_flat_sums(stat), self.world)
+        mine = _flat_sums(stat)
+        _SENT[0] += mine.numel() * mine.element_size() * (self.world - 1)
+        parts = _all_gather(mine, self.world)
         total = torch.zeros_like(parts[0])
         for part in parts:
             total += part
@@ -84,6 +88,7 @@ class Ranks:
         mine = {i: _ticked(job, tick) for i, ((_, job), owner) in enumerate(zip(jobs, owners)) if owner == self.rank}
         tick(len(jobs) - len(mine))
         results = []
+        _SENT[0] += sum(len(pickle.dumps(result)) for result in mine.values()) * (self.world - 1)
         for i, owner in enumerate(owners):
             box = [mine.get(i)]
             dist.broadcast_object_list(box, src=owner)
@@ -95,16 +100,22 @@ class Ranks:
         if not self.distributed:
             return list(mine)
         parts: list = [None] * self.world
+        _SENT[0] += len(pickle.dumps(mine)) * (self.world - 1)
         dist.all_gather_object(parts, mine)
         return [item for part in parts for item in part]
 
-    def peak_rss_by_rank(self, mine: float) -> list[float]:
-        """Every rank's `mine` (its peak RSS, MiB), in rank order; [mine] in a one-process run."""
+    def facts(self, peak_rss_mb: float) -> dict | None:
+        """report.json `processes` of a distributed run (None otherwise): each rank's peak RSS (MiB) and the bytes
+        it sent to the others (statistics, solved weights, evaluation sums), in rank order."""
         if not self.distributed:
-            return [round(mine, 1)]
-        values = [0.0] * self.world
-        dist.all_gather_object(values, round(mine, 1))
-        return values
+            return None
+        values: list = [None] * self.world
+        dist.all_gather_object(values, (round(peak_rss_mb, 1), _SENT[0]))
+        return {
+            "count": self.world,
+            "peak_rss_mb_after_passes": [rss for rss, _ in values],
+            "bytes_sent": [sent for _, sent in values],
+        }
 
     def barrier(self) -> None:
         if self.distributed:

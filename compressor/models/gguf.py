@@ -54,8 +54,16 @@ def float_checkpoint(gguf_path: Path, quiet: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _convert(gguf_path, tmp, quiet)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        if (target / "complete.json").is_file():  # another process (a worker of the same run) finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete copy a killed run left
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "complete.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to a complete copy: use it
     except (OSError, SafetensorError) as err:  # the GGUF file was read whole before: this is the cache's write
         shutil.rmtree(tmp, ignore_errors=True)
         code = io_errno(err)

@@ -7,7 +7,6 @@ the candidate formats of one weight (`gptq_dequantized_many`): both entry points
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import IntFormat
-from .linalg import damped_cholesky
+from .linalg import damped_cholesky, one_thread
 from .rtn import expand_groups, find_qparams
 
 QParams = tuple[torch.Tensor, torch.Tensor | None]
@@ -36,22 +35,11 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tenso
     the damping added."""
     diag_mean = torch.mean(torch.diag(h)).item()
     for chol, damping in damped_cholesky(h, damp, max(diag_mean, 1e-8)):
-        chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        with one_thread():
+            chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
         if info.item() == 0:
             return chol_inv, damping
     raise RuntimeError("GPTQ: Hessian is not positive definite even after raising dampening")
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The column sweep is thousands of tiny ops: one thread avoids OpenMP hand-offs that dominate them (measured
-    on a busy 2-core machine: 33 s with 2 threads vs 1 s with one for four 192x576 solves)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _prepared(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +248,7 @@ def gptq_quantize(
     grid = _format_grid(w, fmt, perm, static, scale_dtype, clip_search, _clip_weight(h, clip_search))
     codes = torch.empty(k, n, dtype=torch.int8)
     clamped = None if stats is None else torch.zeros(n, dtype=torch.int64)
-    with _one_thread():
+    with one_thread():  # thousands of tiny ops: OpenMP hand-offs would dominate them
         _Sweep(hinv, grid, codes, None, block_size, clamped=clamped).run(w[:, perm])
     if stats is not None:
         stats.damping, stats.clamped = damping, clamped
@@ -335,7 +323,7 @@ def gptq_dequantized_many(
     perm, hinv, _ = _order(h, damp, act_order)
     grid = _stacked_grid(w, fmts, perm, scale_dtype, clip_search, _clip_weight(h, clip_search))
     deq = torch.empty(k, n * len(fmts))
-    with _one_thread():
+    with one_thread():
         _Sweep(hinv, grid, None, deq, block_size, inner=32).run(torch.cat([w] * len(fmts))[:, perm])
     out = deq[torch.argsort(perm)].t()
     return [part.contiguous() for part in out.split(n)]

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block inside on one torch thread. Two uses: LAPACK factorizations (Cholesky, inverse, eigh, SVD, QR,
+    triangular solves), whose results must not depend on how many threads the process has (MKL splits their work by
+    thread count and the last bits differ: torch.linalg.cholesky of a 1280-wide Gram matrix, 1.2e-7 apart with 1 and
+    2 threads), so 2 processes x 1 thread write the artifact 1 process x 2 threads writes (benchmarks/scale.py; the
+    GEMMs around them gave identical results at either thread count and keep every thread); and GPTQ's column
+    sweep, thousands of tiny ops where OpenMP hand-offs dominate (a busy 2-core machine: 33 s with 2 threads, 1 s
+    with one, for four 192x576 solves)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def damped_cholesky(
@@ -20,7 +41,8 @@ def damped_cholesky(
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(attempts):
         damping = damp * 10**attempt * scale
-        factor, info = torch.linalg.cholesky_ex(h + damping * eye)
+        with one_thread():
+            factor, info = torch.linalg.cholesky_ex(h + damping * eye)
         if int(info) == 0:
             yield factor, damping
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import damped_cholesky_factors
+from .linalg import damped_cholesky_factors, one_thread
 
 
 @dataclass
@@ -75,15 +75,18 @@ def top_singular(m: torch.Tensor, rank: int, oversample: int = 32, power_iters: 
     n, k = m.shape
     width = min(rank + oversample, n, k)
     if min(n, k) <= EXACT_SVD_MAX or 2 * width >= min(n, k):
-        u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+        with one_thread():
+            u, sv, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :rank], sv[:rank], vh[:rank]
     sketch = torch.randn(k, width, generator=torch.Generator(device=m.device).manual_seed(0), device=m.device)
     y = m @ sketch.to(m.dtype)
     for _ in range(power_iters):  # sharpen the spectrum: range of (m m^T)^q m, re-orthogonalized each step
-        y, _ = torch.linalg.qr(y)
+        with one_thread():
+            y, _ = torch.linalg.qr(y)
         y = m @ (m.T @ y)
-    basis, _ = torch.linalg.qr(y)
-    u, sv, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
+    with one_thread():
+        basis, _ = torch.linalg.qr(y)
+        u, sv, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
     return (basis @ u)[:, :rank], sv[:rank], vh[:rank]
 
 
@@ -100,7 +103,8 @@ def whitened_lowrank(error: torch.Tensor, h: torch.Tensor, rank: int, damp: floa
     root = sv.sqrt()
     up = u * root
     # down = diag(root) V_r^T S^-1, i.e. solve S^T X = V_r for X = S^-T V_r, then transpose
-    down = torch.linalg.solve_triangular(s.T, vh.T, upper=True).T * root[:, None]
+    with one_thread():
+        down = torch.linalg.solve_triangular(s.T, vh.T, upper=True).T * root[:, None]
     before = float(m.double().square().sum())
     return LowRankFactors(
         down=down.contiguous(),

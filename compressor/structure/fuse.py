@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import Adapter
+from ..quant.linalg import one_thread
 from .runner import BlockRunner, Capture, Hidden
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def normal_equations(
 
 def solve_ridge(normal: Normal, w0: torch.Tensor, grid: Sequence[float]) -> list[torch.Tensor]:
     """Ridge solutions toward w0 ([out, in], float64) for every r in grid (inf: w0 itself)."""
-    evals, evecs = torch.linalg.eigh(normal.gram)
+    with one_thread():
+        evals, evecs = torch.linalg.eigh(normal.gram)
     rot = evecs.t() @ (normal.cross - normal.gram @ w0.t())  # [in, out] in the eigenbasis
     scale = normal.gram.diagonal().mean().clamp_min(1e-30)
     out = []
