@@ -181,3 +181,24 @@ def test_factorizations_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_decision_sums_do_not_depend_on_the_thread_count():
+    """The sums that allocations and activation scales are chosen by (predicted KL, output error) add in a fixed
+    order: a plain multi-threaded float32 sum changes its last bits with the thread count."""
+    import torch
+
+    from compressor.allocate.fisher import predicted_kl
+    from compressor.quant.linalg import output_error
+
+    g = torch.Generator().manual_seed(1)
+    grad, h, dw = torch.randn(1536, 1536, generator=g), torch.randn(576, 576, generator=g), torch.randn(1536, 576)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((predicted_kl(grad, h, dw), output_error(dw, h)))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1]

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.engine import GramStat, return_free_memory
+from ..quant.linalg import fixed_order_sum
 from ..structure.metrics import CosineMean, lim_score
 
 
@@ -200,5 +201,5 @@ def _lim_hook(cosine: CosineMean):
 
 def predicted_kl(g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> float:
     """0.5 tr(G dW H dW^T): the K-FAC estimate of the per-token KL increase caused by weight error dW [out, in]
-    (float32 products; a bfloat16 G is widened first)."""
-    return 0.5 * float(((g.float() @ dw) * (dw @ h)).sum())
+    (float32 products, summed in float64 in a fixed order; a bfloat16 G is widened first)."""
+    return 0.5 * fixed_order_sum((g.float() @ dw) * (dw @ h))

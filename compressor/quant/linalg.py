@@ -56,4 +56,12 @@ def output_error(e: torch.Tensor, h: torch.Tensor) -> float:
     """tr(E H E^T) in float64 for a weight error E [out, in] and an input Gram matrix H [in, in]: the squared output
     error summed over the outputs and the tokens H gathers (per token when H is their mean)."""
     e = e.to(torch.float64)
-    return float(((e @ h.to(torch.float64)) * e).sum())
+    return fixed_order_sum((e @ h.to(torch.float64)) * e)
+
+
+def fixed_order_sum(t: torch.Tensor) -> float:
+    """The sum of `t`'s elements in float64 on one thread: a multi-threaded sum adds in an order that depends on the
+    thread count (a float32 sum of 885k elements differed in its last bits between 1 and 2 threads), and the
+    choices made from these sums (allocations, scales) must not."""
+    with one_thread():
+        return float(t.to(torch.float64).sum())
