@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM
 import compressor
 from compressor.models.adapters import adapter_for
 from compressor.models.folding import fold_divisor, scale_input_columns
-from compressor.quant.awq import awq_search, output_error
+from compressor.quant.awq import awq_search
 from compressor.quant.formats import IntFormat
+from compressor.quant.linalg import output_error
 from compressor.quant.rtn import dequantize, rtn_quantize
 
 

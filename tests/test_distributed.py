@@ -28,15 +28,17 @@ SMALL = [
     "evaluate.max_windows=3",  # 3 batches of 1: the 2 processes evaluate 1 and 2 of them
     "evaluate.batch_size=1",
 ]
-RECIPES = {
-    "w4-gptq": [],
-    "w4-layerwise": ["passes.0.num_samples=4"],
-    "prune25-w4": ["passes.0.measure_samples=2", "passes.1.measure_samples=2"],
+RECIPES = {  # case: (bundled recipe, its --set options)
+    "w4-gptq": ("w4-gptq", []),
+    "w4-gptq-awq": ("w4-gptq", ["passes.0.awq=true"]),
+    "w4-layerwise": ("w4-layerwise", ["passes.0.num_samples=4"]),
+    "prune25-w4": ("prune25-w4", ["passes.0.measure_samples=2", "passes.1.measure_samples=2"]),
 }
 
 
-def _compress(recipe: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    sets = [arg for s in SMALL + RECIPES[recipe] for arg in ("--set", s)]
+def _compress(case: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    recipe, own = RECIPES[case]
+    sets = [arg for s in SMALL + own for arg in ("--set", s)]
     cmd = [sys.executable, "-m", "compressor", "--recipe", recipe, "--model", str(model), "-o", str(out), "-q"]
     # one thread per process in both runs; a cache of its own, so each run measures its sensitivities itself
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", COMPRESSOR_CACHE_DIR=str(out) + "-cache")
@@ -65,12 +67,12 @@ def _fingerprint(folder: Path) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("recipe, nproc", [(r, 2) for r in sorted(RECIPES)] + [("w4-gptq", 3)])
-def test_several_processes_write_the_one_process_artifact(recipe, nproc, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("case, nproc", [(c, 2) for c in sorted(RECIPES)] + [("w4-gptq", 3)])
+def test_several_processes_write_the_one_process_artifact(case, nproc, tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
-    one = _compress(recipe, model, tmp_path / "one")
+    one = _compress(case, model, tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _compress(recipe, model, tmp_path / "two", "--nproc", str(nproc))
+    two = _compress(case, model, tmp_path / "two", "--nproc", str(nproc))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and says so
     report = json.loads((tmp_path / "two" / "report.json").read_text())

@@ -54,6 +54,11 @@ def _solve_cost(block: nn.Module, names: tuple[str, ...]) -> float:
     return float(numel * width + width**3)
 
 
+def _run_all(ranks, jobs: list) -> list:
+    """Equal-cost jobs (an AWQ grid's points) shared out among the run's workers; results in order on every one."""
+    return ranks.run_assigned([(1.0, job) for job in jobs])
+
+
 def untie_embeddings(model: nn.Module) -> None:
     """Give the output embeddings their own copy of a weight shared with the input embeddings."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
@@ -251,7 +256,8 @@ class QuantizeRunner:
             return self.layer_format(in_features, self.scheme_for(state, f"{prefix}.{name}"))[0]
 
         g = InputGroup(adapter, state.model.config, block, prefix, group, names)
-        divisor, record = scale_inputs(g, format_of, stat, state.plan, self.rtn, self.awq)
+        run_all = partial(_run_all, state.ranks)
+        divisor, record = scale_inputs(g, format_of, stat, state.plan, self.rtn, self.awq, run_all)
         if record is not None:
             state.report.setdefault("awq", []).append(record)
         return divisor

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from .linalg import output_error
+
 QuantizeFn = Callable[[torch.Tensor], torch.Tensor]  # float weight -> dequantized quantized weight
+RunAll = Callable[[list[Callable[[], float]]], list[float]]  # runs jobs, returns their results in order
 
 
 @dataclass
@@ -28,34 +32,31 @@ class AwqResult:
     error_unscaled: float  # the same for alpha = 0
 
 
-def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
-    """tr(dW H dW^T): expected squared output error of weight error dW [out, in] under input Gram H."""
-    return float(((dw @ h) * dw).sum())
-
-
 def awq_search(
     weights: Sequence[torch.Tensor],
     quantizers: Sequence[QuantizeFn],
     h: torch.Tensor,
     mean_abs: torch.Tensor,
     grid: int = 20,
+    run_all: RunAll | None = None,
 ) -> AwqResult:
-    """The per-channel scale minimising the summed output error of `weights` (each with its own quantizer)."""
+    """The per-channel scale minimising the summed output error of `weights` (each with its own quantizer).
+
+    `run_all` evaluates the grid's jobs (a distributed run shares them out among its workers); default: in turn."""
     x_mag = mean_abs.to(torch.float32).clamp_min(1e-8)
-    best: AwqResult | None = None
-    unscaled = None
-    for i in range(grid):
-        alpha = i / grid
-        s = x_mag.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        s = s.clamp(1e-4, 1e4)
-        err = 0.0
-        for w, quantize in zip(weights, quantizers):
-            dw = quantize(w * s) / s - w
-            err += output_error(dw, h)
-        if i == 0:
-            unscaled = err
-        if best is None or err < best.error:
-            best = AwqResult(s, alpha, err, 0.0)
-    best.error_unscaled = unscaled
-    return best
+    scales = [_scale(x_mag, i / grid) for i in range(grid)]
+
+    def error_at(s: torch.Tensor) -> float:
+        return sum(output_error(quantize(w * s) / s - w, h) for w, quantize in zip(weights, quantizers))
+
+    jobs = [partial(error_at, s) for s in scales]
+    errors = run_all(jobs) if run_all is not None else [job() for job in jobs]
+    best = min(range(grid), key=lambda i: (errors[i], i))  # the first of equal errors
+    return AwqResult(scales[best], best / grid, errors[best], errors[0])
+
+
+def _scale(x_mag: torch.Tensor, alpha: float) -> torch.Tensor:
+    """mean|x|^alpha, normalised to a geometric mean of 1 between its extremes, clamped to [1e-4, 1e4]."""
+    s = x_mag.pow(alpha)
+    s = s / (s.max() * s.min()).sqrt()
+    return s.clamp(1e-4, 1e4)

@@ -14,7 +14,7 @@ from ..calibration.engine import GramStat
 from ..models.adapters import Adapter
 from ..models.folding import can_fold_into, fold_divisor, scale_input_columns
 from ..plan import AwqFold, Plan
-from ..quant.awq import awq_search
+from ..quant.awq import RunAll, awq_search
 from ..quant.formats import Fp8Format, WeightFormatT, round_scale
 from ..schema import QuantizePass
 from .data_free import RtnConfig, quantize_data_free
@@ -44,7 +44,13 @@ class InputGroup:
 
 
 def scale_inputs(
-    g: InputGroup, format_of: FormatOf, stat: GramStat, plan: Plan, rtn: RtnConfig, cfg: AwqConfig
+    g: InputGroup,
+    format_of: FormatOf,
+    stat: GramStat,
+    plan: Plan,
+    rtn: RtnConfig,
+    cfg: AwqConfig,
+    run_all: RunAll | None = None,
 ) -> tuple[torch.Tensor | None, dict | None]:
     """Search and fold the scale of `g`'s input; returns (the input divisor or None, the search's record or None).
 
@@ -58,7 +64,7 @@ def scale_inputs(
     weights = [g.adapter.get_weight(g.block.get_submodule(n)) for n in g.names]
     formats = [format_of(n, w.shape[1]) for n, w in zip(g.names, weights)]
     quantizers = [lambda x, fmt=fmt: quantize_data_free(x, fmt, rtn).dequantize() for fmt in formats]
-    found = awq_search(weights, quantizers, stat.mean(), stat.mean_abs(), cfg.grid)
+    found = awq_search(weights, quantizers, stat.mean(), stat.mean_abs(), cfg.grid, run_all)
     record = {
         "group": f"{g.prefix}.{g.group[0]}",
         "alpha": found.alpha,
