@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..quant.linalg import fixed_order_sum
+
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity per token of two [..., hidden] tensors, flattened to [tokens] (float64)."""
@@ -15,26 +17,32 @@ def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class CosineMean:
-    """Mergeable mean over tokens of cos(a, b) and of arccos(cos(a, b)) / pi."""
+    """Mergeable mean over tokens of cos(a, b) and of arccos(cos(a, b)) / pi.
+
+    Each `add` (one chunk) keeps its own sums, and the means add them in the order they came: a distributed run
+    gathers every rank's `parts` in chunk order (`parts = ...`), so its figures are those of one process."""
 
     def __init__(self) -> None:
-        self.cos_sum = 0.0
-        self.angle_sum = 0.0
-        self.count = 0
+        self.parts: list[tuple[float, float, int]] = []  # per chunk: sum cos, sum angle / pi, tokens
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         cos = token_cosine(a, b)
-        self.cos_sum += cos.sum().item()
-        self.angle_sum += (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).sum().item()
-        self.count += cos.numel()
+        angle = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+        self.parts.append((fixed_order_sum(cos), fixed_order_sum(angle), cos.numel()))
+
+    def _mean(self, i: int) -> float:
+        total = 0.0
+        for part in self.parts:
+            total += part[i]
+        return total / max(sum(p[2] for p in self.parts), 1)
 
     @property
     def cosine(self) -> float:
-        return self.cos_sum / max(self.count, 1)
+        return self._mean(0)
 
     @property
     def angular(self) -> float:
-        return self.angle_sum / max(self.count, 1)
+        return self._mean(1)
 
 
 def block_influence(mean_cos: float) -> float:

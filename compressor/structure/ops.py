@@ -73,11 +73,13 @@ def _metric_scores(
         _, measured = measured_scores(runner, [(i, kind) for i in range(runner.depth)], quiet, ranks)
         pick = 0 if metric == "loss" else 1
         return [measured[(i, kind)][pick] for i in range(runner.depth)]
-    runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
+    ranks = ranks or Ranks()
+    chunks = ranks.shard(sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), allow_empty=True)
+    runner = BlockRunner(model, adapter, chunks, False)
     table = ScoreTable(depth=runner.depth)
     if sublayers:
         table.sublayers = {"attention": {}, "mlp": {}}
-    activation_scores(runner, table, 1, sublayers, quiet)
+    activation_scores(runner, table, 1, sublayers, quiet, ranks)
     return table.metric(metric, kind)
 
 
@@ -113,9 +115,11 @@ def choose_removal(
         units, steps = greedy_remove(runner, n, (kind,), cfg.objective, cfg.shortlist, quiet, ranks)
         return units, {"greedy_steps": steps}
     if cfg.method == "contiguous":
-        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
+        ranks = ranks or Ranks()
+        chunks = ranks.shard(sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), allow_empty=True)
+        runner = BlockRunner(model, adapter, chunks, False)
         table = ScoreTable(depth=depth)
-        activation_scores(runner, table, n, False, quiet)
+        activation_scores(runner, table, n, False, quiet, ranks)
         distances = table.angular[n]
         start = best_window(distances)
         return [(i, "block") for i in range(start, start + n)], {"window_start": start, "distances": distances}

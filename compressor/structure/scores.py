@@ -75,8 +75,11 @@ def weight_scores(adapter: Adapter, blocks: nn.ModuleList, table: ScoreTable, su
 
 
 @torch.inference_mode()
-def activation_scores(runner: BlockRunner, table: ScoreTable, max_distance: int, sublayers: bool, quiet: bool):
-    """One sweep over the blocks: BI / LIM / angular per block and branch, and d(l, l+n) for n <= max_distance."""
+def activation_scores(
+    runner: BlockRunner, table: ScoreTable, max_distance: int, sublayers: bool, quiet: bool, ranks: Ranks | None = None
+):
+    """One sweep over the blocks: BI / LIM / angular per block and branch, and d(l, l+n) for n <= max_distance.
+    In a distributed run the runner holds this rank's share of the chunks and `ranks` merges the statistics."""
     depth = runner.depth
     max_distance = min(max_distance, depth)
     windows = {n: [CosineMean() for _ in range(depth - n + 1)] for n in range(1, max_distance + 1)}
@@ -104,6 +107,8 @@ def activation_scores(runner: BlockRunner, table: ScoreTable, max_distance: int,
                 for a, b in zip(recent[-1 - n], out):
                     windows[n][start].add(a, b)
         hidden = out
+    if ranks is not None and ranks.distributed:
+        _merge_over_ranks([m for ms in (*windows.values(), *branch_stats.values()) for m in ms], ranks)
     cos = [w.cosine for w in windows[1]]
     table.blocks["bi"] = [block_influence(c) for c in cos]
     table.blocks["lim"] = [lim_score(c) for c in cos]
@@ -114,6 +119,13 @@ def activation_scores(runner: BlockRunner, table: ScoreTable, max_distance: int,
             table.sublayers[kind]["bi"] = [block_influence(s.cosine) for s in stats]
             table.sublayers[kind]["lim"] = [lim_score(s.cosine) for s in stats]
             table.sublayers[kind]["angular"] = [s.angular for s in stats]
+
+
+def _merge_over_ranks(means: list[CosineMean], ranks: Ranks) -> None:
+    """Every rank's chunk sums of each statistic, in rank (= chunk) order, on every rank."""
+    every = ranks.gather([[m.parts for m in means]])
+    for i, mean in enumerate(means):
+        mean.parts = [part for rank_parts in every for part in rank_parts[i]]
 
 
 def measured_scores(
@@ -144,13 +156,14 @@ def compute_scores(
     ranks: Ranks | None = None,
 ) -> ScoreTable:
     """Every metric of this module for the model's blocks (measured ones only when `measure_chunks` is given)."""
-    stats_runner = BlockRunner(model, adapter, stat_chunks, reference=False)
+    ranks = ranks or Ranks()
+    stats_runner = BlockRunner(model, adapter, ranks.shard(stat_chunks, allow_empty=True), reference=False)
     sublayers = sublayers and stats_runner.info.attention_out is not None
     table = ScoreTable(depth=stats_runner.depth)
     table.tokens["statistics"] = int(sum(c.numel() for c in stat_chunks))
     if sublayers:
         table.sublayers = {k: {} for k in SUBLAYERS}
-    activation_scores(stats_runner, table, max_distance, sublayers, quiet)
+    activation_scores(stats_runner, table, max_distance, sublayers, quiet, ranks)
     del stats_runner
     weight_scores(adapter, adapter.blocks(model), table, sublayers)
     if measure_chunks:
