@@ -198,7 +198,7 @@ def compress(
     limit_malloc_fragmentation()
     ranks = init_from_launcher()
     quiet = quiet or not ranks.main  # one set of progress bars: rank 0's
-    r, out = _checked_recipe(recipe, model, output, push_to_hub, overwrite, trust_remote_code, overrides)
+    r, out = checked_recipe(recipe, model, output, push_to_hub, overwrite, trust_remote_code, overrides)
     torch.manual_seed(r.calibration.seed)
     state, base_params, windows = _load(r, quiet, run)
     state.ranks = ranks
@@ -263,7 +263,7 @@ def with_remote_code_consent(r: Recipe, caller_allows: bool) -> Recipe:
     return r.model_copy(update={"trust_remote_code": True}) if caller_allows else r
 
 
-def _checked_recipe(
+def checked_recipe(
     recipe, model, output, push_to_hub, overwrite: bool, trust_remote_code: bool, overrides: dict
 ) -> tuple[Recipe, Path]:
     """The resolved recipe and its output folder, after every check that can fail before any work starts."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -55,7 +54,7 @@ def main(
         return
     if nproc > 1 and not print_recipe and not launched_by_torchrun():
         with exit_on_error(debug):  # a bad recipe or output folder: one line here, before any worker starts
-            _precheck(recipe_path, model, output, overwrite, sets, push_to_hub)
+            _precheck(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, nproc)
         sys.exit(launch_workers(nproc, sys.argv[1:]))
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # also silences third-party bars (transformers' GGUF conversion)
@@ -64,30 +63,35 @@ def main(
     )
     quiet_client_loggers()
     with exit_on_error(debug):
+        finished = False
         try:
             _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet)
+            finished = True
         finally:
             if launched_by_torchrun():
                 from .calibration.ranks import shutdown
 
-                shutdown()
+                shutdown(wait_for_all=finished)
 
 
 def _no_recipe() -> CompressorError:
     return CompressorError("no recipe given", fix="pass --recipe w4-gptq (`compress recipes` lists the bundled ones)")
 
 
-def _precheck(recipe_path, model, output, overwrite, sets, push_to_hub) -> None:
-    """What a launcher can check before starting workers: the recipe resolves, the output folder may be written."""
-    from exporters.atomic import check_output
-
-    from .recipe import resolve_recipe
+def _precheck(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, nproc: int) -> None:
+    """What the launcher checks before starting workers: all that `compress` checks before any work starts, and
+    that every worker gets calibration chunks (said once here rather than by every worker)."""
+    from .api import checked_recipe
+    from .calibration.ranks import Ranks
 
     if recipe_path is None:
         raise _no_recipe()
-    recipe = resolve_recipe(recipe_path, model, output, push_to_hub=push_to_hub, **parse_set_options(sets))
-    if recipe.output:
-        check_output(Path(recipe.output).expanduser(), overwrite)
+    args = (model, output, push_to_hub, overwrite, trust_remote_code, parse_set_options(sets))
+    recipe, _ = checked_recipe(recipe_path, *args)
+    if recipe.needs_calibration():
+        calibration = recipe.calibration
+        chunks = -(-calibration.num_samples // calibration.batch_size)
+        Ranks(0, nproc).shard(range(chunks))  # raises when there are fewer chunks than workers
 
 
 def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_code, print_recipe, quiet) -> None:

@@ -117,9 +117,8 @@ class Ranks:
             "bytes_sent": [sent for _, sent in values],
         }
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+
+ONE_PROCESS = Ranks()  # the default of functions that a distributed run gives its ranks to
 
 
 def _ticked(job: Callable[[], T], tick: Callable[[int], object]) -> T:
@@ -147,14 +146,9 @@ def current() -> Ranks:
     return Ranks()
 
 
-def launched_world_size() -> int:
-    """WORLD_SIZE set by torch's launcher (1 when not launched by it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def init_from_launcher(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     """Join the process group torchrun set up (gloo on CPU, nccl with CUDA); one process: nothing to join."""
-    if launched_world_size() <= 1 or not dist.is_available():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return Ranks()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -164,9 +158,16 @@ def init_from_launcher(timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     return current()
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_all: bool) -> None:
+    """Leave the process group. After a successful run every worker first waits for the others (rank 0 writes the
+    artifact after the rest have finished): a worker that tore down its gloo threads while rank 0 still used the
+    group was measured to abort ("terminate called without an active exception", SIGABRT) in 1 run of 3. After a
+    failure there is no wait: the others may be inside a collective that will never complete (torchrun stops them)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_all:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _injected_fault(rank: int) -> None:

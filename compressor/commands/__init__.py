@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import click
 
 from ..errors import CompressorError
+from .launch import launched_by_torchrun
 
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
@@ -41,13 +42,14 @@ def _shown(text: str) -> str:
     """`text` as one line (a library's multi-line message is joined), with any hub token masked: a token that
     reached a message from anywhere never reaches the terminal. A worker of a distributed run names its rank."""
     line = _HF_TOKEN.sub("hf_***", " ".join(line.strip() for line in text.splitlines() if line.strip()))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f"[rank {os.environ.get('RANK', '?')}/{world}] {line}" if world > 1 else line
+    if not launched_by_torchrun():
+        return line
+    return f"[rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}] {line}"
 
 
 def _peer_failure(err: Exception) -> bool:
     """A distributed collective that failed because another worker went away (torch.distributed / gloo errors)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_by_torchrun():
         return False
     text = str(err)
     return type(err).__name__.startswith("Dist") or "gloo" in text or "Connection closed" in text

@@ -13,7 +13,7 @@ from functools import partial
 
 from tqdm.auto import tqdm
 
-from ..calibration.ranks import Ranks
+from ..calibration.ranks import ONE_PROCESS, Ranks
 from .runner import BlockRunner, Unit
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,10 @@ def greedy_remove(
     objective: str = "loss",
     shortlist: int | None = 8,
     quiet: bool = False,
-    ranks: Ranks | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> tuple[list[Unit], list[dict]]:
     """Units to remove, in the order chosen, and a per-step log (unit, loss, kl). In a distributed run each
     round's candidates are shared out among the ranks (`Ranks.run_assigned`)."""
-    ranks = ranks or Ranks()
     removed: list[Unit] = []
     states = runner.inputs()
     base = runner.score(states[-1])

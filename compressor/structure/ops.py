@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.ranks import Ranks
+from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..errors import RecipeError
 from ..models.adapters import Adapter
 from ..schema.structure import FuseBlocksPass, RemoveBlocksPass, ScorePass
@@ -45,7 +45,7 @@ def _check_decoder(adapter: Adapter, what: str) -> None:
 
 
 def score_model(
-    model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: ScorePass, quiet: bool, ranks: Ranks | None = None
+    model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: ScorePass, quiet: bool, ranks: Ranks = ONE_PROCESS
 ) -> ScoreTable:
     """Every score the config asks for (measured ones shared out among `ranks` in a distributed run)."""
     stat_chunks = sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4)
@@ -55,7 +55,7 @@ def score_model(
 
 # ---- remove_blocks ------------------------------------------------------------------------------------
 def _metric_scores(
-    model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quiet: bool, ranks: Ranks | None = None
+    model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quiet: bool, ranks: Ranks = ONE_PROCESS
 ) -> list[float]:
     kind = cfg.kind
     sublayers = kind != "block"
@@ -73,7 +73,6 @@ def _metric_scores(
         _, measured = measured_scores(runner, [(i, kind) for i in range(runner.depth)], quiet, ranks)
         pick = 0 if metric == "loss" else 1
         return [measured[(i, kind)][pick] for i in range(runner.depth)]
-    ranks = ranks or Ranks()
     chunks = ranks.shard(sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), allow_empty=True)
     runner = BlockRunner(model, adapter, chunks, False)
     table = ScoreTable(depth=runner.depth)
@@ -89,7 +88,7 @@ def choose_removal(
     ids: torch.Tensor | None,
     cfg: RemoveBlocksPass,
     quiet: bool,
-    ranks: Ranks | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> tuple[list[Unit], dict]:
     """The units the config removes, and details for the report (scores, greedy steps, window)."""
     depth = len(adapter.blocks(model))
@@ -115,7 +114,6 @@ def choose_removal(
         units, steps = greedy_remove(runner, n, (kind,), cfg.objective, cfg.shortlist, quiet, ranks)
         return units, {"greedy_steps": steps}
     if cfg.method == "contiguous":
-        ranks = ranks or Ranks()
         chunks = ranks.shard(sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), allow_empty=True)
         runner = BlockRunner(model, adapter, chunks, False)
         table = ScoreTable(depth=depth)

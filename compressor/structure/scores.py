@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.ranks import Ranks
+from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..models.adapters import Adapter
 from .metrics import CosineMean, block_influence, lim_score, zd_score
 from .runner import BlockRunner, Capture, Unit
@@ -76,7 +76,7 @@ def weight_scores(adapter: Adapter, blocks: nn.ModuleList, table: ScoreTable, su
 
 @torch.inference_mode()
 def activation_scores(
-    runner: BlockRunner, table: ScoreTable, max_distance: int, sublayers: bool, quiet: bool, ranks: Ranks | None = None
+    runner: BlockRunner, table: ScoreTable, max_distance: int, sublayers: bool, quiet: bool, ranks: Ranks = ONE_PROCESS
 ):
     """One sweep over the blocks: BI / LIM / angular per block and branch, and d(l, l+n) for n <= max_distance.
     In a distributed run the runner holds this rank's share of the chunks and `ranks` merges the statistics."""
@@ -107,7 +107,7 @@ def activation_scores(
                 for a, b in zip(recent[-1 - n], out):
                     windows[n][start].add(a, b)
         hidden = out
-    if ranks is not None and ranks.distributed:
+    if ranks.distributed:
         _merge_over_ranks([m for ms in (*windows.values(), *branch_stats.values()) for m in ms], ranks)
     cos = [w.cosine for w in windows[1]]
     table.blocks["bi"] = [block_influence(c) for c in cos]
@@ -129,7 +129,7 @@ def _merge_over_ranks(means: list[CosineMean], ranks: Ranks) -> None:
 
 
 def measured_scores(
-    runner: BlockRunner, units: Sequence[Unit], quiet: bool = False, ranks: Ranks | None = None
+    runner: BlockRunner, units: Sequence[Unit], quiet: bool = False, ranks: Ranks = ONE_PROCESS
 ) -> tuple[float, dict]:
     """Base loss, and {unit: (loss increase, KL to base)} when each unit alone is skipped. In a distributed run
     the units are shared out among the ranks (`Ranks.run_assigned`)."""
@@ -141,7 +141,7 @@ def measured_scores(
 
     jobs = [(runner.depth - unit[0], partial(skipped, unit)) for unit in units]  # cost: blocks run
     with tqdm(total=len(units), desc="score (skip each)", unit="unit", disable=quiet) as bar:
-        scores = (ranks or Ranks()).run_assigned(jobs, bar.update)
+        scores = ranks.run_assigned(jobs, bar.update)
     return base.loss, {unit: (s.loss - base.loss, s.kl) for unit, s in zip(units, scores)}
 
 
@@ -153,10 +153,9 @@ def compute_scores(
     max_distance: int = 8,
     sublayers: bool = True,
     quiet: bool = False,
-    ranks: Ranks | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> ScoreTable:
     """Every metric of this module for the model's blocks (measured ones only when `measure_chunks` is given)."""
-    ranks = ranks or Ranks()
     stats_runner = BlockRunner(model, adapter, ranks.shard(stat_chunks, allow_empty=True), reference=False)
     sublayers = sublayers and stats_runner.info.attention_out is not None
     table = ScoreTable(depth=stats_runner.depth)
