@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibration.gradients import Residency
 from .calibration.ranks import Ranks
 from .models.loading import LoadedModel
 from .plan import Plan
@@ -61,6 +62,28 @@ class CompressionState:
             return
         blocks = tuple(p + "." for p in self.adapter.block_prefixes(self.model))
         lazy.evict_unchanged(n for n, _ in self.model.named_parameters() if not n.startswith(blocks))
+
+    def residency(self) -> Residency:
+        """How a block-by-block sweep brings blocks into memory and lets them go: for a streamed model, from and back
+        to the checkpoint (a parameter some pass changed stays resident); for a model loaded whole, nothing."""
+        lazy = self.loaded.lazy
+        if lazy is None:
+            return Residency()
+        prefixes = self.adapter.block_prefixes(self.model)
+        blocks = tuple(p + "." for p in prefixes)
+
+        def release_block(i: int) -> None:
+            lazy.evict_unchanged(n for n, _ in self.model.named_parameters() if n.startswith(prefixes[i] + "."))
+
+        def load_outside() -> None:
+            for name, _ in self.model.named_parameters():
+                if not name.startswith(blocks):
+                    lazy.materialize(name.rpartition(".")[0])
+
+        def load_block(i: int) -> None:
+            lazy.materialize(prefixes[i])
+
+        return Residency(load_block, release_block, load_outside, self.evict_outside_blocks)
 
     def release_quantized(self, layers: list[str]) -> None:
         """Streamed models: drop the float weights of these planned layers; they are rebuilt from the plan

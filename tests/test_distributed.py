@@ -67,7 +67,7 @@ def _fingerprint(folder: Path) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("case, nproc", [(c, 2) for c in sorted(RECIPES)] + [("w4-gptq", 3)])
+@pytest.mark.parametrize("case, nproc", [(c, 2) for c in sorted(RECIPES)] + [("w4-gptq", 3), ("w4-layerwise", 3)])
 def test_several_processes_write_the_one_process_artifact(case, nproc, tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
     one = _compress(case, model, tmp_path / "one")

@@ -1,4 +1,4 @@
-"""Kronecker-factored Fisher statistics of every block linear, from one forward + backward sweep.
+"""Kronecker-factored Fisher statistics of every block linear, block by block (`calibration.gradients`).
 
 For a linear y = W x, a weight error dW changes the outputs by dy = dW x. To second order, the KL divergence of
 the model's next-token distribution from the unquantized one is 0.5 E[(g . dy)^2], where g is the gradient of
@@ -9,177 +9,129 @@ and x independent (K-FAC) this is
 
 with expectations over calibration tokens. Approximated: cross-token and cross-layer terms are dropped (each
 layer's error is scored alone, contributions add up), and the statistics come from the unquantized model.
-Tokens whose input norm exceeds `token_clip` x the sample's median enter H capped: those are attention-sink
-"massive activation" tokens, whose outputs barely move the loss (small g), which the independence assumption
-would otherwise pair with their huge x (measured on SmolLM2 layer 28 down_proj: 9x over-predicted KL).
-G is kept in bfloat16 (half the memory; its rounding is far below the estimate's own error): each sample's product
-is rounded to bfloat16 once and summed there. With `compute_dtype` bfloat16 (calibration.dtype auto on CPUs with
-AMX/AVX512-BF16) the forward runs under autocast and every Gram product takes bfloat16 inputs with float32
-accumulation (H: `GramStat`, as in calibration).
-The sweep also records each block's LIM score (negative cosine of block input and output).
+With `token_clip`, tokens whose input norm exceeds `token_clip` x their window's median enter H capped (off unless
+the quantize pass sets `hessian_token_clip`).
+
+The sweep (`calibration.gradients.GradientSweep`) stores block-boundary activations, then runs the backward one
+block at a time from the last, so one block's weights and statistics are resident at a time, and yields each
+block's statistics as it finishes it. Sums are float64 over per-window float32 products (`GramStat`): the
+statistics are the same whichever process computed which windows, and each window draws its sampled tokens from
+a generator seeded by its own index. With `compute_dtype` bfloat16 the forwards run under autocast and the Gram
+products take bfloat16 inputs with float32 accumulation. The forward also records each block's LIM score
+(negative cosine of block input and output).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.engine import GramStat, return_free_memory
+from ..calibration.gradients import GradientSweep, Residency
+from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..quant.linalg import fixed_order_sum
-from ..structure.metrics import CosineMean, lim_score
+from ..structure.metrics import CosineMean, lim_score, merge_cosines_over_ranks
 
 
 @dataclass
-class FisherStats:
-    """H per input-sharing group (keyed by its first linear, float32), G per linear (bfloat16), block LIM scores."""
+class BlockFisher:
+    """One block's per-token statistics (float32): H per input-sharing group and G per linear (full names)."""
 
-    h: dict[str, torch.Tensor] = field(default_factory=dict)
-    g: dict[str, torch.Tensor] = field(default_factory=dict)
-    h_key: dict[str, str] = field(default_factory=dict)  # linear -> key of its H
-    lim: list[float] = field(default_factory=list)
-    tokens: int = 0
+    index: int
+    h: dict[str, torch.Tensor]  # key of the group's H (its first linear) -> H [in, in]
+    g: dict[str, torch.Tensor]  # linear -> G [out, out]
+    h_key: dict[str, str]  # linear -> key of its H
 
     def input_gram(self, name: str) -> torch.Tensor:
         return self.h[self.h_key[name]]
 
 
-def collect_fisher(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    prefixes: list[str],
-    groups: list[tuple[str, ...]],
-    ids: torch.Tensor,
-    seed: int = 0,
-    quiet: bool = False,
-    backward: bool = True,
-    token_clip: float | None = None,
-    compute_dtype: torch.dtype = torch.float32,
-) -> FisherStats:
-    """Sweep `ids` [samples, seq] one sample at a time; returns normalised (per-token) statistics.
+class FisherSweep:
+    """The sensitivity sweep over calibration windows `ids` [samples, seq] (this process takes its share).
+
+        sweep = FisherSweep(model, blocks, prefixes, groups, ids, seed=..., ranks=..., residency=...)
+        lim = sweep.lim_scores()       # the forward: block LIM scores (every window, every process)
+        for block in sweep.blocks():   # the backward, last block first: BlockFisher per block
+            ...
 
     `groups` are the adapter's input-sharing linear groups (names relative to a block). Statistics are in the
-    [out, in] orientation whatever the module stores (GPT-2's Conv1D hooks see the same x and y). With
-    `backward=False` only the forward runs and only the LIM scores are filled.
+    [out, in] orientation whatever the module stores (GPT-2's Conv1D hooks see the same x and y)."""
 
-    Steps: hooks on the linears (H and G, with `backward`) and on the blocks (LIM); every parameter frozen (the
-    gradient flows from the embeddings' output instead); per sample a forward, plus a backward of the log-probability
-    of tokens sampled from the model itself; then the sums divided by the token count.
-    """
-    stats = FisherStats()
-    h_stats: dict[str, GramStat] = {}
-    gen = torch.Generator().manual_seed(seed)
-    cosines = [CosineMean() for _ in blocks]
-    handles = []
-    if backward:
-        handles += _register_linear_hooks(blocks, prefixes, groups, stats, h_stats, token_clip, compute_dtype)
-    handles += [block.register_forward_hook(_lim_hook(c), with_kwargs=True) for block, c in zip(blocks, cosines)]
-    if backward:
-        embed = model.get_input_embeddings()
-        handles.append(embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        for row in tqdm(ids, desc="sensitivity (fisher)", unit="sample", disable=quiet):
-            x = row.unsqueeze(0)
-            if backward:
-                _forward_backward(model, x, gen, compute_dtype)
-                return_free_memory()  # the sample's activations are gone: keep them from ratcheting the resident set
-            else:
-                with torch.inference_mode():
-                    model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
-            stats.tokens += x.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p in params:
-            p.requires_grad_(True)
-    _normalise(stats, h_stats)
-    stats.lim = [lim_score(c.cosine) for c in cosines]
-    return stats
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        prefixes: list[str],
+        groups: list[tuple[str, ...]],
+        ids: torch.Tensor,
+        *,
+        seed: int = 0,
+        quiet: bool = False,
+        token_clip: float | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        ranks: Ranks = ONE_PROCESS,
+        residency: Residency | None = None,
+    ):
+        self.prefixes, self.groups, self.ranks, self.quiet = prefixes, groups, ranks, quiet
+        mine = ranks.shard(list(enumerate(ids)), "sensitivity")
+        self.sweep = GradientSweep(
+            model,
+            blocks,
+            [row for _, row in mine],
+            [index for index, _ in mine],
+            groups,
+            _sampled_log_likelihood(seed),
+            compute_dtype=compute_dtype,
+            token_clip=token_clip,
+            reduce=ranks.reduce_gram,
+            residency=residency,
+        )
+        self.cosines = [CosineMean() for _ in blocks]
+
+    def lim_scores(self) -> list[float]:
+        """Run the forward (boundaries stored); each block's LIM score over every window."""
+        with tqdm(total=len(self.cosines), desc="sensitivity (forward)", unit="block", disable=self.quiet) as bar:
+
+            def observe(i: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+                self.cosines[i].add(x_in, x_out)
+                if len(self.cosines[i].parts) == len(self.sweep.windows):
+                    bar.update(1)
+
+            self.sweep.forward(observe)
+        merge_cosines_over_ranks(self.cosines, self.ranks)
+        return [lim_score(c.cosine) for c in self.cosines]
+
+    def blocks(self) -> Iterator[BlockFisher]:
+        """Each block's statistics, last block first, while that block's weights are resident."""
+        try:
+            backward = self.sweep.backward()
+            for grams in tqdm(backward, total=len(self.prefixes), desc="sensitivity (backward)", disable=self.quiet):
+                prefix = self.prefixes[grams.index]
+                h_key = {f"{prefix}.{n}": f"{prefix}.{g[0]}" for g in self.groups for n in g}
+                yield BlockFisher(
+                    grams.index,
+                    {f"{prefix}.{k}": stat.mean() for k, stat in grams.inputs.items()},
+                    {f"{prefix}.{k}": stat.mean() for k, stat in grams.outputs.items()},
+                    h_key,
+                )
+        finally:
+            self.sweep.close()
 
 
-def _register_linear_hooks(
-    blocks: nn.ModuleList,
-    prefixes: list[str],
-    groups: list[tuple[str, ...]],
-    stats: FisherStats,
-    h_stats: dict[str, GramStat],
-    token_clip: float | None,
-    compute_dtype: torch.dtype,
-) -> list:
-    """A `_linear_hook` on every grouped linear of every block (recording which H each one reads); the handles."""
-    handles = []
-    for bi, block in enumerate(blocks):
-        for group in groups:
-            key = f"{prefixes[bi]}.{group[0]}"
-            for local in group:
-                name = f"{prefixes[bi]}.{local}"
-                stats.h_key[name] = key
-                hook = _linear_hook(stats, h_stats, name, key, token_clip, compute_dtype)
-                handles.append(block.get_submodule(local).register_forward_hook(hook))
-    return handles
+def _sampled_log_likelihood(seed: int):
+    """The objective whose gradients make the Fisher: log p of tokens drawn from the model's own distribution, by a
+    generator seeded from the window's index (the same draws on whichever process runs the window)."""
 
-
-def _forward_backward(model: nn.Module, x: torch.Tensor, gen: torch.Generator, compute_dtype: torch.dtype) -> None:
-    """One sample's forward, and the backward of the log-probability of tokens drawn from the model's own output
-    distribution (the hooks collect the statistics on the way)."""
-    with torch.enable_grad():
-        with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
+    def objective(logits: torch.Tensor, index: int) -> torch.Tensor:
         logp = torch.log_softmax(logits.float(), dim=-1)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % (1 << 63))
         sampled = _sample_tokens(logp.detach(), gen)
-        logp.gather(1, sampled).sum().backward()
+        return logp.gather(1, sampled).sum()
 
-
-def _normalise(stats: FisherStats, h_stats: dict[str, GramStat]) -> None:
-    """The swept sums as per-token means: H from the Gram statistics (float32), G in place (bfloat16)."""
-    for k, stat in h_stats.items():
-        stats.h[k] = (stat.h / max(stats.tokens, 1)).to(torch.float32)
-    for k in stats.g:  # one float32 temporary at a time: G stays bfloat16 (half the memory of the sweep's result)
-        stats.g[k] = (stats.g[k].float() / max(stats.tokens, 1)).to(torch.bfloat16)
-
-
-def _linear_hook(
-    stats: FisherStats,
-    h_stats: dict[str, GramStat],
-    name: str,
-    key: str,
-    token_clip: float | None,
-    product_dtype: torch.dtype,
-):
-    def add_g(grad: torch.Tensor) -> None:
-        g = _sample_gram(grad.detach(), product_dtype)
-        if name in stats.g:
-            stats.g[name] += g
-        else:
-            stats.g[name] = g
-
-    def hook(module, inputs, output):
-        if name == key:  # the group's members share this input: accumulate it once
-            x = inputs[0].detach()
-            stat = h_stats.setdefault(key, GramStat(x.shape[-1], token_clip, product_dtype, track_abs=False))
-            stat.add(x)
-        if output.requires_grad:
-            output.register_hook(add_g)
-
-    return hook
-
-
-def _sample_gram(grad: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
-    """One sample's g^T g [out, out] in bfloat16, the dtype G accumulates in. A bfloat16 product with a bfloat16
-    result (oneDNN: float32 accumulation, one rounding) equals a float32-result product rounded once, and runs at
-    bfloat16 speed where MKL's float32-result bfloat16 GEMM does not (measured 4x on an AMD Zen 5)."""
-    with torch.autocast(grad.device.type, enabled=False):
-        x = grad.reshape(-1, grad.shape[-1])
-        if product_dtype == torch.bfloat16:
-            x = x.to(torch.bfloat16)
-            return torch.mm(x.t(), x)
-        x = x.float()
-        return torch.mm(x.t(), x).to(torch.bfloat16)
+    return objective
 
 
 def _sample_tokens(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -188,15 +140,6 @@ def _sample_tokens(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     cdf = logp.exp().cumsum_(dim=1)
     u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)
-
-
-def _lim_hook(cosine: CosineMean):
-    def hook(module, args, kwargs, output):
-        h_in = args[0] if args else kwargs["hidden_states"]
-        h_out = output[0] if isinstance(output, tuple) else output
-        cosine.add(h_in.detach(), h_out.detach())
-
-    return hook
 
 
 def predicted_kl(g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> float:

@@ -10,12 +10,11 @@ from functools import partial
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..allocate import cache
 from ..allocate.check import Probe, compare_uniform, fitting_uniform, pick_probes, probe_check
 from ..allocate.error_model import candidates_dequantized, swap_in_data_free, swap_in_gptq
-from ..allocate.fisher import FisherStats, collect_fisher, predicted_kl
+from ..allocate.fisher import FisherSweep, predicted_kl
 from ..allocate.heldout import HeldOutKL, held_out_rows
 from ..allocate.solver import InfeasibleBudget, solve_exact, solve_greedy, solve_ordering, total
 from ..calibration.engine import resolve_compute_dtype
@@ -57,6 +56,7 @@ class AllocateBitsRunner:
         started = time.perf_counter()
         quant = self._following_quantize(state)
         names, modules, block_of = self._linears(state, quant)
+        # shapes only: a streamed model's blocks stay on disk (meta tensors) until the sweep brings each one in
         weights = {n: state.adapter.get_weight(m) for n, m in zip(names, modules)}
         linear_costs = np.array(
             [[self._cost(weights[n].shape, s, quant, state) for s in self.schemes] for n in names], dtype=np.int64
@@ -149,7 +149,7 @@ class AllocateBitsRunner:
         return following_quantize(state, self.cfg, "allocate_bits", "chooses formats for")
 
     def _linears(self, state: CompressionState, quant: QuantizePass):
-        model, adapter = state.full_model(), state.adapter
+        model, adapter = state.model, state.adapter
         ignore = [re.compile(p) for p in quant.ignore]
         names, modules, block_of = [], [], []
         for i, block in enumerate(adapter.blocks(model)):
@@ -202,9 +202,10 @@ class AllocateBitsRunner:
                 if self.cfg.method == "lim":
                     score = np.array(lim, dtype=np.float64)
                 else:
+                    model = state.full_model()  # ZD pools real weights
                     pooled: list[list[torch.Tensor]] = [[] for _ in units.unit_names]
                     for n, u in zip(units.names, units.unit_of):
-                        pooled[u].append(weights[n])
+                        pooled[u].append(state.adapter.get_weight(model.get_submodule(n)))
                     score = np.array([zd_score(ws) for ws in pooled])
                 return solve_ordering(units.costs, np.argsort(-score, kind="stable"), budget)
             if self.cfg.solver == "greedy":
@@ -221,29 +222,32 @@ class AllocateBitsRunner:
             ) from None
 
     # ---- measurements -----------------------------------------------------------------------------
-    def _sweep(self, state: CompressionState, quant: QuantizePass, backward: bool) -> FisherStats:
-        model, adapter = state.full_model(), state.adapter
+    def _sweep(self, state: CompressionState, quant: QuantizePass) -> FisherSweep:
+        model, adapter = state.model, state.adapter
         blocks = adapter.blocks(model)
-        prefixes = [adapter.block_prefix(model, i) for i in range(len(blocks))]
-        ids = state.calibration_ids[: self.cfg.num_samples]
-        return collect_fisher(
+        return FisherSweep(
             model,
             blocks,
-            prefixes,
+            [adapter.block_prefix(model, i) for i in range(len(blocks))],
             list(adapter.linear_groups),
-            ids,
-            state.recipe.calibration.seed,
-            state.quiet,
-            backward=backward,
+            state.calibration_ids[: self.cfg.num_samples],
+            seed=state.recipe.calibration.seed,
+            quiet=state.quiet,
             token_clip=quant.hessian_token_clip,
             compute_dtype=self._compute_dtype(state),
+            ranks=state.ranks,
+            residency=state.residency(),
         )
 
     def _compute_dtype(self, state: CompressionState) -> torch.dtype:
         return resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
 
     def _lim_scores(self, state: CompressionState, quant: QuantizePass) -> list[float]:
-        return self._sweep(state, quant, backward=False).lim
+        sweep = self._sweep(state, quant)
+        try:
+            return sweep.lim_scores()
+        finally:
+            sweep.sweep.close()
 
     def _cache_parts(self, state: CompressionState, quant: QuantizePass) -> dict:
         src = state.loaded.source
@@ -254,6 +258,8 @@ class AllocateBitsRunner:
             "candidates": self.cfg.candidates,
             "error_model": self._error_model(quant),
             "compute_dtype": str(self._compute_dtype(state)),
+            # the sweep's definition: float64 G sums, tokens drawn per window index (older entries: bfloat16 G)
+            "sweep": "block-by-block-2",
             "quantize": quant.model_dump(mode="json", exclude={"weights", "lm_head", "embeddings"}),
         }
 
@@ -279,41 +285,43 @@ class AllocateBitsRunner:
         return values, lim, self._warn_on_rank({**check, "cached": False} if check else None)
 
     def _measure_sensitivities(self, state, quant, names, weights, probes: dict[int, int]):
-        """One Fisher sweep, then each candidate's predicted KL per linear; also keeps the dequantized weight of
-        each probe linear (index -> candidate in `probes`) at its probed candidate. The input groups' candidate
-        solves are shared out among the workers of a distributed run (`Ranks.run_assigned`)."""
-        stats = self._sweep(state, quant, backward=True)
+        """The Fisher sweep's forward (LIM scores), then block by block from the last: each candidate's predicted
+        KL per linear of the block, while the block is resident; also keeps the dequantized weight of each probe
+        linear (index -> candidate in `probes`) at its probed candidate. A block's input groups are solved by the
+        workers of a distributed run in turn (`Ranks.run_assigned`)."""
+        sweep = self._sweep(state, quant)
+        lim = sweep.lim_scores()
         method = self._error_model(quant)
-        by_input: dict[str, list[int]] = {}
-        for li, name in enumerate(names):
-            by_input.setdefault(stats.h_key[name], []).append(li)
-        groups = list(by_input.items())
-        measure = partial(self._group_sensitivities, stats, names, weights, quant, method, probes)
-        jobs = [
-            (sum(weights[names[li]].numel() for li in m) * weights[names[m[0]]].shape[1], partial(measure, k, m))
-            for k, m in groups
-        ]
-        with tqdm(total=len(jobs), desc="sensitivity (candidates)", unit="group", disable=state.quiet) as bar:
-            results = state.ranks.run_assigned(jobs, bar.update)
+        index = {name: li for li, name in enumerate(names)}
         values = np.zeros((len(names), len(self.schemes)))
         kept: dict[int, torch.Tensor] = {}
-        for (_, members), (rows, kept_here) in zip(groups, results):
-            values[members] = rows
-            kept.update(kept_here)
-        return values, stats.lim, kept
+        for fisher in sweep.blocks():
+            by_input: dict[str, list[int]] = {}
+            for name, key in fisher.h_key.items():
+                if name in index:
+                    by_input.setdefault(key, []).append(index[name])
+            groups = list(by_input.items())
+            local = {li: state.adapter.get_weight(state.model.get_submodule(names[li])) for _, m in groups for li in m}
+            measure = partial(self._group_sensitivities, fisher, names, local, quant, method, probes)
+            cost = {k: sum(local[i].numel() for i in m) * local[m[0]].shape[1] for k, m in groups}
+            jobs = [(cost[k], partial(measure, k, m)) for k, m in groups]
+            for (_, members), (rows, kept_here) in zip(groups, state.ranks.run_assigned(jobs)):
+                values[members] = rows
+                kept.update(kept_here)
+        return values, lim, kept
 
-    def _group_sensitivities(self, stats, names, weights, quant, method, probes, input_key: str, members: list[int]):
+    def _group_sensitivities(self, fisher, names, local, quant, method, probes, input_key: str, members: list[int]):
         """Predicted KL of every candidate for the linears `members` sharing the input `input_key` (one stacked
-        solve per candidate), and their probe candidates' dequantized weights."""
-        h = stats.h[input_key]
-        stacked = torch.cat([weights[names[li]] for li in members])
+        solve per candidate), and their probe candidates' dequantized weights. `local`: linear index -> weight."""
+        h = fisher.h[input_key]
+        stacked = torch.cat([local[li] for li in members])
         dequantized = candidates_dequantized(stacked, h, self.schemes, quant, method)
         rows = np.zeros((len(members), len(self.schemes)))
         kept: dict[int, torch.Tensor] = {}
         row = 0
         for r, li in enumerate(members):
-            w = weights[names[li]]
-            g = stats.g[names[li]].float()  # widened once for all candidates
+            w = local[li]
+            g = fisher.g[names[li]]
             for ci, deq in dequantized.items():
                 rows[r, ci] = predicted_kl(g, h, deq[row : row + w.shape[0]] - w)
                 if probes.get(li) == ci:

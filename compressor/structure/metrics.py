@@ -1,4 +1,5 @@
-"""Pure numerics of block importance: cosine statistics, angular distance, ZD. No model code here."""
+"""Pure numerics of block importance: cosine statistics (merged over processes), angular distance, ZD. No model
+code here."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import torch
 
+from ..calibration.ranks import Ranks
 from ..quant.linalg import fixed_order_sum
 
 
@@ -43,6 +45,13 @@ class CosineMean:
     @property
     def angular(self) -> float:
         return self._mean(1)
+
+
+def merge_cosines_over_ranks(means: list[CosineMean], ranks: Ranks) -> None:
+    """Every rank's chunk sums of each statistic, in rank (= chunk) order, on every rank."""
+    every = ranks.gather([[m.parts for m in means]])
+    for i, mean in enumerate(means):
+        mean.parts = [part for rank_parts in every for part in rank_parts[i]]
 
 
 def block_influence(mean_cos: float) -> float:

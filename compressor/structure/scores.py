@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..models.adapters import Adapter
-from .metrics import CosineMean, block_influence, lim_score, zd_score
+from .metrics import CosineMean, block_influence, lim_score, merge_cosines_over_ranks, zd_score
 from .runner import BlockRunner, Capture, Unit
 
 SUBLAYERS = ("attention", "mlp")
@@ -108,7 +108,7 @@ def activation_scores(
                     windows[n][start].add(a, b)
         hidden = out
     if ranks.distributed:
-        _merge_over_ranks([m for ms in (*windows.values(), *branch_stats.values()) for m in ms], ranks)
+        merge_cosines_over_ranks([m for ms in (*windows.values(), *branch_stats.values()) for m in ms], ranks)
     cos = [w.cosine for w in windows[1]]
     table.blocks["bi"] = [block_influence(c) for c in cos]
     table.blocks["lim"] = [lim_score(c) for c in cos]
@@ -119,13 +119,6 @@ def activation_scores(
             table.sublayers[kind]["bi"] = [block_influence(s.cosine) for s in stats]
             table.sublayers[kind]["lim"] = [lim_score(s.cosine) for s in stats]
             table.sublayers[kind]["angular"] = [s.angular for s in stats]
-
-
-def _merge_over_ranks(means: list[CosineMean], ranks: Ranks) -> None:
-    """Every rank's chunk sums of each statistic, in rank (= chunk) order, on every rank."""
-    every = ranks.gather([[m.parts for m in means]])
-    for i, mean in enumerate(means):
-        mean.parts = [part for rank_parts in every for part in rank_parts[i]]
 
 
 def measured_scores(
