@@ -69,9 +69,11 @@ def main(
             finished = True
         finally:
             if launched_by_torchrun():
-                from .calibration.ranks import shutdown
+                from .calibration.ranks import exit_finished_worker, shutdown
 
                 shutdown(wait_for_all=finished)
+                if finished:
+                    exit_finished_worker()
 
 
 def _no_recipe() -> CompressorError:
