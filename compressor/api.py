@@ -22,6 +22,7 @@ from .plan import Plan
 from .recipe import Recipe, portable_name, resolve_recipe
 from .runtime.lora import LORA_DIR
 from .state import CompressionState
+from .structure.runner import BlockRunner, head_logits
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def _loaded_back(folder: Path, state: CompressionState):
     ids = state.loaded.tokenizer(
         state.recipe.evaluate.prompt if state.recipe.evaluate else "The history of the city", return_tensors="pt"
     )["input_ids"][:, :32]
-    expected, got = _outputs(state.artifact_model(), ids), _outputs(model, ids)
+    expected, got = _compressed_outputs(state, ids), _outputs(model, ids)
     diff = (got - expected).abs()
     if not bool((diff <= LOAD_BACK_TOLERANCE * (1 + expected.abs())).all()):
         raise ArtifactCheckError(
@@ -160,6 +161,19 @@ def _loaded_back(folder: Path, state: CompressionState):
             f"{LOAD_BACK_TOLERANCE} |logit|)"
         )
     return model
+
+
+def _compressed_outputs(state: CompressionState, ids: torch.Tensor) -> torch.Tensor:
+    """`_outputs` of the compressed model as the artifact stores it. A streamed decoder whose blocks are not all
+    resident runs block by block (each block dequantized from the plan, rounded, run and let go), so the check does
+    not bring the whole float model into memory."""
+    lazy = state.loaded.lazy
+    if lazy is None or lazy.is_resident() or not state.adapter.decoder:
+        return _outputs(state.artifact_model(), ids)
+    residency = state.artifact_residency()
+    residency.load_outside()
+    runner = BlockRunner(state.model, state.adapter, [ids], reference=False, residency=residency)
+    return head_logits(state.model, state.adapter, ids, runner.run(0, runner.calls.hidden)[0]).float()
 
 
 @torch.inference_mode()

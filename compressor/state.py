@@ -105,14 +105,45 @@ class CompressionState:
         (parameters and persistent buffers) rounded to the artifact's dtype, in place (idempotent). Evaluation and
         the load-back check run this model, so the report measures what ships."""
         model = self.full_model()
+        self._round_as_artifact(model)
+        return model
+
+    def artifact_residency(self) -> Residency:
+        """`residency()` for running the compressed model block by block as the artifact stores it: each block (and
+        the embeddings and head) is rounded like `artifact_model` once it is resident. Quantized weights come back
+        dequantized from the plan; a rounded tensor differs from the checkpoint, so it stays resident (norms,
+        biases, linears kept in float); a quantized weight goes back to the plan when its block is let go."""
+        base = self.residency()
+        model, prefixes = self.model, self.adapter.block_prefixes(self.model)
+
+        def load_block(i: int) -> None:
+            base.load_block(i)
+            self._round_as_artifact(model.get_submodule(prefixes[i]), prefixes[i] + ".")
+
+        def release_block(i: int) -> None:
+            self.release_quantized([n for n in self.plan.weights if n.startswith(prefixes[i] + ".")])
+            base.release_block(i)
+
+        def load_outside() -> None:
+            base.load_outside()
+            blocks = tuple(p + "." for p in prefixes)
+            self._round_as_artifact(model, skip=blocks)
+
+        return Residency(load_block, release_block, load_outside, base.release_outside)
+
+    def _round_as_artifact(self, module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+        """Unquantized floating tensors of `module` (named `prefix` + key in the model) rounded to the artifact's
+        dtype in place; tensors under `skip` and those not resident are left alone."""
         dtype, quantized = self.plan.dtype, {f"{name}.weight" for name in self.plan.layers}
         if dtype == torch.float32:
-            return model
+            return
         with torch.no_grad():
-            for key, tensor in model.state_dict(keep_vars=True).items():
-                if key not in quantized and tensor.is_floating_point() and tensor.dtype != dtype:
+            for key, tensor in module.state_dict(keep_vars=True).items():
+                name = prefix + key
+                if name in quantized or name.startswith(skip) or tensor.is_meta:
+                    continue
+                if tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor.copy_(tensor.to(dtype))
-        return model
 
     def finish_plan(self) -> None:
         """Record the artifact's layout in the plan (which linears stay float, the embeddings) after the passes."""

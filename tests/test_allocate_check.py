@@ -164,8 +164,7 @@ def test_fallback_measures_the_mix_as_gptq_quantizes_it(loud_channel_model, cali
     # (RTN with MSE clipping, the default since #32, happens to rank these two right)
     labels = r.passes[0].candidates
     mix = {u["name"]: labels.index(u["format"]) for u in result.report["allocation"]["units"]}
-    modules = {n: loaded.model.get_submodule(n) for n in mix}
-    with HeldOutKL(loaded.model, loaded.adapter, modules, held) as measure:
+    with HeldOutKL(loaded.model, loaded.adapter, list(mix), held) as measure:
         schemes, quant = r.passes[0].schemes(), r.passes[1].model_copy(update={"clip_search": False})
         swap_in = lambda c: swap_in_data_free(measure, c, schemes, quant)  # noqa: E731
         rtn = compare_uniform(measure, swap_in, mix, {"int3 g32": labels.index("int3 g32")}, "rtn")

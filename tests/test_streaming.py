@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_recipe
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import compressor
@@ -120,3 +120,84 @@ def test_gguf_float_copy_equals_transformers_gguf_load(tmp_path, monkeypatch):
     ).state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_allocation_keeps_one_block_resident(tiny_model_dir, calib_file, monkeypatch):
+    """allocate_bits on a streamed model (Fisher sweep, probe check, GPTQ-weighted fallback) never holds more than
+    one block and never loads the whole model; every block is back on disk afterwards, and the allocation equals
+    the one made with the model loaded whole."""
+    from compressor.calibration.data import read_texts, sample_windows
+    from compressor.models.lazy import LazyModel
+    from compressor.models.loading import max_positions
+    from compressor.passes.allocate import AllocateBitsRunner
+    from compressor.recipe import parse_recipe
+
+    recipe = small_recipe(calib_file, {"bits": 4, "group_size": 32})
+    alloc = {"type": "allocate_bits", "candidates": ["int3 g32", "int4 g32", "int8 channel"], "cache": False}
+    alloc.update(budget={"bits_per_weight": 4.5}, check={"probes": 4, "samples": 2})
+    recipe["passes"] = [alloc, *recipe["passes"]]
+    recipe = parse_recipe(recipe)
+
+    def allocate(stream: bool) -> tuple[dict, CompressionState]:
+        loaded = load_model(str(tiny_model_dir("llama")), stream=stream)
+        state = CompressionState(loaded, recipe, quiet=True)
+        state.calibration_ids = sample_windows(
+            loaded.tokenizer, read_texts(recipe.calibration), recipe.calibration, max_positions(loaded.model.config)
+        )
+        AllocateBitsRunner(recipe.passes[0]).run(state)
+        return {n: s.model_dump_json() for n, s in state.plan.schemes.items()}, state
+
+    most, materialize = [0], LazyModel.materialize
+
+    def counting(self, prefix=""):
+        materialize(self, prefix)
+        blocks = self.model.model.layers
+        most[0] = max(most[0], sum(not any(p.is_meta for p in b.parameters()) for b in blocks))
+
+    def refuse(self):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(LazyModel, "materialize", counting)
+    monkeypatch.setattr(LazyModel, "materialize_all", refuse)
+    streamed, state = allocate(stream=True)
+    assert state.loaded.lazy is not None and most[0] == 1
+    assert {u for u in state.report["allocation"]} >= {"check", "fallback"}
+    assert all(n.startswith("model.layers.") for n in _meta_params(state.model))
+    assert len(_meta_params(state.model)) == sum(1 for n, _ in state.model.named_parameters() if ".layers." in n)
+    monkeypatch.undo()
+    whole, _ = allocate(stream=False)
+    assert streamed == whole
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_unevaluated_streamed_run_never_loads_the_whole_model(
+    dtype, tiny_model_dir, calib_file, tmp_path, monkeypatch
+):
+    """Without evaluation, the load-back check runs the compressed model block by block (each block dequantized
+    from the plan, rounded to the artifact's dtype, let go); it must still catch an artifact that differs."""
+    from compressor.errors import ArtifactCheckError
+    from compressor.models.lazy import LazyModel
+
+    def refuse(self):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(LazyModel, "materialize_all", refuse)
+    recipe = small_recipe(calib_file, evaluate=None, dtype=dtype)
+    compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    from exporters import safetensors_export
+
+    write = safetensors_export.export_safetensors
+
+    def corrupting(source, folder):  # a bug that writes one block's norm wrong
+        files = write(source, folder)
+        path = folder / "model.safetensors"
+        tensors = load_file(path)
+        tensors["model.layers.1.input_layernorm.weight"] *= 2
+        save_file(tensors, path, metadata={"format": "pt"})
+        return files
+
+    monkeypatch.setitem(__import__("exporters").EXPORTERS, "safetensors", corrupting)
+    with pytest.raises(ArtifactCheckError, match="does not reproduce"):
+        compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=tmp_path / "bad", quiet=True)

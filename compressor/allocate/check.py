@@ -17,7 +17,7 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from .heldout import HeldOutKL
+from .heldout import BlockStep, HeldOutKL
 
 
 @dataclass
@@ -55,9 +55,8 @@ def probe_check(measure: HeldOutKL, probes: list[Probe]) -> dict:
     """Each probe's predicted and measured KL (only that linear swapped in) and their rank correlation."""
     pairs = []
     for p in probes:
-        measured = measure.kl(lambda n, p=p: p.dequantized if n == p.name else None)
+        measured = measure.kl(lambda n, p=p: p.dequantized if n == p.name else None, names=[p.name])
         pairs.append({"name": p.name, "candidate": p.candidate, "predicted_kl": p.predicted, "measured_kl": measured})
-    measure.restore()
     return {
         "rank_correlation": rank_correlation([q["predicted_kl"] for q in pairs], [q["measured_kl"] for q in pairs]),
         "samples": measure.samples,
@@ -75,23 +74,21 @@ def choose_safe_allocation(mix_kl: float, uniform_kls: dict[str, float]) -> str 
 
 def compare_uniform(
     measure: HeldOutKL,
-    swap_in: Callable[[Callable[[str], int]], None],
+    swap_in: Callable[[Callable[[str], int]], BlockStep],
     mix: dict[str, int],
     uniform: dict[str, int],
     weights: str,
     quiet: bool = True,
 ) -> dict:
     """Measured KL of the mix (linear -> candidate index) and of each uniform allocation (label -> candidate
-    index), each made and swapped into `measure` by `swap_in(candidate_of)` (`weights` says how, for the record)
-    one at a time, the originals restored after each; the decision of `choose_safe_allocation` with its reason.
+    index), each made block by block by the step `swap_in(candidate_of)` returns (`weights` says how, for the
+    record), one at a time; the decision of `choose_safe_allocation` with its reason.
     A progress bar (one step per allocation: with GPTQ weights each is a pass over every block) unless `quiet`."""
     progress = tqdm(total=1 + len(uniform), desc=f"allocation fallback ({weights})", unit="alloc", disable=quiet)
 
     def of(label: str, candidate_of: Callable[[str], int]) -> float:
         progress.set_postfix_str(label)
-        swap_in(candidate_of)
-        kl = measure.current_kl()
-        measure.restore()
+        kl = measure.kl_by_block(swap_in(candidate_of))
         progress.update(1)
         return kl
 

@@ -16,7 +16,7 @@ from ..calibration.engine import BlockSweep
 from ..quant.formats import IntFormat, resolve_format
 from ..schema import QuantizePass, WeightScheme
 from ..techniques import GptqConfig, RtnConfig, gptq_candidates, quantize_data_free
-from .heldout import HeldOutKL
+from .heldout import BlockStep, HeldOutKL
 
 
 def rtn_dequantized(w: torch.Tensor, scheme, quant) -> torch.Tensor:
@@ -56,12 +56,17 @@ def candidates_dequantized(
 
 def swap_in_data_free(
     measure: HeldOutKL, candidate_of: Callable[[str], int], schemes: list[WeightScheme | None], quant: QuantizePass
-) -> None:
-    """Swap into `measure` each linear's RTN (or FP8) weight at candidate `candidate_of(linear)` (`keep`: none)."""
-    for name in measure.modules:
-        scheme = schemes[candidate_of(name)]
-        if scheme is not None:
-            measure.swap(name, rtn_dequantized(measure.original(name), scheme, quant))
+) -> BlockStep:
+    """The step that swaps into `measure`, block by block, each linear's RTN (or FP8) weight at candidate
+    `candidate_of(linear)` (`keep`: none)."""
+
+    def step(i: int) -> None:
+        for name in measure.linears_of(i):
+            scheme = schemes[candidate_of(name)]
+            if scheme is not None:
+                measure.swap(name, rtn_dequantized(measure.original(name), scheme, quant))
+
+    return step
 
 
 def swap_in_gptq(
@@ -71,26 +76,32 @@ def swap_in_gptq(
     schemes: list[WeightScheme | None],
     quant: QuantizePass,
     compute_dtype: torch.dtype,
-) -> None:
-    """Swap into `measure` each linear's GPTQ weight at candidate `candidate_of(linear)`, solved as the quantize
-    pass solves (true-sequential, on the calibration `chunks`): block by block, each input group's H gathered from
-    inputs the already-swapped linears produced, its linears of one candidate solved as one stacked matrix.
+) -> BlockStep:
+    """The step that swaps into `measure`, block by block, each linear's GPTQ weight at candidate
+    `candidate_of(linear)`, solved as the quantize pass solves (true-sequential, on the calibration `chunks`): at
+    block i the calibration sweep runs that block, each input group's H gathered from inputs the already-swapped
+    linears produced, its linears of one candidate solved as one stacked matrix; the held-out windows then go
+    through the swapped block. The steps must come for blocks 0, 1, 2, ... in order.
 
     Solving with the unquantized model's H instead misjudged a mix on the tiny test llama with one 1000x channel
     (4x too much KL for the mix, half too little for uniform INT3). `keep` linears stay as they are."""
     model, adapter = measure.model, measure.adapter
-    blocks = adapter.blocks(model)
-    sweep = BlockSweep(model, blocks, chunks, compute_dtype, token_clip=quant.hessian_token_clip, track_abs=False)
-    for i, _block in sweep:
+    sweep = BlockSweep(
+        model, adapter.blocks(model), chunks, compute_dtype, token_clip=quant.hessian_token_clip, track_abs=False
+    )
+    blocks = iter(sweep)
+
+    def step(i: int) -> None:
+        index, _ = next(blocks)
+        if index != i:
+            raise RuntimeError(f"swap_in_gptq's steps must come in block order (got block {i} at {index})")
         prefix = adapter.block_prefix(model, i)
 
-        def solved(local: str, prefix=prefix) -> bool:
+        def solved(local: str) -> bool:
             name = f"{prefix}.{local}"
             return name in measure.modules and schemes[candidate_of(name)] is not None
 
-        groups = [g for g in (tuple(n for n in grp if solved(n)) for grp in adapter.linear_groups) if g]
-
-        def solve(local_names: tuple[str, ...], stat, prefix=prefix) -> None:
+        def solve(local_names: tuple[str, ...], stat) -> None:
             h, by_candidate = stat.mean(), {}
             for local in local_names:
                 by_candidate.setdefault(candidate_of(f"{prefix}.{local}"), []).append(f"{prefix}.{local}")
@@ -100,4 +111,6 @@ def swap_in_gptq(
                 for n, piece in zip(names, deq.split([w.shape[0] for w in weights])):
                     measure.swap(n, piece)
 
-        sweep.run(groups, solve)
+        sweep.run([g for g in (tuple(n for n in grp if solved(n)) for grp in adapter.linear_groups) if g], solve)
+
+    return step

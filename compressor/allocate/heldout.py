@@ -3,15 +3,24 @@
 The one place that measures "what does this weight change do to the output distribution": `method: search` scores
 its candidate mixes with it, and the allocation check scores its probe linears and the uniform allocations a mix
 must beat. Held-out windows are the calibration rows after the sensitivity sweep's first `num_samples`.
+
+Block by block (`structure.runner.BlockRunner`): the unchanged model's input of every block on the held-out windows
+is kept once, so a measurement starts at the first block it changes; each block is brought in (streamed models),
+its swaps are made while it is resident, the windows go through it, and its original weights go back before the
+next block. Peak memory: one block, the held-out windows' hidden states and the base model's probabilities.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..calibration.gradients import Residency
+from ..structure.runner import BlockRunner
+
+BlockStep = Callable[[int], None]  # called with block i resident, before the windows go through it: makes its swaps
 
 
 def held_out_rows(ids: torch.Tensor, num_samples: int, samples: int) -> torch.Tensor:
@@ -22,70 +31,90 @@ def held_out_rows(ids: torch.Tensor, num_samples: int, samples: int) -> torch.Te
 
 
 class HeldOutKL:
-    """KL(unquantized || swapped) per token on held-out windows; a context manager that restores every weight.
+    """KL(unquantized || swapped) per token on held-out windows; a context manager.
 
-    Entering runs the model as it is (it must be unquantized) once for the reference distribution. Each `kl` call
-    puts the weights it is given in place (every other linear of `modules` back to its original) and measures;
-    `swap` and `current_kl` do the same a linear at a time. Originals are copied when first swapped (the adapter's
-    weights can share the parameters' storage).
+    Entering runs the model as it is (it must be unquantized) once for the reference distribution and every
+    block's input. `kl_by_block(step)` measures with the swaps `step(i)` makes in block i (through `swap`, which
+    also reads `original`, both valid while that block is resident); `kl(weight_for)` swaps `weight_for(name)` for
+    each linear of `names`. Originals are copied when first swapped (the adapter's weights can share the
+    parameters' storage) and put back after their block has run.
     """
 
-    def __init__(self, model: nn.Module, adapter, modules: dict[str, nn.Module], held: torch.Tensor) -> None:
-        self.model, self.adapter, self.modules, self.held = model, adapter, modules, held
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter,
+        names: Sequence[str],
+        held: torch.Tensor,
+        residency: Residency | None = None,
+    ) -> None:
+        self.model, self.adapter, self.held = model, adapter, held
+        self.modules = {n: model.get_submodule(n) for n in names}
+        self.residency = residency or Residency()
+        prefixes = adapter.block_prefixes(model)
+        self.block_of = {n: next(i for i, p in enumerate(prefixes) if n.startswith(p + ".")) for n in names}
         self._saved: dict[str, torch.Tensor] = {}
-        self._base: torch.Tensor | None = None
+        self._runner: BlockRunner | None = None
 
     @property
     def samples(self) -> int:
         return int(self.held.shape[0])
 
     def __enter__(self) -> HeldOutKL:
-        self._base = self._log_probs()
+        self._runner = BlockRunner(self.model, self.adapter, [self.held], residency=self.residency, keep_states=True)
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
-        self._base = None
+        self._runner = None
+
+    def linears_of(self, block: int) -> list[str]:
+        """The measured linears of block `block`, in the order they were given."""
+        return [n for n in self.modules if self.block_of[n] == block]
 
     def original(self, name: str) -> torch.Tensor:
         """The unswapped [out, in] float32 weight of linear `name` (do not modify it)."""
         saved = self._saved.get(name)
         return saved if saved is not None else self.adapter.get_weight(self.modules[name])
 
-    def kl(self, weight_for: Callable[[str], torch.Tensor | None]) -> float:
-        """Mean per-token KL with each linear's weight `weight_for(name)` (None: the original) swapped in."""
-        for name in self.modules:
-            w = weight_for(name)
-            if w is None:
-                self._put_back(name)
-            else:
-                self.swap(name, w)
-        return self.current_kl()
-
     def swap(self, name: str, w: torch.Tensor) -> None:
-        """Put weight w [out, in] in place of linear `name`'s (its original kept for `restore`)."""
+        """Put weight w [out, in] in place of linear `name`'s (its original kept until its block has run)."""
         module = self.modules[name]
         if name not in self._saved:
             self._saved[name] = self.adapter.get_weight(module).clone()
         self.adapter.set_weight(module, w)
 
-    def current_kl(self) -> float:
-        """Mean per-token KL with the weights as they are now."""
-        logp, base = self._log_probs(), self._base
-        return float((base.exp() * (base - logp)).sum(-1).mean())
+    def kl(self, weight_for: Callable[[str], torch.Tensor | None], names: Sequence[str] | None = None) -> float:
+        """Mean per-token KL with each linear's weight `weight_for(name)` (None: the original) swapped in. With
+        `names` (the only linears `weight_for` changes) the blocks before the first of them are not re-run."""
+        start = min((self.block_of[n] for n in names), default=0) if names is not None else 0
+
+        def step(i: int) -> None:
+            for name in self.linears_of(i):
+                w = weight_for(name)
+                if w is not None:
+                    self.swap(name, w)
+
+        return self.kl_by_block(step, start)
+
+    def kl_by_block(self, step: BlockStep, start: int = 0) -> float:
+        """Mean per-token KL with the swaps `step(i)` makes in each block i >= `start` (the blocks before it as
+        they are); every block's original weights are back when this returns."""
+        runner = self._runner
+        if runner is None:
+            raise RuntimeError("HeldOutKL used outside its `with` block")
+        hidden = runner.base_states[start]
+        for i in range(start, runner.depth):
+            self.residency.load_block(i)
+            try:
+                step(i)
+                hidden = runner.run_block(i, hidden)
+            finally:
+                self.restore()
+            self.residency.release_block(i)
+        return runner.score(hidden).kl
 
     def restore(self) -> None:
         """Every swapped linear back to its original weight."""
         for name in list(self._saved):
-            self._put_back(name)
-
-    def _put_back(self, name: str) -> None:
-        saved = self._saved.pop(name, None)
-        if saved is not None:
-            self.adapter.set_weight(self.modules[name], saved)
-
-    def _log_probs(self) -> torch.Tensor:
-        with torch.inference_mode():
-            held = self.held
-            out = self.model(input_ids=held, attention_mask=torch.ones_like(held), use_cache=False)
-            return F.log_softmax(out.logits.float(), dim=-1)
+            self.adapter.set_weight(self.modules[name], self._saved.pop(name))

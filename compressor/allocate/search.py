@@ -23,13 +23,11 @@ log = logging.getLogger(__name__)
 
 def refine_by_kl(state, units, schemes, quant, choice: np.ndarray, budget: int, cfg, weights) -> np.ndarray:
     """Return an allocation no worse (by measured KL on the held-out samples) than `choice`, within budget."""
-    model, adapter = state.full_model(), state.adapter
     held = held_out_rows(state.calibration_ids, cfg.num_samples, cfg.search_samples)
-    modules = {n: model.get_submodule(n) for n in units.names}
     unit_of = dict(zip(units.names, units.unit_of))
     deadline = time.perf_counter() + cfg.search_seconds
     rng = np.random.default_rng(state.recipe.calibration.seed)
-    with HeldOutKL(model, adapter, modules, held) as measure:
+    with HeldOutKL(state.model, state.adapter, units.names, held, state.residency()) as measure:
         cache: dict[tuple[str, int], torch.Tensor] = {}
 
         def kl(assign: np.ndarray) -> float:

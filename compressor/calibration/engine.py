@@ -521,6 +521,29 @@ class BlockSweep:
         self._ran = True
 
 
+@contextlib.contextmanager
+def replaying_last_block(blocks: nn.ModuleList, last_output: torch.Tensor, tuple_output: bool = False):
+    """Inside, every block passes its input through and the last one returns `last_output`: the model's own forward
+    then computes only what comes after the blocks (final norm, projections, head, softcaps) from it, so each
+    family's post-block code is used as is. `tuple_output`: the blocks return tuples (as the real ones do)."""
+
+    def through(*args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x,) if tuple_output else x
+
+    def final(*args, **kwargs):
+        return (last_output,) if tuple_output else last_output
+
+    for block in blocks:
+        block.forward = through
+    blocks[len(blocks) - 1].forward = final
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
 def run_block_plain(block: nn.Module, hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict]):
     """Forward every chunk through `block` (no statistics)."""
     outs = []

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import GramStat, ReduceFn, capture_block_inputs, return_free_memory
+from .engine import GramStat, ReduceFn, capture_block_inputs, replaying_last_block, return_free_memory
 
 
 def _no_op(*_args) -> None:
@@ -140,7 +140,7 @@ class GradientSweep:
         try:
             for x, ids, index in zip(self._load(len(self.blocks)), self.windows, self.indices):
                 x = x.clone().requires_grad_(True)
-                with _frozen(self.model), _replaying(self.blocks, x, self._tuple_output), torch.enable_grad():
+                with _frozen(self.model), replaying_last_block(self.blocks, x, self._tuple_output), torch.enable_grad():
                     with self._autocast():
                         logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
                     self.objective(logits[0], index).backward()
@@ -254,25 +254,3 @@ def _frozen(module: nn.Module):
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-@contextlib.contextmanager
-def _replaying(blocks: nn.ModuleList, last: torch.Tensor, tuple_output: bool):
-    """Every block passes its input through, and the last one returns `last` instead: the model's forward then
-    computes only what comes after the blocks (final norm, head) from `last`."""
-
-    def through(*args, **kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        return (x,) if tuple_output else x
-
-    def final(*args, **kwargs):
-        return (last,) if tuple_output else last
-
-    for block in blocks:
-        block.forward = through
-    blocks[len(blocks) - 1].forward = final
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward

@@ -345,9 +345,8 @@ class AllocateBitsRunner:
         return {li: min(quantized, key=lambda ci, li=li: linear_costs[li, ci]) for li in picks}
 
     def _held_out(self, state: CompressionState, names: list[str]) -> HeldOutKL:
-        model = state.full_model()
         held = held_out_rows(state.calibration_ids, self.cfg.num_samples, self.cfg.check.samples)
-        return HeldOutKL(model, state.adapter, {n: model.get_submodule(n) for n in names}, held)
+        return HeldOutKL(state.model, state.adapter, names, held, state.residency())
 
     def _overlap(self, state: CompressionState) -> bool:
         """Whether the check's windows include some of the sensitivity sweep's (too few calibration rows)."""
@@ -402,8 +401,9 @@ class AllocateBitsRunner:
         return choice, {**result, "overlaps_sensitivity_windows": self._overlap(state)}
 
     def _swap_in(self, state, quant, measure: HeldOutKL, method: str):
-        """`swap_in(candidate_of)`: makes an allocation's weights as error model `method` does and swaps them into
-        `measure`; `gptq` solves true-sequentially on the sensitivity sweep's windows, as the quantize pass would."""
+        """`swap_in(candidate_of)`: the block step that makes an allocation's weights as error model `method` does
+        and swaps them into `measure`; `gptq` solves true-sequentially on the sensitivity sweep's windows, as the
+        quantize pass would."""
         if method != "gptq":
             return lambda candidate_of: swap_in_data_free(measure, candidate_of, self.schemes, quant)
         ids, batch = state.calibration_ids[: self.cfg.num_samples], state.recipe.calibration.batch_size

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration.engine import capture_block_inputs
+from ..calibration.engine import capture_block_inputs, replaying_last_block
+from ..calibration.gradients import Residency
 from ..models.adapters import Adapter
 from .family import structure_info
 
@@ -60,16 +61,33 @@ class OutputScore:
 class BlockRunner:
     """Cached inputs of every block for a fixed set of chunks, plus the base model's outputs on them."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, chunks: Sequence[torch.Tensor], reference: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        chunks: Sequence[torch.Tensor],
+        reference: bool = True,
+        *,
+        residency: Residency | None = None,
+        keep_states: bool = False,
+    ):
+        """`residency` brings each block in for its run and lets it go after (streamed models). With `reference` and
+        `keep_states`, the base model's input of every block is kept (`base_states`, depth + 1 entries)."""
         self.model, self.adapter = model, adapter
         self.blocks = adapter.blocks(model)
         self.chunks = list(chunks)
         self.info = structure_info(adapter, model)
+        self.residency = residency or Residency()
         self.calls = capture_block_inputs(model, self.blocks, self.chunks)
         self.base_p: list[torch.Tensor] | None = None  # base model's probabilities per chunk
         self.base_final: Hidden | None = None
+        self.base_states: list[Hidden] | None = None
         if reference:
-            self.base_final = self.run(0, self.calls.hidden)
+            if keep_states:
+                self.base_states = self.inputs()
+                self.base_final = self.base_states[-1]
+            else:
+                self.base_final = self.run(0, self.calls.hidden)
             self.base_p, self.base_negentropy = [], []
             half = sum(h.shape[0] * h.shape[1] for h in self.base_final) * model.config.vocab_size
             for i, h in enumerate(self.base_final):
@@ -78,7 +96,9 @@ class BlockRunner:
                 if half > REFERENCE_FP32_LIMIT:  # large vocab x many tokens: halve the cache
                     p = p.to(torch.float16)
                 self.base_p.append(p)
-                self.base_negentropy.append((p * logp).sum().item())  # KL = sum p log p - sum p log q
+                # KL = sum p log p - sum p log q, both terms with the p kept (so a float16 p perturbs the weights of
+                # a true KL instead of leaving a difference of two large, differently rounded sums)
+                self.base_negentropy.append((p.float() * logp).sum().item())
 
     @property
     def depth(self) -> int:
@@ -115,7 +135,9 @@ class BlockRunner:
         with self.skipping(u for u in removed if u[0] >= start):
             for i in range(start, self.depth if stop is None else stop):
                 if i not in dropped:
+                    self.residency.load_block(i)
                     hidden = self.run_block(i, hidden)
+                    self.residency.release_block(i)
         return hidden
 
     def inputs(
@@ -158,28 +180,10 @@ class BlockRunner:
 
 
 def head_logits(model: nn.Module, adapter: Adapter, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """Logits the model computes when its last block outputs `final` (final norm, projections, head, softcaps).
-
-    Runs the model's own forward with every block replaced by a pass-through and the last one by `final`,
-    so each family's post-block code is used as is.
-    """
-    blocks = adapter.blocks(model)
-    last = len(blocks) - 1
-
-    def passthrough(*args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    def inject(*args, **kwargs):
-        return final
-
-    for i, block in enumerate(blocks):
-        block.forward = inject if i == last else passthrough
-    try:
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        for block in blocks:
-            del block.forward
+    """Logits the model computes when its last block outputs `final` (final norm, projections, head, softcaps):
+    the model's own forward with the blocks replayed (`calibration.engine.replaying_last_block`)."""
+    with replaying_last_block(adapter.blocks(model), final), torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return out.logits
 
 
