@@ -7,7 +7,9 @@ must beat. Held-out windows are the calibration rows after the sensitivity sweep
 Block by block (`structure.runner.BlockRunner`): the unchanged model's input of every block on the held-out windows
 is kept once, so a measurement starts at the first block it changes; each block is brought in (streamed models),
 its swaps are made while it is resident, the windows go through it, and its original weights go back before the
-next block. Peak memory: one block, the held-out windows' hidden states and the base model's probabilities.
+next block. The KL takes the head over a slice of one window's positions at a time, for the base model too (its
+probabilities are recomputed from its kept last-block outputs rather than stored). Peak memory: one block, the
+held-out windows' hidden states at every block boundary, one slice of logits.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..calibration.gradients import Residency
-from ..structure.runner import BlockRunner
+from ..eval.logits import slice_positions
+from ..quant.linalg import fixed_order_sum
+from ..structure.runner import BlockRunner, head_logits
 
 BlockStep = Callable[[int], None]  # called with block i resident, before the windows go through it: makes its swaps
 
@@ -55,18 +60,21 @@ class HeldOutKL:
         self.block_of = {n: next(i for i, p in enumerate(prefixes) if n.startswith(p + ".")) for n in names}
         self._saved: dict[str, torch.Tensor] = {}
         self._runner: BlockRunner | None = None
+        self._base_states: list[list[torch.Tensor]] = []  # the unchanged model's input of every block, and output
 
     @property
     def samples(self) -> int:
         return int(self.held.shape[0])
 
     def __enter__(self) -> HeldOutKL:
-        self._runner = BlockRunner(self.model, self.adapter, [self.held], residency=self.residency, keep_states=True)
+        windows = [self.held[i : i + 1] for i in range(self.samples)]  # one window per chunk: bounded head memory
+        self._runner = BlockRunner(self.model, self.adapter, windows, reference=False, residency=self.residency)
+        self._base_states = self._runner.inputs()
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
-        self._runner = None
+        self._runner, self._base_states = None, []
 
     def linears_of(self, block: int) -> list[str]:
         """The measured linears of block `block`, in the order they were given."""
@@ -103,7 +111,7 @@ class HeldOutKL:
         runner = self._runner
         if runner is None:
             raise RuntimeError("HeldOutKL used outside its `with` block")
-        hidden = runner.base_states[start]
+        hidden = self._base_states[start]
         for i in range(start, runner.depth):
             self.residency.load_block(i)
             try:
@@ -112,9 +120,30 @@ class HeldOutKL:
             finally:
                 self.restore()
             self.residency.release_block(i)
-        return runner.score(hidden).kl
+        return self._kl_to_base(hidden)
+
+    def _kl_to_base(self, final: list[torch.Tensor]) -> float:
+        """Mean per-token KL(base || model) from the last block's outputs, the head applied to a slice of one
+        window's positions at a time for both (no [windows, positions, vocabulary] tensor is kept or made)."""
+        runner, total, count = self._runner, 0.0, 0
+        vocab = self.model.config.get_text_config().vocab_size
+        for ids, ours, base in zip(runner.chunks, final, self._base_states[-1]):
+            step = slice_positions(vocab, ids.shape[1])
+            for start in range(0, ids.shape[1], step):
+                cut = slice(start, start + step)
+                theirs = _log_probs(self.model, self.adapter, ids[:, cut], base[:, cut])
+                mine = _log_probs(self.model, self.adapter, ids[:, cut], ours[:, cut])
+                total += fixed_order_sum(theirs.exp() * (theirs - mine))
+                count += theirs.shape[0] * theirs.shape[1]
+        return total / max(count, 1)
 
     def restore(self) -> None:
         """Every swapped linear back to its original weight."""
         for name in list(self._saved):
             self.adapter.set_weight(self.modules[name], self._saved.pop(name))
+
+
+def _log_probs(model: nn.Module, adapter, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities [windows, positions, vocab] the head gives the last block's outputs `final` (the
+    post-block code acts on each position alone, so a slice of positions gives that slice of the logits)."""
+    return F.log_softmax(head_logits(model, adapter, ids, final).float(), dim=-1)
