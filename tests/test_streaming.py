@@ -201,3 +201,40 @@ def test_an_unevaluated_streamed_run_never_loads_the_whole_model(
     monkeypatch.setitem(__import__("exporters").EXPORTERS, "safetensors", corrupting)
     with pytest.raises(ArtifactCheckError, match="does not reproduce"):
         compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=tmp_path / "bad", quiet=True)
+
+
+def test_score_pass_keeps_one_block_resident(tiny_model_dir, calib_file, monkeypatch):
+    """The score pass on a streamed model (statistics sweep, ZD, skip-one measurements) brings one block in at a
+    time and gives the table of the model loaded whole."""
+    from compressor.calibration.data import read_texts, sample_windows
+    from compressor.models.lazy import LazyModel
+    from compressor.models.loading import max_positions
+    from compressor.passes.structure import ScoreRunner
+    from compressor.recipe import parse_recipe
+
+    recipe = small_recipe(calib_file)
+    recipe["passes"] = [{"type": "score", "measure_samples": 2, "max_samples": 4}, *recipe["passes"]]
+    recipe = parse_recipe(recipe)
+
+    def scores(stream: bool) -> dict:
+        loaded = load_model(str(tiny_model_dir("llama")), stream=stream)
+        state = CompressionState(loaded, recipe, quiet=True)
+        state.calibration_ids = sample_windows(
+            loaded.tokenizer, read_texts(recipe.calibration), recipe.calibration, max_positions(loaded.model.config)
+        )
+        ScoreRunner(recipe.passes[0]).run(state)
+        assert not stream or all(n.startswith("model.layers.") for n in _meta_params(state.model))
+        return state.report["scores"]
+
+    most, materialize = [0], LazyModel.materialize
+
+    def counting(self, prefix=""):
+        materialize(self, prefix)
+        most[0] = max(most[0], sum(not any(p.is_meta for p in b.parameters()) for b in self.model.model.layers))
+
+    monkeypatch.setattr(LazyModel, "materialize", counting)
+    monkeypatch.setattr(LazyModel, "materialize_all", lambda self: pytest.fail("the whole model was loaded"))
+    streamed = scores(stream=True)
+    assert most[0] == 1
+    monkeypatch.undo()
+    assert streamed == scores(stream=False)

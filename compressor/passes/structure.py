@@ -27,7 +27,7 @@ class ScoreRunner:
 
     def run(self, state: CompressionState) -> None:
         table = score_model(
-            state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet, state.ranks
+            state.model, state.adapter, state.calibration_ids, self.cfg, state.quiet, state.ranks, state.residency()
         )
         state.report["scores"] = table.to_json()
         if self.cfg.plot:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.gradients import Residency
 from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..errors import RecipeError
 from ..models.adapters import Adapter
@@ -45,12 +46,21 @@ def _check_decoder(adapter: Adapter, what: str) -> None:
 
 
 def score_model(
-    model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: ScorePass, quiet: bool, ranks: Ranks = ONE_PROCESS
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor,
+    cfg: ScorePass,
+    quiet: bool,
+    ranks: Ranks = ONE_PROCESS,
+    residency: Residency | None = None,
 ) -> ScoreTable:
-    """Every score the config asks for (measured ones shared out among `ranks` in a distributed run)."""
+    """Every score the config asks for (measured ones shared out among `ranks` in a distributed run); `residency`
+    brings a streamed model's blocks in one at a time."""
     stat_chunks = sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4)
     measure_chunks = sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size) if cfg.measure else None
-    return compute_scores(model, adapter, stat_chunks, measure_chunks, cfg.max_distance, cfg.sublayers, quiet, ranks)
+    return compute_scores(
+        model, adapter, stat_chunks, measure_chunks, cfg.max_distance, cfg.sublayers, quiet, ranks, residency
+    )
 
 
 # ---- remove_blocks ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.gradients import Residency
 from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..models.adapters import Adapter
 from .metrics import CosineMean, block_influence, lim_score, merge_cosines_over_ranks, zd_score
@@ -64,14 +65,24 @@ def _linear_weights(adapter: Adapter, block: nn.Module, names: Sequence[str]) ->
     return [adapter.get_weight(block.get_submodule(n)) for n in names]
 
 
-def weight_scores(adapter: Adapter, blocks: nn.ModuleList, table: ScoreTable, sublayers: bool) -> None:
-    """ZD per block and, when branches are scored, per attention (first two groups) / MLP (last two) linears."""
-    table.blocks["zd"] = [zd_score(_linear_weights(adapter, b, adapter.linear_names())) for b in blocks]
-    if sublayers:
-        groups = adapter.linear_groups
-        halves = {"attention": [n for g in groups[:2] for n in g], "mlp": [n for g in groups[2:] for n in g]}
-        for kind, names in halves.items():
-            table.sublayers[kind]["zd"] = [zd_score(_linear_weights(adapter, b, names)) for b in blocks]
+def weight_scores(
+    adapter: Adapter, blocks: nn.ModuleList, table: ScoreTable, sublayers: bool, residency: Residency | None = None
+) -> None:
+    """ZD per block and, when branches are scored, per attention (first two groups) / MLP (last two) linears (a
+    block at a time, brought in by `residency` for a streamed model)."""
+    residency = residency or Residency()
+    groups = adapter.linear_groups
+    halves = {"attention": [n for g in groups[:2] for n in g], "mlp": [n for g in groups[2:] for n in g]}
+    zd: dict[str, list[float]] = {"block": [], **({k: [] for k in halves} if sublayers else {})}
+    for i, block in enumerate(blocks):
+        residency.load_block(i)
+        zd["block"].append(zd_score(_linear_weights(adapter, block, adapter.linear_names())))
+        for kind in halves if sublayers else ():
+            zd[kind].append(zd_score(_linear_weights(adapter, block, halves[kind])))
+        residency.release_block(i)
+    table.blocks["zd"] = zd["block"]
+    for kind in halves if sublayers else ():
+        table.sublayers[kind]["zd"] = zd[kind]
 
 
 @torch.inference_mode()
@@ -90,11 +101,13 @@ def activation_scores(
     mlp_name = runner.info.branch("mlp") if sublayers else None
     for i in tqdm(range(depth), desc="score (sweep)", unit="block", disable=quiet):
         capture = Capture(runner.blocks[i].get_submodule(mlp_name), inputs=False) if mlp_name else None
+        runner.residency.load_block(i)
         try:
             out = runner.run_block(i, hidden)
         finally:
             if capture is not None:
                 capture.remove()
+        runner.residency.release_block(i)
         if capture is not None:
             for h_in, h_out, branch in zip(hidden, out, capture.outputs):
                 mid = h_out - branch.reshape(h_out.shape)
@@ -147,9 +160,12 @@ def compute_scores(
     sublayers: bool = True,
     quiet: bool = False,
     ranks: Ranks = ONE_PROCESS,
+    residency: Residency | None = None,
 ) -> ScoreTable:
-    """Every metric of this module for the model's blocks (measured ones only when `measure_chunks` is given)."""
-    stats_runner = BlockRunner(model, adapter, ranks.shard(stat_chunks, allow_empty=True), reference=False)
+    """Every metric of this module for the model's blocks (measured ones only when `measure_chunks` is given);
+    `residency` brings a streamed model's blocks in one at a time."""
+    mine = ranks.shard(stat_chunks, allow_empty=True)
+    stats_runner = BlockRunner(model, adapter, mine, reference=False, residency=residency)
     sublayers = sublayers and stats_runner.info.attention_out is not None
     table = ScoreTable(depth=stats_runner.depth)
     table.tokens["statistics"] = int(sum(c.numel() for c in stat_chunks))
@@ -157,9 +173,9 @@ def compute_scores(
         table.sublayers = {k: {} for k in SUBLAYERS}
     activation_scores(stats_runner, table, max_distance, sublayers, quiet, ranks)
     del stats_runner
-    weight_scores(adapter, adapter.blocks(model), table, sublayers)
+    weight_scores(adapter, adapter.blocks(model), table, sublayers, residency)
     if measure_chunks:
-        runner = BlockRunner(model, adapter, measure_chunks)
+        runner = BlockRunner(model, adapter, measure_chunks, residency=residency)
         table.tokens["measured"] = int(sum(c.numel() for c in measure_chunks))
         kinds = ("block", *SUBLAYERS) if sublayers else ("block",)
         units = [(i, k) for k in kinds for i in range(runner.depth)]
