@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from .calibration.blockwise import BlockwiseLogits
 from .calibration.data import HELDOUT_NAME, read_heldout, read_text_file, read_texts, sample_windows, shared_fraction
-from .calibration.engine import limit_malloc_fragmentation, peak_rss_mb
+from .calibration.engine import head_logits, limit_malloc_fragmentation, peak_rss_mb
 from .calibration.ranks import init_from_launcher
 from .errors import ArtifactCheckError, ModelError, RecipeError
 from .eval.bootstrap import report_intervals
@@ -21,8 +22,8 @@ from .pipeline import run_passes
 from .plan import Plan
 from .recipe import Recipe, portable_name, resolve_recipe
 from .runtime.lora import LORA_DIR
-from .state import CompressionState
-from .structure.runner import BlockRunner, head_logits
+from .state import CompressionState, lazy_residency
+from .structure.runner import BlockRunner
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def _compressed_outputs(state: CompressionState, ids: torch.Tensor) -> torch.Ten
     residency = state.artifact_residency()
     residency.load_outside()
     runner = BlockRunner(state.model, state.adapter, [ids], reference=False, residency=residency)
-    return head_logits(state.model, state.adapter, ids, runner.run(0, runner.calls.hidden)[0]).float()
+    return head_logits(state.model, runner.blocks, ids, runner.run(0, runner.calls.hidden)[0]).float()
 
 
 @torch.inference_mode()
@@ -310,6 +311,8 @@ def _load(r: Recipe, quiet: bool, run: _Run) -> tuple[CompressionState, int, tor
         check_level_patterns(r.onnx, linears)
     _check_head(r, loaded.model)
     state = CompressionState(loaded, r, quiet=quiet)
+    if r.evaluate is not None:
+        _evaluate_block_by_block(state)  # an impossible `block_by_block: true` fails before the passes
     windows, run.eval_text = _eval_windows(r, loaded)
     if windows is not None and r.evaluate.kl:
         loaded.keep_base_copy()  # only when the model cannot be re-read from its checkpoint
@@ -333,10 +336,11 @@ def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None
     if windows is None:
         return metrics
     t = time.perf_counter()
-    base = loaded.base_model() if r.evaluate.kl else None
+    blockwise = _evaluate_block_by_block(state)
+    model, base = _evaluated_models(state, blockwise)
     ranks = state.ranks
     metrics = evaluate_windows(
-        state.artifact_model(),
+        model,
         windows,
         base,
         r.evaluate.batch_size,
@@ -348,10 +352,49 @@ def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None
     metrics["evaluation_text"] = run.eval_text
     if base is not None:
         metrics["intervals"] = report_intervals(metrics.get("windows", {}), seed=r.calibration.seed)
-    if base is not None and _samples(r, loaded) and ranks.main:
+    if blockwise:
+        metrics["evaluated_block_by_block"] = True
+    if base is not None and not blockwise and _samples(r, loaded) and ranks.main:
         metrics["base_sample"] = greedy_sample(base, loaded.tokenizer, r.evaluate.prompt, r.evaluate.generate_tokens)
     run.timed("evaluate", t)
     return metrics
+
+
+def _evaluate_block_by_block(state: CompressionState) -> bool:
+    """Whether evaluation runs the models block by block: `evaluate.block_by_block`, or (null) when the float32
+    compressed model and its base would take more than half of the memory available now. Only a streamed decoder
+    can (an explicit `true` for any other model is an error)."""
+    choice, loaded = state.recipe.evaluate.block_by_block, state.loaded
+    possible = loaded.lazy is not None and loaded.adapter.decoder
+    if choice and not possible:
+        raise RecipeError(
+            "evaluate.block_by_block needs a decoder streamed from a safetensors checkpoint",
+            where="evaluate.block_by_block",
+            fix="remove it (the model is evaluated whole), or point --model at a safetensors checkpoint folder",
+        )
+    if choice is not None or not possible:
+        return bool(choice)
+    import psutil
+
+    float32_bytes = 4 * sum(p.numel() for p in state.model.parameters())
+    return 2 * float32_bytes > psutil.virtual_memory().available / 2
+
+
+def _evaluated_models(state: CompressionState, blockwise: bool):
+    """The compressed model as the artifact stores it and the base (None without KL), whole or as block-by-block
+    logits sources (`calibration.blockwise`)."""
+    loaded, kl = state.loaded, state.recipe.evaluate.kl
+    if not blockwise:
+        return state.artifact_model(), (loaded.base_model() if kl else None)
+    blocks = state.adapter.blocks(state.model)
+    model = BlockwiseLogits(state.model, blocks, state.artifact_residency())
+    base_lazy = loaded.base_streamed() if kl else None
+    if kl and base_lazy is None:
+        raise ModelError("the base model cannot be streamed from its checkpoint for block-by-block evaluation")
+    if base_lazy is None:
+        return model, None
+    base_blocks = state.adapter.blocks(base_lazy.model)
+    return model, BlockwiseLogits(base_lazy.model, base_blocks, lazy_residency(base_lazy, state.adapter))
 
 
 def _report(state: CompressionState, metrics: dict, run: _Run) -> dict:

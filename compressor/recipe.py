@@ -62,6 +62,12 @@ class EvaluateConfig(Strict):
         "it (int8-decode), and with the base model: text and decode tokens/s go to the report; 0 skips",
     )
     prompt: str = Field("The history of the city", min_length=1, description="prompt for the greedy sample")
+    block_by_block: bool | None = Field(
+        None,
+        description="run the compressed and the base model block by block over the windows (one block in memory; "
+        "a streamed safetensors model only; no greedy sample of the base model); null (auto): when the two float32 "
+        "models would take more than half of the memory available",
+    )
 
 
 class HubConfig(Strict):

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibration.gradients import Residency
+from .calibration.engine import Residency
 from .calibration.ranks import Ranks
+from .models.lazy import LazyModel
 from .models.loading import LoadedModel
 from .plan import Plan
 from .recipe import Recipe
@@ -57,33 +58,12 @@ class CompressionState:
     def evict_outside_blocks(self) -> None:
         """Streamed models: drop the parameters outside the decoder blocks (embeddings, head, final norm) while a
         block-by-block sweep runs; untouched ones are read back from the checkpoint when needed."""
-        lazy = self.loaded.lazy
-        if lazy is None:
-            return
-        blocks = tuple(p + "." for p in self.adapter.block_prefixes(self.model))
-        lazy.evict_unchanged(n for n, _ in self.model.named_parameters() if not n.startswith(blocks))
+        self.residency().release_outside()
 
     def residency(self) -> Residency:
         """How a block-by-block sweep brings blocks into memory and lets them go: for a streamed model, from and back
         to the checkpoint (a parameter some pass changed stays resident); for a model loaded whole, nothing."""
-        lazy = self.loaded.lazy
-        if lazy is None:
-            return Residency()
-        prefixes = self.adapter.block_prefixes(self.model)
-        blocks = tuple(p + "." for p in prefixes)
-
-        def release_block(i: int) -> None:
-            lazy.evict_unchanged(n for n, _ in self.model.named_parameters() if n.startswith(prefixes[i] + "."))
-
-        def load_outside() -> None:
-            for name, _ in self.model.named_parameters():
-                if not name.startswith(blocks):
-                    lazy.materialize(name.rpartition(".")[0])
-
-        def load_block(i: int) -> None:
-            lazy.materialize(prefixes[i])
-
-        return Residency(load_block, release_block, load_outside, self.evict_outside_blocks)
+        return lazy_residency(self.loaded.lazy, self.adapter)
 
     def release_quantized(self, layers: list[str]) -> None:
         """Streamed models: drop the float weights of these planned layers; they are rebuilt from the plan
@@ -165,3 +145,29 @@ class CompressionState:
         ids = self.calibration_ids
         bs = self.recipe.calibration.batch_size
         return [ids[i : i + bs] for i in range(0, ids.shape[0], bs)]
+
+
+def lazy_residency(lazy: LazyModel | None, adapter) -> Residency:
+    """`Residency` over a streamed model: blocks read from the checkpoint and let go again (a parameter changed since
+    it was read stays), the embeddings and head likewise; nothing to do for a model loaded whole (None)."""
+    if lazy is None:
+        return Residency()
+    model = lazy.model
+    prefixes = adapter.block_prefixes(model)
+    blocks = tuple(p + "." for p in prefixes)
+
+    def load_block(i: int) -> None:
+        lazy.materialize(prefixes[i])
+
+    def release_block(i: int) -> None:
+        lazy.evict_unchanged(n for n, _ in model.named_parameters() if n.startswith(prefixes[i] + "."))
+
+    def load_outside() -> None:
+        for name, _ in model.named_parameters():
+            if not name.startswith(blocks):
+                lazy.materialize(name.rpartition(".")[0])
+
+    def release_outside() -> None:
+        lazy.evict_unchanged(n for n, _ in model.named_parameters() if not n.startswith(blocks))
+
+    return Residency(load_block, release_block, load_outside, release_outside)

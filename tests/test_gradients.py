@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compressor.allocate.fisher import _sampled_log_likelihood
-from compressor.calibration.engine import GramStat
-from compressor.calibration.gradients import GradientSweep, Residency
+from compressor.calibration.engine import GramStat, Residency
+from compressor.calibration.gradients import GradientSweep
 from compressor.models.adapters import adapter_for
 from compressor.models.loading import load_model
 

@@ -238,3 +238,31 @@ def test_score_pass_keeps_one_block_resident(tiny_model_dir, calib_file, monkeyp
     assert most[0] == 1
     monkeypatch.undo()
     assert streamed == scores(stream=False)
+
+
+def test_block_by_block_evaluation_matches_the_whole_model(tiny_model_dir, calib_file, tmp_path, monkeypatch):
+    """`evaluate.block_by_block: true` runs the compressed model and a streamed base block-major, never loading
+    either whole, and gives the figures of the whole-model evaluation (per window too)."""
+    from compressor.models.lazy import LazyModel
+
+    recipe = small_recipe(calib_file, method="rtn")
+    recipe["evaluate"].update(max_windows=3, batch_size=2)
+    whole = compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=tmp_path / "whole", quiet=True)
+    monkeypatch.setattr(LazyModel, "materialize_all", lambda self: pytest.fail("the whole model was loaded"))
+    recipe["evaluate"]["block_by_block"] = True
+    blockwise = compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=tmp_path / "bw", quiet=True)
+    assert blockwise.metrics["evaluated_block_by_block"] is True and "base_sample" not in blockwise.metrics
+    for key in ("perplexity", "base_perplexity", "kl_divergence", "top1_agreement"):
+        assert blockwise.metrics[key] == pytest.approx(whole.metrics[key], rel=1e-5, abs=1e-7), key
+    for key, values in whole.metrics["windows"].items():
+        assert blockwise.metrics["windows"][key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+
+
+def test_block_by_block_evaluation_of_an_encoder_is_refused_before_the_passes(tiny_model_dir, calib_file, tmp_path):
+    from compressor.errors import RecipeError
+
+    recipe = small_recipe(calib_file, method="rtn")
+    recipe["evaluate"]["block_by_block"] = True
+    with pytest.raises(RecipeError, match="block_by_block"):
+        compressor.compress(recipe, model=str(tiny_model_dir("bert")), output=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.gradients import GradientSweep, Residency
+from ..calibration.engine import Residency
+from ..calibration.gradients import GradientSweep
 from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..quant.linalg import fixed_order_sum
 from ..structure.metrics import CosineMean, lim_score, merge_cosines_over_ranks

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration.gradients import Residency
+from ..calibration.engine import Residency, head_logits
 from ..eval.logits import slice_positions
 from ..quant.linalg import fixed_order_sum
-from ..structure.runner import BlockRunner, head_logits
+from ..structure.runner import BlockRunner
 
 BlockStep = Callable[[int], None]  # called with block i resident, before the windows go through it: makes its swaps
 
@@ -146,4 +146,4 @@ class HeldOutKL:
 def _log_probs(model: nn.Module, adapter, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
     """Float32 log-probabilities [windows, positions, vocab] the head gives the last block's outputs `final` (the
     post-block code acts on each position alone, so a slice of positions gives that slice of the logits)."""
-    return F.log_softmax(head_logits(model, adapter, ids, final).float(), dim=-1)
+    return F.log_softmax(head_logits(model, adapter.blocks(model), ids, final).float(), dim=-1)

@@ -73,6 +73,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / scale
 
 
+def _no_op(*_args) -> None:
+    return None
+
+
+@dataclass
+class Residency:
+    """How a sweep brings a block's weights into memory and lets them go again (streamed models: from and back to
+    the checkpoint); the defaults do nothing (a model loaded whole). `outside` = embeddings, final norm, head."""
+
+    load_block: Callable[[int], None] = _no_op
+    release_block: Callable[[int], None] = _no_op
+    load_outside: Callable[[], None] = _no_op
+    release_outside: Callable[[], None] = _no_op
+
+
 class _StopCapture(Exception):
     pass
 
@@ -542,6 +557,29 @@ def replaying_last_block(blocks: nn.ModuleList, last_output: torch.Tensor, tuple
     finally:
         for block in blocks:
             del block.forward
+
+
+def head_logits(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Logits the model computes when its last block outputs `final` [B, S, hidden] for the ids [B, S] (final norm,
+    projections, head, softcaps: the model's own post-block code, `replaying_last_block`). Each position's logits
+    depend on that position alone, so slices of positions give slices of the logits."""
+    with replaying_last_block(blocks, final), torch.inference_mode():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+
+def final_hidden_block_by_block(
+    model: nn.Module, blocks: nn.ModuleList, chunks: Sequence[torch.Tensor], residency: Residency
+) -> list[torch.Tensor]:
+    """The last block's outputs for every chunk of ids, block-major: each block brought in once (`residency`), run on
+    every chunk and let go, so one block's weights and two boundaries of activations are in memory."""
+    calls = capture_block_inputs(model, blocks, chunks)
+    hidden = calls.hidden
+    for i, block in enumerate(blocks):
+        residency.load_block(i)
+        hidden = run_block_plain(block, hidden, calls.args[i], calls.kwargs[i])
+        residency.release_block(i)
+        return_free_memory()
+    return hidden
 
 
 def run_block_plain(block: nn.Module, hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict]):

@@ -30,22 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import GramStat, ReduceFn, capture_block_inputs, replaying_last_block, return_free_memory
-
-
-def _no_op(*_args) -> None:
-    return None
-
-
-@dataclass
-class Residency:
-    """How a sweep brings a block's weights into memory and lets them go again (streamed models: from and back to
-    the checkpoint); the defaults do nothing (a model loaded whole). `outside` = embeddings, final norm, head."""
-
-    load_block: Callable[[int], None] = _no_op
-    release_block: Callable[[int], None] = _no_op
-    load_outside: Callable[[], None] = _no_op
-    release_outside: Callable[[], None] = _no_op
+from .engine import GramStat, ReduceFn, Residency, capture_block_inputs, replaying_last_block, return_free_memory
 
 
 @dataclass

@@ -49,25 +49,34 @@ def evaluate_windows(
     KL and top-1 are averaged over every predicted position; perplexity is exp(mean next-token NLL). The same
     figures per window go under "windows" (the report plots them: where the compressed model loses, and how evenly).
     Memory does not grow with vocabulary x batch: logits exist for one window's slice of positions at a time
-    (`logits.window_logits`); `batch_size` windows share one run of the model's body.
+    (`logits.window_logits`); `batch_size` windows share one run of the model's body. `model` and `base_model` may
+    be block-by-block logits sources (`calibration.blockwise.BlockwiseLogits`: this process's batches are run
+    block-major first, then read back in order).
     """
     result = {"eval_windows": int(windows.shape[0]), "eval_tokens": int(windows.numel())}
     if windows.shape[0] == 0:
         return result
-    probe = windows[:1, :PROBE_TOKENS]
-    out = forward(model, probe)
-    if getattr(out, "logits", None) is None:  # a headless encoder: its hidden states are what it gives
-        return result | embedding_similarity(model, windows, base_model, batch_size, quiet)
-    split = checked_split(model, probe, out.logits)
-    base_split = checked_split(base_model, probe) if base_model is not None else None
-    rows = slice_positions(out.logits.shape[-1], windows.shape[1])
-    del out
     batches = list(range(0, windows.shape[0], batch_size))
+    mine_batches = share(batches) if share else batches
+    if _blockwise(model):  # a model run block by block (calibration.blockwise): a decoder with logits
+        for source in (model, base_model) if base_model is not None else (model,):
+            source.prepare([windows[i : i + batch_size] for i in mine_batches])
+        rows = slice_positions(model.vocab_size, windows.shape[1])
+        logits_of = _logits_sources(model, base_model, None, None)
+    else:
+        probe = windows[:1, :PROBE_TOKENS]
+        out = forward(model, probe)
+        if getattr(out, "logits", None) is None:  # a headless encoder: its hidden states are what it gives
+            return result | embedding_similarity(model, windows, base_model, batch_size, quiet)
+        split = checked_split(model, probe, out.logits)
+        base_split = checked_split(base_model, probe) if base_model is not None else None
+        rows = slice_positions(out.logits.shape[-1], windows.shape[1])
+        del out
+        logits_of = _logits_sources(model, base_model, split, base_split)
     measured: list[tuple[dict, int]] = []  # each window's sums and length, in window order
-    for i in tqdm(share(batches) if share else batches, desc="evaluate", unit="batch", disable=quiet):
+    for i in tqdm(mine_batches, desc="evaluate", unit="batch", disable=quiet):
         ids = windows[i : i + batch_size]
-        ours = window_logits(model, split, ids)
-        theirs = window_logits(base_model, base_split, ids) if base_model is not None else repeat(None)
+        ours, theirs = logits_of(ids)
         for row, mine, base in zip(ids, ours, theirs):
             measured.append((_window_sums(mine, base, row[1:] if causal else None, rows, row.numel()), row.numel()))
             del mine, base  # the fallback's whole-window logits go before the next window's come
@@ -76,6 +85,22 @@ def evaluate_windows(
     for sums, length in gather(measured) if gather else measured:
         _add_window(per_window, totals, sums, length, base_model is not None, causal)
     return result | _totals(totals, windows, per_window, base_model is not None, causal)
+
+
+def _blockwise(model) -> bool:
+    """Whether `model` is a block-by-block logits source (`calibration.blockwise.BlockwiseLogits`)."""
+    return hasattr(model, "prepare") and hasattr(model, "window_logits")
+
+
+def _logits_sources(model, base_model, split, base_split):
+    """ids -> (the model's, the base's) per-window logits functions (the base's: None each without a base)."""
+
+    def of(source, source_split, ids: torch.Tensor):
+        if source is None:
+            return repeat(None)
+        return source.window_logits(ids) if _blockwise(source) else window_logits(source, source_split, ids)
+
+    return lambda ids: (of(model, split, ids), of(base_model, base_split, ids))
 
 
 def _window_sums(mine: Logits, base: Logits | None, target: torch.Tensor | None, rows: int, length: int) -> dict:

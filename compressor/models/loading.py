@@ -56,6 +56,18 @@ class LoadedModel:
         if self.lazy is None and self._base is None:
             self._base = copy.deepcopy(self.model)
 
+    def base_streamed(self) -> LazyModel | None:
+        """The uncompressed model with its blocks left in the checkpoint (read one at a time), for block-by-block
+        evaluation; None when the model was not streamed."""
+        if self.lazy is None:
+            return None
+        from transformers import AutoConfig
+
+        folder = self.lazy.reader.folder
+        config = AutoConfig.from_pretrained(folder)  # as saved: passes may have changed the live model's config
+        cls = _model_class(self.adapter, config)
+        return build_lazy(cls, config, folder, self.adapter.block_prefixes, self.lazy.dtype)
+
     def base_model(self) -> nn.Module:
         """The uncompressed model, for KL and perplexity against it: re-read from the checkpoint when streamed."""
         if self._base is not None:

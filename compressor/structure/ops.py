@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.gradients import Residency
+from ..calibration.engine import Residency
 from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..errors import RecipeError
 from ..models.adapters import Adapter

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration.engine import capture_block_inputs, replaying_last_block
-from ..calibration.gradients import Residency
+from ..calibration.engine import Residency, capture_block_inputs, head_logits
 from ..models.adapters import Adapter
 from .family import structure_info
 
@@ -158,7 +157,7 @@ class BlockRunner:
     @torch.inference_mode()
     def log_probs(self, chunk: int, final: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the model's head applied to `final` (the last block's output) for one chunk."""
-        return F.log_softmax(head_logits(self.model, self.adapter, self.chunks[chunk], final).float(), dim=-1)
+        return F.log_softmax(head_logits(self.model, self.blocks, self.chunks[chunk], final).float(), dim=-1)
 
     @torch.inference_mode()
     def score(self, final: Hidden) -> OutputScore:
@@ -177,14 +176,6 @@ class BlockRunner:
                 n_pred += ids.shape[0] * (ids.shape[1] - 1)
         loss = nll / n_pred if n_pred else float("nan")
         return OutputScore(loss, kl / n_pos, cos / n_pos)
-
-
-def head_logits(model: nn.Module, adapter: Adapter, ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """Logits the model computes when its last block outputs `final` (final norm, projections, head, softcaps):
-    the model's own forward with the blocks replayed (`calibration.engine.replaying_last_block`)."""
-    with replaying_last_block(adapter.blocks(model), final), torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    return out.logits
 
 
 def split_rows(ids: torch.Tensor, rows: int) -> list[torch.Tensor]:

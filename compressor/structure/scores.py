@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.gradients import Residency
+from ..calibration.engine import Residency
 from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..models.adapters import Adapter
 from .metrics import CosineMean, block_influence, lim_score, merge_cosines_over_ranks, zd_score
