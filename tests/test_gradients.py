@@ -127,3 +127,19 @@ def test_a_streamed_model_has_one_block_resident_at_a_time(tiny_model_dir):
     whole = _sweep(model, adapter, ids, range(4))
     for key, stat in whole.items():
         torch.testing.assert_close(ours[key].mean(), stat.mean(), rtol=0, atol=0, msg=str(key))
+
+
+def test_a_full_disk_while_storing_boundaries_is_one_clear_error(tiny_model_dir, monkeypatch):
+    import errno
+
+    from compressor.errors import CompressorError
+
+    model, adapter = _model(tiny_model_dir, "llama")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CompressorError, match="cannot store block activations.*No space left") as err:
+        _sweep(model, adapter, _ids(), range(4))
+    assert "TMPDIR" in err.value.fix

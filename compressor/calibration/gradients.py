@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CompressorError
 from .engine import GramStat, ReduceFn, Residency, capture_block_inputs, replaying_last_block, return_free_memory
 
 
@@ -80,7 +81,6 @@ class GradientSweep:
         self._folder = tempfile.TemporaryDirectory(prefix="compressor-boundaries-")
         self._calls = None
         self._tuple_output = False
-        self._grads: list[torch.Tensor] = []
 
     def close(self) -> None:
         """Delete the stored boundaries and bring the embeddings and head back (a sweep leaves the model resident
@@ -200,7 +200,15 @@ class GradientSweep:
 
     # ---- boundaries -------------------------------------------------------------------------------------
     def _store(self, i: int, tensors: list[torch.Tensor]) -> None:
-        torch.save([t.detach().clone() for t in tensors], Path(self._folder.name) / f"{i}.pt")
+        path = Path(self._folder.name) / f"{i}.pt"
+        try:
+            torch.save([t.detach().clone() for t in tensors], path)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            raise CompressorError(
+                f"cannot store block activations ({size / 2**20:.0f} MiB per block) in {self._folder.name}: {err}",
+                fix="free disk space there or point TMPDIR at a disk with room (or lower allocate_bits.num_samples)",
+            ) from None
 
     def _load(self, i: int) -> list[torch.Tensor]:
         return torch.load(Path(self._folder.name) / f"{i}.pt", weights_only=True)
