@@ -84,9 +84,10 @@ class LowRankRunner:
             reduce=state.ranks.reduce_gram,
         )
         spectra: dict[str, ErrorSpectrum] = {}
+        residency = state.residency()  # the quantize pass reads each block again: let it go after its spectra
         for i, block in tqdm(sweep, desc="lowrank (error spectra)", unit="block", disable=state.quiet):
             prefix = prefixes[i]
-            state.load_block(prefix)
+            residency.load_block(i)
             wanted = [
                 tuple(n for n in g if _corrected(runner, state, cfg, f"{prefix}.{n}")) for g in adapter.linear_groups
             ]
@@ -101,8 +102,7 @@ class LowRankRunner:
                 return None  # the weights stay as they are
 
             sweep.run([g for g in wanted if g], solve)
-            if state.loaded.lazy is not None:  # the quantize pass reads the block again
-                state.loaded.lazy.evict_unchanged(f"{prefix}.{n}" for n, _ in block.named_parameters())
+            residency.release_block(i)
         return spectra
 
 
