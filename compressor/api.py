@@ -337,6 +337,8 @@ def _compress_and_evaluate(state: CompressionState, windows: torch.Tensor | None
         return metrics
     t = time.perf_counter()
     blockwise = _evaluate_block_by_block(state)
+    if state.ranks.distributed:  # the automatic choice reads each process's free memory: one choice for all
+        blockwise = any(state.ranks.gather([blockwise]))
     model, base = _evaluated_models(state, blockwise)
     ranks = state.ranks
     metrics = evaluate_windows(
