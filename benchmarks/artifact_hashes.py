@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# run as a script this folder is sys.path[0], where kernels.py would shadow the `kernels` package transformers probes
+# run as a script this folder is sys.path[0]; keep it off the path so no file here can shadow a package (transformers
+# probes `kernels`; the kernel benchmark was once benchmarks/kernels.py)
 sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [
     p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent
 ]

@@ -31,7 +31,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# run as a script this folder is sys.path[0], where kernels.py would shadow the `kernels` package transformers probes
+# run as a script this folder is sys.path[0]; keep it off the path so no file here can shadow a package (transformers
+# probes `kernels`; the kernel benchmark was once benchmarks/kernels.py)
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-valid.txt"
 
@@ -121,6 +122,17 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=128, help="calibration samples of 512 tokens")
     ap.add_argument("--tag", default="", help="suffix of the GPTQ artifact folder / recipe (one per variant)")
     ap.add_argument("--reuse-rtn", action="store_true", help="reuse RTN's cached evaluation when it exists")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse every method's cached evaluation (GPTQ: of the same --tag) when it exists; each row's evaluation "
+        "is cached in --work as it finishes",
+    )
+    ap.add_argument(
+        "--reuse-artifacts",
+        action="store_true",
+        help="evaluate an artifact already in --work instead of compressing again (its report.json gives the time)",
+    )
     ap.add_argument("--peer", action="store_true", help="also llm-compressor 0.14's GPTQ on the same windows")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for evaluation and the peer's worker")
     ap.add_argument("--peer-work", default="/tmp/bench-llmc", help="the peer's venv, checkpoints and logs")
@@ -154,17 +166,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for method in args.methods.split(","):
-        cache = work / f"{method}-g{args.group_size}-w{args.max_windows}.json"
-        if method.startswith("rtn") and args.reuse_rtn and cache.exists():
+        suffix = f"-{args.tag}" if args.tag and method == "gptq" else ""
+        cache = work / f"{method}{suffix}-g{args.group_size}-w{args.max_windows}.json"
+        if (args.reuse or (method.startswith("rtn") and args.reuse_rtn)) and cache.exists():
             m, run = json.loads(cache.read_text())
         else:
             own = dict(options, clip_search=method == "rtn-mse") if method.startswith("rtn") else options
-            out, run = run_compress(method, args.group_size, work, own, calibration, args.tag)
+            out = work / f"smollm2-w4g{args.group_size}-{method}{suffix}"
+            if args.reuse_artifacts and (out / "report.json").is_file():
+                report = json.loads((out / "report.json").read_text())
+                run = {"wall_s": report["timings"]["total"], "peak_rss_mb": report["peak_rss_mb"], "report": report}
+            else:
+                out, run = run_compress(method, args.group_size, work, own, calibration, args.tag)
             model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
             m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
             del model
-            if method.startswith("rtn"):
-                cache.write_text(json.dumps([m, run], default=float))
+            cache.write_text(json.dumps([m, run], default=float))  # an hour of evaluation on all windows: kept
         rows.append((method, m, run, run["report"]["size"]))
 
     if args.peer:

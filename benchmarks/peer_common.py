@@ -6,7 +6,7 @@ float32 checkpoint), `calibration_windows` (our calibration), `make_windows` (th
 
 Worker side, run in a peer venv that has no `compressor`: `rss_mb` and `evaluate` (the formulas of
 compressor/eval/metrics.py). This module imports nothing but the standard library and torch at the top; a worker
-loads it from its file (importlib), since workers keep benchmarks/ off sys.path (its kernels.py shadows a package
+loads it from its file (importlib), since workers keep benchmarks/ off sys.path (a file there could shadow a package
 that transformers probes for).
 """
 
@@ -35,8 +35,8 @@ def _probe(python: Path, probe: str) -> str | None:
     """The last line `probe` prints in the peer venv when it runs cleanly, else None."""
     if not python.is_file():
         return None
-    # from the venv's folder: `python -c` puts the working directory first on sys.path, and benchmarks/kernels.py
-    # would shadow the `kernels` package that transformers probes for
+    # from the venv's folder: `python -c` puts the working directory first on sys.path, where a file of benchmarks/
+    # could shadow a package that transformers probes for
     done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=python.parent)
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
 

@@ -29,9 +29,9 @@ the same load.
      SmolLM2's head (K = 576, N = 49152) and K = N = 4096 (not --shapes).
   4. End to end: greedy decode tokens/s of SmolLM2-135M W4 g64 RTN (compressor.load) vs the fp32 model.
 
-    python benchmarks/kernels.py [--runs 9] [--group 128] [--skip-e2e] [--work /tmp/bench-kernels]
-    python benchmarks/kernels.py --threads 1 --cpu-time
-    python benchmarks/kernels.py --only lowbit --shapes 4096x4096,4096x11008
+    python benchmarks/kernel_speed.py [--runs 9] [--group 128] [--skip-e2e] [--work /tmp/bench-kernels]
+    python benchmarks/kernel_speed.py --threads 1 --cpu-time
+    python benchmarks/kernel_speed.py --only lowbit --shapes 4096x4096,4096x11008
 """
 
 from __future__ import annotations
@@ -483,7 +483,7 @@ def main() -> None:
     if "e2e" in sections and not args.skip_e2e:
         bench_e2e(args)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("\ncommand: python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+    print("\ncommand: python benchmarks/kernel_speed.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
