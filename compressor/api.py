@@ -12,7 +12,7 @@ import torch
 
 from .calibration.blockwise import BlockwiseLogits
 from .calibration.data import HELDOUT_NAME, read_heldout, read_text_file, read_texts, sample_windows, shared_fraction
-from .calibration.engine import head_logits, limit_malloc_fragmentation, peak_rss_mb
+from .calibration.engine import final_hidden_block_by_block, head_logits, limit_malloc_fragmentation, peak_rss_mb
 from .calibration.ranks import init_from_launcher
 from .errors import ArtifactCheckError, ModelError, RecipeError
 from .eval.bootstrap import report_intervals
@@ -23,7 +23,6 @@ from .plan import Plan
 from .recipe import Recipe, portable_name, resolve_recipe
 from .runtime.lora import LORA_DIR
 from .state import CompressionState, lazy_residency
-from .structure.runner import BlockRunner
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -171,10 +170,10 @@ def _compressed_outputs(state: CompressionState, ids: torch.Tensor) -> torch.Ten
     lazy = state.loaded.lazy
     if lazy is None or lazy.is_resident() or not state.adapter.decoder:
         return _outputs(state.artifact_model(), ids)
-    residency = state.artifact_residency()
+    residency, blocks = state.artifact_residency(), state.adapter.blocks(state.model)
     residency.load_outside()
-    runner = BlockRunner(state.model, state.adapter, [ids], reference=False, residency=residency)
-    return head_logits(state.model, runner.blocks, ids, runner.run(0, runner.calls.hidden)[0]).float()
+    final = final_hidden_block_by_block(state.model, blocks, [ids], residency)[0]
+    return head_logits(state.model, blocks, ids, final).float()
 
 
 @torch.inference_mode()

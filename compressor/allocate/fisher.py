@@ -92,6 +92,10 @@ class FisherSweep:
         )
         self.cosines = [CosineMean() for _ in blocks]
 
+    def close(self) -> None:
+        """Delete the stored boundaries (`blocks()` does when it ends; a sweep used for LIM scores only must)."""
+        self.sweep.close()
+
     def lim_scores(self) -> list[float]:
         """Run the forward (boundaries stored); each block's LIM score over every window."""
         with tqdm(total=len(self.cosines), desc="sensitivity (forward)", unit="block", disable=self.quiet) as bar:
@@ -119,7 +123,7 @@ class FisherSweep:
                     h_key,
                 )
         finally:
-            self.sweep.close()
+            self.close()
 
 
 def _sampled_log_likelihood(seed: int):

@@ -247,7 +247,7 @@ class AllocateBitsRunner:
         try:
             return sweep.lim_scores()
         finally:
-            sweep.sweep.close()
+            sweep.close()
 
     def _cache_parts(self, state: CompressionState, quant: QuantizePass) -> dict:
         src = state.loaded.source

@@ -68,10 +68,8 @@ class BlockRunner:
         reference: bool = True,
         *,
         residency: Residency | None = None,
-        keep_states: bool = False,
     ):
-        """`residency` brings each block in for its run and lets it go after (streamed models). With `reference` and
-        `keep_states`, the base model's input of every block is kept (`base_states`, depth + 1 entries)."""
+        """`residency` brings each block in for its run and lets it go after (streamed models)."""
         self.model, self.adapter = model, adapter
         self.blocks = adapter.blocks(model)
         self.chunks = list(chunks)
@@ -80,13 +78,8 @@ class BlockRunner:
         self.calls = capture_block_inputs(model, self.blocks, self.chunks)
         self.base_p: list[torch.Tensor] | None = None  # base model's probabilities per chunk
         self.base_final: Hidden | None = None
-        self.base_states: list[Hidden] | None = None
         if reference:
-            if keep_states:
-                self.base_states = self.inputs()
-                self.base_final = self.base_states[-1]
-            else:
-                self.base_final = self.run(0, self.calls.hidden)
+            self.base_final = self.run(0, self.calls.hidden)
             self.base_p, self.base_negentropy = [], []
             half = sum(h.shape[0] * h.shape[1] for h in self.base_final) * model.config.vocab_size
             for i, h in enumerate(self.base_final):
