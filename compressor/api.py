@@ -369,7 +369,7 @@ def _evaluate_block_by_block(state: CompressionState) -> bool:
     possible = loaded.lazy is not None and loaded.adapter.decoder
     if choice and not possible:
         raise RecipeError(
-            "evaluate.block_by_block needs a decoder streamed from a safetensors checkpoint",
+            "block-by-block evaluation needs a decoder streamed from a safetensors checkpoint",
             where="evaluate.block_by_block",
             fix="remove it (the model is evaluated whole), or point --model at a safetensors checkpoint folder",
         )
