@@ -55,6 +55,14 @@ class CompressionState:
         if self.loaded.lazy is not None:
             self.loaded.lazy.materialize(prefix)
 
+    def follow_block_removal(self, before: list[str], kept: list[int]) -> None:
+        """After blocks were deleted (`before`: the block prefixes until then; `kept`: the indices that remain, in
+        order): a streamed model's parameters read their checkpoint keys under the blocks' old indices."""
+        if self.loaded.lazy is None:
+            return
+        after = self.adapter.block_prefixes(self.model)
+        self.loaded.lazy.follow_moves({before[old] + ".": after[new] + "." for new, old in enumerate(kept)})
+
     def evict_outside_blocks(self) -> None:
         """Streamed models: drop the parameters outside the decoder blocks (embeddings, head, final norm) while a
         block-by-block sweep runs; untouched ones are read back from the checkpoint when needed."""

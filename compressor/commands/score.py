@@ -47,6 +47,7 @@ def _score(recipe_path, model, sets, samples, measure_samples, no_measure, trust
     from ..models.loading import load_model, max_positions
     from ..recipe import Recipe
     from ..schema import ScorePass
+    from ..state import lazy_residency
     from ..structure.ops import score_model
 
     base = recipe_path if recipe_path else Recipe(passes=[{"type": "score"}])
@@ -62,9 +63,10 @@ def _score(recipe_path, model, sets, samples, measure_samples, no_measure, trust
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise RecipeError(f"{first['msg']} (got {first.get('input')!r})", where=f"score.{field}") from None
-    loaded = load_model(recipe.model, recipe.trust_remote_code)
+    loaded = load_model(recipe.model, recipe.trust_remote_code, stream=True)
     cal = recipe.calibration
     wanted = max(cfg.max_samples or cal.num_samples, cfg.measure_samples)
     cal = cal.model_copy(update={"num_samples": min(cal.num_samples, wanted)})
     ids = sample_windows(loaded.tokenizer, read_texts(cal), cal, max_positions(loaded.model.config))
-    return score_model(loaded.full_model(), loaded.adapter, ids, cfg, quiet)
+    residency = lazy_residency(loaded.lazy, loaded.adapter)  # a streamed model's blocks: one at a time
+    return score_model(loaded.model, loaded.adapter, ids, cfg, quiet, residency=residency)

@@ -162,6 +162,11 @@ class LazyModel:
     def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype):
         self.model, self.reader, self.dtype = model, reader, dtype
         self.providers: dict[str, Provider] = {}
+        self.stored_as: dict[str, str] = {}  # parameter name -> checkpoint key where they differ (blocks renumbered)
+
+    def stored_key(self, name: str) -> str:
+        """The checkpoint key holding parameter `name`'s original value."""
+        return self.stored_as.get(name, name)
 
     # ---- where a parameter is ---------------------------------------------------------------------------
     def _slots(self, prefix: str = "") -> list[tuple[str, nn.Module, str]]:
@@ -193,8 +198,8 @@ class LazyModel:
             if name in self.providers:
                 return "provider", name
         for name in names:
-            if name in self.reader.files:
-                return "checkpoint", name
+            if self.stored_key(name) in self.reader.files:
+                return "checkpoint", self.stored_key(name)
         raise KeyError(f"no stored value for {names}")
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -235,7 +240,7 @@ class LazyModel:
             if p is None or p.is_meta:
                 continue
             slots = self._aliases({id(p)})[id(p)]
-            key = next((n for n, _, _ in slots if n in self.reader.files), None)
+            key = next((self.stored_key(n) for n, _, _ in slots if self.stored_key(n) in self.reader.files), None)
             if key is None or not torch.equal(self.reader.read([key])[key].to(self.dtype), p.data):
                 continue
             placeholder = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
@@ -243,6 +248,21 @@ class LazyModel:
                 module._parameters[slot_leaf] = placeholder
             evicted.append(name)
         return evicted
+
+    def follow_moves(self, moves: dict[str, str]) -> None:
+        """After block surgery moved modules: what was under each old prefix (`'model.layers.5.'`) is now under its
+        new one (`'model.layers.4.'`), all at once; parameters under no new prefix keep their names, those of deleted
+        modules are forgotten. Checkpoint keys and providers follow the parameters."""
+        back = {new: old for old, new in moves.items()}
+        stored, providers = {}, {}
+        for name, _, _ in self._slots():
+            new_prefix = next((p for p in back if name.startswith(p)), None)
+            old = back[new_prefix] + name[len(new_prefix) :] if new_prefix is not None else name
+            if self.stored_key(old) != name:
+                stored[name] = self.stored_key(old)
+            if old in self.providers:
+                providers[name] = self.providers[old]
+        self.stored_as, self.providers = stored, providers
 
     def materialize_all(self) -> nn.Module:
         """Make the whole model resident (re-tying tied embeddings); returns it."""

@@ -199,14 +199,7 @@ class AllocateBitsRunner:
     def _solve(self, units: Units, budget: int, lim, weights, state) -> np.ndarray:
         try:
             if self.cfg.method in ("lim", "zd"):
-                if self.cfg.method == "lim":
-                    score = np.array(lim, dtype=np.float64)
-                else:
-                    model = state.full_model()  # ZD pools real weights
-                    pooled: list[list[torch.Tensor]] = [[] for _ in units.unit_names]
-                    for n, u in zip(units.names, units.unit_of):
-                        pooled[u].append(state.adapter.get_weight(model.get_submodule(n)))
-                    score = np.array([zd_score(ws) for ws in pooled])
+                score = np.array(lim, dtype=np.float64) if self.cfg.method == "lim" else _zd_scores(units, state)
                 return solve_ordering(units.costs, np.argsort(-score, kind="stable"), budget)
             if self.cfg.solver == "greedy":
                 return solve_greedy(units.costs, units.values, budget)
@@ -410,3 +403,26 @@ class AllocateBitsRunner:
         chunks = [ids[i : i + batch] for i in range(0, ids.shape[0], batch)]
         dtype = self._compute_dtype(state)
         return lambda candidate_of: swap_in_gptq(measure, chunks, candidate_of, self.schemes, quant, dtype)
+
+
+def _zd_scores(units: Units, state: CompressionState) -> np.ndarray:
+    """ZD score of every unit over its real weights, a block at a time (a unit lies within one block; a streamed
+    model's block is brought in for it and let go)."""
+    model, adapter, residency = state.model, state.adapter, state.residency()
+    score = np.zeros(len(units.unit_names))
+    prefixes = [p + "." for p in adapter.block_prefixes(model)]
+    by_block = [[(n, u) for n, u in zip(units.names, units.unit_of) if n.startswith(p)] for p in prefixes]
+    outside = [(n, u) for n, u in zip(units.names, units.unit_of) if not n.startswith(tuple(prefixes))]
+    for i, members in [*enumerate(by_block), (None, outside)]:
+        if not members:
+            continue
+        if i is not None:
+            residency.load_block(i)
+        pooled: dict[int, list[torch.Tensor]] = {}
+        for n, u in members:
+            pooled.setdefault(u, []).append(adapter.get_weight(model.get_submodule(n)))
+        for u, ws in pooled.items():
+            score[u] = zd_score(ws)
+        if i is not None:
+            residency.release_block(i)
+    return score

@@ -41,9 +41,9 @@ class RemoveBlocksRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        model, ids = state.full_model(), state.calibration_ids
-        units, details = choose_removal(model, state.adapter, ids, self.cfg, state.quiet, state.ranks)
-        done = apply_removal(state.full_model(), state.adapter, units)
+        model, ids, residency = state.model, state.calibration_ids, state.residency()
+        units, details = choose_removal(model, state.adapter, ids, self.cfg, state.quiet, state.ranks, residency)
+        done = _removed(state, lambda: apply_removal(model, state.adapter, units, state.residency()))
         log.info("remove_blocks (%s): %s", self.cfg.method, [list(u) for u in units])
         _record(state, {"pass": "remove_blocks", "method": self.cfg.method, "kind": self.cfg.kind, **done, **details})
 
@@ -54,6 +54,17 @@ class FuseBlocksRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
-        done = fuse_blocks(state.full_model(), state.adapter, state.calibration_ids, self.cfg, state.quiet)
+        ids, residency = state.calibration_ids, state.residency()
+        done = _removed(state, lambda: fuse_blocks(state.model, state.adapter, ids, self.cfg, state.quiet, residency))
         log.info("fuse_blocks: merged %s", done["merged_windows"])
         _record(state, {"pass": "fuse_blocks", "select": self.cfg.select, **done})
+
+
+def _removed(state: CompressionState, surgery) -> dict:
+    """Run `surgery` (which deletes blocks and returns what it did); a streamed model's checkpoint keys then follow
+    the renumbered blocks."""
+    before = state.adapter.block_prefixes(state.model)
+    done = surgery()
+    if "kept_blocks" in done:
+        state.follow_block_removal(before, done["kept_blocks"])
+    return done

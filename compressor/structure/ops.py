@@ -65,7 +65,14 @@ def score_model(
 
 # ---- remove_blocks ------------------------------------------------------------------------------------
 def _metric_scores(
-    model, adapter, ids, cfg: RemoveBlocksPass, metric: str, quiet: bool, ranks: Ranks = ONE_PROCESS
+    model,
+    adapter,
+    ids,
+    cfg: RemoveBlocksPass,
+    metric: str,
+    quiet: bool,
+    ranks: Ranks = ONE_PROCESS,
+    residency: Residency | None = None,
 ) -> list[float]:
     kind = cfg.kind
     sublayers = kind != "block"
@@ -73,18 +80,19 @@ def _metric_scores(
         table = ScoreTable(depth=len(adapter.blocks(model)))
         if sublayers:
             table.sublayers = {"attention": {}, "mlp": {}}
-        weight_scores(adapter, adapter.blocks(model), table, sublayers)
+        weight_scores(adapter, adapter.blocks(model), table, sublayers, residency)
         return table.metric("zd", kind)
     if metric in ("loss", "kl"):
         _check_decoder(adapter, metric)
-        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
+        chunks = sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size)
+        runner = BlockRunner(model, adapter, chunks, residency=residency)
         from .scores import measured_scores
 
         _, measured = measured_scores(runner, [(i, kind) for i in range(runner.depth)], quiet, ranks)
         pick = 0 if metric == "loss" else 1
         return [measured[(i, kind)][pick] for i in range(runner.depth)]
     chunks = ranks.shard(sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), allow_empty=True)
-    runner = BlockRunner(model, adapter, chunks, False)
+    runner = BlockRunner(model, adapter, chunks, False, residency=residency)
     table = ScoreTable(depth=runner.depth)
     if sublayers:
         table.sublayers = {"attention": {}, "mlp": {}}
@@ -99,8 +107,10 @@ def choose_removal(
     cfg: RemoveBlocksPass,
     quiet: bool,
     ranks: Ranks = ONE_PROCESS,
+    residency: Residency | None = None,
 ) -> tuple[list[Unit], dict]:
-    """The units the config removes, and details for the report (scores, greedy steps, window)."""
+    """The units the config removes, and details for the report (scores, greedy steps, window); `residency` brings
+    a streamed model's blocks in one at a time."""
     depth = len(adapter.blocks(model))
     kind = cfg.kind
     if kind == "block":
@@ -120,29 +130,37 @@ def choose_removal(
         )
     if cfg.method == "greedy":
         _check_decoder(adapter, cfg.objective)
-        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
+        chunks = sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size)
+        runner = BlockRunner(model, adapter, chunks, residency=residency)
         units, steps = greedy_remove(runner, n, (kind,), cfg.objective, cfg.shortlist, quiet, ranks)
         return units, {"greedy_steps": steps}
     if cfg.method == "contiguous":
         chunks = ranks.shard(sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), allow_empty=True)
-        runner = BlockRunner(model, adapter, chunks, False)
+        runner = BlockRunner(model, adapter, chunks, False, residency=residency)
         table = ScoreTable(depth=depth)
         activation_scores(runner, table, n, False, quiet, ranks)
         distances = table.angular[n]
         start = best_window(distances)
         return [(i, "block") for i in range(start, start + n)], {"window_start": start, "distances": distances}
     metric = cfg.method.split(":", 1)[1]
-    values = _metric_scores(model, adapter, ids, cfg, metric, quiet, ranks)
+    values = _metric_scores(model, adapter, ids, cfg, metric, quiet, ranks, residency)
     return [(i, kind) for i in least_important(values, n)], {"metric": metric, "scores": values}
 
 
-def apply_removal(model: nn.Module, adapter: Adapter, units: list[Unit]) -> dict:
-    """Delete the chosen blocks, or zero the chosen branches; returns what changed."""
+def apply_removal(model: nn.Module, adapter: Adapter, units: list[Unit], residency: Residency | None = None) -> dict:
+    """Delete the chosen blocks, or zero the chosen branches (each block brought in by `residency` to be changed);
+    returns what changed. A streamed model's checkpoint keys must then follow the renumbered blocks
+    (`CompressionState.follow_block_removal`)."""
+    residency = residency or Residency()
     blocks = sorted(i for i, k in units if k == "block")
     branches = sorted((i, k) for i, k in units if k != "block")
     result: dict = {"depth_before": len(adapter.blocks(model))}
     if branches:
-        result["zeroed"] = [zero_branch(model, adapter, i, k) for i, k in branches]
+        result["zeroed"] = []
+        for i, k in branches:
+            residency.load_block(i)
+            result["zeroed"].append(zero_branch(model, adapter, i, k))
+            residency.release_block(i)
     if blocks:
         result["removed_blocks"] = blocks
         result["kept_blocks"] = remove_blocks(model, adapter, blocks)
@@ -163,9 +181,17 @@ def _windows_by_angle(distances: list[float], size: int, merges: int, depth: int
     return chosen
 
 
-def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: FuseBlocksPass, quiet: bool) -> dict:
+def fuse_blocks(
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor,
+    cfg: FuseBlocksPass,
+    quiet: bool,
+    residency: Residency | None = None,
+) -> dict:
     """Choose windows, merge each (top-down, so every merge's calibration input is still exact), delete the
-    absorbed blocks; returns what changed.
+    absorbed blocks; returns what changed. `residency` brings a streamed model's blocks in as they run (a window
+    being merged is held together); a merged block stays resident.
 
     Windows come from `cfg.start`, the smallest angular distances (`select: angular`; merged after choosing), or a
     LaCo walk down from the top (each trial merge kept when the final hidden states stay close enough).
@@ -184,14 +210,17 @@ def fuse_blocks(model: nn.Module, adapter: Adapter, ids: torch.Tensor, cfg: Fuse
     ridge = cfg.ridge if correct else None
     details: dict = {"group_size": m, "corrected": correct}
     if cfg.start is not None or cfg.select == "angular":
-        starts, details["fits"] = _fuse_chosen_windows(model, adapter, ids, cfg, info, depth, merges, ridge, quiet)
+        starts, details["fits"] = _fuse_chosen_windows(
+            model, adapter, ids, cfg, info, depth, merges, ridge, quiet, residency
+        )
     else:
-        runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size))
+        chunks = sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size)
+        runner = BlockRunner(model, adapter, chunks, residency=residency)
         starts = _laco_walk(runner, adapter, info, m, merges, cfg.threshold, ridge, quiet)
         details["threshold"] = cfg.threshold
     absorbed = sorted(s + k for s in starts for k in range(1, m))
     details["merged_windows"] = [[s, s + m - 1] for s in sorted(starts)]
-    details.update(apply_removal(model, adapter, [(i, "block") for i in absorbed]))
+    details.update(apply_removal(model, adapter, [(i, "block") for i in absorbed], residency))
     return details
 
 
@@ -233,12 +262,14 @@ def _fuse_chosen_windows(
     merges: int,
     ridge: float | str | None,
     quiet: bool,
+    residency: Residency | None = None,
 ) -> tuple[list[int], list[dict]]:
     """Merge the window at `cfg.start`, or the `merges` non-overlapping windows of smallest angular distance,
     top-down; returns their starts and per window its fit (starting point, r, held-out error), by start."""
     m = cfg.group_size
     # the correction fits on the statistics windows (no reference logits needed here)
-    runner = BlockRunner(model, adapter, sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), False)
+    chunks = sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4)
+    runner = BlockRunner(model, adapter, chunks, False, residency=residency)
     if cfg.start is not None:
         starts = [cfg.start]
     else:
@@ -247,10 +278,11 @@ def _fuse_chosen_windows(
         starts = _windows_by_angle(table.angular[m], m, merges, depth)
         if len(starts) < merges:
             raise RecipeError(f"found only {len(starts)} non-overlapping windows", where="fuse_blocks")
-    states = runner.inputs(last=max(starts))
+    states = runner.inputs(last=max(starts), keep=set(starts))
     fits = []
     for start in tqdm(sorted(starts, reverse=True), desc="fuse", unit="merge", disable=quiet):
-        fits.append(fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge))
+        with runner.holding(range(start, start + m)):
+            fits.append(fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge))
     return starts, sorted(fits, key=lambda f: f["start"])
 
 
@@ -264,17 +296,19 @@ def _laco_walk(runner: BlockRunner, adapter, info, m: int, merges: int, threshol
     progress = tqdm(total=merges, desc="fuse (check)", unit="merge", disable=quiet)
     while start >= 0 and len(starts) < merges:
         block = runner.blocks[start]
-        saved = {k: v.clone() for k, v in block.state_dict().items()}
-        fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge)
-        trial = removed | {(start + k, "block") for k in range(1, m)}
-        cos = runner.score(runner.run(start, states[start], trial)).cosine
-        trace.append((start, cos))
+        with runner.holding(range(start, start + m)):
+            saved = {k: v.clone() for k, v in block.state_dict().items()}
+            fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge)
+            trial = removed | {(start + k, "block") for k in range(1, m)}
+            cos = runner.score(runner.run(start, states[start], trial)).cosine
+            trace.append((start, cos))
+            if cos < threshold:
+                block.load_state_dict(saved)
         if cos >= threshold:
             removed, starts = trial, starts + [start]
             start -= m
             progress.update(1)
         else:
-            block.load_state_dict(saved)
             start -= 1
     progress.close()
     if len(starts) < merges:

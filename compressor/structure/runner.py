@@ -75,6 +75,7 @@ class BlockRunner:
         self.chunks = list(chunks)
         self.info = structure_info(adapter, model)
         self.residency = residency or Residency()
+        self._held: set[int] = set()  # blocks kept resident across runs (`holding`)
         self.calls = capture_block_inputs(model, self.blocks, self.chunks)
         self.base_p: list[torch.Tensor] | None = None  # base model's probabilities per chunk
         self.base_final: Hidden | None = None
@@ -129,21 +130,49 @@ class BlockRunner:
                 if i not in dropped:
                     self.residency.load_block(i)
                     hidden = self.run_block(i, hidden)
-                    self.residency.release_block(i)
+                    if i not in self._held:
+                        self.residency.release_block(i)
         return hidden
 
+    @contextlib.contextmanager
+    def holding(self, indices: Iterable[int]) -> Iterator[None]:
+        """Keep blocks `indices` resident inside the context (a window being fused is read and changed across
+        several runs); they are let go on leaving it (a changed parameter stays resident)."""
+        held = [i for i in indices if i not in self._held]
+        for i in held:
+            self.residency.load_block(i)
+        self._held.update(held)
+        try:
+            yield
+        finally:
+            self._held.difference_update(held)
+            for i in held:
+                self.residency.release_block(i)
+
     def inputs(
-        self, removed: Iterable[Unit] = (), start: int = 0, known: list[Hidden] | None = None, last: int | None = None
-    ) -> list[Hidden]:
+        self,
+        removed: Iterable[Unit] = (),
+        start: int = 0,
+        known: list[Hidden] | None = None,
+        last: int | None = None,
+        keep: set[int] | None = None,
+    ) -> list[Hidden | None]:
         """Input of every block and the final output (depth + 1 entries) with `removed` skipped.
 
         With `known` (a previous result), entries up to `start` are reused and only the rest is recomputed;
-        with `last`, only the inputs of blocks 0..last are computed.
+        with `last`, only the inputs of blocks 0..last are computed; with `keep`, only those entries are kept (the
+        others are None), so at most two other boundaries are in memory at a time.
         """
         removed = set(removed)
         states = list(known[: start + 1]) if known is not None else [self.calls.hidden]
+        current = states[-1]
         for i in range(len(states) - 1, self.depth if last is None else last):
-            states.append(self.run(i, states[i], removed, stop=i + 1))
+            if keep is not None and i not in keep:
+                states[i] = None
+            current = self.run(i, current, removed, stop=i + 1)
+            states.append(current)
+        if keep is not None and len(states) - 1 not in keep:
+            states[-1] = None
         return states
 
     # ---- scoring final hidden states --------------------------------------------------------------
