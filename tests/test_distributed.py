@@ -14,8 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+import compressor
 from compressor.commands.launch import without_nproc
+
+RECIPE_DIR = Path(compressor.__file__).parent / "recipes"
 
 # what one run measures about itself, not about the model (removed before comparing)
 VOLATILE_REPORT_KEYS = {"timings", "peak_rss_mb", "processes", "seconds", "decode_tokens_per_s", "prefill_tokens_per_s"}
@@ -33,11 +37,22 @@ RECIPES = {  # case: (bundled recipe, its --set options)
     "w4-gptq-awq": ("w4-gptq", ["passes.0.awq=true"]),
     "w4-layerwise": ("w4-layerwise", ["passes.0.num_samples=4"]),
     "prune25-w4": ("prune25-w4", ["passes.0.measure_samples=2", "passes.1.measure_samples=2"]),
+    # block fusion: windows and fits shared among the processes (3 and 4 chunks of windows)
+    "fuse-angular-w4": ({"type": "fuse_blocks", "count": 1, "max_samples": 12, "measure_batch_size": 1}, []),
+    "fuse-check-w4": (
+        {"type": "fuse_blocks", "select": "check", "count": 1, "threshold": 0.1, "measure_samples": 4},
+        ["passes.0.measure_batch_size=1"],
+    ),
 }
 
 
 def _compress(case: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     recipe, own = RECIPES[case]
+    if isinstance(recipe, dict):  # a structural pass before w4-gptq's quantize pass
+        path = out.parent / f"{case}.yaml"
+        quantize = yaml.safe_load((RECIPE_DIR / "w4-gptq.yaml").read_text())
+        path.write_text(yaml.safe_dump({**quantize, "passes": [recipe, *quantize["passes"]]}))
+        recipe = str(path)
     sets = [arg for s in SMALL + own for arg in ("--set", s)]
     cmd = [sys.executable, "-m", "compressor", "--recipe", recipe, "--model", str(model), "-o", str(out), "-q"]
     # one thread per process in both runs; a cache of its own, so each run measures its sensitivities itself

@@ -223,7 +223,7 @@ def test_ridge_solutions_and_heldout_error_match_least_squares():
     weights = torch.rand(4, 100, 1, generator=g, dtype=torch.float64) + 0.5
     held = held_rows([a])[0]
     assert held.tolist() == [False, False, False, True]
-    fit, val = normal_equations([a], [t], [weights], [held])
+    fit, val = normal_equations([a], [t], [weights], [held], 12, 5)
     w0 = torch.zeros(5, 12, dtype=torch.float64)
     tiny, inf = solve_ridge(fit, w0, (1e-12, math.inf))
     s = weights[:3].sqrt()

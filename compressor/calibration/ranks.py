@@ -59,22 +59,31 @@ class Ranks:
                 f"{len(chunks)} {what} chunks cannot be shared by {self.world} processes (each needs at least one)",
                 fix="use fewer processes (--nproc), or more calibration samples or a smaller calibration.batch_size",
             )
-        lo, hi = self.rank * len(chunks) // self.world, (self.rank + 1) * len(chunks) // self.world
+        lo, hi = self.share_bounds(len(chunks))
         return list(chunks[lo:hi])
+
+    def share_bounds(self, n: int) -> tuple[int, int]:
+        """[lo, hi): the indices of this rank's contiguous share of `n` items (`shard`)."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def sum_in_rank_order(self, mine: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a float64 tensor, added in rank order (the same on every rank)."""
+        if not self.distributed:
+            return mine
+        _injected_fault(self.rank)
+        _SENT[0] += mine.numel() * mine.element_size() * (self.world - 1)
+        parts = _all_gather(mine.to(torch.float64), self.world)
+        total = torch.zeros_like(parts[0])
+        for part in parts:
+            total += part
+        return total
 
     def reduce_gram(self, stat: GramStat) -> None:
         """Replace this rank's partial statistics by the sum over ranks, added in rank order (the same on every
         rank, and, by GramStat's exact merging, the float32 statistics of one process that saw every window)."""
         if not self.distributed:
             return
-        _injected_fault(self.rank)
-        mine = _flat_sums(stat)
-        _SENT[0] += mine.numel() * mine.element_size() * (self.world - 1)
-        parts = _all_gather(mine, self.world)
-        total = torch.zeros_like(parts[0])
-        for part in parts:
-            total += part
-        _set_sums(stat, total)
+        _set_sums(stat, self.sum_in_rank_order(_flat_sums(stat)))
 
     def run_assigned(
         self, jobs: Sequence[tuple[float, Callable[[], T]]], progress: Callable[[int], object] | None = None

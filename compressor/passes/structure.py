@@ -55,7 +55,9 @@ class FuseBlocksRunner:
 
     def run(self, state: CompressionState) -> None:
         ids, residency = state.calibration_ids, state.residency()
-        done = _removed(state, lambda: fuse_blocks(state.model, state.adapter, ids, self.cfg, state.quiet, residency))
+        done = _removed(
+            state, lambda: fuse_blocks(state.model, state.adapter, ids, self.cfg, state.quiet, residency, state.ranks)
+        )
         log.info("fuse_blocks: merged %s", done["merged_windows"])
         _record(state, {"pass": "fuse_blocks", "select": self.cfg.select, **done})
 

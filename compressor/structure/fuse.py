@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..models.adapters import Adapter
 from ..quant.linalg import one_thread
 from .runner import BlockRunner, Capture, Hidden
@@ -78,12 +79,28 @@ class Normal:
     def __add__(self, other: Normal) -> Normal:
         return Normal(self.gram + other.gram, self.cross + other.cross, self.energy + other.energy)
 
+    def merged(self, ranks: Ranks) -> Normal:
+        """The sum over the processes' windows (each process holds its windows' sums), rounded to float32 values
+        (kept in float64): the sums are of float32 chunk products, so the rounded result does not depend on how
+        the chunks were split among processes."""
+        d, o = self.cross.shape
+        flat = torch.cat(
+            [self.gram.reshape(-1), self.cross.reshape(-1), torch.tensor([self.energy], dtype=torch.float64)]
+        )
+        flat = ranks.sum_in_rank_order(flat).float().double()
+        return Normal(flat[: d * d].reshape(d, d), flat[d * d : d * d + d * o].reshape(d, o), flat[-1].item())
+
 
 def normal_equations(
-    inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], held: list
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    held: list,
+    d: int,
+    o: int,
 ) -> tuple[Normal, Normal]:
-    """(fit, held-out) normal equations; per chunk, `held[c]` marks the held-out windows (rows)."""
-    d, o = inputs[0].shape[-1], targets[0].shape[-1]
+    """(fit, held-out) normal equations of `d` features onto `o` targets; per chunk, `held[c]` marks the held-out
+    windows (rows). No chunks: zero sums."""
     parts = [Normal(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, o, dtype=torch.float64), 0.0)]
     parts.append(copy.deepcopy(parts[0]))
     for a, t, w, h in zip(inputs, targets, weights, held):
@@ -116,12 +133,13 @@ def solve_ridge(normal: Normal, w0: torch.Tensor, grid: Sequence[float]) -> list
     return out
 
 
-def held_rows(hidden: Hidden) -> list[torch.Tensor]:
-    """Per chunk, a bool per window: every HOLDOUT_EVERY-th window is held out (with 2..3 windows, the last
-    one; with a single window none)."""
-    total = sum(h.shape[0] for h in hidden)
-    every = min(HOLDOUT_EVERY, total)
-    out, seen = [], 0
+def held_rows(hidden: Hidden, first: int = 0, total: int | None = None) -> list[torch.Tensor]:
+    """Per chunk, a bool per window: every HOLDOUT_EVERY-th window of all `total` windows is held out (with 2..3
+    windows, the last one; with a single window none). `hidden` holds windows first..first+len-1 of them (a
+    process's share)."""
+    total = sum(h.shape[0] for h in hidden) if total is None else total
+    every = max(1, min(HOLDOUT_EVERY, total))
+    out, seen = [], first
     for h in hidden:
         idx = torch.arange(seen, seen + h.shape[0])
         out.append((idx % every == every - 1) & (total >= 2))
@@ -156,6 +174,16 @@ def _run_captured(runner: BlockRunner, start: int, hidden: Hidden, block: nn.Mod
 
 
 @dataclass
+class Share:
+    """A process's part of the calibration windows: the windows first..first+n-1 of `total` (None: all of them
+    are here)."""
+
+    ranks: Ranks
+    first: int
+    total: int | None
+
+
+@dataclass
 class Trial:
     """One corrected starting point: its starting weights, held-out error and chosen r per projection."""
 
@@ -170,9 +198,9 @@ class WindowFit:
     """The correction of one window (module docstring): targets from the original blocks, then `search` per
     starting point and `finish` for the best one."""
 
-    def __init__(self, runner, adapter, start, hidden, blocks, attention_proj, mlp_proj, ridge):
+    def __init__(self, runner, adapter, start, hidden, blocks, attention_proj, mlp_proj, ridge, share: Share):
         self.runner, self.adapter, self.start, self.hidden = runner, adapter, start, hidden
-        self.attention_proj, self.mlp_proj, self.ridge = attention_proj, mlp_proj, ridge
+        self.attention_proj, self.mlp_proj, self.ridge, self.ranks = attention_proj, mlp_proj, ridge, share.ranks
         caps = [Capture(b.get_submodule(attention_proj), inputs=False) for b in blocks]
         try:
             self.target = runner.run(start, hidden, stop=start + len(blocks))
@@ -181,13 +209,15 @@ class WindowFit:
                 c.remove()
         self.attn_target = [sum(c.outputs[j] for c in caps) for j in range(len(hidden))]
         self.weights = token_weights(self.target)
-        self.held = held_rows(hidden)
+        self.held = held_rows(hidden, share.first, share.total)
 
     def _normals(self, module: nn.Module, inputs: Hidden, targets: Hidden) -> tuple[Normal, Normal]:
+        o, d = self.adapter.get_weight(module).shape
         bias = getattr(module, "bias", None)
         if bias is not None:
             targets = [t - bias.to(t.dtype).reshape(-1) for t in targets]
-        return normal_equations(inputs, targets, self.weights, self.held)
+        fit, val = normal_equations(inputs, targets, self.weights, self.held, d, o)
+        return fit.merged(self.ranks), val.merged(self.ranks)
 
     def _choose(self, module: nn.Module, fit: Normal, val: Normal) -> tuple[float, float]:
         """Set the fit-window solution with the r of lowest held-out error; returns (r, error). Without
@@ -243,16 +273,19 @@ def fuse_window(
     attention_proj: str | None,
     mlp_proj: str | None,
     ridge: float | str | None,
+    share: Share | None = None,
 ) -> dict:
     """Replace blocks start..start+size-1 by one block in slot `start` (in place); `hidden` is its calibration
-    input. With `ridge` (a number, or 'auto') and linear branches, every starting point is corrected and the
+    input (`share`: which of the calibration windows this process holds; the fit's sums are merged over the
+    processes). With `ridge` (a number, or 'auto') and linear branches, every starting point is corrected and the
     best on the held-out windows is kept; otherwise LaCo's merge is kept. The caller deletes the absorbed
     blocks. Returns what was chosen."""
     blocks = [runner.blocks[i] for i in range(start, start + size)]
     if ridge is None or attention_proj is None or mlp_proj is None:
         laco_merge(adapter, blocks)
         return {"start": start, "from": "laco"}
-    fit = WindowFit(runner, adapter, start, hidden, blocks, attention_proj, mlp_proj, ridge)
+    share = share or Share(ONE_PROCESS, 0, None)
+    fit = WindowFit(runner, adapter, start, hidden, blocks, attention_proj, mlp_proj, ridge, share)
     trials = [fit.search(name, block) for name, block in starting_points(adapter, blocks)]
     best = min(trials, key=lambda t: t.error)
     fit.finish(blocks[0], best)

@@ -18,7 +18,7 @@ from ..errors import RecipeError
 from ..models.adapters import Adapter
 from ..schema.structure import FuseBlocksPass, RemoveBlocksPass, ScorePass
 from .family import StructureInfo, branch_module, check_block_surgery, structure_info
-from .fuse import fuse_window
+from .fuse import Share, fuse_window
 from .greedy import greedy_remove
 from .metrics import best_window, least_important
 from .runner import BlockRunner, Unit, split_rows
@@ -188,10 +188,12 @@ def fuse_blocks(
     cfg: FuseBlocksPass,
     quiet: bool,
     residency: Residency | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> dict:
     """Choose windows, merge each (top-down, so every merge's calibration input is still exact), delete the
     absorbed blocks; returns what changed. `residency` brings a streamed model's blocks in as they run (a window
-    being merged is held together); a merged block stays resident.
+    being merged is held together); a merged block stays resident. In a distributed run each rank runs its share
+    of the windows and the statistics, fits and checks are merged over the ranks.
 
     Windows come from `cfg.start`, the smallest angular distances (`select: angular`; merged after choosing), or a
     LaCo walk down from the top (each trial merge kept when the final hidden states stay close enough).
@@ -211,12 +213,12 @@ def fuse_blocks(
     details: dict = {"group_size": m, "corrected": correct}
     if cfg.start is not None or cfg.select == "angular":
         starts, details["fits"] = _fuse_chosen_windows(
-            model, adapter, ids, cfg, info, depth, merges, ridge, quiet, residency
+            model, adapter, ids, cfg, info, depth, merges, ridge, quiet, residency, ranks
         )
     else:
-        chunks = sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size)
+        chunks, share = _shared(sample_chunks(ids, cfg.measure_samples, cfg.measure_batch_size), ranks)
         runner = BlockRunner(model, adapter, chunks, residency=residency)
-        starts = _laco_walk(runner, adapter, info, m, merges, cfg.threshold, ridge, quiet)
+        starts = _laco_walk(runner, adapter, info, m, merges, cfg.threshold, ridge, quiet, share)
         details["threshold"] = cfg.threshold
     absorbed = sorted(s + k for s in starts for k in range(1, m))
     details["merged_windows"] = [[s, s + m - 1] for s in sorted(starts)]
@@ -263,18 +265,19 @@ def _fuse_chosen_windows(
     ridge: float | str | None,
     quiet: bool,
     residency: Residency | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> tuple[list[int], list[dict]]:
     """Merge the window at `cfg.start`, or the `merges` non-overlapping windows of smallest angular distance,
     top-down; returns their starts and per window its fit (starting point, r, held-out error), by start."""
     m = cfg.group_size
     # the correction fits on the statistics windows (no reference logits needed here)
-    chunks = sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4)
+    chunks, share = _shared(sample_chunks(ids, cfg.max_samples, cfg.measure_batch_size * 4), ranks)
     runner = BlockRunner(model, adapter, chunks, False, residency=residency)
     if cfg.start is not None:
         starts = [cfg.start]
     else:
         table = ScoreTable(depth=depth)
-        activation_scores(runner, table, m, False, quiet)
+        activation_scores(runner, table, m, False, quiet, ranks)
         starts = _windows_by_angle(table.angular[m], m, merges, depth)
         if len(starts) < merges:
             raise RecipeError(f"found only {len(starts)} non-overlapping windows", where="fuse_blocks")
@@ -282,11 +285,22 @@ def _fuse_chosen_windows(
     fits = []
     for start in tqdm(sorted(starts, reverse=True), desc="fuse", unit="merge", disable=quiet):
         with runner.holding(range(start, start + m)):
-            fits.append(fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge))
+            fits.append(
+                fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge, share)
+            )
     return starts, sorted(fits, key=lambda f: f["start"])
 
 
-def _laco_walk(runner: BlockRunner, adapter, info, m: int, merges: int, threshold: float, ridge, quiet) -> list[int]:
+def _shared(chunks: list[torch.Tensor], ranks: Ranks) -> tuple[list[torch.Tensor], Share]:
+    """This rank's share of `chunks` (whole chunks, possibly none) and where its windows lie among all of them."""
+    lo, hi = ranks.share_bounds(len(chunks))
+    first = sum(c.shape[0] for c in chunks[:lo])
+    return list(chunks[lo:hi]), Share(ranks, first, sum(c.shape[0] for c in chunks))
+
+
+def _laco_walk(
+    runner: BlockRunner, adapter, info, m: int, merges: int, threshold: float, ridge, quiet, share: Share
+) -> list[int]:
     """LaCo: from the top, merge [l, l+m) if the final hidden states keep cosine >= threshold; then step down."""
     states = runner.inputs()
     removed: set[Unit] = set()
@@ -298,9 +312,9 @@ def _laco_walk(runner: BlockRunner, adapter, info, m: int, merges: int, threshol
         block = runner.blocks[start]
         with runner.holding(range(start, start + m)):
             saved = {k: v.clone() for k, v in block.state_dict().items()}
-            fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge)
+            fuse_window(runner, adapter, start, m, states[start], info.attention_out, info.mlp_out, ridge, share)
             trial = removed | {(start + k, "block") for k in range(1, m)}
-            cos = runner.score(runner.run(start, states[start], trial)).cosine
+            cos = runner.score(runner.run(start, states[start], trial), merge=share.ranks.gather).cosine
             trace.append((start, cos))
             if cos < threshold:
                 block.load_state_dict(saved)

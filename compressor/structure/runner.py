@@ -9,7 +9,7 @@ embeddings or the blocks before i. A *unit* is a whole block `(i, "block")` or o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,20 +182,28 @@ class BlockRunner:
         return F.log_softmax(head_logits(self.model, self.blocks, self.chunks[chunk], final).float(), dim=-1)
 
     @torch.inference_mode()
-    def score(self, final: Hidden) -> OutputScore:
-        """Loss, KL to the base model and final-state cosine for per-chunk final hidden states."""
+    def score(self, final: Hidden, merge: Callable[[list], list] | None = None) -> OutputScore:
+        """Loss, KL to the base model and final-state cosine for per-chunk final hidden states. `merge`
+        (`Ranks.gather`) collects every process's per-chunk sums, added in chunk order, when the chunks are shared
+        among processes."""
         assert self.base_p is not None and self.base_final is not None, "runner built without a reference"
-        nll = kl = cos = 0.0
-        n_pred = n_pos = 0
+        sums = []  # per chunk: nll, kl, cosine, predicted tokens, positions
         for c, h in enumerate(final):
             logp = self.log_probs(c, h)
-            kl += self.base_negentropy[c] - (self.base_p[c] * logp).sum().item()
-            cos += F.cosine_similarity(h.float(), self.base_final[c].float(), dim=-1).sum().item()
-            n_pos += h.shape[0] * h.shape[1]
+            kl = self.base_negentropy[c] - (self.base_p[c] * logp).sum().item()
+            cos = F.cosine_similarity(h.float(), self.base_final[c].float(), dim=-1).sum().item()
+            nll, n_pred = 0.0, 0
             if self.adapter.decoder:
                 ids = self.chunks[c]
-                nll -= logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item()
-                n_pred += ids.shape[0] * (ids.shape[1] - 1)
+                nll = -logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item()
+                n_pred = ids.shape[0] * (ids.shape[1] - 1)
+            sums.append((nll, kl, cos, n_pred, h.shape[0] * h.shape[1]))
+        if merge is not None:
+            sums = merge(sums)
+        nll = kl = cos = 0.0
+        n_pred = n_pos = 0
+        for c_nll, c_kl, c_cos, c_pred, c_pos in sums:
+            nll, kl, cos, n_pred, n_pos = nll + c_nll, kl + c_kl, cos + c_cos, n_pred + c_pred, n_pos + c_pos
         loss = nll / n_pred if n_pred else float("nan")
         return OutputScore(loss, kl / n_pos, cos / n_pos)
 
