@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compressor.calibration.engine import Residency
 from compressor.models.adapters import Adapter
 from compressor.plan import Plan
 from compressor.schema.onnx import OnnxExportConfig
@@ -32,6 +33,8 @@ class ArtifactSource:
     onnx: OnnxExportConfig
     hub_repo_id: str | None = None  # named as the LoRA adapter's base model when the run uploads
     quiet: bool = False  # no progress bars
+    residency: Callable[[], Residency] | None = None  # a streamed model: brings its blocks in one at a time, as the
+    # artifact stores them (graph exporters that build block by block use it instead of `full_model`)
 
     @classmethod
     def of(cls, state) -> ArtifactSource:
@@ -52,4 +55,5 @@ class ArtifactSource:
             onnx=recipe.onnx,
             hub_repo_id=recipe.hub.repo_id if recipe.hub is not None else None,
             quiet=state.quiet,
+            residency=state.artifact_residency if lazy is not None else None,
         )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compressor.calibration.engine import Residency
 from compressor.errors import ModelError, RecipeError
 from compressor.models.adapters import adapter_for
 from compressor.schema.onnx import OnnxExportConfig
@@ -24,7 +25,8 @@ from compressor.schema.onnx import OnnxExportConfig
 from ..source import ArtifactSource
 from .fused import build_fused_decoder, fused_unsupported
 from .graph import IR_VERSION, export_decoder, export_encoder, finalize, retype_int4
-from .modules import LayerChoice, OnnxQuantLinear, embedding_module, swapped
+from .initializers import InitializerStore
+from .modules import LayerChoice, Replacements, swapped
 from .weights import LayerWeights, from_buffers, from_plan
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,20 @@ def export_onnx(source: ArtifactSource, folder: Path) -> list[str]:
     corrections = {name: (c.down, c.up) for name, c in source.plan.compensations.items()}
     out = folder / SUBDIR
     out.mkdir(parents=True, exist_ok=True)
-    model = source.full_model()
+    streamed = source.residency is not None and _graph_kind(source.model, source.onnx) == "fused"
+    # the fused graph is built block by block: a streamed model is never loaded whole
+    model = source.model if streamed else source.full_model()
     stages = Stages(EXPORT_STAGES, quiet=source.quiet)
     try:
         files = export_model(
-            model, layers, out, source.onnx, decoder=source.adapter.decoder, corrections=corrections, stages=stages
+            model,
+            layers,
+            out,
+            source.onnx,
+            decoder=source.adapter.decoder,
+            corrections=corrections,
+            stages=stages,
+            residency=source.residency() if streamed else None,
         )
     finally:
         stages.close()
@@ -130,35 +141,49 @@ def export_model(
     decoder: bool,
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     stages: Stages | None = None,
+    residency: Residency | None = None,
 ) -> list[str]:
-    """Swap quantized layers for ONNX-op modules, trace, finalize; writes model, config and layer report.
+    """Swap quantized layers for ONNX-op modules, trace (or build the fused graph), finalize; writes model, config
+    and layer report.
 
     `corrections` maps layers to the (down [r, K], up [N, r]) factors of their low-rank compensation; `stages`
-    shows progress over EXPORT_STAGES.
+    shows progress over EXPORT_STAGES. The fused graph is built block by block with its weights written out as they
+    are made; `residency` (fused graph only) brings a streamed model's blocks in one at a time.
     """
     stages = stages or Stages(EXPORT_STAGES, quiet=True)
     stages.start("prepare layers")
-    if next(model.parameters()).dtype != torch.float32:
+    if residency is None and next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()
     modules = dict(model.named_modules())
-    replacements, choices = _replacements(model, modules, layers, cfg, corrections or {}, stages)
+    replacements = Replacements(
+        modules, model.get_input_embeddings(), layers, cfg, corrections or {}, progress=stages.detail
+    )
+    check_level_patterns(cfg, replacements.linear_names())
     graph = _graph_kind(model, cfg) if decoder else "traced"
     stages.start("build graph")
+    store = None
     if graph == "fused":
-        proto, placement = build_fused_decoder(model, replacements, cfg.opset)
+        store = InitializerStore(out, MODEL_FILE + ".data")
+        try:
+            proto, placement = build_fused_decoder(model, replacements, cfg.opset, store, residency)
+        except BaseException:
+            store.close()
+            raise
     else:
-        with swapped(model, replacements):
+        every = replacements.all()
+        with swapped(model, every):
             if decoder:
                 proto = export_decoder(model, cfg.opset)
             else:
                 base = getattr(model, "base_model", model)
                 proto = export_encoder(base, cfg.opset)
-        placement = _traced_placement(proto, replacements)
+        placement = _traced_placement(proto, every)
+    choices = replacements.choices
     for c in choices:
         c.tensor, c.rows = (placement.get(c.name) or {}).get("tensor"), (placement.get(c.name) or {}).get("rows")
     stages.start("write files")
     retype_int4(proto)
-    files = finalize(proto, out / MODEL_FILE)
+    files = finalize(proto, out / MODEL_FILE, store)
     model.config.save_pretrained(out)
     files.append("config.json")
     if decoder and getattr(model, "generation_config", None) is not None:
@@ -168,39 +193,6 @@ def export_model(
     files.append(LAYERS_FILE)
     _warn_fallbacks(choices)
     return files
-
-
-def _replacements(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    layers: dict[str, LayerWeights],
-    cfg: OnnxExportConfig,
-    corrections: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    stages: Stages,
-) -> tuple[dict[str, nn.Module], list[LayerChoice]]:
-    embed = model.get_input_embeddings()
-    replacements: dict[str, nn.Module] = {}
-    choices: list[LayerChoice] = []
-    for i, (name, lw) in enumerate(layers.items()):
-        stages.detail(f"layer {i + 1}/{len(layers)}")
-        module = modules.get(name)
-        if module is None:
-            raise ModelError(f"quantized layer '{name}' is not in the model", fix="the artifact or plan is corrupt")
-        if module is embed or isinstance(module, nn.Embedding):
-            scale = getattr(module, "embed_scale", None)
-            scale = None if scale is None else float(scale)
-            new, choice = embedding_module(lw, scale, quantized=cfg.embeddings == "quantized")
-        else:
-            bias = getattr(module, "bias", None)
-            correction = corrections.get(name)
-            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.level_for(name), cfg.block_size_max, correction)
-            choice = new.choice(name, lw, cfg.format)
-            choice.correction_rank = new.correction_rank
-        choice.name = name
-        replacements[name] = new
-        choices.append(choice)
-    check_level_patterns(cfg, [n for n, m in replacements.items() if isinstance(m, OnnxQuantLinear)])
-    return replacements, choices
 
 
 def check_level_patterns(cfg: OnnxExportConfig, linears: list[str]) -> None:

@@ -27,10 +27,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from compressor.calibration.engine import Residency
 from compressor.models.adapters import FUSED_GRAPH_TYPES, adapter_for
 
-from .graph import KvSpec, decoder_io, kv_spec
-from .modules import OnnxQuantEmbedding, OnnxQuantLinear
+from .graph import KvSpec, decoder_io, int4_initializer, is_int4_codes, kv_spec
+from .initializers import InitializerStore
+from .modules import OnnxQuantEmbedding, OnnxQuantLinear, Replacements
 
 MS = "com.microsoft"
 
@@ -59,20 +61,26 @@ def fused_unsupported(model: nn.Module) -> str | None:
 
 
 class _Graph:
-    def __init__(self):
+    """Nodes and initializers of the graph being built; with a `store`, each initializer's data goes to the
+    external data file as soon as it is made."""
+
+    def __init__(self, store: InitializerStore | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.store = store
         self._count = 0
 
     def init(self, name: str, t: torch.Tensor | np.ndarray) -> str:
-        if isinstance(t, torch.Tensor):
-            if t.dtype == torch.float8_e4m3fn:
-                proto = TensorProto(name=name, data_type=TensorProto.FLOAT8E4M3FN, dims=list(t.shape))
-                proto.raw_data = t.contiguous().view(torch.uint8).numpy().tobytes()
-                self.inits.append(proto)
-                return name
-            t = t.detach().contiguous().numpy()
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(t), name))
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float8_e4m3fn:
+            proto = TensorProto(name=name, data_type=TensorProto.FLOAT8E4M3FN, dims=list(t.shape))
+            proto.raw_data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        else:
+            values = t.detach().contiguous().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+            if is_int4_codes(name):
+                proto = int4_initializer(name, values)
+            else:
+                proto = numpy_helper.from_array(np.ascontiguousarray(values), name)
+        self.inits.append(self.store.proto(proto) if self.store is not None else proto)
         return name
 
     def const(self, name: str, value, dtype=np.int64) -> str:
@@ -109,7 +117,7 @@ def _float_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 class _Linears:
     """Emits linears (fused where members share input and format) and records where each layer's rows went."""
 
-    def __init__(self, g: _Graph, modules: dict[str, nn.Module], replacements: dict[str, nn.Module]):
+    def __init__(self, g: _Graph, modules: dict[str, nn.Module], replacements: Replacements):
         self.g, self.modules, self.replacements = g, modules, replacements
         self.placement: dict[str, dict] = {}
 
@@ -236,23 +244,40 @@ def _rotary_caches(model: nn.Module, head_dim: int) -> tuple[torch.Tensor, torch
 
 
 def build_fused_decoder(
-    model: nn.Module, replacements: dict[str, nn.Module], opset: int
+    model: nn.Module,
+    replacements: Replacements,
+    opset: int,
+    store: InitializerStore | None = None,
+    residency: Residency | None = None,
 ) -> tuple[onnx.ModelProto, dict]:
-    """The fused graph of a llama-style decoder; returns the model and each layer's placement (tensor, rows)."""
+    """The fused graph of a llama-style decoder; returns the model and each layer's placement (tensor, rows).
+
+    Block by block: `residency` brings each block in (a streamed model) and lets it go once its nodes are built,
+    the replacements of its layers are made then and dropped after, and with `store` every initializer is written
+    out as it is made; so one block's weights are in memory at a time."""
     spec = kv_spec(model.config)
     modules = dict(model.named_modules())
     names = {id(m): n for n, m in modules.items()}
-    g = _Graph()
+    residency = residency or Residency()
+    residency.load_outside()  # embeddings, final norm, head
+    g = _Graph(store)
     lin = _Linears(g, modules, replacements)
     step = _step_inputs(g, model, spec)
     hidden = _embedding(g, lin, model, names)
     blocks = model.base_model.layers
-    normed = _rms_norm(g, hidden, blocks[0].input_layernorm, f"model.{names[id(blocks[0].input_layernorm)]}")
-    residual = hidden
+    residual, down = hidden, None
     for i, block in enumerate(blocks):
+        residency.load_block(i)
+        norm, norm_name = block.input_layernorm, f"model.{names[id(block.input_layernorm)]}"
+        if down is None:
+            normed = _rms_norm(g, hidden, norm, norm_name)
+        else:
+            normed, residual = _skip_norm(g, down, residual, norm, norm_name)
         down, residual = _block(g, lin, model, spec, step, i, block, names[id(block)], normed, residual)
-        nxt = blocks[i + 1].input_layernorm if i + 1 < len(blocks) else model.base_model.norm
-        normed, residual = _skip_norm(g, down, residual, nxt, f"model.{names[id(nxt)]}")
+        replacements.drop(names[id(block)] + ".")
+        residency.release_block(i)
+    final = model.base_model.norm
+    normed, residual = _skip_norm(g, down, residual, final, f"model.{names[id(final)]}")
 
     head_name = names[id(model.get_output_embeddings())]
     head = lin.module(head_name)

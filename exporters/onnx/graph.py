@@ -18,12 +18,15 @@ from torch import nn
 
 from compressor.models.adapters import adapter_for
 
+from .initializers import InitializerStore
 from .ops import TRANSLATIONS
 
 log = logging.getLogger(__name__)
 
 IR_VERSION = 10  # opset 21's IR; onnxruntime 1.22..1.32 all read it (onnx 1.23 would write 12 otherwise)
-EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to `model.onnx.data` (protobuf caps files at 2 GB)
+# above this the weights go to `model.onnx.data` (protobuf caps a file at 2 GB; a smaller limit keeps what an export
+# holds in memory at the end, when a graph is serialized with its weights, small)
+EXTERNAL_DATA_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -148,41 +151,61 @@ def _export(wrapper, args, shapes, inputs, outputs, opset) -> onnx.ModelProto:
     return program.model_proto
 
 
+def int4_initializer(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """int8 codes in [-8, 7] as a packed INT4 initializer (first element in the low nibble)."""
+    codes = codes.astype(np.int8)
+    if codes.size and (codes.min() < -8 or codes.max() > 7):
+        raise ValueError(f"{name}: codes outside int4")
+    flat = codes.reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    nibbles = flat.view(np.uint8) & 0x0F
+    packed = onnx.TensorProto(name=name, data_type=onnx.TensorProto.INT4, dims=codes.shape)
+    packed.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    return packed
+
+
+def is_int4_codes(name: str) -> bool:
+    """`*.qdq_int4_*` initializers hold int8 codes that are stored as INT4."""
+    return ".qdq_int4_" in name
+
+
 def retype_int4(model: onnx.ModelProto) -> None:
-    """Store `*.qdq_int4_*` initializers (int8 codes in [-8, 7]) as packed INT4 tensors."""
+    """Store `*.qdq_int4_*` initializers (int8 codes in [-8, 7]) as packed INT4 tensors (those not yet INT4)."""
     for i, init in enumerate(model.graph.initializer):
-        if ".qdq_int4_" not in init.name:
+        if not is_int4_codes(init.name) or init.data_type == onnx.TensorProto.INT4:
             continue
-        codes = onnx.numpy_helper.to_array(init).astype(np.int8)
-        if codes.size and (codes.min() < -8 or codes.max() > 7):
-            raise ValueError(f"{init.name}: codes outside int4")
-        flat = codes.reshape(-1)
-        if flat.size % 2:
-            flat = np.append(flat, np.int8(0))
-        nibbles = flat.view(np.uint8) & 0x0F
-        packed = onnx.TensorProto(name=init.name, data_type=onnx.TensorProto.INT4, dims=codes.shape)
-        packed.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()  # first element low
+        packed = int4_initializer(init.name, onnx.numpy_helper.to_array(init))
         model.graph.initializer[i].CopyFrom(packed)
     for vi in list(model.graph.value_info):
         if ".qdq_int4_" in vi.name:
             model.graph.value_info.remove(vi)
 
 
-def finalize(model: onnx.ModelProto, path: Path) -> list[str]:
-    """Set IR version, save (external data above ~1.8 GB), run onnx.checker on the file; returns files written."""
+def finalize(model: onnx.ModelProto, path: Path, store: InitializerStore | None = None) -> list[str]:
+    """Set IR version, save (external data above EXTERNAL_DATA_BYTES), run onnx.checker on the file; returns files
+    written. With `store`, the initializers were written to its data file as the graph was built: the data stays
+    there (large models) or is put back inline."""
     model.ir_version = IR_VERSION
     for node in model.graph.node:  # tracing metadata: local source paths and stack traces, not for users
         del node.metadata_props[:]
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = size > EXTERNAL_DATA_BYTES
     data_name = path.name + ".data"
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
+    if store is not None:
+        store.close()
+        external = store.size > EXTERNAL_DATA_BYTES
+        if not external:
+            store.inline(list(model.graph.initializer))
+        onnx.save_model(model, str(path))  # the tensors already point into the data file
+    else:
+        size = sum(len(t.raw_data) for t in model.graph.initializer)
+        external = size > EXTERNAL_DATA_BYTES
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
     onnx.checker.check_model(str(path), full_check=False)
     return [path.name, data_name] if external else [path.name]

@@ -164,3 +164,76 @@ def swapped(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[nn
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, old)
+
+
+class Replacements:
+    """The ONNX-op module of every quantized layer (name -> module), each made when first asked for: a graph built
+    block by block makes a block's modules and `drop`s them after, so their tensors are not all held at once.
+    `choices` records what each layer became, in the order of `layers`."""
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        embed: nn.Module | None,
+        layers: dict[str, LayerWeights],
+        cfg,
+        corrections: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        progress=None,
+    ):
+        self.modules, self.embed, self.layers, self.cfg, self.corrections = modules, embed, layers, cfg, corrections
+        self.progress = progress or (lambda text: None)
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            from compressor.errors import ModelError
+
+            fix = "the artifact or plan is corrupt"
+            raise ModelError(f"quantized layer '{missing[0]}' is not in the model", fix=fix)
+        self._made: dict[str, nn.Module] = {}
+        self._choices: dict[str, LayerChoice] = {}
+
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    def linear_names(self) -> list[str]:
+        """The quantized layers that become linears (not embedding tables)."""
+        return [n for n in self.layers if not self._is_embedding(self.modules.get(n))]
+
+    def get(self, name: str, default: nn.Module | None = None) -> nn.Module | None:
+        if name not in self.layers:
+            return default
+        if name not in self._made:
+            self._made[name] = self._make(name)
+        return self._made[name]
+
+    def all(self) -> dict[str, nn.Module]:
+        """Every replacement (a traced graph swaps them all in at once)."""
+        return {name: self.get(name) for name in self.layers}
+
+    def drop(self, prefix: str) -> None:
+        """Forget the made modules under `prefix` (their choices stay)."""
+        for name in [n for n in self._made if n.startswith(prefix)]:
+            del self._made[name]
+
+    @property
+    def choices(self) -> list[LayerChoice]:
+        return [self._choices[n] for n in self.layers if n in self._choices]
+
+    def _is_embedding(self, module: nn.Module | None) -> bool:
+        return module is not None and (module is self.embed or isinstance(module, nn.Embedding))
+
+    def _make(self, name: str) -> nn.Module:
+        self.progress(f"layer {len(self._choices) + 1}/{len(self.layers)}")
+        module, lw, cfg = self.modules[name], self.layers[name], self.cfg
+        if self._is_embedding(module):
+            scale = getattr(module, "embed_scale", None)
+            scale = None if scale is None else float(scale)
+            new, choice = embedding_module(lw, scale, quantized=cfg.embeddings == "quantized")
+        else:
+            bias = getattr(module, "bias", None)
+            correction = self.corrections.get(name)
+            new = OnnxQuantLinear(lw, bias, cfg.format, cfg.level_for(name), cfg.block_size_max, correction)
+            choice = new.choice(name, lw, cfg.format)
+            choice.correction_rank = new.correction_rank
+        choice.name = name
+        self._choices[name] = choice
+        return new
