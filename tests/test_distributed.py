@@ -99,6 +99,20 @@ def test_several_processes_write_the_one_process_artifact(case, nproc, tiny_mode
     assert [name for name in a if a[name] != b[name]] == []
 
 
+def test_a_timed_allocation_search_runs_on_one_process(tiny_model_dir, tmp_path):
+    """`method: search` has a wall-time budget (its result depends on the machine's speed): with 2 processes one
+    searches and both quantize with its allocation, so the run completes and agrees with itself."""
+    done = _compress(
+        "w4-layerwise",
+        tiny_model_dir("llama"),
+        tmp_path / "o",
+        *("--set", "passes.0.method=search", "--set", "passes.0.search_seconds=2", "--nproc", "2"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["processes"]["count"] == 2 and "search" in report["allocation"]["timings"]
+
+
 def test_too_few_calibration_chunks_for_the_processes(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
     cmd = [sys.executable, "-m", "compressor", "--recipe", "w4-gptq", "--model", str(model), "-o", str(tmp_path / "o")]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..calibration.engine import Residency, head_logits
+from ..calibration.ranks import ONE_PROCESS, Ranks
 from ..eval.logits import slice_positions
 from ..quant.linalg import fixed_order_sum
 from ..structure.runner import BlockRunner
@@ -52,8 +53,9 @@ class HeldOutKL:
         names: Sequence[str],
         held: torch.Tensor,
         residency: Residency | None = None,
+        ranks: Ranks = ONE_PROCESS,
     ) -> None:
-        self.model, self.adapter, self.held = model, adapter, held
+        self.model, self.adapter, self.held, self.ranks = model, adapter, held, ranks
         self.modules = {n: model.get_submodule(n) for n in names}
         self.residency = residency or Residency()
         prefixes = adapter.block_prefixes(model)
@@ -67,7 +69,8 @@ class HeldOutKL:
         return int(self.held.shape[0])
 
     def __enter__(self) -> HeldOutKL:
-        windows = [self.held[i : i + 1] for i in range(self.samples)]  # one window per chunk: bounded head memory
+        # one window per chunk (bounded head memory); in a distributed run each process takes its share
+        windows = self.ranks.shard([self.held[i : i + 1] for i in range(self.samples)], allow_empty=True)
         self._runner = BlockRunner(self.model, self.adapter, windows, reference=False, residency=self.residency)
         self._base_states = self._runner.inputs()
         return self
@@ -124,8 +127,9 @@ class HeldOutKL:
 
     def _kl_to_base(self, final: list[torch.Tensor]) -> float:
         """Mean per-token KL(base || model) from the last block's outputs, the head applied to a slice of one
-        window's positions at a time for both (no [windows, positions, vocabulary] tensor is kept or made)."""
-        runner, total, count = self._runner, 0.0, 0
+        window's positions at a time for both (no [windows, positions, vocabulary] tensor is kept or made). The
+        slices' sums of every process are added in window order, so the figure does not depend on the split."""
+        runner, parts = self._runner, []
         vocab = self.model.config.get_text_config().vocab_size
         for ids, ours, base in zip(runner.chunks, final, self._base_states[-1]):
             step = slice_positions(vocab, ids.shape[1])
@@ -133,8 +137,10 @@ class HeldOutKL:
                 cut = slice(start, start + step)
                 theirs = _log_probs(self.model, self.adapter, ids[:, cut], base[:, cut])
                 mine = _log_probs(self.model, self.adapter, ids[:, cut], ours[:, cut])
-                total += fixed_order_sum(theirs.exp() * (theirs - mine))
-                count += theirs.shape[0] * theirs.shape[1]
+                parts.append((fixed_order_sum(theirs.exp() * (theirs - mine)), theirs.shape[0] * theirs.shape[1]))
+        total, count = 0.0, 0
+        for part, n in self.ranks.gather(parts):
+            total, count = total + part, count + n
         return total / max(count, 1)
 
     def restore(self) -> None:

@@ -83,7 +83,11 @@ class AllocateBitsRunner:
             from ..allocate.search import refine_by_kl
 
             t = time.perf_counter()
-            choice = refine_by_kl(state, units, self.schemes, quant, choice, budget, self.cfg, weights)
+            # a wall-time budget: a run of its own, not reproducible; in a distributed run one process searches and
+            # its result goes to all (each searching alone would end at a different allocation)
+            (choice,) = state.ranks.run_assigned(
+                [(1.0, lambda: refine_by_kl(state, units, self.schemes, quant, choice, budget, self.cfg, weights))]
+            )
             timings["search"] = time.perf_counter() - t
         fallback = None
         if self._checks_on:
@@ -339,7 +343,7 @@ class AllocateBitsRunner:
 
     def _held_out(self, state: CompressionState, names: list[str]) -> HeldOutKL:
         held = held_out_rows(state.calibration_ids, self.cfg.num_samples, self.cfg.check.samples)
-        return HeldOutKL(state.model, state.adapter, names, held, state.residency())
+        return HeldOutKL(state.model, state.adapter, names, held, state.residency(), state.ranks)
 
     def _overlap(self, state: CompressionState) -> bool:
         """Whether the check's windows include some of the sensitivity sweep's (too few calibration rows)."""
