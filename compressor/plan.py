@@ -202,6 +202,7 @@ class Plan:
     lowrank: CompensationRequest | None = None  # the corrections the `lowrank` pass asks the quantize pass for
     blocks: list[BlockChange] = field(default_factory=list)  # removed / fused / zeroed blocks, in the order done
     awq: list[AwqFold] = field(default_factory=list)  # activation-aware scales folded, per input group
+    factored: dict[str, int] = field(default_factory=dict)  # linears decomposed into B A (`lowrank` decompose): rank
     # the artifact's layout, recorded by `finish` once the passes are done
     linears: list[str] = field(default_factory=list)  # the blocks' linears, then quantized ones outside the blocks
     ignore: list[str] = field(default_factory=list)  # linears a loader must leave float (a float head Linear too)

@@ -122,8 +122,13 @@ class Recipe(Strict):
                     f"passes.{i}: a second quantize pass; a recipe quantizes once (for a format per layer, put an "
                     "allocate_bits pass before the quantize pass)"
                 )
+            if any(q.type == "lowrank" and q.mode == "decompose" for q in self.passes[:i]):
+                raise ValueError(
+                    f"passes.{i}: {p.type} after a lowrank pass in mode decompose; the decomposition must be the last "
+                    "pass for now (quantizing the factors is not supported yet)"
+                )
             quantized = quantized or p.type == "quantize"
-            if quantized and p.type in ("remove_blocks", "fuse_blocks"):
+            if quantized and (p.type in ("remove_blocks", "fuse_blocks") or getattr(p, "mode", "") == "decompose"):
                 raise ValueError(
                     f"passes.{i}: {p.type} after a quantize pass; structural passes must come before quantization "
                     "(move it up the list)"

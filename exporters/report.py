@@ -20,7 +20,7 @@ _PART_LABELS = {
 _PLOTS = {  # file -> caption, in the order the summary and the model card show them
     "size.png": "size by part",
     "quality.png": "quality against the base model, per evaluation window",
-    "layers.png": "format per layer",
+    "layers.png": "format (or rank) per layer",
     "scores.png": "block importance scores",
 }
 
@@ -66,6 +66,8 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(_allocation_check_line(report["allocation"]))
     if report.get("lowrank"):
         lines.append(_lowrank_line(report, size))
+    if report.get("lowrank_decomposition"):
+        lines.append(_decomposition_line(report["lowrank_decomposition"]))
     if report.get("awq"):
         scaled = [g for g in report["awq"] if g["alpha"] > 0]
         lines.append(f"activation-aware scaling: {len(scaled)} of {len(report['awq'])} input groups scaled")
@@ -198,9 +200,42 @@ def _quality_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def _decomposition_line(dec: dict) -> str:
+    """How many linears the decomposition factored, their ranks and the parameters kept."""
+    ranks = sorted(v["rank"] for v in dec["layers"].values() if v["rank"] is not None)
+    shown = f"ranks {ranks[0]}-{ranks[-1]} (median {ranks[len(ranks) // 2]})" if ranks else "no layer factored"
+    return (
+        f"low-rank decomposition ({dec['method']}, {dec['allocation']} allocation): {len(ranks)} of "
+        f"{len(dec['layers'])} linears factored, {shown}; {dec['params_kept']:.1%} of their parameters kept"
+    )
+
+
+def plot_ranks(dec: dict, path: Path) -> bool:
+    """Rank per decomposed layer over depth as a share of its break-even rank (1: kept dense), per layer type."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    by_type: dict[str, list[tuple[int, float]]] = {}
+    for i, (name, layer) in enumerate(dec["layers"].items()):
+        out_f, in_f = layer["shape"]
+        breakeven = max((out_f * in_f - 1) // (out_f + in_f), 1)
+        share = 1.0 if layer["rank"] is None else layer["rank"] / breakeven
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append((i, share))
+    for kind, pts in sorted(by_type.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, label=kind)
+    ax.set_xlabel("layer (execution order)")
+    ax.set_ylabel("rank / break-even rank")
+    ax.set_title("rank per layer (1 = kept dense)")
+    ax.legend(fontsize=6, ncol=4)
+    _save(fig, path)
+    return True
+
+
 def plot_layers(report: dict, path: Path) -> bool:
-    """Bits per weight of every quantized layer over depth, one marker series per layer type."""
+    """Bits per weight of every quantized layer over depth, one marker series per layer type (a decomposition
+    without quantization: rank per layer)."""
     layers = report.get("plan", {}).get("layers", {})
+    if not layers and report.get("lowrank_decomposition"):
+        return plot_ranks(report["lowrank_decomposition"], path)
     if not layers:
         return False
     plt = _pyplot()
@@ -348,6 +383,19 @@ def _plots_section(folder: Path) -> list[str]:
     return ["", "## Plots", *[line for image in images for line in ("", image)]] if images else []
 
 
+def _consumers(report: dict) -> str:
+    """Which tools load the artifact."""
+    if report.get("lowrank_decomposition", {}).get("layers") and any(
+        v["rank"] is not None for v in report["lowrank_decomposition"]["layers"].values()
+    ):
+        return (
+            "Its decomposed layers (`<layer>.lowrank_A` / `lowrank_B`, ranks in config.json under "
+            "`compressor_lowrank`) load with `compressor.load(path)` only; transformers and vLLM need a dense copy "
+            "first: `compress densify PATH DENSE` (the products B A, no size gain)."
+        )
+    return "Loads with `transformers` (with `compressed-tensors` installed) and vLLM, or `compressor.load(path)`."
+
+
 def _lora_usage(report: dict) -> list[str]:
     """How to apply the low-rank compensation, when the artifact has one (without it the quality is lower)."""
     if not report.get("lowrank"):
@@ -384,8 +432,7 @@ def write_model_card(report: dict, recipe_yaml: str, folder: Path) -> None:
         "---",
         f"# {Path(source).name} (compressed)",
         "",
-        f"Compressed from `{source}` with compressor {report['compressor_version']}. "
-        "Loads with `transformers` (with `compressed-tensors` installed) and vLLM, or `compressor.load(path)`.",
+        f"Compressed from `{source}` with compressor {report['compressor_version']}. " + _consumers(report),
         *_lora_usage(report),
         "",
         "## Summary",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from compressor.runtime.factored import CONFIG_KEY as FACTORED_KEY
 from compressor.runtime.lora import LORA_DIR, write_lora
 from compressor.schema.common import parse_size
 
@@ -93,10 +94,14 @@ def export_safetensors(source: ArtifactSource, folder: Path) -> list[str]:
     config = model.config
     config.quantization_config = quantization_config(plan)
     config.dtype = plan.dtype
+    if plan.factored:  # compressor.load builds these layers as two linears each (runtime/factored.py)
+        setattr(config, FACTORED_KEY, {"format": "lowrank_A/lowrank_B", "layers": dict(sorted(plan.factored.items()))})
     try:
         config.save_pretrained(folder)
     finally:
         del config.quantization_config
+        if plan.factored:
+            delattr(config, FACTORED_KEY)
     if getattr(model, "generation_config", None) is not None and adapter.decoder:
         model.generation_config.save_pretrained(folder)
     source.tokenizer.save_pretrained(folder)

@@ -32,6 +32,11 @@ class LowRankRunner:
         self.cfg = config
 
     def run(self, state: CompressionState) -> None:
+        if self.cfg.mode == "decompose":
+            from .decompose import Decomposition
+
+            Decomposition(self.cfg).run(state)
+            return
         quant = following_quantize(state, self.cfg, "lowrank", "corrects the quantization error of")
         state.plan.lowrank = CompensationRequest(self.cfg)
         if self.cfg.budget_bits_per_weight is None:

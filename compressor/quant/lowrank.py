@@ -156,3 +156,101 @@ def allocate_ranks(spectra: dict[str, ErrorSpectrum], budget: int) -> dict[str, 
             ranks[name] += 1
             spent += cost
     return ranks
+
+
+# ---- decomposition: W itself replaced by B A (the `lowrank` pass, mode decompose) ---------------------------------
+DECOMPOSE_METHODS = ("whitened", "plain", "asvd")
+ASVD_ALPHA = 0.5  # ASVD's exponent on the input channels' mean magnitude
+
+
+def breakeven_rank(out_features: int, in_features: int) -> int:
+    """The largest rank r with r (out + in) < out x in: above it a factored layer is not smaller than the dense one."""
+    return (out_features * in_features - 1) // (out_features + in_features)
+
+
+def _input_transform(
+    method: str, in_features: int, h: torch.Tensor | None, abs_mean: torch.Tensor | None, damp: float
+) -> torch.Tensor | None:
+    """The input-side matrix S whose `W S` the method truncates (None: the identity, plain SVD): the Cholesky factor
+    of the dampened H (whitened, SVD-LLM) or diag(mean |x|^alpha) (ASVD)."""
+    if method == "plain":
+        return None
+    if method == "whitened":
+        if h is None:
+            raise ValueError("whitened decomposition needs the input Gram matrix")
+        return whitening(h, damp).to(torch.float32)
+    if abs_mean is None:
+        raise ValueError("asvd needs the inputs' mean magnitudes")
+    scale = abs_mean.to(torch.float32).clamp_min(1e-6).pow(ASVD_ALPHA)
+    return torch.diag(scale / scale.mean())
+
+
+def decomposition_spectrum(
+    w: torch.Tensor,
+    method: str,
+    max_rank: int,
+    h: torch.Tensor | None = None,
+    abs_mean: torch.Tensor | None = None,
+    damp: float = 0.01,
+) -> ErrorSpectrum:
+    """The leading `max_rank` energies (squared singular values) of W S for the method's S: how much of the layer
+    (its output on calibration inputs for whitened) each rank keeps; `total` is the whole."""
+    s = _input_transform(method, w.shape[1], h, abs_mean, damp)
+    m = w.to(torch.float32) if s is None else w.to(torch.float32) @ s
+    _, sv, _ = top_singular(m, min(max_rank, *m.shape))
+    return ErrorSpectrum(sv.double().square(), float(m.double().square().sum()), sum(w.shape))
+
+
+def decompose(
+    w: torch.Tensor,
+    rank: int,
+    method: str,
+    h: torch.Tensor | None = None,
+    abs_mean: torch.Tensor | None = None,
+    damp: float = 0.01,
+) -> LowRankFactors:
+    """Rank-`rank` factors of W [out, in] itself (`up` @ `down` ~ W): the truncated SVD of W S mapped back by S^-1.
+
+    whitened (S S^T = H): the rank-r B A closest to W in output error tr((W - BA) H (W - BA)^T); asvd (S =
+    diag(mean |x|^0.5)): closest after scaling the input channels by their magnitude; plain: closest in Frobenius
+    norm. With H, the activation-aware methods then refit B in closed form given A (`refit_up`). `error_before`
+    is the layer's whole output energy tr(W H W^T) (Frobenius without H), `error_after` the error of B A."""
+    s = _input_transform(method, w.shape[1], h, abs_mean, damp)
+    w32 = w.to(torch.float32)
+    m = w32 if s is None else w32 @ s
+    r = min(rank, *m.shape)
+    u, sv, vh = top_singular(m, r)
+    root = sv.sqrt()
+    up = u * root
+    if s is None:
+        down = vh * root[:, None]
+    elif method == "asvd":
+        down = (vh / s.diagonal()[None, :]) * root[:, None]
+    else:
+        with one_thread():
+            down = torch.linalg.solve_triangular(s.T, vh.T, upper=True).T * root[:, None]
+    if h is not None and method != "plain":
+        up = refit_up(w32, down, h, damp)
+    factors = LowRankFactors(down=down.contiguous(), up=up.contiguous(), error_before=0.0, error_after=0.0)
+    factors.error_before, factors.error_after = output_error(w32, None, h), output_error(w32, factors, h)
+    return factors
+
+
+def refit_up(w: torch.Tensor, down: torch.Tensor, h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """argmin_B tr((W - B A) H (W - B A)^T) for fixed A = `down` [r, in]: B = W H A^T (A H A^T)^-1 (float64, the
+    r x r system dampened like H)."""
+    h64, a64 = h.to(torch.float64), down.to(torch.float64)
+    h64 = h64 + damp * h64.diagonal().mean() * torch.eye(h64.shape[0], dtype=torch.float64)
+    rhs = w.to(torch.float64) @ h64 @ a64.T  # [out, r]
+    gram = a64 @ h64 @ a64.T  # [r, r]
+    with one_thread():
+        up = torch.linalg.solve(gram, rhs.T).T
+    return up.to(torch.float32).contiguous()
+
+
+def output_error(w: torch.Tensor, factors: LowRankFactors | None, h: torch.Tensor | None) -> float:
+    """tr(D H D^T) for D = W - B A (D = W when `factors` is None); the Frobenius norm squared without H."""
+    d = w.to(torch.float64) if factors is None else w.to(torch.float64) - factors.delta().to(torch.float64)
+    if h is None:
+        return float(d.square().sum())
+    return float(((d @ h.to(torch.float64)) * d).sum())

@@ -16,6 +16,8 @@ from ..errors import ModelError
 from ..models.adapters import adapter_for
 from ._ext import dense_kernels_for
 from .dense16 import SIXTEEN_BIT, Embedding16, Linear16, TiedLinear16
+from .factored import CONFIG_KEY as FACTORED_KEY
+from .factored import build_factored
 from .lora import read_lora
 from .ops import ACTIVATION_MODES
 from .qlinear import QuantEmbedding, QuantLinear
@@ -84,6 +86,8 @@ def load(
         raise ValueError(f"activations={activations!r}: expected one of {sorted(ACTIVATION_MODES)}")
     folder = Path(path)
     model, config, qcfg = _empty_model(folder, dtype)
+    factored = (getattr(config, FACTORED_KEY, None) or {}).get("layers") or {}
+    build_factored(model, factored, dtype)  # decomposed linears: two linears each (lowrank_A, lowrank_B)
     tensors = read_tensors(folder)
     per_layer = _pop_compressed(tensors)
     _replace_compressed(model, per_layer, tensors, qcfg, dtype, activations)

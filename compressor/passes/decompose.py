@@ -1,0 +1,186 @@
+"""`lowrank` with `mode: decompose`: the targeted block linears W become B A under a parameter budget.
+
+Ranks first (`allocate.ranks`): uniform needs only the shapes; welore reads each weight's singular values (no data);
+spectrum reads the method's own spectrum, for the calibrated methods on one sweep over the unchanged model. Then the
+factors, block by block: the calibrated methods (whitened, asvd) fit each block's layers on the input statistics
+the already-decomposed blocks produce (`calibration.engine.BlockSweep`, as the quantize pass does), plain SVD needs
+no data. While a block runs its weights are the dense products B A; once it has run its factored layers become
+`runtime.factored.FactoredLinear` modules (`<layer>.lowrank_A` / `lowrank_B`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..allocate.ranks import DENSE, knapsack_ranks, uniform_ranks
+from ..calibration.engine import BlockSweep, GramStat, resolve_compute_dtype
+from ..errors import RecipeError
+from ..quant.lowrank import LowRankFactors, breakeven_rank, decompose, decomposition_spectrum
+from ..runtime.factored import CONFIG_KEY, FactoredLinear, set_submodule
+from ..schema import LowRankPass
+from ..schema.common import parse_size
+from ..state import CompressionState
+
+log = logging.getLogger(__name__)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a block linear without reading its values (a streamed block's weights may be on disk)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return int(module.weight.shape[1]), int(module.weight.shape[0])  # gpt2's Conv1D: [in, out]
+
+
+class Decomposition:
+    """Runs one `lowrank` pass in mode decompose on a CompressionState."""
+
+    def __init__(self, cfg: LowRankPass):
+        self.cfg = cfg
+
+    def run(self, state: CompressionState) -> None:
+        model, adapter, cfg = state.model, state.adapter, self.cfg
+        prefixes = adapter.block_prefixes(model)
+        targets = {
+            f"{p}.{local}": (i, local)
+            for i, p in enumerate(prefixes)
+            for local in adapter.linear_names()
+            if cfg.applies_to(f"{p}.{local}")
+        }
+        if not targets:
+            raise RecipeError("no block linear matches the targets", where="lowrank.targets", fix="check the regexes")
+        shapes = {n: linear_shape(model.get_submodule(n)) for n in targets}
+        dense = sum(o * i for o, i in shapes.values())
+        budget = self._budget(state, dense)
+        spectra = None
+        if cfg.allocation == "uniform":
+            ranks = uniform_ranks(shapes, budget)
+        else:
+            method = "plain" if cfg.allocation == "welore" else cfg.method
+            spectra = self._spectra(state, targets, shapes, method)
+            ranks = knapsack_ranks(shapes, spectra, budget, cfg.rank_step)
+        factored = {n: r for n, r in ranks.items() if r != DENSE and r <= breakeven_rank(*shapes[n])}
+        fits = self._factor(state, targets, factored)
+        state.plan.factored = dict(factored)
+        kept = sum(r * sum(shapes[n]) for n, r in factored.items()) + sum(
+            o * i for n, (o, i) in shapes.items() if n not in factored
+        )
+        state.report["lowrank_decomposition"] = {
+            "method": cfg.method,
+            "allocation": cfg.allocation,
+            "params_before": dense,
+            "params_after": kept,
+            "params_kept": kept / dense,
+            "budget_params": budget,
+            "layers": {
+                n: {
+                    "shape": list(shapes[n]),
+                    "rank": factored.get(n),  # None: kept dense
+                    "kept_energy": _kept_energy(spectra, n, factored.get(n)),
+                    "output_error": fits[n].error_after / fits[n].error_before if n in fits else 0.0,
+                }
+                for n in targets
+            },
+            "config_key": CONFIG_KEY,
+        }
+        log.info(
+            "lowrank decompose (%s, %s): %d of %d linears factored, %.1f%% of their parameters kept",
+            cfg.method,
+            cfg.allocation,
+            len(factored),
+            len(targets),
+            100 * kept / dense,
+        )
+
+    def _budget(self, state: CompressionState, dense: int) -> int:
+        b = self.cfg.budget
+        if b.params_kept is not None:
+            return int(b.params_kept * dense)
+        return int(parse_size(b.size) // state.plan.dtype.itemsize)
+
+    # ---- spectra -------------------------------------------------------------------------------------------
+    def _spectra(self, state: CompressionState, targets, shapes, method: str) -> dict:
+        """Each target's spectrum under `method` on the unchanged model (calibrated methods: one block sweep)."""
+        spectra: dict = {}
+
+        def measure(name: str, w: torch.Tensor, stat: GramStat | None) -> None:
+            h, abs_mean = _statistics(stat, method)
+            spectra[name] = decomposition_spectrum(w, method, breakeven_rank(*shapes[name]), h, abs_mean, self.cfg.damp)
+
+        self._sweep(state, targets, set(targets), method, measure, "lowrank (spectra)", change=False)
+        return spectra
+
+    # ---- factors -------------------------------------------------------------------------------------------
+    def _factor(self, state: CompressionState, targets, factored: dict[str, int]) -> dict[str, LowRankFactors]:
+        fits: dict[str, LowRankFactors] = {}
+        cfg = self.cfg
+
+        def fit(name: str, w: torch.Tensor, stat: GramStat | None) -> torch.Tensor:
+            h, abs_mean = _statistics(stat, cfg.method)
+            fits[name] = decompose(w, factored[name], cfg.method, h, abs_mean, cfg.damp)
+            return fits[name].delta()
+
+        self._sweep(state, targets, set(factored), cfg.method, fit, "lowrank (decompose)", change=True, fits=fits)
+        return fits
+
+    def _sweep(self, state, targets, wanted: set[str], method: str, visit, desc: str, change: bool, fits=None):
+        """Call `visit(name, W, stat)` for every wanted layer block by block (stat: its input statistics on the
+        calibration windows, None for plain SVD); with `change`, the layer's weight becomes what `visit` returns
+        while its block runs, and the factored module afterwards."""
+        model, adapter = state.model, state.adapter
+        blocks, prefixes = adapter.blocks(model), adapter.block_prefixes(model)
+        residency = state.residency()
+        calibrated = method != "plain"
+        sweep = None
+        if calibrated:
+            if state.calibration_ids is None:
+                raise RecipeError(f"method {method} needs calibration windows", where="lowrank.method")
+            dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
+            chunks = state.ranks.shard(state.calibration_chunks())
+            sweep = BlockSweep(model, blocks, chunks, dtype, track_abs=method == "asvd", reduce=state.ranks.reduce_gram)
+        steps = sweep if sweep is not None else enumerate(blocks)
+        for i, block in tqdm(steps, total=len(blocks), desc=desc, unit="block", disable=state.quiet):
+            prefix = prefixes[i]
+            mine = [local for local in adapter.linear_names() if f"{prefix}.{local}" in wanted]
+            residency.load_block(i)
+
+            def solve(names, stat, block=block, prefix=prefix):
+                for local in names:
+                    module = block.get_submodule(local)
+                    new = visit(f"{prefix}.{local}", adapter.get_weight(module), stat)
+                    if change:
+                        adapter.set_weight(module, new)
+
+            if sweep is not None:
+                groups = [tuple(n for n in g if n in mine) for g in adapter.linear_groups]
+                sweep.run([g for g in groups if g], solve)
+            elif mine:
+                solve(tuple(mine), None)
+            if change:
+                for local in mine:
+                    name = f"{prefix}.{local}"
+                    old = block.get_submodule(local)
+                    bias = getattr(old, "bias", None)
+                    f = fits[name]
+                    set_submodule(block, local, FactoredLinear.of(f.down, f.up, None if bias is None else bias.float()))
+            residency.release_block(i)
+
+
+def _kept_energy(spectra: dict | None, name: str, rank: int | None) -> float | None:
+    """The share of the allocation spectrum's energy the rank keeps (None without a spectrum; 1 when dense)."""
+    if spectra is None:
+        return None
+    if rank is None:
+        return 1.0
+    sp = spectra[name]
+    return float(sp.energy[:rank].sum()) / sp.total if sp.total else 1.0
+
+
+def _statistics(stat: GramStat | None, method: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(H, mean |x|) of a layer's inputs as the method reads them (None, None for plain SVD)."""
+    if stat is None:
+        return None, None
+    return stat.mean(), stat.mean_abs() if method == "asvd" else None
