@@ -135,3 +135,21 @@ def test_decomposed_artifact_loads_and_densifies(method, allocation, tiny_model_
     assert "compressor_lowrank" not in json.loads((dense_dir / "config.json").read_text())
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("graph", ["fused", "traced"])
+def test_decomposed_onnx_export_runs_in_onnxruntime(graph, head32_model_dir, calib_file, tmp_path):
+    """A factored layer is two float MatMuls (B (A x) + b) in the fused and the traced graph; onnxruntime's logits
+    and greedy tokens equal compressor.load's with the KV cache."""
+    pytest.importorskip("onnxruntime")
+    from test_onnx import check_decoder, op_counts
+
+    recipe = small_recipe(calib_file, evaluate=None, export=["safetensors", "onnx"], onnx={"graph": graph})
+    recipe["passes"] = [{"type": "lowrank", "mode": "decompose", "budget": {"params_kept": 0.7}, "rank_step": 4}]
+    out = tmp_path / "out"
+    compressor.compress(recipe, model=str(head32_model_dir("llama")), output=out, quiet=True)
+    factored = json.loads((out / "config.json").read_text())["compressor_lowrank"]["layers"]
+    assert factored
+    matmuls = op_counts(out / "onnx" / "model.onnx")["MatMul"]
+    assert matmuls >= 2 * len(factored)
+    check_decoder(out, greedy=8)
