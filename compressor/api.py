@@ -146,7 +146,10 @@ def _loaded_back(folder: Path, state: CompressionState):
     if "safetensors" not in state.recipe.export:
         return None
     try:
-        model = load_artifact(folder)  # float activations: the logits of the dequantized model
+        # float activations and float32 dense linears: the logits of the dequantized model, computed as the model in
+        # memory computes them (16-bit linears kept 16-bit sum in another order, which adds up over the many dense
+        # linears of a decomposed model)
+        model = load_artifact(folder, keep_16bit=False)
     except Exception as err:
         raise ArtifactCheckError(f"the artifact just written does not load back ({type(err).__name__}: {err})") from err
     ids = state.loaded.tokenizer(

@@ -116,16 +116,25 @@ class Recipe(Strict):
         plan's quantized layers would name blocks that moved (both found by the recipe fuzzer: a wrong artifact, and
         a crash quantizing quantized weights)."""
         quantized = False
+        decomposing = [i for i, p in enumerate(self.passes) if p.type == "lowrank" and p.mode == "decompose"]
         for i, p in enumerate(self.passes):
+            if decomposing and (p.type == "allocate_bits" or (p.type == "lowrank" and i != decomposing[0])):
+                what = "allocate_bits" if p.type == "allocate_bits" else "a second lowrank pass"
+                raise ValueError(
+                    f"passes.{i}: {what} in a recipe with a lowrank decomposition is not supported yet (ranks and "
+                    "bit-widths in one budget: issue #29)"
+                )
             if quantized and p.type == "quantize":
                 raise ValueError(
                     f"passes.{i}: a second quantize pass; a recipe quantizes once (for a format per layer, put an "
                     "allocate_bits pass before the quantize pass)"
                 )
-            if any(q.type == "lowrank" and q.mode == "decompose" for q in self.passes[:i]):
+            after_decomposition = bool(decomposing) and i > decomposing[0]
+            if after_decomposition and (p.type != "quantize" or p.awq):
+                what = "quantize with awq" if p.type == "quantize" else p.type
                 raise ValueError(
-                    f"passes.{i}: {p.type} after a lowrank pass in mode decompose; the decomposition must be the last "
-                    "pass for now (quantizing the factors is not supported yet)"
+                    f"passes.{i}: {what} after a lowrank pass in mode decompose; only a quantize pass (without awq) "
+                    "may follow a decomposition for now"
                 )
             quantized = quantized or p.type == "quantize"
             if quantized and (p.type in ("remove_blocks", "fuse_blocks") or getattr(p, "mode", "") == "decompose"):

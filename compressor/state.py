@@ -12,6 +12,7 @@ from .models.lazy import LazyModel
 from .models.loading import LoadedModel
 from .plan import Plan
 from .recipe import Recipe
+from .runtime.factored import expand_groups
 
 
 def artifact_dtype(choice: str, loaded: LoadedModel) -> torch.dtype:
@@ -49,6 +50,17 @@ class CompressionState:
     @property
     def adapter(self):
         return self.loaded.adapter
+
+    def linear_groups(self, block: int) -> list[tuple[str, ...]]:
+        """Block `block`'s linears grouped by shared input, in execution order (names inside the block): the
+        adapter's groups, a decomposed linear (`lowrank` decompose) as its two factors."""
+        prefix = self.adapter.block_prefixes(self.model)[block] + "."
+        factored = {n[len(prefix) :] for n in self.plan.factored if n.startswith(prefix)}
+        return expand_groups(self.adapter.linear_groups, factored)
+
+    def linear_names(self, block: int) -> list[str]:
+        """Block `block`'s linears in execution order (`linear_groups` flattened)."""
+        return [n for group in self.linear_groups(block) for n in group]
 
     def load_block(self, prefix: str) -> None:
         """Streamed models: read the block's parameters from the checkpoint (no-op when resident)."""
@@ -139,7 +151,7 @@ class CompressionState:
 
         model, adapter = self.model, self.adapter
         head = model.get_output_embeddings()
-        block_linears = [f"{p}.{n}" for p in adapter.block_prefixes(model) for n in adapter.linear_names()]
+        block_linears = [f"{p}.{n}" for i, p in enumerate(adapter.block_prefixes(model)) for n in self.linear_names(i)]
         embeddings, floats, head_linear = [], [], None
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Embedding) or (head is not None and module is head):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from conftest import small_recipe
 from transformers import AutoModelForCausalLM
 
@@ -89,14 +90,12 @@ def test_decompose_recipe_validation():
     bad = {"passes": [{"type": "lowrank", "mode": "decompose", "budget": {"params_kept": 0.8, "size": "1MB"}}]}
     with pytest.raises(RecipeError, match="exactly one"):
         parse_recipe(bad)
-    later = {
-        "passes": [
-            {"type": "lowrank", "mode": "decompose", "budget": {"params_kept": 0.8}},
-            {"type": "quantize", "method": "rtn"},
-        ]
-    }
-    with pytest.raises(RecipeError, match="decomposition must be the last"):
-        parse_recipe(later)
+    decompose = {"type": "lowrank", "mode": "decompose", "budget": {"params_kept": 0.8}}
+    parse_recipe({"passes": [decompose, {"type": "quantize", "method": "rtn"}]})  # factors quantized
+    with pytest.raises(RecipeError, match="only a quantize pass"):
+        parse_recipe({"passes": [decompose, {"type": "quantize", "awq": True}]})
+    with pytest.raises(RecipeError, match="allocate_bits in a recipe with a lowrank decomposition"):
+        parse_recipe({"passes": [{"type": "allocate_bits", "budget": {"bits_per_weight": 4.5}}, decompose]})
 
 
 @pytest.mark.parametrize(
@@ -152,4 +151,33 @@ def test_decomposed_onnx_export_runs_in_onnxruntime(graph, head32_model_dir, cal
     assert factored
     matmuls = op_counts(out / "onnx" / "model.onnx")["MatMul"]
     assert matmuls >= 2 * len(factored)
+    check_decoder(out, greedy=8)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantized_factors_load_and_run_in_onnxruntime(method, head32_model_dir, calib_file, tmp_path):
+    """decompose then quantize: each factor is its own quantized linear (GPTQ on the inputs it sees: A on the
+    block's input, B on A's output), written in the compressed-tensors layout; compressor.load builds and runs it
+    (compress checked it reproduces the in-memory model) and the fused ONNX graph (MatMulNBits per factor) matches."""
+    pytest.importorskip("onnxruntime")
+    from test_onnx import check_decoder
+
+    recipe = small_recipe(
+        calib_file, {"bits": 4, "group_size": 32}, method=method, evaluate=None, export=["safetensors", "onnx"]
+    )
+    recipe["onnx"] = {"accuracy_level": 0}
+    decompose = {"type": "lowrank", "mode": "decompose", "budget": {"params_kept": 0.7}, "rank_step": 32}
+    recipe["passes"] = [decompose, *recipe["passes"]]
+    out = tmp_path / "out"
+    compressor.compress(recipe, model=str(head32_model_dir("llama")), output=out, quiet=True)
+    config = json.loads((out / "config.json").read_text())
+    factored = config["compressor_lowrank"]["layers"]
+    name = next(iter(factored))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {f"{name}.lowrank_A.weight_packed", f"{name}.lowrank_B.weight_scale"} <= keys
+    model = compressor.load(out)
+    assert type(model.get_submodule(f"{name}.lowrank_A")).__name__ == "QuantLinear"
+    layers = json.loads((out / "onnx" / "onnx_export.json").read_text())["layers"]
+    assert layers[f"{name}.lowrank_B"]["op"] == "MatMulNBits"
     check_decoder(out, greedy=8)

@@ -147,7 +147,7 @@ class QuantizeRunner:
         for i, block in enumerate(tqdm(blocks, desc="quantize (rtn)", unit="block", disable=state.quiet)):
             state.load_block(prefixes[i])
             names = []
-            for local in adapter.linear_names():
+            for local in state.linear_names(i):
                 name = f"{prefixes[i]}.{local}"
                 scheme = self.scheme_for(state, name)
                 if scheme is None:
@@ -185,7 +185,7 @@ class QuantizeRunner:
 
     def _run_calibrated(self, state: CompressionState, blocks: nn.ModuleList, prefixes: list[str]) -> None:
         """Block by block on calibration activations: optional activation-aware scaling, then GPTQ (or RTN)."""
-        adapter, cfg = state.adapter, self.cfg
+        cfg = self.cfg
         dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
         sweep = BlockSweep(
             state.model,
@@ -203,7 +203,7 @@ class QuantizeRunner:
             state.load_block(prefixes[i])
             groups = [
                 tuple(n for n in g if self.scheme_for(state, f"{prefixes[i]}.{n}") is not None)
-                for g in adapter.linear_groups
+                for g in state.linear_groups(i)
             ]
             groups = [g for g in groups if g]
 

@@ -9,6 +9,8 @@ such an artifact without custom code (`compress densify` writes the product B A 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -46,6 +48,17 @@ class FactoredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def expand_groups(groups: Sequence[tuple[str, ...]], factored: set[str]) -> list[tuple[str, ...]]:
+    """A block's linear groups (names sharing an input, in execution order) with each factored member as its two
+    linears: `<name>.lowrank_A` takes its place (it reads the group's input), `<name>.lowrank_B` follows as a group of
+    its own (it reads A's output)."""
+    out: list[tuple[str, ...]] = []
+    for group in groups:
+        out.append(tuple(f"{n}.{A_NAME}" if n in factored else n for n in group))
+        out += [(f"{n}.{B_NAME}",) for n in group if n in factored]
+    return out
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from compressor.calibration.engine import Residency
 from compressor.models.adapters import FUSED_GRAPH_TYPES, adapter_for
-from compressor.runtime.factored import FactoredLinear
+from compressor.runtime.factored import A_NAME, B_NAME, FactoredLinear
 
 from .graph import KvSpec, decoder_io, int4_initializer, is_int4_codes, kv_spec
 from .initializers import InitializerStore
@@ -143,6 +143,8 @@ class _Linears:
         return torch.cat([torch.zeros(w) if b is None else b.detach().float() for b, w in zip(biases, widths)])
 
     def _emit(self, x: str, names: list[str], mods: list[nn.Module], tensor: str) -> str:
+        if isinstance(mods[0], FactoredLinear):  # B (A x) + b: its two linears, each float or quantized
+            return self.one(self.one(x, f"{names[0]}.{A_NAME}"), f"{names[0]}.{B_NAME}")
         y = self._matmul(x, names, mods, tensor)
         return self._correct(x, y, mods, f"model.{tensor}")
 
@@ -165,16 +167,6 @@ class _Linears:
 
     def _matmul(self, x: str, names: list[str], mods: list[nn.Module], tensor: str) -> str:
         g, prefix = self.g, f"model.{tensor}"
-        if isinstance(mods[0], FactoredLinear):  # B (A x) + b: two float MatMuls (never fused with siblings)
-            f = mods[0]
-            low = g.node(
-                "MatMul", [x, g.init(f"{prefix}.lowrank_A.weight_t", f.lowrank_A.weight.float().t().contiguous())]
-            )
-            y = g.node(
-                "MatMul", [low, g.init(f"{prefix}.lowrank_B.weight_t", f.lowrank_B.weight.float().t().contiguous())]
-            )
-            bias = f.lowrank_B.bias
-            return y if bias is None else g.node("Add", [y, g.init(f"{prefix}.lowrank_B.bias", bias.float())])
         widths = [m.out_features for m in mods]
         offsets = np.cumsum([0, *widths]).tolist()
         first = mods[0]
