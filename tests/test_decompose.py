@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
 from conftest import small_recipe
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor.allocate.ranks import DENSE, knapsack_ranks, uniform_ranks
+from compressor.allocate.ranks import DENSE, knapsack_ranks, share_lost, uniform_ranks
 from compressor.cli import main
 from compressor.errors import RecipeError
 from compressor.quant.lowrank import breakeven_rank, decompose, decomposition_spectrum, refit_up
@@ -75,6 +75,7 @@ def test_knapsack_ranks_spend_the_budget_where_the_spectrum_is_heavy():
     low = torch.randn(64, 4, generator=g) @ torch.randn(4, 64, generator=g)
     flat = torch.randn(64, 64, generator=g)
     spectra = {n: decomposition_spectrum(w, "plain", breakeven_rank(64, 64)) for n, w in (("low", low), ("flat", flat))}
+    spectra = {n: share_lost(sp, breakeven_rank(64, 64)) for n, sp in spectra.items()}
     shapes = {"low": (64, 64), "flat": (64, 64)}
     budget = 64 * 64 + 8 * 128
     ranks = knapsack_ranks(shapes, spectra, budget, step=4)
@@ -99,7 +100,14 @@ def test_decompose_recipe_validation():
 
 
 @pytest.mark.parametrize(
-    "method, allocation", [("whitened", "spectrum"), ("plain", "uniform"), ("asvd", "spectrum"), ("plain", "welore")]
+    "method, allocation",
+    [
+        ("whitened", "measured"),
+        ("whitened", "spectrum"),
+        ("plain", "uniform"),
+        ("asvd", "spectrum"),
+        ("plain", "welore"),
+    ],
 )
 def test_decomposed_artifact_loads_and_densifies(method, allocation, tiny_model_dir, calib_file, tmp_path):
     """compress writes lowrank_A / lowrank_B tensors and the ranks in config.json; compressor.load builds them and
@@ -181,3 +189,25 @@ def test_quantized_factors_load_and_run_in_onnxruntime(method, head32_model_dir,
     layers = json.loads((out / "onnx" / "onnx_export.json").read_text())["layers"]
     assert layers[f"{name}.lowrank_B"]["op"] == "MatMulNBits"
     check_decoder(out, greedy=8)
+
+
+def test_truncation_kl_is_the_fisher_estimate_of_each_truncation():
+    """The closed form over one SVD equals `predicted_kl` of the explicit rank-r error, for every method."""
+    from compressor.allocate.fisher import predicted_kl
+    from compressor.quant.lowrank import truncation_kl, whitening
+
+    w, x, h = _layer(2, out=24, inp=16, tokens=400)
+    grad = torch.randn(400, 24, generator=torch.Generator().manual_seed(5))
+    g = grad.T @ grad / 400
+    scale = h.diagonal().sqrt()
+    for method in ("plain", "whitened", "asvd"):
+        pred = truncation_kl(w, g, h, method, damp=1e-6, abs_mean=scale)
+        s = {
+            "plain": torch.eye(16),
+            "whitened": whitening(h, 1e-6).float(),
+            "asvd": torch.diag(scale.sqrt() / scale.sqrt().mean()),
+        }[method]
+        u, sv, vh = torch.linalg.svd((w @ s).double(), full_matrices=False)
+        for r in (0, 5, 11, 16):
+            d = w.double() - ((u[:, :r] * sv[:r]) @ vh[:r]) @ torch.linalg.inv(s.double())
+            np.testing.assert_allclose(float(pred[r]), predicted_kl(g, h, d.float()), rtol=1e-4, atol=1e-6)

@@ -1,7 +1,8 @@
 """`lowrank` with `mode: decompose`: the targeted block linears W become B A under a parameter budget.
 
 Ranks first (`allocate.ranks`): uniform needs only the shapes; welore reads each weight's singular values (no data);
-spectrum reads the method's own spectrum, for the calibrated methods on one sweep over the unchanged model. Then the
+spectrum reads the method's own spectrum, for the calibrated methods on one sweep over the unchanged model; measured
+predicts each truncation's KL from the `allocate_bits` sensitivity sweep (Fisher G and H per layer). Then the
 factors, block by block: the calibrated methods (whitened, asvd) fit each block's layers on the input statistics
 the already-decomposed blocks produce (`calibration.engine.BlockSweep`, as the quantize pass does), plain SVD needs
 no data. While a block runs its weights are the dense products B A; once it has run its factored layers become
@@ -12,14 +13,15 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocate.ranks import DENSE, knapsack_ranks, uniform_ranks
+from ..allocate.ranks import DENSE, knapsack_ranks, share_lost, uniform_ranks
 from ..calibration.engine import BlockSweep, GramStat, resolve_compute_dtype
 from ..errors import RecipeError
-from ..quant.lowrank import LowRankFactors, breakeven_rank, decompose, decomposition_spectrum
+from ..quant.lowrank import LowRankFactors, breakeven_rank, decompose, decomposition_spectrum, truncation_kl
 from ..runtime.factored import CONFIG_KEY, FactoredLinear, set_submodule
 from ..schema import LowRankPass
 from ..schema.common import parse_size
@@ -55,13 +57,17 @@ class Decomposition:
         shapes = {n: linear_shape(model.get_submodule(n)) for n in targets}
         dense = sum(o * i for o, i in shapes.values())
         budget = self._budget(state, dense)
-        spectra = None
+        spectra, predicted = None, None
         if cfg.allocation == "uniform":
             ranks = uniform_ranks(shapes, budget)
+        elif cfg.allocation == "measured":
+            predicted = self._predicted_kl(state, targets)
+            ranks = knapsack_ranks(shapes, predicted, budget, cfg.rank_step)
         else:
             method = "plain" if cfg.allocation == "welore" else cfg.method
             spectra = self._spectra(state, targets, shapes, method)
-            ranks = knapsack_ranks(shapes, spectra, budget, cfg.rank_step)
+            losses = {n: share_lost(sp, breakeven_rank(*shapes[n])) for n, sp in spectra.items()}
+            ranks = knapsack_ranks(shapes, losses, budget, cfg.rank_step)
         factored = {n: r for n, r in ranks.items() if r != DENSE and r <= breakeven_rank(*shapes[n])}
         fits = self._factor(state, targets, factored)
         state.plan.factored = dict(factored)
@@ -80,6 +86,7 @@ class Decomposition:
                     "shape": list(shapes[n]),
                     "rank": factored.get(n),  # None: kept dense
                     "kept_energy": _kept_energy(spectra, n, factored.get(n)),
+                    "predicted_kl": None if predicted is None else float(predicted[n][factored.get(n) or -1]),
                     "output_error": fits[n].error_after / fits[n].error_before if n in fits else 0.0,
                 }
                 for n in targets
@@ -100,6 +107,39 @@ class Decomposition:
         if b.params_kept is not None:
             return int(b.params_kept * dense)
         return int(parse_size(b.size) // state.plan.dtype.itemsize)
+
+    # ---- measured allocation: the Fisher estimate of each truncation's KL ------------------------------------
+    def _predicted_kl(self, state: CompressionState, targets) -> dict[str, np.ndarray]:
+        """Per target, the predicted KL of its rank-r truncation for every r (`quant.lowrank.truncation_kl`), from
+        the `allocate_bits` sensitivity sweep (G, H) over the first `allocation_samples` windows."""
+        from ..allocate.fisher import FisherSweep
+
+        model, adapter, cfg = state.model, state.adapter, self.cfg
+        if state.calibration_ids is None:
+            raise RecipeError("allocation: measured needs calibration windows", where="lowrank.allocation")
+        blocks = adapter.blocks(model)
+        sweep = FisherSweep(
+            model,
+            blocks,
+            adapter.block_prefixes(model),
+            list(adapter.linear_groups),
+            state.calibration_ids[: cfg.allocation_samples],
+            seed=state.recipe.calibration.seed,
+            quiet=state.quiet,
+            compute_dtype=resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device),
+            ranks=state.ranks,
+            residency=state.residency(),
+        )
+        predicted: dict[str, np.ndarray] = {}
+        sweep.lim_scores()  # the forward (block boundaries stored)
+        for fisher in sweep.blocks():  # each block resident while its statistics are read
+            for name, (i, local) in targets.items():
+                if i != fisher.index:
+                    continue
+                w = adapter.get_weight(blocks[i].get_submodule(local))
+                h = fisher.input_gram(name)
+                predicted[name] = truncation_kl(w, fisher.g[name], h, cfg.method, cfg.damp, h.diagonal().sqrt()).numpy()
+        return predicted
 
     # ---- spectra -------------------------------------------------------------------------------------------
     def _spectra(self, state: CompressionState, targets, shapes, method: str) -> dict:

@@ -254,3 +254,35 @@ def output_error(w: torch.Tensor, factors: LowRankFactors | None, h: torch.Tenso
     if h is None:
         return float(d.square().sum())
     return float(((d @ h.to(torch.float64)) * d).sum())
+
+
+def truncation_kl(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    method: str,
+    damp: float = 0.01,
+    abs_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Predicted KL (float64 [k + 1], k = min(out, in)) of the method's rank-r truncation for every r: the K-FAC
+    estimate 0.5 tr(G D H D^T) of `allocate.fisher` for D = W - (W S)_r S^-1.
+
+    With W S = sum_i s_i u_i v_i^T (SVD) and v~_i = S^-T v_i, D = sum_{i >= r} s_i u_i v~_i^T, so
+    tr(G D H D^T) = sum_{i, j >= r} s_i s_j (u_i^T G u_j) (v~_j^T H v~_i): the tail sums of one k x k matrix give
+    every rank at once (exact SVD; the refit of B is not modelled)."""
+    s = _input_transform(method, w.shape[1], h, abs_mean, damp)
+    w64 = w.to(torch.float64)
+    m = w64 if s is None else w64 @ s.to(torch.float64)
+    with one_thread():
+        u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+        if s is None:
+            vt = vh
+        elif method == "asvd":
+            vt = vh / s.diagonal().to(torch.float64)[None, :]
+        else:
+            vt = torch.linalg.solve_triangular(s.to(torch.float64).T, vh.T, upper=True).T
+    mg = u.T @ g.to(torch.float64) @ u
+    mh = vt @ h.to(torch.float64) @ vt.T
+    p = (sv[:, None] * sv[None, :]) * mg * mh
+    tail = p.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)  # tail[r, r] = sum over i, j >= r
+    return torch.cat([0.5 * tail.diagonal(), torch.zeros(1, dtype=torch.float64)])

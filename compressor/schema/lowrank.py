@@ -52,10 +52,12 @@ class LowRankPass(Strict):
         "given A in closed form",
     )
     budget: DecomposeBudget | None = Field(None, description="decompose: {params_kept: 0.8} or {size: '40MB'}")
-    allocation: Literal["spectrum", "welore", "uniform"] = Field(
-        "spectrum",
-        description="decompose: ranks per matrix by an exact knapsack on the method's own singular-value energy "
-        "(spectrum), on W's spectrum with no data (welore), or the same share of parameters everywhere (uniform)",
+    allocation: Literal["measured", "spectrum", "welore", "uniform"] = Field(
+        "measured",
+        description="decompose: ranks per matrix by an exact knapsack on each truncation's predicted KL (measured: "
+        "the allocate_bits Fisher estimate on `allocation_samples` windows), on the method's own singular-value "
+        "energy (spectrum), on W's spectrum with no data (welore), or the same share of parameters everywhere "
+        "(uniform)",
     )
     rank_step: int = Field(8, ge=1, le=256, description="decompose: candidate ranks are multiples of this")
     rank: int = Field(
@@ -119,4 +121,4 @@ class LowRankPass(Strict):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.mode == "compensate" or self.method != "plain"
+        return self.mode == "compensate" or self.method != "plain" or self.allocation == "measured"
