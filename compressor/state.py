@@ -75,6 +75,13 @@ class CompressionState:
         after = self.adapter.block_prefixes(self.model)
         self.loaded.lazy.follow_moves({before[old] + ".": after[new] + "." for new, old in enumerate(kept)})
 
+    def spill(self, params: list[str]) -> None:
+        """Streamed models: parameters a pass made (e.g. decomposition factors) go to a temporary file and are
+        read back when their block is brought in, so they do not all stay in memory (no-op for a model loaded
+        whole)."""
+        if self.loaded.lazy is not None:
+            self.loaded.lazy.spill(params)
+
     def evict_outside_blocks(self) -> None:
         """Streamed models: drop the parameters outside the decoder blocks (embeddings, head, final norm) while a
         block-by-block sweep runs; untouched ones are read back from the checkpoint when needed."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -163,6 +164,8 @@ class LazyModel:
         self.model, self.reader, self.dtype = model, reader, dtype
         self.providers: dict[str, Provider] = {}
         self.stored_as: dict[str, str] = {}  # parameter name -> checkpoint key where they differ (blocks renumbered)
+        self.spilled: dict[str, tuple[Path, str]] = {}  # parameter name -> (spill file, key) of its value (`spill`)
+        self._spill_dir: tempfile.TemporaryDirectory | None = None
 
     def stored_key(self, name: str) -> str:
         """The checkpoint key holding parameter `name`'s original value."""
@@ -193,10 +196,13 @@ class LazyModel:
         return out
 
     def _source(self, names: list[str]) -> tuple[str, str]:
-        """('provider' | 'checkpoint', name) for a stored parameter known under any of `names`."""
+        """('provider' | 'spill' | 'checkpoint', name) for a stored parameter known under any of `names`."""
         for name in names:
             if name in self.providers:
                 return "provider", name
+        for name in names:
+            if name in self.spilled:
+                return "spill", name
         for name in names:
             if self.stored_key(name) in self.reader.files:
                 return "checkpoint", self.stored_key(name)
@@ -211,6 +217,8 @@ class LazyModel:
         kind, key = self._source([n for n, _, _ in self._aliases({id(current)})[id(current)]])
         if kind == "provider":
             return self.providers[key]().to(self.dtype)
+        if kind == "spill":
+            return self._read_spilled(key)
         return self.reader.read([key])[key].to(self.dtype)
 
     # ---- moving parameters --------------------------------------------------------------------------------
@@ -225,7 +233,12 @@ class LazyModel:
         from_disk = self.reader.read(key for kind, key in sources.values() if kind == "checkpoint")
         for pid, slots in groups.items():
             kind, key = sources[pid]
-            value = self.providers.pop(key)() if kind == "provider" else from_disk.pop(key)
+            if kind == "provider":
+                value = self.providers.pop(key)()
+            elif kind == "spill":
+                value = self._read_spilled(key)
+            else:
+                value = from_disk.pop(key)
             new = nn.Parameter(value.to(self.dtype), requires_grad=False)
             for _, module, leaf in slots:
                 module._parameters[leaf] = new
@@ -240,8 +253,13 @@ class LazyModel:
             if p is None or p.is_meta:
                 continue
             slots = self._aliases({id(p)})[id(p)]
-            key = next((self.stored_key(n) for n, _, _ in slots if self.stored_key(n) in self.reader.files), None)
-            if key is None or not torch.equal(self.reader.read([key])[key].to(self.dtype), p.data):
+            spilled = next((n for n, _, _ in slots if n in self.spilled), None)
+            if spilled is not None:
+                stored = self._read_spilled(spilled)
+            else:
+                key = next((self.stored_key(n) for n, _, _ in slots if self.stored_key(n) in self.reader.files), None)
+                stored = None if key is None else self.reader.read([key])[key].to(self.dtype)
+            if stored is None or not torch.equal(stored, p.data):
                 continue
             placeholder = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
             for _, module, slot_leaf in slots:
@@ -249,12 +267,48 @@ class LazyModel:
             evicted.append(name)
         return evicted
 
+    def spill(self, names: Iterable[str]) -> None:
+        """Write these resident parameters (made by a pass, so not in the checkpoint) to a spill file of their own
+        in a temporary folder and drop them: they are read back when a block is brought in, and dropped again when
+        it is let go unchanged, like checkpoint parameters. A full disk is a CompressorError."""
+        from safetensors.torch import save_file
+
+        params = {}
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            p = self.model.get_submodule(owner)._parameters[leaf]
+            if not p.is_meta:
+                params[name] = p.data.contiguous()
+        if not params:
+            return
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.TemporaryDirectory(prefix="compressor-spill-")
+        path = Path(self._spill_dir.name) / f"{len({f for f, _ in self.spilled.values()})}.safetensors"
+        try:
+            save_file(params, str(path))
+        except (OSError, RuntimeError) as err:
+            from ..errors import CompressorError
+
+            size = sum(t.numel() * t.element_size() for t in params.values())
+            raise CompressorError(
+                f"cannot store {size / 2**20:.0f} MiB of changed weights in {self._spill_dir.name}: {err}",
+                fix="free disk space there or point TMPDIR at a disk with room",
+            ) from None
+        for name in params:
+            self.spilled[name] = (path, name)
+        self.evict_unchanged(params)
+
+    def _read_spilled(self, name: str) -> torch.Tensor:
+        path, key = self.spilled[name]
+        with safetensors_file(path) as f:
+            return f.get_tensor(key).clone().to(self.dtype)
+
     def follow_moves(self, moves: dict[str, str]) -> None:
         """After block surgery moved modules: what was under each old prefix (`'model.layers.5.'`) is now under its
         new one (`'model.layers.4.'`), all at once; parameters under no new prefix keep their names, those of deleted
         modules are forgotten. Checkpoint keys and providers follow the parameters."""
         back = {new: old for old, new in moves.items()}
-        stored, providers = {}, {}
+        stored, providers, spilled = {}, {}, {}
         for name, _, _ in self._slots():
             new_prefix = next((p for p in back if name.startswith(p)), None)
             old = back[new_prefix] + name[len(new_prefix) :] if new_prefix is not None else name
@@ -262,7 +316,9 @@ class LazyModel:
                 stored[name] = self.stored_key(old)
             if old in self.providers:
                 providers[name] = self.providers[old]
-        self.stored_as, self.providers = stored, providers
+            if old in self.spilled:
+                spilled[name] = self.spilled[old]
+        self.stored_as, self.providers, self.spilled = stored, providers, spilled
 
     def materialize_all(self) -> nn.Module:
         """Make the whole model resident (re-tying tied embeddings); returns it."""

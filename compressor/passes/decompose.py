@@ -206,6 +206,14 @@ class Decomposition:
                     bias = getattr(old, "bias", None)
                     f = fits[name]
                     set_submodule(block, local, FactoredLinear.of(f.down, f.up, None if bias is None else bias.float()))
+                    f.down, f.up = f.down[:0], f.up[:0]  # (the module holds them now; the fit keeps its errors)
+                state.spill(
+                    [
+                        f"{prefix}.{local}.{p}"
+                        for local in mine
+                        for p, _ in block.get_submodule(local).named_parameters()
+                    ]
+                )
             residency.release_block(i)
 
 
