@@ -121,6 +121,10 @@ def test_decomposed_artifact_loads_and_densifies(method, allocation, tiny_model_
     compressor.compress(recipe, model=str(src), output=out, quiet=True)
     report = json.loads((out / "report.json").read_text())["lowrank_decomposition"]
     assert report["params_after"] <= report["budget_params"] <= 0.7 * report["params_before"]
+    if allocation == "measured":  # predicted against measured KL on probe linears
+        probes = report["check"]["probes"]
+        assert len(probes) == 8 and all(p["measured_kl"] > 0 and p["predicted_kl"] > 0 for p in probes)
+        assert "rank_correlation" in report["check"]
     config = json.loads((out / "config.json").read_text())
     ranks = config["compressor_lowrank"]["layers"]
     assert ranks and all(report["layers"][n]["rank"] == r for n, r in ranks.items())

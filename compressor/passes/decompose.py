@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..allocate.check import Probe, pick_probes, probe_check
+from ..allocate.heldout import HeldOutKL, held_out_rows
 from ..allocate.ranks import DENSE, knapsack_ranks, share_lost, uniform_ranks
 from ..calibration.engine import BlockSweep, GramStat, resolve_compute_dtype
 from ..errors import RecipeError
@@ -57,12 +59,13 @@ class Decomposition:
         shapes = {n: linear_shape(model.get_submodule(n)) for n in targets}
         dense = sum(o * i for o, i in shapes.values())
         budget = self._budget(state, dense)
-        spectra, predicted = None, None
+        spectra, predicted, check = None, None, None
         if cfg.allocation == "uniform":
             ranks = uniform_ranks(shapes, budget)
         elif cfg.allocation == "measured":
-            predicted = self._predicted_kl(state, targets)
+            predicted, probes = self._predicted_kl(state, targets, shapes)
             ranks = knapsack_ranks(shapes, predicted, budget, cfg.rank_step)
+            check = self._check(state, probes) if probes else None
         else:
             method = "plain" if cfg.allocation == "welore" else cfg.method
             spectra = self._spectra(state, targets, shapes, method)
@@ -93,6 +96,8 @@ class Decomposition:
             },
             "config_key": CONFIG_KEY,
         }
+        if check is not None:
+            state.report["lowrank_decomposition"]["check"] = check
         log.info(
             "lowrank decompose (%s, %s): %d of %d linears factored, %.1f%% of their parameters kept",
             cfg.method,
@@ -109,9 +114,11 @@ class Decomposition:
         return int(parse_size(b.size) // state.plan.dtype.itemsize)
 
     # ---- measured allocation: the Fisher estimate of each truncation's KL ------------------------------------
-    def _predicted_kl(self, state: CompressionState, targets) -> dict[str, np.ndarray]:
+    def _predicted_kl(self, state: CompressionState, targets, shapes) -> tuple[dict[str, np.ndarray], list[Probe]]:
         """Per target, the predicted KL of its rank-r truncation for every r (`quant.lowrank.truncation_kl`), from
-        the `allocate_bits` sensitivity sweep (G, H) over the first `allocation_samples` windows."""
+        the `allocate_bits` sensitivity sweep (G, H) over the first `allocation_samples` windows; and the probes of
+        the check (`check_probes` linears spread over kinds and depth, each truncated to half its break-even
+        rank)."""
         from ..allocate.fisher import FisherSweep
 
         model, adapter, cfg = state.model, state.adapter, self.cfg
@@ -131,6 +138,9 @@ class Decomposition:
             residency=state.residency(),
         )
         predicted: dict[str, np.ndarray] = {}
+        names = list(targets)
+        probed = {names[k] for k in pick_probes(names, cfg.check_probes)} if cfg.check_probes else set()
+        probes: list[Probe] = []
         sweep.lim_scores()  # the forward (block boundaries stored)
         for fisher in sweep.blocks():  # each block resident while its statistics are read
             for name, (i, local) in targets.items():
@@ -138,8 +148,26 @@ class Decomposition:
                     continue
                 w = adapter.get_weight(blocks[i].get_submodule(local))
                 h = fisher.input_gram(name)
-                predicted[name] = truncation_kl(w, fisher.g[name], h, cfg.method, cfg.damp, h.diagonal().sqrt()).numpy()
-        return predicted
+                scale = h.diagonal().sqrt()  # (asvd: the inputs' RMS stands in for their mean magnitude)
+                predicted[name] = truncation_kl(w, fisher.g[name], h, cfg.method, cfg.damp, scale).numpy()
+                if name in probed:
+                    r = max(1, breakeven_rank(*shapes[name]) // 2)
+                    truncated = decompose(w, r, cfg.method, h, scale, cfg.damp).delta()
+                    probes.append(Probe(name, f"rank {r}", float(predicted[name][r]), truncated))
+        return predicted, sorted(probes, key=lambda p: names.index(p.name))
+
+    def _check(self, state: CompressionState, probes: list[Probe]) -> dict:
+        """The probes' predicted KL against the KL measured on held-out windows with only that linear truncated."""
+        held = held_out_rows(state.calibration_ids, self.cfg.allocation_samples, self.cfg.check_samples)
+        names = [p.name for p in probes]
+        with HeldOutKL(state.model, state.adapter, names, held, state.residency(), state.ranks) as measure:
+            check = probe_check(measure, probes)
+        log.info(
+            "lowrank decompose: predicted vs measured KL of %d probes, rank correlation %s",
+            len(probes),
+            check["rank_correlation"],
+        )
+        return check
 
     # ---- spectra -------------------------------------------------------------------------------------------
     def _spectra(self, state: CompressionState, targets, shapes, method: str) -> dict:

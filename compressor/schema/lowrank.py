@@ -60,6 +60,13 @@ class LowRankPass(Strict):
         "(uniform)",
     )
     rank_step: int = Field(8, ge=1, le=256, description="decompose: candidate ranks are multiples of this")
+    check_probes: int = Field(
+        8,
+        ge=0,
+        description="decompose, measured allocation: linears whose predicted KL is checked against the KL measured "
+        "with only that linear truncated (rank correlation in report.json); 0: no check",
+    )
+    check_samples: int = Field(4, gt=0, description="decompose: held-out calibration windows of that check")
     rank: int = Field(
         32, ge=1, le=4096, description="rank of each layer's correction (capped at its width); unused with a budget"
     )
