@@ -59,18 +59,7 @@ class Decomposition:
         shapes = {n: linear_shape(model.get_submodule(n)) for n in targets}
         dense = sum(o * i for o, i in shapes.values())
         budget = self._budget(state, dense)
-        spectra, predicted, check = None, None, None
-        if cfg.allocation == "uniform":
-            ranks = uniform_ranks(shapes, budget)
-        elif cfg.allocation == "measured":
-            predicted, probes = self._predicted_kl(state, targets, shapes)
-            ranks = knapsack_ranks(shapes, predicted, budget, cfg.rank_step)
-            check = self._check(state, probes) if probes else None
-        else:
-            method = "plain" if cfg.allocation == "welore" else cfg.method
-            spectra = self._spectra(state, targets, shapes, method)
-            losses = {n: share_lost(sp, breakeven_rank(*shapes[n])) for n, sp in spectra.items()}
-            ranks = knapsack_ranks(shapes, losses, budget, cfg.rank_step)
+        ranks, spectra, predicted, check = self._ranks(state, targets, shapes, budget)
         factored = {n: r for n, r in ranks.items() if r != DENSE and r <= breakeven_rank(*shapes[n])}
         fits = self._factor(state, targets, factored)
         state.plan.factored = dict(factored)
@@ -106,6 +95,20 @@ class Decomposition:
             len(targets),
             100 * kept / dense,
         )
+
+    def _ranks(self, state: CompressionState, targets, shapes, budget: int):
+        """(ranks, spectra or None, predicted KL per rank or None, the probe check or None) by `allocation`."""
+        cfg = self.cfg
+        if cfg.allocation == "uniform":
+            return uniform_ranks(shapes, budget), None, None, None
+        if cfg.allocation == "measured":
+            predicted, probes = self._predicted_kl(state, targets, shapes)
+            ranks = knapsack_ranks(shapes, predicted, budget, cfg.rank_step)
+            return ranks, None, predicted, self._check(state, probes) if probes else None
+        method = "plain" if cfg.allocation == "welore" else cfg.method
+        spectra = self._spectra(state, targets, shapes, method)
+        losses = {n: share_lost(sp, breakeven_rank(*shapes[n])) for n, sp in spectra.items()}
+        return knapsack_ranks(shapes, losses, budget, cfg.rank_step), spectra, None, None
 
     def _budget(self, state: CompressionState, dense: int) -> int:
         b = self.cfg.budget
