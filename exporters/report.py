@@ -210,24 +210,32 @@ def _decomposition_line(dec: dict) -> str:
     )
 
 
-def plot_ranks(dec: dict, path: Path) -> bool:
-    """Rank per decomposed layer over depth as a share of its break-even rank (1: kept dense), per layer type."""
+def _plot_per_layer(values: dict[str, float], ylabel: str, title: str, path: Path) -> bool:
+    """One value per layer over depth (execution order), one marker series per layer type."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
     by_type: dict[str, list[tuple[int, float]]] = {}
-    for i, (name, layer) in enumerate(dec["layers"].items()):
-        out_f, in_f = layer["shape"]
-        breakeven = max((out_f * in_f - 1) // (out_f + in_f), 1)
-        share = 1.0 if layer["rank"] is None else layer["rank"] / breakeven
-        by_type.setdefault(name.rsplit(".", 1)[-1], []).append((i, share))
+    for i, (name, value) in enumerate(values.items()):
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append((i, value))
     for kind, pts in sorted(by_type.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, label=kind)
     ax.set_xlabel("layer (execution order)")
-    ax.set_ylabel("rank / break-even rank")
-    ax.set_title("rank per layer (1 = kept dense)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=6, ncol=4)
     _save(fig, path)
     return True
+
+
+def plot_ranks(dec: dict, path: Path) -> bool:
+    """Rank per decomposed layer over depth as a share of its break-even rank (1: kept dense), per layer type."""
+    from compressor.quant.lowrank import breakeven_rank
+
+    shares = {
+        name: 1.0 if layer["rank"] is None else layer["rank"] / max(breakeven_rank(*layer["shape"]), 1)
+        for name, layer in dec["layers"].items()
+    }
+    return _plot_per_layer(shares, "rank / break-even rank", "rank per layer (1 = kept dense)", path)
 
 
 def plot_layers(report: dict, path: Path) -> bool:
@@ -238,21 +246,11 @@ def plot_layers(report: dict, path: Path) -> bool:
         return plot_ranks(report["lowrank_decomposition"], path)
     if not layers:
         return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
-    by_type: dict[str, list[tuple[int, float]]] = {}
-    for i, (name, lp) in enumerate(layers.items()):
-        kind = name.rsplit(".", 1)[-1]
-        bpw = (lp["storage_bits"] + lp.get("compensation_bits", 0)) / (lp["shape"][0] * lp["shape"][1])
-        by_type.setdefault(kind, []).append((i, bpw))
-    for kind, pts in sorted(by_type.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, label=kind)
-    ax.set_xlabel("layer (execution order)")
-    ax.set_ylabel("bits / weight (incl. scales, LoRA)")
-    ax.set_title("format per layer")
-    ax.legend(fontsize=6, ncol=4)
-    _save(fig, path)
-    return True
+    bits = {
+        name: (lp["storage_bits"] + lp.get("compensation_bits", 0)) / (lp["shape"][0] * lp["shape"][1])
+        for name, lp in layers.items()
+    }
+    return _plot_per_layer(bits, "bits / weight (incl. scales, LoRA)", "format per layer", path)
 
 
 def plot_size(report: dict, path: Path) -> bool:

@@ -67,3 +67,24 @@ def head32_model_dir(tmp_path_factory):
         return cache[family]
 
     return make
+
+
+@pytest.fixture
+def block_watch(monkeypatch):
+    """Watch a streamed llama-style model (`model.model.layers`): `.most` is the largest number of blocks resident
+    at once; loading the whole model fails the test. `monkeypatch.undo()` ends the watch."""
+    from compressor.models.lazy import LazyModel
+
+    class Watch:
+        most = 0
+
+    watch, materialize = Watch(), LazyModel.materialize
+
+    def counting(self, prefix=""):
+        materialize(self, prefix)
+        resident = sum(not any(p.is_meta for p in b.parameters()) for b in self.model.model.layers)
+        watch.most = max(watch.most, resident)
+
+    monkeypatch.setattr(LazyModel, "materialize", counting)
+    monkeypatch.setattr(LazyModel, "materialize_all", lambda self: pytest.fail("the whole model was loaded"))
+    return watch

@@ -366,40 +366,6 @@ def fused_artifacts(head32_model_dir, calib_file, tmp_path_factory):
     return make
 
 
-def test_fused_export_of_a_streamed_model_holds_one_block(head32_model_dir, calib_file, tmp_path, monkeypatch):
-    """`export: [onnx]` of a streamed llama builds the fused graph block by block (never the whole model in memory,
-    one block resident) and writes each weight to model.onnx.data as it is made (threshold lowered here); the graph
-    equals the one exported from the loaded artifact, initializer for initializer, and runs in onnxruntime."""
-    import exporters.onnx.graph as graph
-    from compressor.models.lazy import LazyModel
-
-    recipe = small_recipe(calib_file, export=["safetensors", "onnx"], onnx={"accuracy_level": 0}, evaluate=None)
-    recipe["passes"] = [{"type": "quantize", "method": "rtn", "weights": {"bits": 4, "group_size": 32}}]
-    most, materialize = [0], LazyModel.materialize
-
-    def counting(self, prefix=""):
-        materialize(self, prefix)
-        most[0] = max(most[0], sum(not any(p.is_meta for p in b.parameters()) for b in self.model.model.layers))
-
-    monkeypatch.setattr(LazyModel, "materialize", counting)
-    monkeypatch.setattr(LazyModel, "materialize_all", lambda self: pytest.fail("the whole model was loaded"))
-    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 1000)
-    art = tmp_path / "out"
-    compressor.compress(recipe, model=str(head32_model_dir("llama")), output=art, quiet=True)
-    assert most[0] == 1
-    assert sorted(p.name for p in (art / "onnx").glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
-    monkeypatch.undo()
-    check_decoder(art, greedy=8)
-
-    whole = tmp_path / "whole"
-    result = CliRunner().invoke(main, ["export-onnx", str(art), str(whole), "--accuracy-level", "0"])
-    assert result.exit_code == 0, result.output
-    assert not (whole / "model.onnx.data").exists()  # small: inline
-    ours, theirs = onnx_initializers(art / "onnx" / "model.onnx"), onnx_initializers(whole / "model.onnx")
-    assert ours.keys() == theirs.keys()
-    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
-
-
 def test_fused_graph_is_bit_identical_and_matches_traced(fused_artifacts, tmp_path):
     """llama W4 g32 GPTQ, lm_head and embeddings quantized: q|k|v and gate|up are one MatMulNBits each, attention is
     GroupQueryAttention; each layer's rows of the fused tensors equal the artifact's codes and scales, and the logits

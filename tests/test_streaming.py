@@ -123,12 +123,11 @@ def test_gguf_float_copy_equals_transformers_gguf_load(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["measured", "zd"])
-def test_allocation_keeps_one_block_resident(method, tiny_model_dir, calib_file, monkeypatch):
+def test_allocation_keeps_one_block_resident(method, tiny_model_dir, calib_file, monkeypatch, block_watch):
     """allocate_bits on a streamed model (Fisher sweep, probe check, GPTQ-weighted fallback) never holds more than
     one block and never loads the whole model; every block is back on disk afterwards, and the allocation equals
     the one made with the model loaded whole."""
     from compressor.calibration.data import read_texts, sample_windows
-    from compressor.models.lazy import LazyModel
     from compressor.models.loading import max_positions
     from compressor.passes.allocate import AllocateBitsRunner
     from compressor.recipe import parse_recipe
@@ -148,20 +147,9 @@ def test_allocation_keeps_one_block_resident(method, tiny_model_dir, calib_file,
         AllocateBitsRunner(recipe.passes[0]).run(state)
         return {n: s.model_dump_json() for n, s in state.plan.schemes.items()}, state
 
-    most, materialize = [0], LazyModel.materialize
-
-    def counting(self, prefix=""):
-        materialize(self, prefix)
-        blocks = self.model.model.layers
-        most[0] = max(most[0], sum(not any(p.is_meta for p in b.parameters()) for b in blocks))
-
-    def refuse(self):
-        raise AssertionError("the whole model was loaded")
-
-    monkeypatch.setattr(LazyModel, "materialize", counting)
-    monkeypatch.setattr(LazyModel, "materialize_all", refuse)
+    watch = block_watch
     streamed, state = allocate(stream=True)
-    assert state.loaded.lazy is not None and most[0] == 1
+    assert state.loaded.lazy is not None and watch.most == 1
     assert method != "measured" or {u for u in state.report["allocation"]} >= {"check", "fallback"}
     assert all(n.startswith("model.layers.") for n in _meta_params(state.model))
     assert len(_meta_params(state.model)) == sum(1 for n, _ in state.model.named_parameters() if ".layers." in n)
@@ -204,11 +192,10 @@ def test_an_unevaluated_streamed_run_never_loads_the_whole_model(
         compressor.compress(recipe, model=str(tiny_model_dir("llama")), output=tmp_path / "bad", quiet=True)
 
 
-def test_score_pass_keeps_one_block_resident(tiny_model_dir, calib_file, monkeypatch):
+def test_score_pass_keeps_one_block_resident(tiny_model_dir, calib_file, monkeypatch, block_watch):
     """The score pass on a streamed model (statistics sweep, ZD, skip-one measurements) brings one block in at a
     time and gives the table of the model loaded whole."""
     from compressor.calibration.data import read_texts, sample_windows
-    from compressor.models.lazy import LazyModel
     from compressor.models.loading import max_positions
     from compressor.passes.structure import ScoreRunner
     from compressor.recipe import parse_recipe
@@ -227,16 +214,8 @@ def test_score_pass_keeps_one_block_resident(tiny_model_dir, calib_file, monkeyp
         assert not stream or all(n.startswith("model.layers.") for n in _meta_params(state.model))
         return state.report["scores"]
 
-    most, materialize = [0], LazyModel.materialize
-
-    def counting(self, prefix=""):
-        materialize(self, prefix)
-        most[0] = max(most[0], sum(not any(p.is_meta for p in b.parameters()) for b in self.model.model.layers))
-
-    monkeypatch.setattr(LazyModel, "materialize", counting)
-    monkeypatch.setattr(LazyModel, "materialize_all", lambda self: pytest.fail("the whole model was loaded"))
     streamed = scores(stream=True)
-    assert most[0] == 1
+    assert block_watch.most == 1
     monkeypatch.undo()
     assert streamed == scores(stream=False)
 
@@ -294,12 +273,11 @@ STRUCTURAL_PASSES = {
 
 
 @pytest.mark.parametrize("name", list(STRUCTURAL_PASSES))
-def test_structural_passes_stream_blocks(name, deep_llama, calib_file, monkeypatch):
+def test_structural_passes_stream_blocks(name, deep_llama, calib_file, monkeypatch, block_watch):
     """remove_blocks and fuse_blocks on a streamed model hold one block at a time (a fused window: its blocks),
     never load the model whole, and leave the model the whole-model run leaves; the untouched blocks after a
     removed one still read their own weights from the checkpoint (renumbered keys)."""
     from compressor.calibration.data import read_texts, sample_windows
-    from compressor.models.lazy import LazyModel
     from compressor.models.loading import max_positions
     from compressor.passes.base import run_pass
     from compressor.recipe import parse_recipe
@@ -318,16 +296,8 @@ def test_structural_passes_stream_blocks(name, deep_llama, calib_file, monkeypat
         run_pass(recipe.passes[0], state)
         return state
 
-    most, materialize = [0], LazyModel.materialize
-
-    def counting(self, prefix=""):
-        materialize(self, prefix)
-        most[0] = max(most[0], sum(not any(p.is_meta for p in b.parameters()) for b in self.model.model.layers))
-
-    monkeypatch.setattr(LazyModel, "materialize", counting)
-    monkeypatch.setattr(LazyModel, "materialize_all", lambda self: pytest.fail("the whole model was loaded"))
     streamed = run(stream=True)
-    assert most[0] <= window  # (explicit blocks: none is read)
+    assert block_watch.most <= window  # (explicit blocks: none is read)
     assert streamed.report["structure"][0]["depth_after"] < 6 or "zeroed" in streamed.report["structure"][0]
     monkeypatch.undo()
     whole = run(stream=False)
@@ -335,3 +305,36 @@ def test_structural_passes_stream_blocks(name, deep_llama, calib_file, monkeypat
     ours, theirs = streamed.full_model().state_dict(), whole.full_model().state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_fused_onnx_export_of_a_streamed_model_holds_one_block(
+    head32_model_dir, calib_file, tmp_path, monkeypatch, block_watch
+):
+    """`export: [onnx]` of a streamed llama builds the fused graph block by block (never the whole model in memory,
+    one block resident) and writes each weight to model.onnx.data as it is made (threshold lowered here); the graph
+    equals the one exported from the loaded artifact, initializer for initializer, and runs in onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from click.testing import CliRunner
+    from test_onnx import check_decoder, onnx_initializers
+
+    import exporters.onnx.graph as graph
+    from compressor.cli import main
+
+    recipe = small_recipe(calib_file, export=["safetensors", "onnx"], onnx={"accuracy_level": 0}, evaluate=None)
+    recipe["passes"] = [{"type": "quantize", "method": "rtn", "weights": {"bits": 4, "group_size": 32}}]
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 1000)
+    art = tmp_path / "out"
+    compressor.compress(recipe, model=str(head32_model_dir("llama")), output=art, quiet=True)
+    assert block_watch.most == 1
+    assert sorted(p.name for p in (art / "onnx").glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    monkeypatch.undo()
+    check_decoder(art, greedy=8)
+
+    whole = tmp_path / "whole"
+    result = CliRunner().invoke(main, ["export-onnx", str(art), str(whole), "--accuracy-level", "0"])
+    assert result.exit_code == 0, result.output
+    assert not (whole / "model.onnx.data").exists()  # small: inline
+    ours, theirs = onnx_initializers(art / "onnx" / "model.onnx"), onnx_initializers(whole / "model.onnx")
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)

@@ -185,6 +185,17 @@ def _input_transform(
     return torch.diag(scale / scale.mean())
 
 
+def _back_to_inputs(vh: torch.Tensor, s: torch.Tensor | None, method: str) -> torch.Tensor:
+    """Right singular vectors of W S [r, in] mapped to the input space (Vh S^-1): S is diagonal for asvd,
+    lower-triangular (Cholesky) for whitened, None (the identity) for plain."""
+    if s is None:
+        return vh
+    if method == "asvd":
+        return vh / s.diagonal()[None, :]
+    with one_thread():
+        return torch.linalg.solve_triangular(s.T, vh.T, upper=True).T
+
+
 def decomposition_spectrum(
     w: torch.Tensor,
     method: str,
@@ -222,13 +233,7 @@ def decompose(
     u, sv, vh = top_singular(m, r)
     root = sv.sqrt()
     up = u * root
-    if s is None:
-        down = vh * root[:, None]
-    elif method == "asvd":
-        down = (vh / s.diagonal()[None, :]) * root[:, None]
-    else:
-        with one_thread():
-            down = torch.linalg.solve_triangular(s.T, vh.T, upper=True).T * root[:, None]
+    down = _back_to_inputs(vh, s, method) * root[:, None]
     if h is not None and method != "plain":
         up = refit_up(w32, down, h, damp)
     factors = LowRankFactors(down=down.contiguous(), up=up.contiguous(), error_before=0.0, error_after=0.0)
@@ -275,12 +280,7 @@ def truncation_kl(
     m = w64 if s is None else w64 @ s.to(torch.float64)
     with one_thread():
         u, sv, vh = torch.linalg.svd(m, full_matrices=False)
-        if s is None:
-            vt = vh
-        elif method == "asvd":
-            vt = vh / s.diagonal().to(torch.float64)[None, :]
-        else:
-            vt = torch.linalg.solve_triangular(s.to(torch.float64).T, vh.T, upper=True).T
+    vt = _back_to_inputs(vh, None if s is None else s.to(torch.float64), method)
     mg = u.T @ g.to(torch.float64) @ u
     mh = vt @ h.to(torch.float64) @ vt.T
     p = (sv[:, None] * sv[None, :]) * mg * mh
