@@ -152,6 +152,12 @@ def main() -> None:
     ap.add_argument("--peer-amp", action="store_true", help="AutoScheme with amp=True (its default: bfloat16 on CPU)")
     ap.add_argument("--no-probe", action="store_true", help="skip the separate allocation cost measurement")
     ap.add_argument("--keep-cache", action="store_true", help="reuse sensitivities measured by an earlier run")
+    ap.add_argument(
+        "--reuse-artifacts",
+        action="store_true",
+        help="evaluate an artifact already in --work instead of compressing again (its report.json gives the time); "
+        "an evaluation cached in --work by an earlier run is reused too",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -177,11 +183,21 @@ def main() -> None:
     names = list(all_configs) if args.rows == "all" else args.rows.split(",")
     rows = []
     for name in names:
-        out, run = run_compress(name, all_configs[name], work)
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
+        out = work / f"smollm2-{name}"
+        cache = work / f"{name}-w{args.max_windows}.json"
+        if args.reuse_artifacts and cache.is_file():  # evaluation on all windows takes most of an hour: kept
+            m, run = json.loads(cache.read_text())
+        else:
+            if args.reuse_artifacts and (out / "report.json").is_file():
+                report = json.loads((out / "report.json").read_text())
+                run = {"wall_s": report["timings"]["total"], "report": report}
+            else:
+                out, run = run_compress(name, all_configs[name], work)
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+            m = evaluate_windows(model, windows, base.model, batch_size=4, quiet=True)
+            del model
+            cache.write_text(json.dumps([m, run], default=float))
         rows.append((name, m, run))
-        del model
         print(f"{name}: ppl {m['perplexity']:.3f} (base {m['base_perplexity']:.3f}) wall {run['wall_s']:.0f}s")
 
     probe = None if args.no_probe else allocation_probe(work)
