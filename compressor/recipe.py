@@ -117,24 +117,35 @@ class Recipe(Strict):
         a crash quantizing quantized weights)."""
         quantized = False
         decomposing = [i for i, p in enumerate(self.passes) if p.type == "lowrank" and p.mode == "decompose"]
+        factoring = [i for i, p in enumerate(self.passes) if p.type == "allocate_bits" and any(p.rank_choices())]
         for i, p in enumerate(self.passes):
             if decomposing and (p.type == "allocate_bits" or (p.type == "lowrank" and i != decomposing[0])):
                 what = "allocate_bits" if p.type == "allocate_bits" else "a second lowrank pass"
+                fix = (
+                    "for ranks and bit-widths in one budget, drop the lowrank pass and give allocate_bits rank "
+                    "candidates (e.g. 'int4 g64 rank 50%')"
+                    if p.type == "allocate_bits"
+                    else "keep one lowrank pass"
+                )
+                raise ValueError(f"passes.{i}: {what} in a recipe with a lowrank decomposition is not supported; {fix}")
+            if factoring and p.type == "lowrank":
                 raise ValueError(
-                    f"passes.{i}: {what} in a recipe with a lowrank decomposition is not supported yet (ranks and "
-                    "bit-widths in one budget: issue #29)"
+                    f"passes.{i}: a lowrank pass in a recipe whose allocate_bits has rank candidates; drop one of them"
                 )
             if quantized and p.type == "quantize":
                 raise ValueError(
                     f"passes.{i}: a second quantize pass; a recipe quantizes once (for a format per layer, put an "
                     "allocate_bits pass before the quantize pass)"
                 )
-            after_decomposition = bool(decomposing) and i > decomposing[0]
-            if after_decomposition and (p.type != "quantize" or p.awq):
+            first = min(decomposing + factoring, default=None)
+            if first is not None and i > first and (p.type != "quantize" or p.awq):
                 what = "quantize with awq" if p.type == "quantize" else p.type
+                after = (
+                    "a lowrank pass in mode decompose" if decomposing else "an allocate_bits pass with rank candidates"
+                )
                 raise ValueError(
-                    f"passes.{i}: {what} after a lowrank pass in mode decompose; only a quantize pass (without awq) "
-                    "may follow a decomposition for now"
+                    f"passes.{i}: {what} after {after}; only a quantize pass (without awq) may follow a "
+                    "decomposition for now"
                 )
             quantized = quantized or p.type == "quantize"
             if quantized and (p.type in ("remove_blocks", "fuse_blocks") or getattr(p, "mode", "") == "decompose"):

@@ -69,6 +69,8 @@ EXTRA_PASSES = [
     {"type": "allocate_bits", "candidates": ["int4 g32", "int8 channel"], "budget": {"bits_per_weight": 5}},
     {"type": "allocate_bits", "candidates": ["int3 g32"], "budget": {"bits_per_weight": 1}},
     {"type": "allocate_bits", "candidates": ["int9 g3"], "budget": {"uniform": "int4 g32"}},
+    {"type": "allocate_bits", "candidates": ["int4 g32", "int4 g32 rank 50%"], "budget": {"bits_per_weight": 3}},
+    {"type": "allocate_bits", "candidates": ["keep rank 999"], "budget": {"bits_per_weight": 3}},
     {"type": "lowrank", "rank": 4},
     {"type": "remove_blocks", "count": 1},
     {"type": "remove_blocks", "count": 99},

@@ -112,6 +112,7 @@ def compare_uniform(
     }
 
 
-def fitting_uniform(costs: np.ndarray, labels: list[str], budget: int) -> list[int]:
-    """Candidates whose uniform allocation (that candidate for every unit) fits the budget."""
-    return [c for c in range(len(labels)) if int(costs[:, c].sum()) <= budget]
+def fitting_uniform(costs: np.ndarray, values: np.ndarray, labels: list[str], budget: int) -> list[int]:
+    """Candidates whose uniform allocation (that candidate for every unit) fits the budget, among those every unit
+    can take (finite value)."""
+    return [c for c in range(len(labels)) if int(costs[:, c].sum()) <= budget and bool(np.isfinite(values[:, c]).all())]

@@ -1,9 +1,11 @@
 """The weights a candidate format makes of a linear under the allocation's error model (`gptq` or `rtn`).
 
 The sensitivity sweep scores every candidate of a linear with `candidates_dequantized` (GPTQ with the sweep's
-input Gram matrix H, or data-free RTN / FP8 scaling). The fallback measures whole allocations (the mix, or one
-candidate everywhere): `swap_in_gptq` makes them as the quantize pass does, block by block with each input group's
-H gathered from the already-quantized linears before it (true-sequential GPTQ); `swap_in_data_free` with RTN.
+input Gram matrix H, or data-free RTN / FP8 scaling), a rank candidate with `factored_dequantized` (whitened
+truncation, then both factors quantized). The fallback measures whole allocations (the mix, or one candidate
+everywhere): `swap_in_sequential` makes them as the quantize pass does, block by block with each input group's H
+gathered from the already-quantized linears before it (true-sequential GPTQ; also for any allocation with rank
+candidates, whose truncation needs H); `swap_in_data_free` with RTN.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 
 from ..calibration.engine import BlockSweep
 from ..quant.formats import IntFormat, resolve_format
+from ..quant.lowrank import decompose
 from ..schema import QuantizePass, WeightScheme
+from ..schema.allocate import RankChoice
 from ..techniques import GptqConfig, RtnConfig, gptq_candidates, quantize_data_free
 from .heldout import BlockStep, HeldOutKL
 
@@ -54,6 +58,29 @@ def candidates_dequantized(
     return out
 
 
+def candidate_rank(choice: RankChoice | None, scheme: WeightScheme | None, shape: tuple[int, int]) -> int | None:
+    """The rank a rank candidate gives an [out, in] matrix (None: not a rank candidate, or no rank that makes
+    this matrix smaller); a share's rank is rounded to whole groups of the factors' format."""
+    if choice is None:
+        return None
+    group = scheme.group_size if scheme is not None and scheme.strategy == "group" else 8
+    return choice.for_shape(*shape, multiple=group or 8)
+
+
+def factored_dequantized(
+    w: torch.Tensor, h: torch.Tensor, rank: int, scheme, quant: QuantizePass, method: str, damp: float
+) -> torch.Tensor:
+    """What a rank candidate makes of w [out, in]: the whitened rank-`rank` truncation B A (`quant.lowrank`, B
+    refitted), A quantized with the layer's input Gram matrix h, B with its own input's (A h A^T, A as quantized),
+    multiplied back; the factors as they are for a float candidate (`scheme` None)."""
+    f = decompose(w, rank, "whitened", h, None, damp)
+    down, up = f.down, f.up
+    if scheme is not None:
+        down = candidates_dequantized(down, h, [scheme], quant, method)[0]
+        up = candidates_dequantized(up, down @ h.to(down.dtype) @ down.T, [scheme], quant, method)[0]
+    return (up @ down).to(w.dtype)
+
+
 def swap_in_data_free(
     measure: HeldOutKL, candidate_of: Callable[[str], int], schemes: list[WeightScheme | None], quant: QuantizePass
 ) -> BlockStep:
@@ -69,19 +96,23 @@ def swap_in_data_free(
     return step
 
 
-def swap_in_gptq(
+def swap_in_sequential(
     measure: HeldOutKL,
     chunks: list[torch.Tensor],
     candidate_of: Callable[[str], int],
     schemes: list[WeightScheme | None],
     quant: QuantizePass,
     compute_dtype: torch.dtype,
+    method: str = "gptq",
+    rank_of: Callable[[str, int], int | None] = lambda name, ci: None,
+    damp: float = 0.01,
 ) -> BlockStep:
-    """The step that swaps into `measure`, block by block, each linear's GPTQ weight at candidate
-    `candidate_of(linear)`, solved as the quantize pass solves (true-sequential, on the calibration `chunks`): at
+    """The step that swaps into `measure`, block by block, each linear's weight at candidate `candidate_of(linear)`
+    made as the quantize pass makes it (`method`: gptq or rtn), true-sequentially on the calibration `chunks`: at
     block i the calibration sweep runs that block, each input group's H gathered from inputs the already-swapped
-    linears produced, its linears of one candidate solved as one stacked matrix; the held-out windows then go
-    through the swapped block. The steps must come for blocks 0, 1, 2, ... in order.
+    linears produced, its linears of one candidate solved as one stacked matrix (a rank candidate, `rank_of(name,
+    candidate)` not None: each linear truncated and its factors quantized, `factored_dequantized`); the held-out
+    windows then go through the swapped block. The steps must come for blocks 0, 1, 2, ... in order.
 
     Solving with the unquantized model's H instead misjudged a mix on the tiny test llama with one 1000x channel
     (4x too much KL for the mix, half too little for uniform INT3). `keep` linears stay as they are."""
@@ -91,26 +122,37 @@ def swap_in_gptq(
     )
     blocks = iter(sweep)
 
+    def changed(name: str) -> bool:
+        ci = candidate_of(name)
+        return schemes[ci] is not None or rank_of(name, ci) is not None
+
     def step(i: int) -> None:
         index, _ = next(blocks)
         if index != i:
-            raise RuntimeError(f"swap_in_gptq's steps must come in block order (got block {i} at {index})")
+            raise RuntimeError(f"swap_in_sequential's steps must come in block order (got block {i} at {index})")
         prefix = adapter.block_prefix(model, i)
-
-        def solved(local: str) -> bool:
-            name = f"{prefix}.{local}"
-            return name in measure.modules and schemes[candidate_of(name)] is not None
 
         def solve(local_names: tuple[str, ...], stat) -> None:
             h, by_candidate = stat.mean(), {}
             for local in local_names:
-                by_candidate.setdefault(candidate_of(f"{prefix}.{local}"), []).append(f"{prefix}.{local}")
+                name = f"{prefix}.{local}"
+                ci = candidate_of(name)
+                rank = rank_of(name, ci)
+                if rank is not None:
+                    made = factored_dequantized(measure.original(name), h, rank, schemes[ci], quant, method, damp)
+                    measure.swap(name, made)
+                else:
+                    by_candidate.setdefault(ci, []).append(name)
             for ci, names in by_candidate.items():
                 weights = [measure.original(n) for n in names]
-                deq = candidates_dequantized(torch.cat(weights), h, schemes, quant, "gptq", {ci})[ci]
+                deq = candidates_dequantized(torch.cat(weights), h, schemes, quant, method, {ci})[ci]
                 for n, piece in zip(names, deq.split([w.shape[0] for w in weights])):
                     measure.swap(n, piece)
 
-        sweep.run([g for g in (tuple(n for n in grp if solved(n)) for grp in adapter.linear_groups) if g], solve)
+        groups = (
+            tuple(n for n in grp if f"{prefix}.{n}" in measure.modules and changed(f"{prefix}.{n}"))
+            for grp in adapter.linear_groups
+        )
+        sweep.run([g for g in groups if g], solve)
 
     return step

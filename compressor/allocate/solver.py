@@ -1,6 +1,7 @@
 """Multiple-choice knapsack: one choice per item, minimal summed value, summed cost within a budget.
 
-Pure numerics on arrays: `costs[i, j]` (integer bits) and `values[i, j]` (predicted KL) of choice j for item i.
+Pure numerics on arrays: `costs[i, j]` (integer bits) and `values[i, j]` (predicted KL) of choice j for item i. An
+infinite value marks a choice item i cannot take (e.g. a rank at or above a matrix's break-even rank).
 """
 
 from __future__ import annotations
@@ -22,10 +23,22 @@ def _check(costs: np.ndarray, values: np.ndarray, budget: int) -> tuple[np.ndarr
     values = np.asarray(values, dtype=np.float64)
     if costs.shape != values.shape or costs.ndim != 2:
         raise ValueError("costs and values must be [items, choices] arrays of one shape")
-    cheapest = int(costs.min(axis=1).sum())
+    if not np.isfinite(values).any(axis=1).all():
+        raise ValueError("every item needs at least one choice with a finite value")
+    cheapest = int(cheapest_costs(costs, values).sum())
     if cheapest > budget:
         raise InfeasibleBudget(f"the cheapest choices need {cheapest} bits, the budget is {budget}")
     return costs, values
+
+
+def cheapest_costs(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each item's cheapest cost among the choices it can take (finite value)."""
+    return np.where(np.isfinite(values), costs, np.iinfo(np.int64).max).min(axis=1)
+
+
+def cheapest_choices(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each item's cheapest choice among those it can take."""
+    return np.where(np.isfinite(values), costs, np.iinfo(np.int64).max).argmin(axis=1)
 
 
 def total(costs: np.ndarray, values: np.ndarray, choice: np.ndarray) -> tuple[int, float]:
@@ -40,8 +53,8 @@ def solve_exact(costs, values, budget: int) -> np.ndarray:
     Costs are shifted by each item's cheapest choice first, so the table spans only the budget's slack.
     """
     costs, values = _check(costs, values, budget)
-    base = costs.min(axis=1, keepdims=True)
-    extra = costs - base
+    base = cheapest_costs(costs, values)[:, None]
+    extra = np.where(np.isfinite(values), costs - base, 0)  # (a choice an item cannot take: its infinite value)
     slack = budget - int(base.sum())
     unit = reduce(math.gcd, (int(c) for c in extra.ravel() if c), 0) or 1
     cells = costs.shape[0] * (slack // unit + 1)
@@ -87,11 +100,12 @@ def _milp(costs: np.ndarray, values: np.ndarray, budget: int) -> np.ndarray:
         LinearConstraint(one_each, 1, 1),
         LinearConstraint(costs.reshape(1, -1) / scale, -np.inf, budget / scale),
     ]
+    allowed = np.isfinite(values)
     res = milp(
-        values.ravel(),
+        np.where(allowed, values, 0.0).ravel(),
         constraints=constraints,
         integrality=np.ones(n * m),
-        bounds=Bounds(0, 1),
+        bounds=Bounds(0, allowed.ravel().astype(np.float64)),
         options={"mip_rel_gap": 0.0, "time_limit": 120.0},
     )
     if res.x is None:
@@ -106,7 +120,7 @@ def solve_greedy(costs, values, budget: int) -> np.ndarray:
     """Start from the cheapest choices; repeatedly take the upgrade with the best value drop per extra bit."""
     costs, values = _check(costs, values, budget)
     n = costs.shape[0]
-    choice = costs.argmin(axis=1)
+    choice = cheapest_choices(costs, values)
     spent = int(costs[np.arange(n), choice].sum())
     while True:
         cur_c = costs[np.arange(n), choice][:, None]

@@ -13,21 +13,30 @@ import torch
 
 from ..allocate import cache
 from ..allocate.check import Probe, compare_uniform, fitting_uniform, pick_probes, probe_check
-from ..allocate.error_model import candidates_dequantized, swap_in_data_free, swap_in_gptq
+from ..allocate.error_model import (
+    candidate_rank,
+    candidates_dequantized,
+    factored_dequantized,
+    swap_in_data_free,
+    swap_in_sequential,
+)
 from ..allocate.fisher import FisherSweep, predicted_kl
 from ..allocate.heldout import HeldOutKL, held_out_rows
 from ..allocate.solver import InfeasibleBudget, solve_exact, solve_greedy, solve_ordering, total
 from ..calibration.engine import resolve_compute_dtype
 from ..errors import RecipeError
 from ..quant.formats import resolve_format
-from ..schema import AllocateBitsPass, QuantizePass, WeightScheme
+from ..runtime.factored import A_NAME, B_NAME
+from ..schema import AllocateBitsPass, LowRankPass, QuantizePass, WeightScheme
 from ..schema.allocate import parse_candidate
 from ..schema.common import parse_size
 from ..state import CompressionState
 from ..structure.metrics import zd_score
 from .base import following_quantize, register
+from .decompose import decomposition_record, factor_layers
 
 log = logging.getLogger(__name__)
+DECOMPOSE_DAMP = LowRankPass.model_fields["damp"].default  # rank candidates factor as lowrank decompose does
 
 
 def _check_settings(cached: dict) -> dict | None:
@@ -51,6 +60,7 @@ class AllocateBitsRunner:
     def __init__(self, config: AllocateBitsPass) -> None:
         self.cfg = config
         self.schemes = config.schemes()
+        self.rank_choices = config.rank_choices()
 
     def run(self, state: CompressionState) -> None:
         started = time.perf_counter()
@@ -58,9 +68,7 @@ class AllocateBitsRunner:
         names, modules, block_of = self._linears(state, quant)
         # shapes only: a streamed model's blocks stay on disk (meta tensors) until the sweep brings each one in
         weights = {n: state.adapter.get_weight(m) for n, m in zip(names, modules)}
-        linear_costs = np.array(
-            [[self._cost(weights[n].shape, s, quant, state) for s in self.schemes] for n in names], dtype=np.int64
-        )
+        linear_costs = self._linear_costs(names, weights, quant, state)
         budget = self._budget_bits(weights, names, quant, state)
 
         timings: dict[str, float] = {}
@@ -92,29 +100,33 @@ class AllocateBitsRunner:
         fallback = None
         if self._checks_on:
             t = time.perf_counter()
-            choice, fallback = self._safe_choice(state, quant, units, choice, budget)
+            choice, fallback = self._safe_choice(state, quant, units, choice, budget, weights)
             timings["fallback"] = time.perf_counter() - t
 
         for n, u in zip(names, units.unit_of):
             state.plan.schemes[n] = self.schemes[int(choice[u])]
+        if any(self.rank_choices):
+            t = time.perf_counter()
+            self._factor(state, names, weights, units, choice)
+            timings["decompose"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
         n_weights = sum(weights[n].numel() for n in names)
         record = self._record(units, choice, lim, budget, n_weights, timings)
         if self._checks_on:
             record.update(check=check, fallback=fallback)
         state.report["allocation"] = record
-        self._log_summary(state, names, budget / n_weights)
+        self._log_summary(state, [self.cfg.candidates[int(choice[u])] for u in units.unit_of], budget / n_weights)
 
     @property
     def _checks_on(self) -> bool:
         """Whether `allocate_bits.check` applies: it is set and the method predicts sensitivities."""
         return self.cfg.check is not None and self.cfg.method in ("measured", "search")
 
-    def _log_summary(self, state: CompressionState, names: list[str], allowed: float) -> None:
-        """One info line: bits per weight used and allowed, and how many linears took each candidate."""
+    def _log_summary(self, state: CompressionState, chosen: list[str], allowed: float) -> None:
+        """One info line: bits per weight used and allowed, and how many linears took each candidate (`chosen`: the
+        candidate of every linear)."""
         counts: dict[str, int] = {}
-        for n in names:
-            label = self.cfg.candidates[self.schemes.index(state.plan.schemes[n])]
+        for label in chosen:
             counts[label] = counts.get(label, 0) + 1
         log.info(
             "allocate_bits: %.3f bits/weight of %.3f allowed; %s",
@@ -140,7 +152,9 @@ class AllocateBitsRunner:
                 {
                     "name": units.unit_names[u],
                     "format": self.cfg.candidates[int(choice[u])],
-                    "sensitivity": {c: float(v) for c, v in zip(self.cfg.candidates, units.values[u])},
+                    "sensitivity": {
+                        c: float(v) if np.isfinite(v) else None for c, v in zip(self.cfg.candidates, units.values[u])
+                    },
                     **({"lim": lim[u]} if lim is not None and self.cfg.granularity == "block" else {}),
                 }
                 for u in range(len(units.unit_names))
@@ -167,7 +181,36 @@ class AllocateBitsRunner:
                 block_of.append(i)
         return names, modules, block_of
 
-    def _cost(self, shape, scheme: WeightScheme | None, quant: QuantizePass, state: CompressionState) -> int:
+    def _linear_costs(self, names, weights, quant: QuantizePass, state: CompressionState) -> np.ndarray:
+        """[linears, candidates] bits; also marks (`_unavailable`) the rank candidates a matrix cannot take (no
+        rank below its break-even rank), whose values are made infinite."""
+        shapes = [tuple(weights[n].shape) for n in names]
+        candidates = range(len(self.schemes))
+        self._unavailable = np.array(
+            [[self.rank_choices[ci] is not None and self._rank(sh, ci) is None for ci in candidates] for sh in shapes],
+            dtype=bool,
+        ).reshape(len(names), len(self.schemes))
+        return np.array([[self._cost(sh, ci, quant, state) for ci in candidates] for sh in shapes], dtype=np.int64)
+
+    def _cost(self, shape, candidate: int, quant: QuantizePass, state: CompressionState) -> int:
+        """Bits of one linear at a candidate: the weight, or for a rank candidate both factors (0 where the matrix
+        cannot take it: its value is made infinite)."""
+        scheme, rank = self.schemes[candidate], self._rank(shape, candidate)
+        if self.rank_choices[candidate] is None:
+            return self._dense_bits(shape, scheme, quant, state)
+        if rank is None:
+            return 0
+        out_f, in_f = shape
+        return self._dense_bits((rank, in_f), scheme, quant, state) + self._dense_bits(
+            (out_f, rank), scheme, quant, state
+        )
+
+    def _rank(self, shape, candidate: int) -> int | None:
+        """The rank candidate `candidate` gives a matrix of `shape` (None: a dense candidate, or none fits)."""
+        return candidate_rank(self.rank_choices[candidate], self.schemes[candidate], tuple(shape))
+
+    @staticmethod
+    def _dense_bits(shape, scheme: WeightScheme | None, quant: QuantizePass, state: CompressionState) -> int:
         out_f, in_f = shape
         if scheme is None:
             return out_f * in_f * state.plan.dtype.itemsize * 8
@@ -185,7 +228,7 @@ class AllocateBitsRunner:
             except ValueError as err:
                 raise RecipeError(str(err), where="allocate_bits.budget.size", fix="e.g. size: 55MB") from None
         scheme = parse_candidate(b.uniform)
-        return sum(self._cost(weights[n].shape, scheme, quant, state) for n in names)
+        return sum(self._dense_bits(weights[n].shape, scheme, quant, state) for n in names)
 
     def _units(self, names, block_of, linear_costs, values) -> Units:
         if self.cfg.granularity == "linear":
@@ -312,17 +355,25 @@ class AllocateBitsRunner:
         solve per candidate), and their probe candidates' dequantized weights. `local`: linear index -> weight."""
         h = fisher.h[input_key]
         stacked = torch.cat([local[li] for li in members])
-        dequantized = candidates_dequantized(stacked, h, self.schemes, quant, method)
+        dense = {ci for ci, r in enumerate(self.rank_choices) if r is None}
+        dequantized = candidates_dequantized(stacked, h, self.schemes, quant, method, dense)
         rows = np.zeros((len(members), len(self.schemes)))
         kept: dict[int, torch.Tensor] = {}
         row = 0
         for r, li in enumerate(members):
             w = local[li]
             g = fisher.g[names[li]]
-            for ci, deq in dequantized.items():
-                rows[r, ci] = predicted_kl(g, h, deq[row : row + w.shape[0]] - w)
+            made = {ci: deq[row : row + w.shape[0]] for ci, deq in dequantized.items()}
+            for ci in set(range(len(self.schemes))) - dense:  # rank candidates: one truncation per linear
+                rank = self._rank(w.shape, ci)
+                if rank is None:
+                    rows[r, ci] = np.inf
+                else:
+                    made[ci] = factored_dequantized(w, h, rank, self.schemes[ci], quant, method, DECOMPOSE_DAMP)
+            for ci, deq in made.items():
+                rows[r, ci] = predicted_kl(g, h, deq - w)
                 if probes.get(li) == ci:
-                    kept[li] = deq[row : row + w.shape[0]].clone()
+                    kept[li] = deq.clone()
             row += w.shape[0]
         return rows, kept
 
@@ -335,11 +386,14 @@ class AllocateBitsRunner:
 
     def _probe_candidates(self, names: list[str], linear_costs: np.ndarray) -> dict[int, int]:
         """Probe linear index -> its cheapest candidate that is not `keep` (chosen before any measurement)."""
-        quantized = [ci for ci, s in enumerate(self.schemes) if s is not None]
-        if not quantized:
+        changed = [ci for ci, s in enumerate(self.schemes) if s is not None or self.rank_choices[ci] is not None]
+        if not changed:
             return {}
         picks = pick_probes(names, self.cfg.check.probes)
-        return {li: min(quantized, key=lambda ci, li=li: linear_costs[li, ci]) for li in picks}
+        return {
+            li: min((ci for ci in changed if not self._unavailable[li, ci]), key=lambda ci, li=li: linear_costs[li, ci])
+            for li in picks
+        }
 
     def _held_out(self, state: CompressionState, names: list[str]) -> HeldOutKL:
         held = held_out_rows(state.calibration_ids, self.cfg.num_samples, self.cfg.check.samples)
@@ -380,14 +434,14 @@ class AllocateBitsRunner:
             )
         return {**check, "min_rank_correlation": floor, "passed": passed}
 
-    def _safe_choice(self, state, quant, units: Units, choice: np.ndarray, budget: int):
+    def _safe_choice(self, state, quant, units: Units, choice: np.ndarray, budget: int, weights):
         """The mix, or the best uniform allocation that fits the budget where it measures lower held-out KL (the
         weights of each as the error model makes them: for `gptq`, solved on the sweep's windows)."""
         labels, method = self.cfg.candidates, self._error_model(quant)
-        uniform = {labels[c]: c for c in fitting_uniform(units.costs, labels, budget)}
+        uniform = {labels[c]: c for c in fitting_uniform(units.costs, units.values, labels, budget)}
         mix = {n: int(choice[u]) for n, u in zip(units.names, units.unit_of)}
         with self._held_out(state, units.names) as measure:
-            swap_in = self._swap_in(state, quant, measure, method)
+            swap_in = self._swap_in(state, quant, measure, method, {n: tuple(w.shape) for n, w in weights.items()})
             result = compare_uniform(measure, swap_in, mix, uniform, method, quiet=state.quiet)
         if result["used"] and not self.cfg.check.fallback:
             log.warning("allocate_bits: %s; keeping the mix (check.fallback: false)", result["reason"])
@@ -397,16 +451,39 @@ class AllocateBitsRunner:
             choice = np.full(len(units.unit_names), labels.index(result["candidate"]), dtype=np.int64)
         return choice, {**result, "overlaps_sensitivity_windows": self._overlap(state)}
 
-    def _swap_in(self, state, quant, measure: HeldOutKL, method: str):
+    def _swap_in(self, state, quant, measure: HeldOutKL, method: str, shapes: dict[str, tuple[int, int]]):
         """`swap_in(candidate_of)`: the block step that makes an allocation's weights as error model `method` does
-        and swaps them into `measure`; `gptq` solves true-sequentially on the sensitivity sweep's windows, as the
-        quantize pass would."""
-        if method != "gptq":
+        and swaps them into `measure`; `gptq`, and any allocation with rank candidates (a truncation needs its
+        input statistics), runs true-sequentially on the sensitivity sweep's windows, as the passes would."""
+        if method != "gptq" and not any(self.rank_choices):
             return lambda candidate_of: swap_in_data_free(measure, candidate_of, self.schemes, quant)
         ids, batch = state.calibration_ids[: self.cfg.num_samples], state.recipe.calibration.batch_size
         chunks = [ids[i : i + batch] for i in range(0, ids.shape[0], batch)]
         dtype = self._compute_dtype(state)
-        return lambda candidate_of: swap_in_gptq(measure, chunks, candidate_of, self.schemes, quant, dtype)
+
+        def rank_of(name: str, candidate: int) -> int | None:
+            return self._rank(shapes[name], candidate)
+
+        return lambda candidate_of: swap_in_sequential(
+            measure, chunks, candidate_of, self.schemes, quant, dtype, method, rank_of, DECOMPOSE_DAMP
+        )
+
+    # ---- carrying out rank choices ----------------------------------------------------------------
+    def _factor(self, state: CompressionState, names: list[str], weights, units: Units, choice: np.ndarray) -> None:
+        """Factor every linear whose choice is a rank candidate (whitened truncation, block by block as `lowrank`
+        decompose does) and hand both factors that candidate's format for the quantize pass."""
+        shapes = {n: tuple(weights[n].shape) for n in names}
+        ranks = {}
+        for n, u in zip(names, units.unit_of):
+            rank = self._rank(shapes[n], int(choice[u]))
+            if rank is not None:
+                ranks[n] = rank
+        fits = factor_layers(state, ranks, "whitened", DECOMPOSE_DAMP, "allocate_bits (decompose)") if ranks else {}
+        state.plan.factored.update(ranks)
+        for n in ranks:
+            scheme = state.plan.schemes.pop(n)
+            state.plan.schemes[f"{n}.{A_NAME}"] = state.plan.schemes[f"{n}.{B_NAME}"] = scheme
+        state.report["lowrank_decomposition"] = decomposition_record("whitened", "allocate_bits", shapes, ranks, fits)
 
 
 def _zd_scores(units: Units, state: CompressionState) -> np.ndarray:

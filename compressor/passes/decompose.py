@@ -61,30 +61,10 @@ class Decomposition:
         budget = self._budget(state, dense)
         ranks, spectra, predicted, check = self._ranks(state, targets, shapes, budget)
         factored = {n: r for n, r in ranks.items() if r != DENSE and r <= breakeven_rank(*shapes[n])}
-        fits = self._factor(state, targets, factored)
+        fits = factor_layers(state, factored, cfg.method, cfg.damp)
         state.plan.factored = dict(factored)
-        kept = sum(r * sum(shapes[n]) for n, r in factored.items()) + sum(
-            o * i for n, (o, i) in shapes.items() if n not in factored
-        )
-        state.report["lowrank_decomposition"] = {
-            "method": cfg.method,
-            "allocation": cfg.allocation,
-            "params_before": dense,
-            "params_after": kept,
-            "params_kept": kept / dense,
-            "budget_params": budget,
-            "layers": {
-                n: {
-                    "shape": list(shapes[n]),
-                    "rank": factored.get(n),  # None: kept dense
-                    "kept_energy": _kept_energy(spectra, n, factored.get(n)),
-                    "predicted_kl": None if predicted is None else float(predicted[n][factored.get(n) or -1]),
-                    "output_error": fits[n].error_after / fits[n].error_before if n in fits else 0.0,
-                }
-                for n in targets
-            },
-            "config_key": CONFIG_KEY,
-        }
+        record = decomposition_record(cfg.method, cfg.allocation, shapes, factored, fits, spectra, predicted)
+        state.report["lowrank_decomposition"] = {**record, "budget_params": budget}
         if check is not None:
             state.report["lowrank_decomposition"]["check"] = check
         log.info(
@@ -93,7 +73,7 @@ class Decomposition:
             cfg.allocation,
             len(factored),
             len(targets),
-            100 * kept / dense,
+            100 * record["params_kept"],
         )
 
     def _ranks(self, state: CompressionState, targets, shapes, budget: int):
@@ -181,71 +161,107 @@ class Decomposition:
             h, abs_mean = _statistics(stat, method)
             spectra[name] = decomposition_spectrum(w, method, breakeven_rank(*shapes[name]), h, abs_mean, self.cfg.damp)
 
-        self._sweep(state, targets, set(targets), method, measure, "lowrank (spectra)", change=False)
+        visit_linears(state, set(targets), method, measure, "lowrank (spectra)", change=False)
         return spectra
 
-    # ---- factors -------------------------------------------------------------------------------------------
-    def _factor(self, state: CompressionState, targets, factored: dict[str, int]) -> dict[str, LowRankFactors]:
-        fits: dict[str, LowRankFactors] = {}
-        cfg = self.cfg
 
-        def fit(name: str, w: torch.Tensor, stat: GramStat | None) -> torch.Tensor:
-            h, abs_mean = _statistics(stat, cfg.method)
-            fits[name] = decompose(w, factored[name], cfg.method, h, abs_mean, cfg.damp)
-            return fits[name].delta()
+def decomposition_record(
+    method: str,
+    allocation: str,
+    shapes: dict[str, tuple[int, int]],
+    factored: dict[str, int],
+    fits: dict[str, LowRankFactors],
+    spectra: dict | None = None,
+    predicted: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """The report's `lowrank_decomposition` section: parameters before and after over the linears of `shapes`, and
+    per linear its rank (None: kept dense), kept energy, predicted KL and relative output error."""
+    dense = sum(o * i for o, i in shapes.values())
+    kept = sum(r * sum(shapes[n]) for n, r in factored.items()) + sum(
+        o * i for n, (o, i) in shapes.items() if n not in factored
+    )
+    return {
+        "method": method,
+        "allocation": allocation,
+        "params_before": dense,
+        "params_after": kept,
+        "params_kept": kept / dense,
+        "layers": {
+            n: {
+                "shape": list(shapes[n]),
+                "rank": factored.get(n),
+                "kept_energy": _kept_energy(spectra, n, factored.get(n)),
+                "predicted_kl": None if predicted is None else float(predicted[n][factored.get(n) or -1]),
+                "output_error": fits[n].error_after / fits[n].error_before if n in fits else 0.0,
+            }
+            for n in shapes
+        },
+        "config_key": CONFIG_KEY,
+    }
 
-        self._sweep(state, targets, set(factored), cfg.method, fit, "lowrank (decompose)", change=True, fits=fits)
-        return fits
 
-    def _sweep(self, state, targets, wanted: set[str], method: str, visit, desc: str, change: bool, fits=None):
-        """Call `visit(name, W, stat)` for every wanted layer block by block (stat: its input statistics on the
-        calibration windows, None for plain SVD); with `change`, the layer's weight becomes what `visit` returns
-        while its block runs, and the factored module afterwards."""
-        model, adapter = state.model, state.adapter
-        blocks, prefixes = adapter.blocks(model), adapter.block_prefixes(model)
-        residency = state.residency()
-        calibrated = method != "plain"
-        sweep = None
-        if calibrated:
-            if state.calibration_ids is None:
-                raise RecipeError(f"method {method} needs calibration windows", where="lowrank.method")
-            dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
-            chunks = state.ranks.shard(state.calibration_chunks())
-            sweep = BlockSweep(model, blocks, chunks, dtype, track_abs=method == "asvd", reduce=state.ranks.reduce_gram)
-        steps = sweep if sweep is not None else enumerate(blocks)
-        for i, block in tqdm(steps, total=len(blocks), desc=desc, unit="block", disable=state.quiet):
-            prefix = prefixes[i]
-            mine = [local for local in adapter.linear_names() if f"{prefix}.{local}" in wanted]
-            residency.load_block(i)
+def factor_layers(
+    state: CompressionState, ranks: dict[str, int], method: str, damp: float, desc: str = "lowrank (decompose)"
+) -> dict[str, LowRankFactors]:
+    """Factor each linear of `ranks` (full name -> rank) into B A by `method`, block by block (the calibrated
+    methods on the inputs the already-factored blocks produce); afterwards each is a `FactoredLinear` (spilled to
+    disk for a streamed model). Returns the fits (their errors; the factors live in the modules)."""
+    fits: dict[str, LowRankFactors] = {}
 
-            def solve(names, stat, block=block, prefix=prefix):
-                for local in names:
-                    module = block.get_submodule(local)
-                    new = visit(f"{prefix}.{local}", adapter.get_weight(module), stat)
-                    if change:
-                        adapter.set_weight(module, new)
+    def fit(name: str, w: torch.Tensor, stat: GramStat | None) -> torch.Tensor:
+        h, abs_mean = _statistics(stat, method)
+        fits[name] = decompose(w, ranks[name], method, h, abs_mean, damp)
+        return fits[name].delta()
 
-            if sweep is not None:
-                groups = [tuple(n for n in g if n in mine) for g in adapter.linear_groups]
-                sweep.run([g for g in groups if g], solve)
-            elif mine:
-                solve(tuple(mine), None)
-            if change:
-                for local in mine:
-                    name = f"{prefix}.{local}"
-                    old = block.get_submodule(local)
-                    bias = getattr(old, "bias", None)
-                    f = fits[name]
-                    set_submodule(block, local, FactoredLinear.of(f.down, f.up, None if bias is None else bias.float()))
-                    f.down, f.up = f.down[:0], f.up[:0]  # (the module holds them now; the fit keeps its errors)
-                state.spill(
-                    [
-                        f"{prefix}.{local}.{p}"
-                        for local in mine
-                        for p, _ in block.get_submodule(local).named_parameters()
-                    ]
-                )
-            residency.release_block(i)
+    visit_linears(state, set(ranks), method, fit, desc, change=True, fits=fits)
+    return fits
+
+
+def visit_linears(state: CompressionState, wanted: set[str], method: str, visit, desc: str, change: bool, fits=None):
+    """Call `visit(name, W, stat)` for every wanted layer block by block (stat: its input statistics on the
+    calibration windows, None for plain SVD); with `change`, the layer's weight becomes what `visit` returns
+    while its block runs, and the factored module (from `fits`) afterwards."""
+    model, adapter = state.model, state.adapter
+    blocks, prefixes = adapter.blocks(model), adapter.block_prefixes(model)
+    residency = state.residency()
+    calibrated = method != "plain"
+    sweep = None
+    if calibrated:
+        if state.calibration_ids is None:
+            raise RecipeError(f"method {method} needs calibration windows", where="lowrank.method")
+        dtype = resolve_compute_dtype(state.recipe.calibration.dtype, state.calibration_ids.device)
+        chunks = state.ranks.shard(state.calibration_chunks())
+        sweep = BlockSweep(model, blocks, chunks, dtype, track_abs=method == "asvd", reduce=state.ranks.reduce_gram)
+    steps = sweep if sweep is not None else enumerate(blocks)
+    for i, block in tqdm(steps, total=len(blocks), desc=desc, unit="block", disable=state.quiet):
+        prefix = prefixes[i]
+        mine = [local for local in adapter.linear_names() if f"{prefix}.{local}" in wanted]
+        residency.load_block(i)
+
+        def solve(names, stat, block=block, prefix=prefix):
+            for local in names:
+                module = block.get_submodule(local)
+                new = visit(f"{prefix}.{local}", adapter.get_weight(module), stat)
+                if change:
+                    adapter.set_weight(module, new)
+
+        if sweep is not None:
+            groups = [tuple(n for n in g if n in mine) for g in adapter.linear_groups]
+            sweep.run([g for g in groups if g], solve)
+        elif mine:
+            solve(tuple(mine), None)
+        if change:
+            for local in mine:
+                name = f"{prefix}.{local}"
+                old = block.get_submodule(local)
+                bias = getattr(old, "bias", None)
+                f = fits[name]
+                set_submodule(block, local, FactoredLinear.of(f.down, f.up, None if bias is None else bias.float()))
+                f.down, f.up = f.down[:0], f.up[:0]  # (the module holds them now; the fit keeps its errors)
+            state.spill(
+                [f"{prefix}.{local}.{p}" for local in mine for p, _ in block.get_submodule(local).named_parameters()]
+            )
+        residency.release_block(i)
 
 
 def _kept_energy(spectra: dict | None, name: str, rank: int | None) -> float | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from ..quant.lowrank import breakeven_rank
 from .common import Strict
 from .quantize import WeightScheme
 from .targets import TARGETS, RuntimeTarget
@@ -15,6 +17,53 @@ KEEP = "keep"
 _CANDIDATE = re.compile(
     r"^(?P<kind>int|fp)(?P<bits>\d)[\s-]+(?P<layout>g(?P<group>\d+)|channel|tensor|block)(?:[\s-]+(?P<sym>sym|asym))?$"
 )
+
+
+_RANK = re.compile(r"^(?P<format>.*?)[\s-]+rank[\s-]+(?P<value>\d+(?:\.\d+)?)(?P<percent>%?)$")
+RANK_TARGETS = ("compressor", "onnxruntime")  # runtimes that load factored layers (transformers and vLLM do not)
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """The rank part of a candidate: a fixed rank, or the share of the dense matrix's parameters the two factors
+    hold (`rank 50%`: r (out + in) = 0.5 out x in)."""
+
+    rank: int | None = None
+    share: float | None = None
+
+    def for_shape(self, out_features: int, in_features: int, multiple: int = 8) -> int | None:
+        """This choice's rank for an out x in matrix, None where factoring would not make it smaller (a rank at
+        or above the break-even rank) or the rank would be 0. A share's rank is rounded down to `multiple` (the
+        factors' group size, so B's input width holds whole groups) when it is at least that, else to 16 or 8."""
+        breakeven = breakeven_rank(out_features, in_features)
+        if self.rank is not None:
+            r = self.rank
+        else:
+            r = int(self.share * out_features * in_features / (out_features + in_features))
+            for step in (multiple, 16, 8):  # whole groups, else a width kernels block well (MatMulNBits: 16)
+                if r >= step:
+                    r -= r % step
+                    break
+        return r if 0 < r <= breakeven else None
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}" if self.rank is not None else f"rank {self.share * 100:g}%"
+
+
+def parse_rank_candidate(text: str) -> tuple[WeightScheme | None, RankChoice | None]:
+    """'int4 g64 rank 50%' -> (the factors' scheme, RankChoice(share=0.5)); 'keep rank 128' -> (None, rank 128);
+    a candidate without a rank part -> (its scheme, None)."""
+    m = _RANK.match(text.strip().lower())
+    if not m:
+        return parse_candidate(text), None
+    value = float(m["value"])
+    if m["percent"]:
+        if not 0 < value < 100:
+            raise ValueError(f"candidate {text!r}: a rank share is a percentage between 0 and 100 (e.g. rank 50%)")
+        return parse_candidate(m["format"]), RankChoice(share=value / 100)
+    if value != int(value) or value < 1:
+        raise ValueError(f"candidate {text!r}: a rank is a whole number >= 1, or a share such as 'rank 50%'")
+    return parse_candidate(m["format"]), RankChoice(rank=int(value))
 
 
 def parse_candidate(text: str) -> WeightScheme | None:
@@ -26,7 +75,8 @@ def parse_candidate(text: str) -> WeightScheme | None:
     if not m:
         raise ValueError(
             f"cannot read candidate {text!r}; write e.g. 'int4 g128', 'int3 g64 asym', 'int8 channel', "
-            "'fp8 channel', 'fp8 block' or 'keep'"
+            "'fp8 channel', 'fp8 block' or 'keep' (in allocate_bits.candidates, optionally with a rank: "
+            "'int4 g64 rank 50%', 'keep rank 128')"
         )
     bits = int(m["bits"])
     layout = "group" if m["group"] else m["layout"]
@@ -102,7 +152,9 @@ class AllocateBitsPass(Strict):
     candidates: list[str] = Field(
         default_factory=lambda: ["int3 g64", "int4 g128", "int4 g64", "int8 channel"],
         min_length=1,
-        description="formats a layer may take: 'int<b> g<size>|channel [asym]', 'fp8 channel|block', 'keep'",
+        description="formats a layer may take: 'int<b> g<size>|channel [asym]', 'fp8 channel|block', 'keep'; "
+        "with ' rank R' or ' rank P%' the linear is factored into B A (whitened truncation, as lowrank decompose) "
+        "of rank R, or holding P% of its parameters, and both factors take the format",
     )
     budget: Budget
     target: Literal["auto", "compressor", "vllm", "onnxruntime", "llama.cpp"] = Field(
@@ -136,10 +188,13 @@ class AllocateBitsPass(Strict):
     @field_validator("candidates")
     @classmethod
     def _readable(cls, v: list[str]) -> list[str]:
-        for c in v:
-            parse_candidate(c)
+        parsed = [parse_rank_candidate(c) for c in v]
         if len(set(v)) != len(v):
             raise ValueError("candidates must not repeat")
+        if all(rank is not None for _, rank in parsed):
+            raise ValueError(
+                "give at least one candidate without a rank (the format a matrix takes when it stays dense)"
+            )
         return v
 
     @field_validator("check", mode="before")
@@ -158,6 +213,19 @@ class AllocateBitsPass(Strict):
             raise ValueError("method lim scores whole blocks; set granularity: block")
         return self
 
+    @model_validator(mode="after")
+    def _ranks_need_measured_linears(self) -> AllocateBitsPass:
+        """Rank candidates are priced per matrix by predicted KL: method measured, one choice per linear."""
+        if any(r is not None for r in self.rank_choices()):
+            if self.method != "measured":
+                raise ValueError(
+                    f"rank candidates need method: measured (method {self.method} does not predict what a "
+                    "truncation costs)"
+                )
+            if self.granularity != "linear":
+                raise ValueError("rank candidates are chosen per matrix; set granularity: linear")
+        return self
+
     def imply_target(self, name: str) -> None:
         """Record the target that `target: auto` stands for in this recipe."""
         self._implied_target = name
@@ -169,11 +237,23 @@ class AllocateBitsPass(Strict):
 
     def target_refusals(self) -> list[str]:
         """Why candidates cannot run on the target: one line per refused candidate (empty when all can)."""
-        refusals = (self.runtime.refusal(c, s) for c, s in zip(self.candidates, self.schemes()))
+        refusals = [self.runtime.refusal(c, s) for c, s in zip(self.candidates, self.schemes())]
+        factored = [c for c, r in zip(self.candidates, self.rank_choices()) if r is not None]
+        if factored and self.runtime.name not in RANK_TARGETS:
+            refusals.append(
+                f"candidate {factored[0]!r} factors a linear, which target {self.runtime.name} cannot load (only "
+                f"{' and '.join(RANK_TARGETS)} run factored layers); drop the rank candidates or set "
+                "allocate_bits.target"
+            )
         return [r for r in refusals if r]
 
     def schemes(self) -> list[WeightScheme | None]:
-        return [parse_candidate(c) for c in self.candidates]
+        """Each candidate's weight scheme (of the factors, for a rank candidate); None: kept in float."""
+        return [parse_rank_candidate(c)[0] for c in self.candidates]
+
+    def rank_choices(self) -> list[RankChoice | None]:
+        """Each candidate's rank part (None: the matrix stays dense)."""
+        return [parse_rank_candidate(c)[1] for c in self.candidates]
 
     @property
     def needs_calibration(self) -> bool:
