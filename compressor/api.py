@@ -113,6 +113,8 @@ def _size_report(state: CompressionState, folder: Path, base_params: int) -> dic
     onnx_files = [f for f in (folder / "onnx").glob("model.onnx*") if f.is_file()]
     if onnx_files:  # graph + external weights
         size["onnx_bytes"] = sum(f.stat().st_size for f in onnx_files)
+    if (folder / "model.gguf").is_file():
+        size["gguf_bytes"] = (folder / "model.gguf").stat().st_size
     if size["artifact_bytes"]:
         size["breakdown_bytes"] = size_breakdown(folder, plan.size_roles())
         size["dense_dtype"] = str(dense_dtype).removeprefix("torch.")
@@ -311,6 +313,10 @@ def _load(r: Recipe, quiet: bool, run: _Run) -> tuple[CompressionState, int, tor
 
         linears = [n for n, m in loaded.model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
         check_level_patterns(r.onnx, linears)
+    if "gguf" in r.export:  # an architecture llama.cpp has no name for fails before the passes
+        from exporters.gguf.metadata import arch_for
+
+        arch_for(loaded.model.config.get_text_config())
     _check_head(r, loaded.model)
     state = CompressionState(loaded, r, quiet=quiet)
     if r.evaluate is not None:

@@ -121,6 +121,7 @@ def _run(recipe_path, model, output, overwrite, sets, push_to_hub, trust_remote_
 
 def _register_subcommands() -> None:
     from .commands.densify import densify_command
+    from .commands.export_gguf import export_gguf_command
     from .commands.export_onnx import export_onnx_command
     from .commands.push import push_command
     from .commands.recipes import recipes_command
@@ -131,6 +132,7 @@ def _register_subcommands() -> None:
     main.add_command(push_command)
     main.add_command(recipes_command)
     main.add_command(densify_command)
+    main.add_command(export_gguf_command)
 
 
 _register_subcommands()

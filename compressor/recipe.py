@@ -98,7 +98,7 @@ class Recipe(Strict):
     trust_remote_code: bool = False
     calibration: CalibrationConfig = CalibrationConfig()
     passes: list[PassConfig] = Field(default_factory=list)
-    export: list[Literal["safetensors", "onnx"]] = Field(default_factory=lambda: ["safetensors"])
+    export: list[Literal["safetensors", "onnx", "gguf"]] = Field(default_factory=lambda: ["safetensors"])
     onnx: OnnxExportConfig = OnnxExportConfig()
     max_shard_size: str = Field("2GB", description="safetensors shard size")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
@@ -153,6 +153,34 @@ class Recipe(Strict):
                     f"passes.{i}: {p.type} after a quantize pass; structural passes must come before quantization "
                     "(move it up the list)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _gguf_needs_its_block_types(self) -> Recipe:
+        """`export: [gguf]` writes our codes as they are: every format a pass may produce must be a GGUF type
+        (refused here, before hours of passes, not when the file is written)."""
+        if "gguf" not in self.export:
+            return self
+        from .quant.formats import IntFormat
+        from .quant.gguf import gguf_type_for, why_not_gguf
+
+        def check(where: str, scheme, scale_dtype: str) -> None:
+            if scheme is None:
+                return
+            fmt = IntFormat(scheme.bits, scheme.group_size, scheme.symmetric) if scheme.format == "int" else scheme
+            if scheme.strategy != "group" or gguf_type_for(fmt, scale_dtype) is None:
+                raise ValueError(f"{where}: export gguf: {why_not_gguf(fmt, scale_dtype)}")
+
+        quantize = [p for p in self.passes if p.type == "quantize"]
+        scale = quantize[0].scale_dtype if quantize else "float16"
+        for i, p in enumerate(self.passes):
+            if p.type == "lowrank" or (p.type == "allocate_bits" and any(p.rank_choices())):
+                raise ValueError(f"passes.{i}: export gguf: llama.cpp runs dense linears; drop the low-rank pass")
+            if p.type == "quantize":
+                check(f"passes.{i}.weights", p.weights, scale)
+            if p.type == "allocate_bits":
+                for candidate, scheme in zip(p.candidates, p.schemes()):
+                    check(f"passes.{i}.candidates ({candidate})", scheme, scale)
         return self
 
     @model_validator(mode="after")

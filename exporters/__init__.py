@@ -19,5 +19,11 @@ def _onnx(source, folder: Path) -> list[str]:
     return export_onnx(source, folder)
 
 
+def _gguf(source, folder: Path) -> list[str]:
+    from .gguf import export_gguf
+
+    return export_gguf(source, folder)
+
+
 # recipe `export:` name -> writer(ArtifactSource, folder) returning the files written, relative to folder
-EXPORTERS: dict[str, Callable[..., list[str]]] = {"safetensors": _safetensors, "onnx": _onnx}
+EXPORTERS: dict[str, Callable[..., list[str]]] = {"safetensors": _safetensors, "onnx": _onnx, "gguf": _gguf}

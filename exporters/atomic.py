@@ -17,12 +17,12 @@ from compressor.errors import ArtifactCheckError, OutputError, io_errno
 log = logging.getLogger(__name__)
 
 
-# What marks a directory as written by compress: the report of a run, or the ONNX exporter's layer record.
-MARKERS = {"report.json": "compressor_version", "onnx_export.json": "layers"}
+# What marks a directory as written by compress: the report of a run, or the ONNX / GGUF exporter's layer record.
+MARKERS = {"report.json": "compressor_version", "onnx_export.json": "layers", "gguf_export.json": "tensors"}
 
 
 def written_by_compressor(path: Path) -> bool:
-    """Whether `path` holds a marker file that a compress run or an ONNX export wrote."""
+    """Whether `path` holds a marker file that a compress run or an ONNX or GGUF export wrote."""
     for name, key in MARKERS.items():
         try:
             if key in json.loads((path / name).read_text()):

@@ -42,7 +42,11 @@ def _save(fig, path: Path) -> None:
 
 
 def _file_sizes(size: dict) -> str:
-    written = [(size.get("artifact_bytes"), "safetensors"), (size.get("onnx_bytes"), "ONNX")]
+    written = [
+        (size.get("artifact_bytes"), "safetensors"),
+        (size.get("onnx_bytes"), "ONNX"),
+        (size.get("gguf_bytes"), "GGUF"),
+    ]
     return "; ".join(f"{label} {nbytes / 1e6:.1f} MB" for nbytes, label in written if nbytes) or "no weights written"
 
 
@@ -391,7 +395,13 @@ def _consumers(report: dict) -> str:
             "`compressor_lowrank`) load with `compressor.load(path)` only; transformers and vLLM need a dense copy "
             "first: `compress densify PATH DENSE` (the products B A, no size gain)."
         )
-    return "Loads with `transformers` (with `compressed-tensors` installed) and vLLM, or `compressor.load(path)`."
+    text = "Loads with `transformers` (with `compressed-tensors` installed) and vLLM, or `compressor.load(path)`."
+    if report.get("size", {}).get("gguf_bytes"):
+        text += (
+            " `model.gguf` runs in llama.cpp (`llama-cli -m model.gguf -p 'Hello'`, or Ollama / LM Studio), its "
+            "Q4_0 / Q8_0 blocks holding the same codes as the safetensors."
+        )
+    return text
 
 
 def _lora_usage(report: dict) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ class ArtifactSource:
     quiet: bool = False  # no progress bars
     residency: Callable[[], Residency] | None = None  # a streamed model: brings its blocks in one at a time, as the
     # artifact stores them (graph exporters that build block by block use it instead of `full_model`)
+    gguf_source: Path | None = None  # the GGUF file the model was loaded from (the GGUF export keeps its tokenizer)
 
     @classmethod
     def of(cls, state) -> ArtifactSource:
@@ -56,4 +58,13 @@ class ArtifactSource:
             hub_repo_id=recipe.hub.repo_id if recipe.hub is not None else None,
             quiet=state.quiet,
             residency=state.artifact_residency if lazy is not None else None,
+            gguf_source=_gguf_file(state.loaded.source),
         )
+
+
+def _gguf_file(source) -> Path | None:
+    """The local GGUF file a model source names, if it names one."""
+    if not source.gguf_file:
+        return None
+    path = Path(source.location) / source.gguf_file
+    return path if path.is_file() else None
