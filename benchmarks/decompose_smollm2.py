@@ -41,6 +41,7 @@ CONFIGS = {  # name: (method, allocation); the first is the baseline
 W4 = {"format": "int", "bits": 4, "strategy": "group", "group_size": 64, "symmetric": True}
 GPTQ = {"type": "quantize", "method": "gptq", "weights": W4, "scale_dtype": "float16"}
 LAYERWISE = ["int2 g64", "int3 g64", "int4 g64", "int8 channel"]  # w4-layerwise's menu
+RANKED = ["int4 g64 rank 50%", "int4 g64 rank 75%", "int8 channel rank 50%"]  # allocate_bits rank candidates
 
 
 def recipe(method: str, allocation: str, kept: float, quantize: bool = False) -> dict:
@@ -93,8 +94,8 @@ def main() -> None:
         type=float,
         default=None,
         metavar="KEPT",
-        help="also: whitened + measured decomposition at KEPT, then W4 g64 GPTQ, against uniform W4 g64 GPTQ and a "
-        "layer-wise INT2/3/4/8 allocation at the same bytes of quantized linears",
+        help="also: whitened + measured decomposition at KEPT, then W4 g64 GPTQ, against uniform W4 g64 GPTQ, a "
+        "layer-wise INT2/3/4/8 allocation and one with rank candidates too, at the same bytes of quantized linears",
     )
     args = ap.parse_args()
     work = Path(args.work)
@@ -150,6 +151,8 @@ def main() -> None:
         bits = 8 * linear_bytes(dec) / dense_params
         allocate = {"type": "allocate_bits", "candidates": LAYERWISE, "budget": {"bits_per_weight": round(bits, 4)}}
         mixes[f"layer-wise @ {bits:.3f} b/w"] = measured_row(f"layerwise-{bits:.3f}", plain_recipe([allocate, GPTQ]))
+        both = {**allocate, "candidates": LAYERWISE + RANKED}  # ranks and bits traded in one budget
+        mixes[f"ranks+bits @ {bits:.3f} b/w"] = measured_row(f"ranks-bits-{bits:.3f}", plain_recipe([both, GPTQ]))
 
     any_row = next(iter(rows.values())) if rows else next(iter(mixes.values()))
     base_ppl = any_row["base_perplexity"]
