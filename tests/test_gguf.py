@@ -4,6 +4,8 @@ metadata per family, read back by transformers' GGUF reader (gguf's own dequanti
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import gguf
 import numpy as np
@@ -138,3 +140,39 @@ def test_unsupported_family_fails_before_the_passes(tiny_model_dir, calib_file, 
     with pytest.raises(ModelError, match="GGUF export does not support model type 'opt'"):
         compressor.compress(recipe, model=str(tiny_model_dir("opt")), output=tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+LLAMA_CPP_PYTHON = os.environ.get("COMPRESSOR_LLAMA_CPP_PYTHON")  # a python with llama-cpp-python (opt-in)
+LLAMA_CPP_LOGITS = """
+import sys, numpy as np
+from llama_cpp import Llama
+ids = [int(t) for t in sys.argv[2].split(",")]
+llm = Llama(sys.argv[1], n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+llm.eval(ids)
+np.save(sys.argv[3], np.array(llm.scores[: len(ids)], dtype=np.float32))
+"""
+
+
+@pytest.mark.skipif(not LLAMA_CPP_PYTHON, reason="set COMPRESSOR_LLAMA_CPP_PYTHON to a python with llama-cpp-python")
+@pytest.mark.parametrize("family, bits", [("llama", 4), ("qwen2", 8)])
+def test_llama_cpp_runs_our_file_with_our_logits(family, bits, tiny_model_dir, calib_file, tmp_path):
+    """llama.cpp itself loads the file and its logits match compressor.load's within its int8 activation rounding
+    (Q4_0 / Q8_0 dot products run on Q8 activations): same greedy token at every position."""
+    out = tmp_path / "out"
+    _compress(tiny_model_dir(family), calib_file, out, bits)
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    script = tmp_path / "logits.py"
+    script.write_text(LLAMA_CPP_LOGITS)
+    npy = tmp_path / "logits.npy"
+    done = subprocess.run(
+        [LLAMA_CPP_PYTHON, str(script), str(out / "model.gguf"), ",".join(map(str, ids[0].tolist())), str(npy)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = torch.from_numpy(np.load(npy))
+    with torch.no_grad():
+        ours = compressor.load(out)(input_ids=ids).logits[0]
+    scale = float(ours.abs().max())
+    assert float((theirs - ours).abs().max()) < 0.05 * scale
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
