@@ -119,7 +119,11 @@ def write_gguf(inp: GgufInput, path: Path, fetch: Fetch | None = None) -> dict[s
     if inp.refusal:
         refusals.append(f"{inp.refusal} have no GGUF form (llama.cpp runs dense linears)")
     if refusals:
-        raise RecipeError(f"cannot write GGUF: {refusals[0]}", where="export", fix="drop gguf from export")
+        raise RecipeError(
+            f"cannot write GGUF: {refusals[0]}",
+            where="export",
+            fix="requantize to a GGUF type (recipes/w4-gguf.yaml), or export safetensors / ONNX instead",
+        )
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[spec.arch], use_temp_file=True)
     writer.add_name(getattr(inp.config, "_name_or_path", "") or "compressed model")
     writer.add_quantized_by("compressor")
